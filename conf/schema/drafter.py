@@ -1,0 +1,102 @@
+"""`drafter=` group: one dataclass per drafter family.
+
+Dimensions are never set here: every drafter is built from the loaded target's config. `losses`
+maps loss names (see training/losses.py) to weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+from omegaconf import MISSING
+
+
+@dataclass
+class DrafterConfig:
+    name: str = MISSING
+    # Trained weights to load for eval/export; None = the run directory's latest train checkpoint.
+    checkpoint: Optional[str] = None
+    losses: Dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class NgramConfig(DrafterConfig):
+    """Prompt-lookup drafter: continue the longest recent n-gram that occurred earlier in the context."""
+
+    name: str = "ngram"
+    max_ngram: int = 3
+    min_ngram: int = 1
+
+
+@dataclass
+class TargetDrafterConfig(DrafterConfig):
+    """The target drafting for itself: an upper bound (tau = depth + 1 at T=0), a correctness check."""
+
+    name: str = "target"
+
+
+@dataclass
+class Eagle1Config(DrafterConfig):
+    name: str = "eagle1"
+    num_layers: int = 1
+    feature_noise: float = 0.2  # uniform noise amplitude on input features during training
+    losses: Dict[str, float] = field(default_factory=lambda: {"smooth_l1": 1.0, "ce": 0.1})
+
+
+@dataclass
+class Eagle3Config(DrafterConfig):
+    name: str = "eagle3"
+    num_layers: int = 1
+    draft_vocab_size: Optional[int] = 32000  # None = full target vocab; capped at the target's vocab
+    ttt_steps: int = 7  # training-time test: unrolled steps
+    step_decay: float = 0.8  # weight of step i is step_decay**i
+    losses: Dict[str, float] = field(default_factory=lambda: {"soft_ce": 1.0})
+
+
+@dataclass
+class MedusaConfig(DrafterConfig):
+    name: str = "medusa"
+    num_heads: int = 4
+    num_layers: int = 1  # ResBlocks per head
+    joint: bool = False  # Medusa-2: train the target jointly through a LoRA adapter
+    lora_r: int = 8
+    lora_alpha: int = 16
+    head_lr_scale: float = 4.0  # Medusa-2: heads at this multiple of the base lr
+    head_weight: float = 0.2  # Medusa-2: L_LM + sum_k head_weight * head_decay**k * CE_k
+    head_decay: float = 0.8
+    self_distill: bool = True  # Medusa-2: KL to the adapter-off logits instead of CE on data
+    losses: Dict[str, float] = field(default_factory=lambda: {"ce": 1.0})
+
+
+@dataclass
+class HydraConfig(DrafterConfig):
+    name: str = "hydra"
+    num_heads: int = 4
+    mlp_layers: int = 1  # Hydra++: 4
+    prefix_layer: bool = False  # Hydra++: one extra decoder layer over the base hidden states
+    teacher_loss: bool = False  # Hydra++: soft CE to the base distribution instead of CE on data
+    losses: Dict[str, float] = field(default_factory=lambda: {"ce": 1.0})
+
+
+@dataclass
+class SmallConfig(DrafterConfig):
+    """An independent small causal LM sharing the target's tokenizer."""
+
+    name: str = "small"
+    init: str = "fresh"  # "fresh" (a small config shaped like the target) or a checkpoint path / hub id
+    num_layers: int = 2
+    hidden_size: Optional[int] = None  # None = half the target's
+    lora_r: int = 0  # >0: train a LoRA adapter instead of all weights (checkpoint init only)
+    losses: Dict[str, float] = field(default_factory=lambda: {"forward_kl": 1.0})
+
+
+# name used in conf/drafter/<name>.yaml -> schema
+DRAFTER_SCHEMAS = {
+    "ngram": NgramConfig,
+    "target": TargetDrafterConfig,
+    "eagle1": Eagle1Config,
+    "eagle3": Eagle3Config,
+    "medusa": MedusaConfig,
+    "hydra": HydraConfig,
+    "small": SmallConfig,
+}

@@ -1,0 +1,32 @@
+"""`eval=` group: benchmarks, sampling and draft-tree shape for the built-in speculative decoder."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+@dataclass
+class TreeConfig:
+    kind: str = "dynamic"  # chain | static | dynamic (EAGLE-2)
+    depth: int = 5  # chain length gamma / maximum tree depth
+    top_k: int = 8  # dynamic: children per expanded node and nodes kept per depth
+    total_tokens: int = 60  # dynamic: nodes kept after the global rerank
+    paths: Optional[List[List[int]]] = None  # static: Medusa-style paths of top-k indices
+
+
+@dataclass
+class EvalConfig:
+    benchmarks: List[str] = field(default_factory=lambda: ["sharegpt_heldout"])
+    temperatures: List[float] = field(default_factory=lambda: [0.0])
+    num_prompts: int = 20  # per benchmark
+    max_new_tokens: int = 128
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    tree: TreeConfig = field(default_factory=TreeConfig)
+    acceptance: str = "lossless"  # lossless | typical (Medusa's, LOSSY: flagged in every report)
+    typical_epsilon: float = 0.3
+    typical_alpha: float = 0.09
+    mtbench_path: Optional[str] = None  # FastChat question.jsonl; None = the hub when online
+    gsm8k_path: Optional[str] = None
+    compare_assistant: bool = True  # small drafters: also time transformers' generate(assistant_model=...)
+    seed: int = 0

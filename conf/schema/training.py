@@ -1,0 +1,41 @@
+"""`train` settings and the `deepspeed=` group. The DeepSpeed JSON is *built* from these (one source
+of truth, training/engine.py) and written into the run directory; nothing reads a hand-kept ds_config."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+
+@dataclass
+class TrainConfig:
+    mode: str = "online"  # online: frozen target runs inside the step; offline: read data_gen's cache
+    epochs: float = 1.0
+    max_steps: Optional[int] = None  # optimizer steps; overrides epochs when set
+    micro_batch_size: int = 4  # sequences per rank per micro-step
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 0.5
+    warmup_steps: int = 0
+    schedule: str = "cosine"  # constant | linear | cosine (decay to min_lr_ratio * lr)
+    min_lr_ratio: float = 0.1
+    max_length: int = 2048
+    gradient_checkpointing: bool = False
+    log_every: int = 10
+    eval_every: int = 100  # held-out evaluation (per-depth accuracy, simulated tau); 0 = off
+    eval_rows: int = 64  # rows of the held-out slice
+    save_every: int = 200  # checkpoint every N optimizer steps (and at the end)
+    keep_checkpoints: int = 2
+    wandb_project: Optional[str] = None  # None = offline logging into the run directory
+    wandb_mode: str = "offline"
+    tensorboard: bool = True
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 0
+    precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU; or bf16 | fp16 | fp32
+    offload_optimizer: bool = False
+    overlap_comm: bool = True
+    extra: Dict[str, Any] = field(default_factory=dict)  # merged last into the generated DeepSpeed dict

@@ -1,0 +1,1 @@
+"""Prompt sources, chat templating and loss masks, regeneration by the target, caches, vocab statistics."""

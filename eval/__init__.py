@@ -1,0 +1,1 @@
+"""The speculative decoder (chain, static and dynamic trees), benchmarks, metrics, reports and plots."""

@@ -1,0 +1,86 @@
+"""Every config group composes; misspelt keys fail with Hydra's error; train.py dispatches stages."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from conf.errors import DraftsmithError
+from conf.schema import CONF_DIR, PROJECT_ROOT, Config, load_config
+
+GROUPS = ["target", "data", "drafter", "objective", "deepspeed", "eval", "export", "experiment", "pretrain"]
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
+def test_every_group_option_composes(group, option):
+    cfg = load_config([f"{group}={option}"])
+    assert isinstance(cfg, Config)
+    assert cfg.drafter.name and cfg.objective.name
+
+
+def test_groups_exist():
+    for g in GROUPS:
+        assert _options(g), f"conf/{g}/ has no options"
+
+
+def test_drafter_variants_map_to_their_schema():
+    assert load_config(["drafter=medusa2"]).drafter.joint is True
+    hp = load_config(["drafter=hydra_pp"]).drafter
+    assert (hp.name, hp.mlp_layers, hp.prefix_layer, hp.teacher_loss) == ("hydra", 4, True, True)
+    e3 = load_config([]).drafter
+    assert (e3.name, e3.ttt_steps, e3.step_decay) == ("eagle3", 7, 0.8)
+
+
+@pytest.mark.parametrize("override,key", [("train.lr_x=1", "lr_x"), ("drafter.num_heads=3", "num_heads"),
+                                          ("data.sorce=jsonl", "sorce")])
+def test_misspelt_key_fails_clearly(override, key):
+    with pytest.raises(ConfigCompositionException) as e:
+        load_config([override])
+    assert f"Key '{key}' not in" in str(e.value.__cause__ or e.value)
+
+
+def test_experiment_smoke_caps_budgets():
+    cfg = load_config(["experiment=smoke"])
+    assert cfg.data.max_conversations == 8 and cfg.train.max_steps == 2 and cfg.run.name == "smoke"
+
+
+def test_unknown_stage_is_one_clear_error():
+    sys.path.insert(0, str(PROJECT_ROOT))
+    import train
+
+    cfg = load_config(["stage=nope"])
+    with pytest.raises(DraftsmithError, match="unknown stage 'nope': choose from target_pretrain, data_gen"):
+        train.run_stages(cfg)
+
+
+def test_local_rank_flag_is_absorbed(monkeypatch):
+    import train
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert train._absorb_local_rank(["train.py", "--local_rank=3", "stage=train"]) == ["train.py", "stage=train"]
+    import os
+
+    assert os.environ["LOCAL_RANK"] == "3"
+
+
+def test_help_lists_groups():
+    out = subprocess.run([sys.executable, "train.py", "--help"], cwd=PROJECT_ROOT, capture_output=True,
+                         text=True, check=True).stdout
+    for g in GROUPS:
+        assert f"\n{g}: " in out
+    assert "eagle3" in out and "zero2" in out
+
+
+def test_cli_bad_stage_prints_one_line(tmp_path):
+    r = subprocess.run([sys.executable, str(Path(PROJECT_ROOT) / "train.py"), "stage=nope",
+                        f"run.root={tmp_path}"], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "error: unknown stage 'nope': choose from target_pretrain, data_gen, train, eval, export"]

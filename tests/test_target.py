@@ -1,0 +1,87 @@
+"""The target wrapper: loading, taps, logits equal to plain transformers, clear errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conf.errors import DraftsmithError
+from conf.schema import TargetConfig
+from drafters.target import default_feature_layers, load_target
+
+
+def test_default_taps_follow_eagle3():
+    assert default_feature_layers(32) == [2, 16, 29]
+    assert default_feature_layers(4) == [2, 2, 1]
+
+
+def test_logits_equal_plain_transformers(tiny_target):
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(tiny_target.name).eval()
+    ids = torch.randint(0, tiny_target.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0))
+    out = tiny_target(ids)
+    with torch.no_grad():
+        want = ref(ids).logits
+    torch.testing.assert_close(out.logits, want, atol=1e-5, rtol=0)
+    H = tiny_target.hidden_size
+    assert out.features.shape == (2, 11, 3 * H) and out.last_hidden.shape == (2, 11, H)
+    torch.testing.assert_close(tiny_target.lm_head(out.last_hidden), out.logits, atol=1e-5, rtol=0)
+    assert not any(p.requires_grad for p in tiny_target.parameters())
+
+
+def test_taps_are_hidden_states_entering_layers(tiny_target_dir):
+    t = load_target(TargetConfig(path=tiny_target_dir("llama"), feature_layers=[0, 1]), device="cpu")
+    ids = torch.tensor([[5, 6, 7]])
+    out = t(ids)
+    H = t.hidden_size
+    torch.testing.assert_close(out.features[..., :H], t.embed(ids))  # entering layer 0 = embeddings
+    hs = t.model(ids, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(out.features[..., H:], hs[1])
+
+
+def test_missing_path():
+    with pytest.raises(DraftsmithError, match="target.path './no/such/model' does not exist"):
+        load_target(TargetConfig(path="./no/such/model"), device="cpu")
+
+
+def test_not_a_causal_lm(tmp_path):
+    from transformers import BertConfig
+
+    BertConfig(vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+               intermediate_size=8).save_pretrained(tmp_path)
+    with pytest.raises(DraftsmithError, match="is a bert model .* not a causal LM"):
+        load_target(TargetConfig(path=str(tmp_path)), device="cpu")
+
+
+def test_tokenizer_larger_than_embedding(tmp_path, tiny_tokenizer):
+    from tests.conftest import build_tiny_model
+
+    build_tiny_model("llama", vocab_size=100).save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(DraftsmithError, match=f"tokenizer has {len(tiny_tokenizer)} tokens but the model's "
+                                              "embedding has only 100 rows"):
+        load_target(TargetConfig(path=str(tmp_path)), device="cpu")
+
+
+def test_no_chat_template(tmp_path, tiny_tokenizer, tiny_target_dir):
+    import shutil
+
+    shutil.copytree(tiny_target_dir("llama"), tmp_path / "m")
+    cfg_path = tmp_path / "m" / "tokenizer_config.json"
+    tc = json.loads(cfg_path.read_text())
+    tc.pop("chat_template", None)
+    cfg_path.write_text(json.dumps(tc))
+    (tmp_path / "m" / "chat_template.jinja").unlink(missing_ok=True)
+    t = load_target(TargetConfig(path=str(tmp_path / "m")), device="cpu")
+    with pytest.raises(DraftsmithError, match="has no chat template: set target.chat_template"):
+        _ = t.chat_template
+    tpl = tmp_path / "t.jinja"
+    tpl.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    t2 = load_target(TargetConfig(path=str(tmp_path / "m"), chat_template=str(tpl)), device="cpu")
+    assert t2.chat_template == tpl.read_text()
+
+
+def test_eos_ids_include_end_of_turn(tiny_target):
+    assert tiny_target.tokenizer.convert_tokens_to_ids("<|im_end|>") in tiny_target.eos_token_ids

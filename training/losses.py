@@ -1,0 +1,107 @@
+"""Losses as pure functions: (draft, target, mask) -> scalar, averaged over masked positions.
+
+Conventions: `logits` are the drafter's [..., V]; `target_logits` the target's over the same vocabulary
+[..., V] (entries of -inf mean "no mass", e.g. outside a cached top-k); `mask` is [...] bool/float and
+selects the positions that count (assistant tokens). p = target distribution, q = drafter's.
+A config picks terms by name with weights: `losses: {soft_ce: 1.0}` -> `LOSSES["soft_ce"]`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of `values` [...] over positions where mask is true (0 when none are)."""
+    if mask is None:
+        return values.mean()
+    m = mask.to(values.dtype)
+    return (values * m).sum() / m.sum().clamp_min(1.0)
+
+
+def _logp(logits: torch.Tensor) -> torch.Tensor:
+    return F.log_softmax(logits.float(), dim=-1)
+
+
+def _plogp_ratio(p: torch.Tensor, logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """sum p * (log p - log q), with 0 * anything = 0 where p has no mass."""
+    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
+
+
+def ce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy on the target's tokens (Medusa, Hydra, EAGLE-1's 0.1 x CE term)."""
+    nll = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), reduction="none").view(labels.shape)
+    return masked_mean(nll, mask)
+
+
+def soft_ce(logits: torch.Tensor, target_logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """-sum p log q: EAGLE-3's training-time-test loss (= forward KL up to the target's entropy)."""
+    p = _logp(target_logits).exp()
+    return masked_mean(-(torch.where(p > 0, p * _logp(logits), torch.zeros_like(p))).sum(-1), mask)
+
+
+def forward_kl(logits: torch.Tensor, target_logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(p || q): mean-seeking distillation (DistillSpec FKL; Hinton et al. soft targets)."""
+    logp = _logp(target_logits)
+    return masked_mean(_plogp_ratio(logp.exp(), logp, _logp(logits)), mask)
+
+
+def reverse_kl(logits: torch.Tensor, target_logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(q || p): mode-seeking distillation (DistillSpec RKL; MiniLLM). Needs p > 0 wherever q > 0."""
+    logq = _logp(logits)
+    return masked_mean(_plogp_ratio(logq.exp(), logq, _logp(target_logits)), mask)
+
+
+def jsd(logits: torch.Tensor, target_logits: torch.Tensor, mask: torch.Tensor | None = None,
+        beta: float = 0.5) -> torch.Tensor:
+    """Generalised Jensen-Shannon JSD[beta] = beta KL(p||m) + (1-beta) KL(q||m), m = beta p + (1-beta) q
+    (DistillSpec; GKD)."""
+    logp, logq = _logp(target_logits), _logp(logits)
+    p, q = logp.exp(), logq.exp()
+    logm = torch.log((beta * p + (1 - beta) * q).clamp_min(1e-30))
+    return masked_mean(beta * _plogp_ratio(p, logp, logm) + (1 - beta) * _plogp_ratio(q, logq, logm), mask)
+
+
+def tvd(logits: torch.Tensor, target_logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Total variation 0.5 sum |p - q| = 1 - acceptance rate (DistillSpec TVD; Leviathan et al.)."""
+    diff = (_logp(target_logits).exp() - _logp(logits).exp()).abs().sum(-1)
+    return masked_mean(0.5 * diff, mask)
+
+
+def topk_soft_ce(logits: torch.Tensor, target_logits: torch.Tensor, mask: torch.Tensor | None = None,
+                 k: int = 10) -> torch.Tensor:
+    """-sum over the target's top-k tokens of p_i log q_i (HASS harmonized distillation, K = 10)."""
+    logp = _logp(target_logits)
+    top = logp.topk(min(k, logp.shape[-1]), dim=-1)
+    logq = _logp(logits).gather(-1, top.indices)
+    return masked_mean(-(top.values.exp() * logq).sum(-1), mask)
+
+
+def smooth_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """SmoothL1 feature regression, averaged over the hidden dimension (EAGLE-1)."""
+    return masked_mean(F.smooth_l1_loss(pred.float(), target.float(), reduction="none").mean(-1), mask)
+
+
+def step_weights(steps: int, decay: float) -> list[float]:
+    """Per-step weights decay**i for unrolled drafting (EAGLE-3's 0.8**i; Medusa-2's 0.8**k)."""
+    return [decay**i for i in range(steps)]
+
+
+def topk_to_logits(values: torch.Tensor, indices: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Dense logits [..., V] from a cached top-k (values/indices [..., k]); -inf outside the top-k, so the
+    target distribution is renormalised over the k kept tokens."""
+    out = torch.full((*values.shape[:-1], vocab_size), float("-inf"), dtype=torch.float32, device=values.device)
+    return out.scatter(-1, indices.long(), values.float())
+
+
+# Distribution-matching losses by name: fn(logits, target_logits, mask) -> scalar.
+DISTRIBUTION_LOSSES = {
+    "soft_ce": soft_ce,
+    "forward_kl": forward_kl,
+    "reverse_kl": reverse_kl,
+    "jsd": jsd,
+    "tvd": tvd,
+    "topk": topk_soft_ce,
+}
+# Every loss name a config may use, with what it compares.
+LOSSES = {**DISTRIBUTION_LOSSES, "ce": ce, "smooth_l1": smooth_l1}
