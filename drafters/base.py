@@ -23,9 +23,12 @@ None. `vocab_size` must equal the target's (checked by the decoder with a clear 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 if TYPE_CHECKING:
     from drafters.tree import DraftTree
@@ -56,3 +59,80 @@ class Drafter(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release per-sequence state (KV caches) after a generation."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Training side
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class TargetSignal:
+    """What the frozen target says about a batch: computed online by the training step, or read from
+    data_gen's offline cache. Positions are aligned with input_ids.
+
+    loss_mask[b, t] = 1 when token t is a training target (an assistant token). A drafter whose output
+    at position t predicts token t+k uses loss_mask[:, t+k]."""
+
+    input_ids: torch.Tensor  # [B, T] long
+    attention_mask: torch.Tensor  # [B, T] 1 = real token, 0 = padding (right-padded)
+    loss_mask: torch.Tensor  # [B, T]
+    features: torch.Tensor | None = None  # [B, T, n_taps * H] tapped hidden states (low -> high)
+    last_hidden: torch.Tensor | None = None  # [B, T, H] final normed hidden state
+    topk_values: torch.Tensor | None = None  # [B, T, k] offline cache alternative to full logits
+    topk_indices: torch.Tensor | None = None  # [B, T, k]
+    lm_head: Callable[[torch.Tensor], torch.Tensor] | None = None  # the target's frozen LM head
+    vocab_size: int | None = None  # needed to densify a cached top-k
+    _logits: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """Target next-token logits [B, T, V]: the LM head over last_hidden (exact), else the cached
+        top-k scattered into -inf (renormalised over k)."""
+        if self._logits is None:
+            if self.last_hidden is not None and self.lm_head is not None:
+                with torch.no_grad():
+                    self._logits = self.lm_head(self.last_hidden).float()
+            elif self.topk_values is not None:
+                self._logits = topk_to_logits(self.topk_values, self.topk_indices, self.vocab_size)
+            else:
+                raise ValueError("TargetSignal has neither last_hidden + lm_head nor cached top-k logits")
+        return self._logits
+
+
+class TrainableDrafter(nn.Module, ABC):
+    """A drafter family as the train stage sees it. One file per family implements it.
+
+    Built from the loaded target (dimensions come from target.config, never from YAML), trained on
+    TargetSignal batches, saved as a folder (model.safetensors + drafter_config.json), and turned
+    into a decoding `Drafter` for the speculative decoder."""
+
+    family: str = ""
+
+    @classmethod
+    @abstractmethod
+    def from_target(cls, cfg, target, token_counts=None) -> TrainableDrafter:
+        """Build from the drafter config and the loaded target; `token_counts` (data_gen's assistant
+        token frequencies, a [V] tensor) lets reduced-vocabulary drafters pick their vocabulary."""
+
+    @abstractmethod
+    def loss(self, signal: TargetSignal) -> tuple[torch.Tensor, dict[str, float]]:
+        """Total loss and logged metrics: every weighted loss term (`loss/<name>`) and per-depth
+        training accuracy (`acc/<depth>`, fraction of masked positions where the drafter's argmax at
+        that depth equals the target's argmax)."""
+
+    @abstractmethod
+    def as_drafter(self, target) -> Drafter:
+        """A decoding-time Drafter sharing these weights."""
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """Optimizer parameter groups; families with per-part learning rates (Medusa-2) override."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:  # noqa: B027 - optional
+        """Recompute activations in backward (families with decoder layers implement it)."""
+
+
+def topk_to_logits(values: torch.Tensor, indices: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Dense logits [..., V] from a cached top-k (values/indices [..., k]); -inf outside the top-k, so the
+    target distribution is renormalised over the k kept tokens."""
+    out = torch.full((*values.shape[:-1], vocab_size), float("-inf"), dtype=torch.float32, device=values.device)
+    return out.scatter(-1, indices.long(), values.float())

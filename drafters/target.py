@@ -161,8 +161,10 @@ def _is_local(path: str) -> bool:
 def load_target(cfg: TargetConfig, device: str | torch.device = "auto") -> Target:
     """Load a causal LM from a local folder or a hub id, with clear errors for the usual mistakes."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
 
     path = project_path(cfg.path)
     dev = device if isinstance(device, torch.device) else resolve_device(device)

@@ -41,8 +41,14 @@ def _tiny_tokenizer():
 
 def build_tiny_model(arch: str, vocab_size: int, seed: int = 0, num_layers: int = 4, hidden: int = 32):
     """A random tiny causal LM of the given shape family."""
-    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab_size)

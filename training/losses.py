@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from drafters.base import topk_to_logits  # noqa: F401 - re-exported: losses over a cached top-k
+
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Mean of `values` [...] over positions where mask is true (0 when none are)."""
@@ -85,13 +87,6 @@ def smooth_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | Non
 def step_weights(steps: int, decay: float) -> list[float]:
     """Per-step weights decay**i for unrolled drafting (EAGLE-3's 0.8**i; Medusa-2's 0.8**k)."""
     return [decay**i for i in range(steps)]
-
-
-def topk_to_logits(values: torch.Tensor, indices: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Dense logits [..., V] from a cached top-k (values/indices [..., k]); -inf outside the top-k, so the
-    target distribution is renormalised over the k kept tokens."""
-    out = torch.full((*values.shape[:-1], vocab_size), float("-inf"), dtype=torch.float32, device=values.device)
-    return out.scatter(-1, indices.long(), values.float())
 
 
 # Distribution-matching losses by name: fn(logits, target_logits, mask) -> scalar.
