@@ -56,9 +56,26 @@ def shifted(x: torch.Tensor, k: int, length: int) -> torch.Tensor:
     return part
 
 
-def ratio(hits: torch.Tensor, mask: torch.Tensor) -> float:
-    """Fraction of masked positions that are hits (0 when nothing is masked)."""
-    return float((hits & mask).sum()) / max(1, int(mask.sum()))
+def ratio(hits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Fraction of masked positions that are hits (0 when nothing is masked), as a 0-d tensor."""
+    return (hits & mask).sum() / mask.sum().clamp_min(1)
+
+
+def floats(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    """0-d metric tensors -> floats with a single device sync."""
+    values = torch.stack([v.detach().float() for v in metrics.values()]).tolist()
+    return dict(zip(metrics, values))
+
+
+class _Shared:
+    """Holds the frozen target outside the module tree; copy.deepcopy of a drafter (a frozen reference
+    copy for GTO, say) shares the target instead of duplicating it."""
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __deepcopy__(self, memo):
+        return self
 
 
 class EagleBase(FolderCheckpoint, TrainableDrafter):
@@ -70,13 +87,13 @@ class EagleBase(FolderCheckpoint, TrainableDrafter):
     def __init__(self, cfg, dims: DrafterDims, target):
         super().__init__()
         self.cfg, self.dims = cfg, dims
-        self._target = (target,)  # a tuple: the frozen target must not become a submodule
+        self._target = _Shared(target)  # the frozen target must not become a submodule (state dict, ZeRO)
         self._rope = Rotary(dims)
         self._gc = False
 
     @property
     def target(self):
-        return self._target[0]
+        return self._target.obj
 
     @property
     def param_dtype(self) -> torch.dtype:
@@ -115,6 +132,10 @@ class EagleBase(FolderCheckpoint, TrainableDrafter):
         if self._gc and self.training and torch.is_grad_enabled():
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
+
+    def forward(self, signal: TargetSignal) -> tuple[torch.Tensor, dict[str, float]]:
+        """= loss(signal), so engines that call the module (DeepSpeed's engine(batch)) train it."""
+        return self.loss(signal)
 
     def as_drafter(self, target=None) -> EagleDecoding:
         return EagleDecoding(self, target if target is not None else self.target)
@@ -219,7 +240,7 @@ class Eagle1Drafter(EagleBase):
         target_arg = target_logits.argmax(-1)
         logits = self.target_vocab_logits(out)
         total = out.new_zeros((), dtype=torch.float32)
-        metrics: dict[str, float] = {}
+        metrics: dict[str, torch.Tensor] = {}
         for name, w in self.cfg.losses.items():
             if name == "smooth_l1":
                 term = L.smooth_l1(out, shifted(f, 1, n), valid)
@@ -228,9 +249,9 @@ class Eagle1Drafter(EagleBase):
             else:
                 term = L.DISTRIBUTION_LOSSES[name](logits, target_logits, valid)
             total = total + w * term
-            metrics[f"loss/{name}"] = float(w * term.detach())
+            metrics[f"loss/{name}"] = w * term.detach()
         metrics["acc/1"] = ratio(logits.argmax(-1) == target_arg, valid)
-        return total, metrics
+        return total, floats(metrics)
 
 
 # --------------------------------------------------------------------------------------------------

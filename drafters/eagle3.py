@@ -33,7 +33,7 @@ from torch import nn
 
 from conf.errors import DraftsmithError
 from drafters.base import TargetSignal
-from drafters.eagle1 import EagleBase, ratio, shifted
+from drafters.eagle1 import EagleBase, floats, ratio, shifted
 from drafters.layers import DecoderLayer, DrafterDims
 from drafters.vocab import DraftVocab, build_draft_vocab
 from training import losses as L
@@ -147,7 +147,7 @@ class Eagle3Drafter(EagleBase):
         t2d_index = torch.cumsum(self.t2d.long(), 0) - 1  # target id -> draft id where t2d
         assistant = (signal.loss_mask > 0) & (signal.attention_mask > 0)
         total = target_draft.new_zeros(())
-        metrics: dict[str, float] = {f"loss/{name}": 0.0 for name in self.cfg.losses}
+        metrics: dict[str, torch.Tensor] = {f"loss/{name}": total for name in self.cfg.losses}
         hidden = self.project(shifted(signal.features, 0, n))
         for i, out in enumerate(self.unroll(ids, hidden, steps)):
             # step i, row t predicts x_{t+2+i}: target distribution at t+1+i, loss mask at t+2+i
@@ -160,10 +160,10 @@ class Eagle3Drafter(EagleBase):
             w = self.cfg.step_decay ** i
             total = total + w * sum(step_loss.values())
             for name, term in step_loss.items():
-                metrics[f"loss/{name}"] += float(w * term.detach())
-            metrics[f"loss_step/{i + 1}"] = float(sum(step_loss.values()).detach())
+                metrics[f"loss/{name}"] = metrics[f"loss/{name}"] + w * term.detach()
+            metrics[f"loss_step/{i + 1}"] = sum(step_loss.values()).detach()
             metrics[f"acc/{i + 1}"] = ratio(draft_arg + self.d2t[draft_arg] == shifted(target_arg, 1 + i, n), scored)
-        return total, metrics
+        return total, floats(metrics)
 
     def _step_loss(self, out, tgt, labels, valid):
         """Weighted loss terms of one unrolled step and the drafter's argmax (draft ids)."""

@@ -96,6 +96,15 @@ def test_loss_matches_a_hand_computation(llama):
     assert met["acc/1"] == pytest.approx(mean(hits))
 
 
+def test_target_stays_outside_the_module(llama):
+    import copy
+
+    m = _model(llama)
+    assert not any(n.startswith(("model.", "target.")) for n, _ in m.named_parameters())
+    twin = copy.deepcopy(m)  # e.g. GTO's frozen reference drafter
+    assert twin.target is llama and twin.fc.weight is not m.fc.weight
+
+
 def test_feature_noise_only_in_training(llama):
     sig = _batch(llama)
     m = _model(llama)

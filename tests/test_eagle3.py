@@ -335,3 +335,17 @@ def test_full_vocab_and_offline_topk_signal(llama):
     loss, met = small.loss(off)
     assert torch.isfinite(loss) and loss.item() > 0
     loss.backward()
+
+
+@pytest.mark.parametrize("name", ["eagle1", "eagle3"])
+def test_registry_and_composed_config(cfg_for, llama, name):
+    """The names in conf/drafter/*.yaml reach these classes, and Hydra-composed configs build them."""
+    from drafters.registry import drafter_class
+
+    cfg = cfg_for(f"drafter={name}", "drafter.draft_vocab_size=64" if name == "eagle3" else "drafter.num_layers=2")
+    cls = drafter_class(name)
+    assert cls.family == name
+    m = cls.from_target(cfg.drafter, llama, token_counts=_counts(llama))
+    assert (m.draft_vocab_size == 64) if name == "eagle3" else (len(m.layers) == 2)
+    loss, _ = m.loss(_batch(llama))
+    assert torch.isfinite(loss)
