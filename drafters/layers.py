@@ -147,7 +147,8 @@ def ttt_attend(k0: torch.Tensor, v0: torch.Tensor, prev_k: list[torch.Tensor],
     starts after committed pair t: its step-i query sees the causal prefix 0..t of step 0's keys (the
     pairs built from true target features) and the entries at row t of steps 1..i (its own earlier
     drafts and itself) - exactly the keys a depth-i tree node sees at decode time. Scores of the
-    prefix block and the i "diagonal" columns share one softmax (computed in fp32)."""
+    prefix block and the i "diagonal" columns share one softmax (computed in fp32). Like the official
+    code this materialises [B, heads, T, T] scores per step; gradient checkpointing recomputes them."""
 
     prev_k, prev_v = list(prev_k), list(prev_v)  # snapshot: checkpoint recomputation reruns this later
 
