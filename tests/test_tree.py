@@ -22,7 +22,6 @@ from drafters.tree import (
 )
 
 
-
 @pytest.fixture(autouse=True)
 def one_thread():
     """Thousands of tiny tensor ops: threads only add contention on a shared CPU."""
