@@ -18,7 +18,7 @@ import torch
 
 from conf.errors import DraftsmithError
 from drafters.base import Drafter
-from drafters.tree import DraftTree, keep_cache_entries, tree_attention_mask
+from drafters.tree import DraftTree, check_tree_attention, keep_cache_entries, tree_attention_mask
 
 
 class LMTreeDrafter(Drafter):
@@ -31,6 +31,7 @@ class LMTreeDrafter(Drafter):
         self.model_vocab = int(model.get_input_embeddings().weight.shape[0])
         self.vocab_size = int(vocab_size or self.model_vocab)
         self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+        check_tree_attention(model, f"drafter {self.name}")
         self.cache = None
 
     @property

@@ -140,6 +140,16 @@ def tree_attention_mask(visible: torch.Tensor, past_len: int, dtype: torch.dtype
     return torch.where(see, zero, torch.tensor(float("-inf"), dtype=dtype, device=dev)).unsqueeze(1)
 
 
+def check_tree_attention(model, who: str) -> None:
+    """Tree verification and tree drafting pass 4D masks; FlashAttention kernels only do causal/padding
+    masks, so a tree would be read with the wrong attention pattern: refuse instead."""
+    impl = str(getattr(model.config, "_attn_implementation", None) or "eager")
+    if "flash" in impl:
+        raise DraftsmithError(
+            f"{who} uses attn_implementation={impl!r}, which cannot apply a tree attention mask: load it with "
+            "attn_implementation=sdpa (target.attn_implementation=sdpa) or eager")
+
+
 def keep_cache_entries(cache, start: int, keep: list[int]) -> None:
     """Keep the first `start` entries of every layer of a transformers DynamicCache plus the entries at
     start + keep (in that order), dropping the rest: the accepted tree positions after a verification."""

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from conf.errors import DraftsmithError
-from drafters.tree import build_tree, check_tree_config, keep_cache_entries
+from drafters.tree import build_tree, check_tree_attention, check_tree_config, keep_cache_entries
 from eval.verify import ACCEPTANCE, SamplingRule, accept, tree_inputs
 
 
@@ -141,6 +141,7 @@ class SpeculativeDecoder:
                 f"{target.vocab_size}: build the drafter for this target (same tokenizer and vocabulary)")
         check_sampling(temperature, top_p, top_k, acceptance)
         check_tree_config(tree_cfg)
+        check_tree_attention(target.model, f"target {target.name}")
         self.target, self.drafter, self.tree_cfg = target, drafter, tree_cfg
         self.rule = SamplingRule(temperature, top_p, top_k, acceptance, typical_epsilon, typical_alpha)
         self.sample = sample
@@ -154,7 +155,8 @@ class SpeculativeDecoder:
     @torch.no_grad()
     def generate(self, prompt_ids, max_new_tokens: int, eos_ids=None,
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, DecodeStats]:
-        """New tokens [n] (at most max_new_tokens, ending at the first EOS) and the decoding stats."""
+        """New tokens [n] (at most max_new_tokens, ending at the first EOS) and the decoding stats.
+        `generator` (on the target's device) makes sampling reproducible; eos_ids=None = the target's."""
         target, drafter, rule = self.target, self.drafter, self.rule
         ids = _prompt_tensor(prompt_ids, target.device)
         eos = _eos(target, eos_ids)
