@@ -89,6 +89,23 @@ class DraftTree:
         return torch.where(anc, self.logq[:, None, :], torch.zeros((), dtype=self.logq.dtype,
                                                                      device=self.logq.device)).sum(-1)
 
+    def is_leaf(self) -> torch.Tensor:
+        """[B, N] bool: the node has no children (the ends of the branches tree rewards score)."""
+        B, N = self.tokens.shape
+        has_child = torch.zeros(B, N + 1, dtype=torch.bool, device=self.tokens.device)
+        has_child.scatter_(1, self.parents + 1, True)
+        return ~has_child[:, 1:]
+
+    def path_nodes(self, ancestors: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, N, D] long: the nodes on the path root -> node i in depth order, -1 padded (D = max depth)."""
+        anc = self.ancestor_mask() if ancestors is None else ancestors
+        B, N = self.tokens.shape
+        D = self.max_depth
+        slot = torch.where(anc, self.depths[:, None, :] - 1, D)  # column D absorbs non-ancestors
+        out = torch.full((B, N, D + 1), -1, dtype=torch.long, device=self.tokens.device)
+        out.scatter_(2, slot, torch.arange(N, device=self.tokens.device).expand(B, N, N))
+        return out[..., :D]
+
     def children(self, b: int, node: int) -> list[int]:
         """Indices of the children of `node` (-1 = root) in tree b, in stored (sibling-rank) order."""
         return (self.parents[b] == node).nonzero(as_tuple=True)[0].tolist()

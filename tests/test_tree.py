@@ -118,6 +118,8 @@ def test_dynamic_rerank_exact():
     torch.testing.assert_close(tree.cumulative_logq()[0].exp(), torch.tensor([.6, .3, .33, .21, .24, .297]))
     # depth 3 expands only the best top_k of the depth-2 candidates: ac (.33) and be (.24)
     assert d.calls == [[[()]], [[(1,), (2,)]], [[(1, 3), (2, 5)]]]
+    assert tree.is_leaf().tolist() == [[False, False, False, True, True, True]]
+    assert tree.path_nodes().tolist() == [[[0, -1, -1], [1, -1, -1], [0, 2, -1], [0, 3, -1], [1, 4, -1], [0, 2, 5]]]
     seven = build_tree(PathDrafter(V, fn), TreeConfig(kind="dynamic", depth=3, top_k=2, total_tokens=7))
     assert seven.tokens.tolist() == [[1, 2, 3, 4, 5, 7, 9]] and seven.parents.tolist()[0][-1] == 4
 
