@@ -28,6 +28,7 @@ true features and drops all tree state.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -59,6 +60,36 @@ def shifted(x: torch.Tensor, k: int, length: int) -> torch.Tensor:
 def ratio(hits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Fraction of masked positions that are hits (0 when nothing is masked), as a 0-d tensor."""
     return (hits & mask).sum() / mask.sum().clamp_min(1)
+
+
+@dataclass(frozen=True)
+class UnrollOptions:
+    """Optional changes to the EAGLE families' unrolled training loss, switched on by the HASS and GRIFFIN
+    objectives (training/objectives/addons.py). The defaults change nothing: `loss(signal)` and
+    `loss(signal, UnrollOptions())` run the same operations.
+
+    topk_weight, topk_k  add topk_weight * (-sum over the target's top-k tokens of p log q) to every step's
+                         terms (HASS "harmonized objective distillation", K = 10; GRIFFIN adds it at 0.5)
+    keep_topk            GRIFFIN: row t is trained at step i+1 only while the true token that step i
+                         predicts is among step i's top keep_topk drafts, cumulatively over steps (0 = off)
+    detach_context       HASS context alignment as its training code does it: the drafter's own output fed
+                         back into the next step is a constant there (no gradient through earlier steps);
+                         the attention pattern is unchanged (see EagleBase.unroll)
+    steps                EAGLE-1 only: unrolled steps (EAGLE-1 trains 1; HASS aligns 3). EAGLE-3 keeps
+                         drafter.ttt_steps."""
+
+    topk_weight: float = 0.0
+    topk_k: int = 10
+    keep_topk: int = 0
+    detach_context: bool = False
+    steps: int = 1
+
+
+def topk_keep(top_ids: torch.Tensor, true_ids: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """GRIFFIN's mask for the next unrolled step: rows [...] whose true token is among the drafter's top
+    drafts `top_ids` [..., k] (target ids), AND the rows kept so far (None = all)."""
+    hit = (top_ids == true_ids.unsqueeze(-1)).any(-1)
+    return hit if keep is None else hit & keep
 
 
 def floats(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -140,12 +171,19 @@ class EagleBase(FolderCheckpoint, TrainableDrafter):
     def as_drafter(self, target=None) -> EagleDecoding:
         return EagleDecoding(self, target if target is not None else self.target)
 
-    def unroll(self, input_ids: torch.Tensor, hidden: torch.Tensor, steps: int):
+    def unroll(self, input_ids: torch.Tensor, hidden: torch.Tensor, steps: int, detach_context: bool = False):
         """Yield the core output [B, n, H] of unrolled steps i = 0..steps-1 over rows t = 0..n-1.
 
         `hidden` is step 0's hidden input (row t: from the target's feature f_t, see `project`); row t of
         step i reads token x_{t+1+i} at position t + i, and step i >= 1 reads step i-1's output as its
-        hidden input, attending with the training-time-test pattern (drafters.layers.ttt_attend)."""
+        hidden input, attending with the training-time-test pattern (drafters.layers.ttt_attend).
+
+        That pattern already is HASS's "harmonized context alignment": a step-i query sees the target's
+        features up to its chain's committed position and the drafter's own features at the i most recent
+        positions, as a depth-i tree node does at decode time. What HASS's training code does differently
+        is the gradient: `detach_context=True` feeds step i-1's output back as a constant, so step i's
+        keys/values are still computed by the current weights (they get gradient) but no loss reaches back
+        into earlier steps' computation. EAGLE-3's official TTT backpropagates through the whole chain."""
         B, n = hidden.shape[:2]
         positions = torch.arange(n, device=hidden.device).expand(B, n)
         first: list = []
@@ -164,7 +202,7 @@ class EagleBase(FolderCheckpoint, TrainableDrafter):
                     pk.append(k)
                     pv.append(v)
             yield out
-            hidden = out
+            hidden = out.detach() if detach_context else out
 
     def _check_losses(self, allowed: set[str]) -> None:
         bad = [k for k in self.cfg.losses if k not in allowed]
@@ -222,10 +260,15 @@ class Eagle1Drafter(EagleBase):
     def target_vocab_logits(self, out):
         return self.target.lm_head(out.to(self.target.dtype)).float()
 
-    def loss(self, signal: TargetSignal) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, signal: TargetSignal, options: UnrollOptions | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """The weighted cfg.losses terms (see the module docstring). `options` (HASS/GRIFFIN) may unroll
+        several steps: step i, row t reads (f_hat, x_{t+1+i}) at position t+i, regresses f_{t+1+i} and
+        matches the target's distribution at t+1+i; steps are summed with equal weights, as HASS's training
+        code does. Metrics: loss/<name> (summed over steps), acc/<depth>, keep/<depth> (GRIFFIN)."""
         if signal.last_hidden is None:
             raise DraftsmithError("eagle1 trains on the target's last hidden state, but this batch has none: "
                                   "run online (train.mode=online) or cache last_hidden in data_gen")
+        opts = options or UnrollOptions()
         ids = signal.input_ids
         B, T = ids.shape
         n = max(T - 1, 1)  # rows t = 0..T-2 pair (f_t, x_{t+1})
@@ -233,24 +276,39 @@ class Eagle1Drafter(EagleBase):
         feats = shifted(f, 0, n).to(self.param_dtype)
         if self.training and self.cfg.feature_noise > 0:
             feats = feats + (torch.rand_like(feats) - 0.5) * self.cfg.feature_noise
-        out = next(self.unroll(ids, feats, 1))
-        # row t predicts x_{t+2}: the target's distribution at t+1, the loss mask at t+2
-        valid = shifted((signal.loss_mask > 0) & (signal.attention_mask > 0), 2, n)
-        target_logits = shifted(signal.logits, 1, n)
-        target_arg = target_logits.argmax(-1)
-        logits = self.target_vocab_logits(out)
-        total = out.new_zeros((), dtype=torch.float32)
+        assistant = (signal.loss_mask > 0) & (signal.attention_mask > 0)
+        total = feats.new_zeros((), dtype=torch.float32)
         metrics: dict[str, torch.Tensor] = {}
-        for name, w in self.cfg.losses.items():
-            if name == "smooth_l1":
-                term = L.smooth_l1(out, shifted(f, 1, n), valid)
-            elif name == "ce":
-                term = L.ce(logits, target_arg, valid)
-            else:
-                term = L.DISTRIBUTION_LOSSES[name](logits, target_logits, valid)
-            total = total + w * term
-            metrics[f"loss/{name}"] = w * term.detach()
-        metrics["acc/1"] = ratio(logits.argmax(-1) == target_arg, valid)
+        keep = None  # GRIFFIN: rows still trained at this step
+        steps = max(1, opts.steps)
+        for i, out in enumerate(self.unroll(ids, feats, steps, opts.detach_context)):
+            # step i, row t predicts x_{t+2+i}: the target's distribution at t+1+i, the loss mask at t+2+i
+            scored = shifted(assistant, 2 + i, n)
+            valid = scored if keep is None else scored & keep
+            if keep is not None:
+                metrics[f"keep/{i + 1}"] = ratio(keep, scored)
+            target_logits = shifted(signal.logits, 1 + i, n)
+            target_arg = target_logits.argmax(-1)
+            logits = self.target_vocab_logits(out)
+            terms = {}
+            for name, w in self.cfg.losses.items():
+                if name == "smooth_l1":
+                    term = L.smooth_l1(out, shifted(f, 1 + i, n), valid)
+                elif name == "ce":
+                    term = L.ce(logits, target_arg, valid)
+                else:
+                    term = L.DISTRIBUTION_LOSSES[name](logits, target_logits, valid)
+                terms[name] = w * term
+            if opts.topk_weight:
+                terms["topk_distill"] = opts.topk_weight * L.topk_soft_ce(logits, target_logits, valid, opts.topk_k)
+            for name, term in terms.items():
+                total = total + term
+                key = f"loss/{name}"
+                metrics[key] = metrics[key] + term.detach() if key in metrics else term.detach()
+            metrics[f"acc/{i + 1}"] = ratio(logits.argmax(-1) == target_arg, scored)
+            if opts.keep_topk and i + 1 < steps:
+                with torch.no_grad():
+                    keep = topk_keep(logits.topk(opts.keep_topk, dim=-1).indices, shifted(ids, 2 + i, n), keep)
         return total, floats(metrics)
 
 

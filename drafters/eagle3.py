@@ -25,6 +25,11 @@ target's distribution renormalised over the draft vocab) on rows whose predicted
 token AND whose target argmax is in the draft vocab; total = sum_i step_decay**i * terms_i. No feature
 regression. Metrics: loss/<name> (decayed sum), loss_step/<depth> (undecayed), acc/<depth>: drafter argmax
 (mapped to target ids) == target argmax over all assistant rows (argmax outside the draft vocab = a miss).
+
+Add-ons (`loss(signal, UnrollOptions(...))`, used by objective=hass / objective=griffin): a top-K
+distillation term per step, GRIFFIN's cumulative top-k row mask (metrics keep/<depth>), and HASS's
+stop-gradient at the fed-back features (EagleBase.unroll explains how that relates to TTT's attention).
+With no options the loss runs exactly the operations it runs without them.
 """
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ from torch import nn
 
 from conf.errors import DraftsmithError
 from drafters.base import TargetSignal
-from drafters.eagle1 import EagleBase, floats, ratio, shifted
+from drafters.eagle1 import EagleBase, UnrollOptions, floats, ratio, shifted, topk_keep
 from drafters.layers import DecoderLayer, DrafterDims
 from drafters.vocab import DraftVocab, build_draft_vocab
 from training import losses as L
@@ -129,7 +134,7 @@ class Eagle3Drafter(EagleBase):
         return full
 
     # --- training -----------------------------------------------------------------------------------
-    def loss(self, signal: TargetSignal) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, signal: TargetSignal, options: UnrollOptions | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         if signal.features is None:
             raise DraftsmithError("eagle3 trains on the target's tapped features, but this batch has none: "
                                   "run online (train.mode=online) or cache features in data_gen")
@@ -137,6 +142,7 @@ class Eagle3Drafter(EagleBase):
             raise DraftsmithError(
                 f"eagle3 was built for {self.dims.num_taps} feature taps ({self.feature_width} wide) but the batch "
                 f"has features {signal.features.shape[-1]} wide: use the same target.feature_layers as data_gen")
+        opts = options or UnrollOptions()
         ids = signal.input_ids
         B, T = ids.shape
         n, steps = max(T - 1, 1), self.cfg.ttt_steps
@@ -148,28 +154,41 @@ class Eagle3Drafter(EagleBase):
         assistant = (signal.loss_mask > 0) & (signal.attention_mask > 0)
         total = target_draft.new_zeros(())
         metrics: dict[str, torch.Tensor] = {f"loss/{name}": total for name in self.cfg.losses}
+        if opts.topk_weight:
+            metrics["loss/topk_distill"] = total
+        keep = None  # GRIFFIN: rows still trained at this step
         hidden = self.project(shifted(signal.features, 0, n))
-        for i, out in enumerate(self.unroll(ids, hidden, steps)):
+        for i, out in enumerate(self.unroll(ids, hidden, steps, opts.detach_context)):
             # step i, row t predicts x_{t+2+i}: target distribution at t+1+i, loss mask at t+2+i
             scored = shifted(assistant, 2 + i, n)
             valid = scored & shifted(in_vocab, 1 + i, n)
+            if keep is not None:
+                valid = valid & keep
+                metrics[f"keep/{i + 1}"] = ratio(keep, scored)
             tgt = shifted(target_draft, 1 + i, n)
             tgt = torch.where(valid[..., None], tgt, torch.zeros_like(tgt))  # rows of -inf would give NaN
             labels = t2d_index[shifted(target_arg, 1 + i, n)].clamp_min(0)
-            step_loss, draft_arg = self._ckpt(self._step_loss, out, tgt, labels, valid)
+            want_top = opts.keep_topk if i + 1 < steps else 0
+            step_loss, draft_arg, top = self._ckpt(self._step_loss, out, tgt, labels, valid, opts, want_top)
             w = self.cfg.step_decay ** i
             total = total + w * sum(step_loss.values())
             for name, term in step_loss.items():
                 metrics[f"loss/{name}"] = metrics[f"loss/{name}"] + w * term.detach()
             metrics[f"loss_step/{i + 1}"] = sum(step_loss.values()).detach()
             metrics[f"acc/{i + 1}"] = ratio(draft_arg + self.d2t[draft_arg] == shifted(target_arg, 1 + i, n), scored)
+            if top is not None:
+                keep = topk_keep(self.draft_ids[top], shifted(ids, 2 + i, n), keep)
         return total, floats(metrics)
 
-    def _step_loss(self, out, tgt, labels, valid):
-        """Weighted loss terms of one unrolled step and the drafter's argmax (draft ids)."""
+    def _step_loss(self, out, tgt, labels, valid, opts: UnrollOptions | None = None, want_top: int = 0):
+        """Weighted loss terms of one unrolled step, the drafter's argmax (draft ids) and, when asked
+        (GRIFFIN), its top `want_top` draft ids."""
         logits = self.draft_logits(out)
         terms = {}
         for name, w in self.cfg.losses.items():
             fn = L.ce(logits, labels, valid) if name == "ce" else L.DISTRIBUTION_LOSSES[name](logits, tgt, valid)
             terms[name] = w * fn
-        return terms, logits.argmax(-1)
+        if opts is not None and opts.topk_weight:
+            terms["topk_distill"] = opts.topk_weight * L.topk_soft_ce(logits, tgt, valid, opts.topk_k)
+        top = logits.detach().topk(want_top, dim=-1).indices if want_top else None
+        return terms, logits.argmax(-1), top

@@ -1,4 +1,10 @@
-"""`objective=` group: what the train stage optimises beyond each drafter's own token losses."""
+"""`objective=` group: what the train stage optimises beyond each drafter's own token losses.
+
+    python train.py stage=train objective=token      # imitation (default)
+    python train.py stage=train objective=hass       # + top-K distillation, HASS context alignment
+    python train.py stage=train objective=griffin    # + GRIFFIN's top-3 row mask, 0.5 x top-K
+    python train.py stage=train objective=gto drafter.checkpoint=runs/demo/train/final run.name=demo-gto
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,4 +24,50 @@ class TokenObjectiveConfig(ObjectiveConfig):
     name: str = "token"
 
 
-OBJECTIVE_SCHEMAS = {"token": TokenObjectiveConfig}
+@dataclass
+class HASSConfig(ObjectiveConfig):
+    """HASS (Zhang et al., 2025) on EAGLE drafters: top-K distillation added to every unrolled step, and
+    harmonized context alignment (no gradient through the drafter's own fed-back features)."""
+
+    name: str = "hass"
+    topk_k: int = 10  # K of -sum_{i in TopK(p)} p_i log q_i
+    topk_weight: float = 1.0
+    context_alignment: bool = True  # stop-gradient at fed-back features, as HASS's training code
+    align_steps: int = 3  # eagle1: unrolled aligned steps (eagle3 unrolls drafter.ttt_steps)
+
+
+@dataclass
+class GRIFFINConfig(ObjectiveConfig):
+    """GRIFFIN (Hu et al., 2025) training on EAGLE drafters: a row stays in the loss at step j+1 only while
+    the true token is in the drafter's top-`keep_topk` at every step so far; plus 0.5 x top-K distillation."""
+
+    name: str = "griffin"
+    keep_topk: int = 3
+    topk_k: int = 10
+    topk_weight: float = 0.5
+    context_alignment: bool = True  # GRIFFIN's training builds on HASS's (fed-back features detached)
+    align_steps: int = 3  # eagle1: unrolled steps (eagle3 unrolls drafter.ttt_steps)
+
+
+@dataclass
+class GTOConfig(ObjectiveConfig):
+    """Group Tree Optimization (Hu et al., 2025): fine-tune a converged EAGLE drafter (drafter.checkpoint,
+    also the frozen reference M0) on the expected accepted length of the draft tree the decoder builds
+    (eval.tree). Total loss = token_weight * drafter loss + weight * L_GTO."""
+
+    name: str = "gto"
+    weight: float = 0.5  # of the PPO-clipped surrogate L_GTO
+    token_weight: float = 1.0  # of the drafter's own token loss (EAGLE-3: soft-CE TTT)
+    eta: float = 1.0  # tree reward r = (1/eta) log sum_i exp(eta L_i) over branches
+    group_size: int = 8  # m: adjacent positions per group (advantages are standardised within a group)
+    groups: int = 16  # K: groups per sequence (fewer when a sequence has fewer assistant positions)
+    clip_eps: float = 0.2  # PPO clip of the ratio s to [1 - eps, 1 + eps]
+    adv_eps: float = 1e-4  # delta in A = (R - mean) / (std + delta)
+
+
+OBJECTIVE_SCHEMAS = {
+    "token": TokenObjectiveConfig,
+    "hass": HASSConfig,
+    "griffin": GRIFFINConfig,
+    "gto": GTOConfig,
+}

@@ -1,0 +1,69 @@
+"""HASS and GRIFFIN training add-ons for the EAGLE families (objective=hass, objective=griffin).
+
+    python train.py stage=train drafter=eagle3 objective=hass
+    python train.py stage=train drafter=eagle1 objective=griffin objective.align_steps=3
+    python -m pytest -q tests/test_hass.py tests/test_griffin.py
+
+Both are options of the drafters' own unrolled loss (drafters.eagle1.UnrollOptions), so the step
+alignment, masks and weights are the family's:
+- HASS (Zhang et al., 2025): every step adds topk_weight x (-sum over the target's top-K tokens of
+  p_i log q_i), K = 10 ("harmonized objective distillation"), and "harmonized context alignment": in step
+  j the most recent j-1 positions the query sees are the drafter's own earlier features. EAGLE-3's
+  training-time test already attends that way (drafters.layers.ttt_attend: a depth-j node's view); what
+  HASS's training code adds, and `context_alignment` switches on, is that those fed-back features are
+  constants: no gradient flows back into earlier steps. EAGLE-1 trains one step by default; under these
+  objectives it unrolls `align_steps` steps with the same attention.
+- GRIFFIN (Hu et al., 2025): a row stays in the loss of step j+1 only while the true token is among the
+  drafter's top-3 at step j, cumulatively (a tree drafting top-3 children would still be on that path),
+  plus 0.5 x the top-K term; its training code builds on HASS's, so context alignment is on by default.
+Metrics add loss/topk_distill and, for GRIFFIN, keep/<depth> (fraction of assistant rows still trained).
+"""
+from __future__ import annotations
+
+from conf.errors import DraftsmithError
+from drafters.eagle1 import UnrollOptions
+
+FAMILIES = ("eagle1", "eagle3")  # drafters whose loss unrolls steps and takes UnrollOptions
+
+
+def unroll_options(ocfg, keep_topk: int = 0) -> UnrollOptions:
+    """UnrollOptions from a HASSConfig / GRIFFINConfig, with one-line errors for unusable values."""
+    name = ocfg.name
+    if ocfg.topk_k < 1:
+        raise DraftsmithError(f"objective.topk_k={ocfg.topk_k} must be >= 1 ({name}: K of the top-K term, paper: 10)")
+    if ocfg.topk_weight < 0:
+        raise DraftsmithError(f"objective.topk_weight={ocfg.topk_weight} must be >= 0 (0 = no top-K term)")
+    if ocfg.align_steps < 1:
+        raise DraftsmithError(f"objective.align_steps={ocfg.align_steps} must be >= 1 (HASS aligns 3 steps)")
+    if keep_topk < 0:
+        raise DraftsmithError(f"objective.keep_topk={keep_topk} must be >= 0 (GRIFFIN: 3; 0 = no mask)")
+    return UnrollOptions(topk_weight=float(ocfg.topk_weight), topk_k=int(ocfg.topk_k), keep_topk=int(keep_topk),
+                         detach_context=bool(ocfg.context_alignment), steps=int(ocfg.align_steps))
+
+
+def _check_family(cfg) -> None:
+    if cfg.drafter.name not in FAMILIES:
+        raise DraftsmithError(
+            f"objective={cfg.objective.name} trains the unrolled steps of EAGLE drafters, not drafter={cfg.drafter.name}: "
+            f"use drafter=eagle3 or drafter=eagle1, or objective=token")
+
+
+def options_objective(options: UnrollOptions):
+    """(drafter, signal) -> drafter.loss(signal, options)."""
+    def objective(drafter, signal):
+        return drafter.loss(signal, options)
+    objective.options = options
+    return objective
+
+
+def build_hass(cfg, target=None):
+    _check_family(cfg)
+    return options_objective(unroll_options(cfg.objective))
+
+
+def build_griffin(cfg, target=None):
+    _check_family(cfg)
+    if cfg.objective.keep_topk < 1:
+        raise DraftsmithError(f"objective.keep_topk={cfg.objective.keep_topk}: GRIFFIN keeps rows whose true token is "
+                              "in the drafter's top-k; use k >= 1 (paper: 3), or objective=hass for no mask")
+    return options_objective(unroll_options(cfg.objective, cfg.objective.keep_topk))
