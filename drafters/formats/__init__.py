@@ -49,10 +49,11 @@ def check_family(fmt: str, family: str) -> None:
 
 
 def write_export(model, target, fmt: str, out: str | Path, ctx: ExportContext) -> Path:
-    """Write `model` (a TrainableDrafter) into the existing folder `out` in format `fmt`, README included."""
+    """Write `model` (a TrainableDrafter) into folder `out` (created) in format `fmt`, README included."""
     family = model.family
     check_family(fmt, family)
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     if fmt in ("sglang", "vllm"):
         eagle.write(fmt, model, target, out, ctx)
     elif fmt == "medusa":
