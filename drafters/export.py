@@ -68,13 +68,14 @@ def run(cfg: Config) -> dict:
     if ex.check_prompts < 0 or ex.check_max_new_tokens < 1:
         raise DraftsmithError("export.check_prompts must be >= 0 and export.check_max_new_tokens >= 1")
     ckpt = checkpoint_dir(cfg)
-    family = read_checkpoint_config(ckpt).get("family")
+    meta = read_checkpoint_config(ckpt)
+    family = meta.get("family")
     check_family(ex.format, family)  # before loading anything: the likelier mistakes fail in milliseconds
     out = out_dir(cfg)
     _check_replaceable(out)
     check_writable(out.parent)
 
-    target = load_target(cfg.target, device=cfg.run.device)
+    target = load_target(_target_config(cfg, meta, ckpt), device=cfg.run.device)
     model = drafter_class(family).from_pretrained(str(ckpt), target).eval()
     tree = cfg.eval.tree
     ctx = ExportContext(dtype=dtype, target_ref=target_ref(cfg.target.path),
@@ -94,6 +95,22 @@ def run(cfg: Config) -> dict:
     print(f"export: {family} -> {ex.format} at {out} ({len(result['files'])} files, {ex.dtype}); format check "
           f"passed; reload matches {result['tensors_checked']} tensors; {decoded}")
     return result
+
+
+def _target_config(cfg: Config, meta: dict, ckpt: Path):
+    """cfg.target, with the feature layers the drafter was trained on when its checkpoint records them
+    (`target.feature_layers` in drafter_config.json): an EAGLE-3 export names those layers, and a
+    different tap choice would be silently wrong."""
+    trained = (meta.get("target") or {}).get("feature_layers")
+    if trained is None or meta.get("family") != "eagle3":
+        return cfg.target
+    if cfg.target.feature_layers is None:
+        return dataclasses.replace(cfg.target, feature_layers=list(trained))
+    if list(cfg.target.feature_layers) != list(trained):
+        raise DraftsmithError(
+            f"target.feature_layers={list(cfg.target.feature_layers)} but the drafter at {ckpt} was trained on "
+            f"{list(trained)}: drop the override or set target.feature_layers={list(trained)}")
+    return cfg.target
 
 
 # --------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conf.errors import DraftsmithError
 from conf.schema import PROJECT_ROOT, TargetConfig, run_dir
@@ -111,6 +112,25 @@ def test_errors_name_the_problem_and_the_fix(trained, cfg_for, tmp_path):
     (final / "drafter_config.json").write_text(json.dumps({"family": "hydra"}))
     with pytest.raises(DraftsmithError, match="takes eagle1, eagle3 drafters, not hydra: no serving engine loads it"):
         run(hydra)
+
+
+def test_checkpoint_feature_layers_win(trained, cfg_for):
+    """A checkpoint that records its target's feature layers exports with them (the default taps of this
+    4-layer target, [2, 2, 1], would name other layers); a conflicting override is an error."""
+    cfg = trained("export=sglang", "export.check_prompts=0")
+    meta_path = run_dir(cfg) / "train" / "final" / "drafter_config.json"
+    meta = json.loads(meta_path.read_text())
+    meta["target"]["feature_layers"] = [1, 2, 3]
+    meta_path.write_text(json.dumps(meta))
+    plain = cfg_for("stage=export", "export=sglang", "export.check_prompts=0", "export.dtype=float32")
+    run(plain)  # no feature_layers override
+    out = run_dir(plain) / "export" / "sglang"
+    assert json.loads((out / "config.json").read_text())["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [0, 1, 2]
+    trained_fc = load_file(run_dir(cfg) / "train" / "final" / "model.safetensors")["fc.weight"]
+    assert torch.equal(load_file(out / "model.safetensors")["fc.weight"], trained_fc)  # not remapped from [2, 2, 1]
+    with pytest.raises(DraftsmithError, match=r"target.feature_layers=\[1, 2, 2\] but the drafter at .* was "
+                                              r"trained on \[1, 2, 3\]: drop the override"):
+        run(cfg_for("stage=export", "export=sglang", "target.feature_layers=[1,2,2]"))
 
 
 def _cli(*args, cwd=PROJECT_ROOT):
