@@ -335,3 +335,21 @@ def test_exported_drafter_decodes_losslessly(family, fmt, target, tmp_path):
     res = decode_check(target, load_exported(out, target), TreeConfig(kind="dynamic", depth=3, top_k=4,
                                                                       total_tokens=12), prompts=2, max_new_tokens=24)
     assert res["prompts"] == 2 and res["tau"] >= 1.0
+
+
+def test_verify_export_accepts_a_remapped_bfloat16_export(target_default_taps, tmp_path):
+    """The stage's reload check predicts the reloaded fc exactly, also through tap rewriting + a bf16 cast."""
+    from conf.schema.eval import TreeConfig
+    from drafters.export import verify_export
+
+    tgt = target_default_taps
+    model = make("eagle3", tgt)
+    out = export(model, tgt, "vllm", tmp_path)
+    res = verify_export(model, tgt, out, "vllm", torch.bfloat16, TreeConfig(depth=3, top_k=4, total_tokens=12),
+                        prompts=1, max_new_tokens=8)
+    assert res["tensors_checked"] == 15 and res["violations"] == []
+    t = load_file(out / "model.safetensors")
+    t["norm.weight"] = t["norm.weight"] + 1  # a tensor that no longer matches the trained one
+    save_file(t, out / "model.safetensors")
+    with pytest.raises(DraftsmithError, match="reloading .* changed 1 weights \\(first: norm.weight\\)"):
+        verify_export(model, tgt, out, "vllm", torch.bfloat16, TreeConfig(), prompts=0, max_new_tokens=8)
