@@ -324,7 +324,8 @@ def test_reload_on_the_wrong_target_is_a_clear_error(target, tiny_target_dir, tm
 # --------------------------------------------------------------------------------------------------
 # Decoding with the built-in speculative decoder
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("family,fmt", [("eagle3", "sglang"), ("eagle3", "vllm"), ("eagle1", "sglang")])
+@pytest.mark.parametrize("family,fmt", [("eagle3", "sglang"), ("eagle3", "vllm"), ("eagle1", "sglang"),
+                                        ("eagle1", "vllm")])
 def test_exported_drafter_decodes_losslessly(family, fmt, target, tmp_path):
     pytest.importorskip("eval.decoder", reason="the speculative decoder (decoder branch) is not merged yet")
     from conf.schema.eval import TreeConfig
