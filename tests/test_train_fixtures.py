@@ -43,6 +43,7 @@ class HeadDrafter(TrainableDrafter):
             self.head2 = nn.Linear(16, vocab + extra)
         self.vocab = vocab
         self.calls = 0
+        self.noise = 0.0
         self.nan_at_call = None  # test hook: a NaN loss from this (1-based) training call on
         self.sleep = float(os.environ.get("DRAFTSMITH_TEST_SLEEP", "0"))  # test hook: slow steps
 
@@ -55,6 +56,8 @@ class HeadDrafter(TrainableDrafter):
             x1, x2 = signal.last_hidden, signal.features
         else:
             x1 = x2 = self.embed(signal.input_ids)
+        if self.training and self.noise:  # EAGLE-1-style input noise: exact resume must restore the RNG
+            x1 = x1 + (torch.rand_like(x1) - 0.5) * self.noise
         l1 = self.head1(x1)[..., :self.vocab]
         l2 = self.head2(x2)[..., :self.vocab]
         p = signal.logits
@@ -106,7 +109,15 @@ FACTORIES = {
     "tokens": lambda cfg, target, counts: HeadDrafter.from_target(cfg, target, counts, use_target_states=False),
     "wider": lambda cfg, target, counts: HeadDrafter.from_target(cfg, target, counts, extra=3),
     "other": lambda cfg, target, counts: OtherHead.from_target(cfg, target, counts),
+    "noisy": lambda cfg, target, counts: _with(HeadDrafter.from_target(cfg, target, counts), noise=0.5),
+    "nan_at_3": lambda cfg, target, counts: _with(HeadDrafter.from_target(cfg, target, counts), nan_at_call=3),
 }
+
+
+def _with(drafter, **attrs):
+    for k, v in attrs.items():
+        setattr(drafter, k, v)
+    return drafter
 
 
 # --------------------------------------------------------------------------------------------------
@@ -224,6 +235,20 @@ def child_env() -> dict:
 
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_metrics(path):
+    from training.tracking import read_metrics as read
+
+    return read(path)
 
 
 def final_weights(train_result_or_dir) -> dict[str, torch.Tensor]:
