@@ -91,6 +91,8 @@ def test_keeps_the_newest_checkpoints(trainer, tmp_path):
     # experiment=smoke: micro batch 2, accumulation 1 -> 2 rows per step
     assert state["state"] == {"step": 4, "rows": 8, "loss_tokens": r["loss_tokens"], "input_tokens": r["input_tokens"]}
     assert state["cursor"] == [0, 8] and state["family"] == "testhead"
+    module = torch.load(Path(r["checkpoint"]) / "deepspeed" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert "drafter.head1.weight" in module and "drafter.frozen_scale" not in module  # frozen: rebuilt, not saved
 
 
 def test_resume_after_finishing_continues_to_new_max_steps(trainer):
@@ -101,6 +103,9 @@ def test_resume_after_finishing_continues_to_new_max_steps(trainer):
     # constant LR, so the schedule length does not matter: bit-identical to the straight 5-step run
     a, b = final_weights(ref), final_weights(r)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(DraftsmithError, match=r"step_00000005 is at step 5, beyond this run's 4 steps: raise "
+                                              r"train.max_steps \(or train.epochs\), or use another run.name"):
+        trainer("train.max_steps=4", name="r")
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(trainer, tmp_path):

@@ -57,13 +57,21 @@ def test_lr_schedule_hand_values():
         lr_factor(0, 5, 0, "step", 0.1)
 
 
+def test_lr_schedule_is_what_each_step_used(trainer):
+    r = trainer("train.max_steps=4", "train.log_every=1", "train.schedule=linear", "train.warmup_steps=2",
+                "train.min_lr_ratio=0.0", "train.lr=0.002")
+    lrs = [x["lr"] for x in read_metrics(r["metrics"]) if x["kind"] == "train"]
+    assert lrs == pytest.approx([0.001, 0.002, 0.002, 0.001])  # warmup 1/2, 2/2, then linear over 2 steps
+
+
 def test_tau_sim_is_the_chain_product():
     assert tau_sim({"acc/1": 0.8, "acc/2": 0.5, "acc/3": 0.5}) == pytest.approx(1 + 0.8 + 0.4 + 0.2)
     assert tau_sim({"acc/2": 0.0, "acc/1": 1.0}) == 1.0 + 1.0  # ordered by depth, not by key order
     assert tau_sim({}) == 1.0
 
 
-def test_train_run_writes_its_artifacts(trainer, tmp_path):
+def test_train_run_writes_its_artifacts(trainer, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # the default: wandb offline into the run directory
     r = trainer("deepspeed=zero1", "train.micro_batch_size=2", "train.grad_accum=3", "train.grad_clip=0.25",
                 "train.max_steps=4", "train.log_every=2", "train.eval_every=2", "train.tensorboard=true",
                 "train.gradient_checkpointing=true")
@@ -83,6 +91,9 @@ def test_train_run_writes_its_artifacts(trainer, tmp_path):
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert (out / "config.yaml").exists() and (out / "final" / "model.safetensors").exists()
     assert r["final_loss"] == train_rec["loss"] and r["tokens_per_s"] > 0
+    assert json.loads((out / "final" / "drafter_config.json").read_text())["gradient_checkpointing"] is True
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
 
 
 def test_batch1_accum8_equals_batch8_accum1(trainer):

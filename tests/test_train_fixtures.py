@@ -41,6 +41,8 @@ class HeadDrafter(TrainableDrafter):
             self.embed = nn.Embedding(vocab, 16)
             self.head1 = nn.Linear(16, vocab + extra)
             self.head2 = nn.Linear(16, vocab + extra)
+        # a frozen parameter (like a copy of the target's embedding): left out of checkpoints, restored at build
+        self.frozen_scale = nn.Parameter(torch.full((hidden if use_target_states else 16,), 1.5), requires_grad=False)
         self.vocab = vocab
         self.calls = 0
         self.noise = 0.0
@@ -56,6 +58,7 @@ class HeadDrafter(TrainableDrafter):
             x1, x2 = signal.last_hidden, signal.features
         else:
             x1 = x2 = self.embed(signal.input_ids)
+        x1 = x1 * self.frozen_scale
         if self.training and self.noise:  # EAGLE-1-style input noise: exact resume must restore the RNG
             x1 = x1 + (torch.rand_like(x1) - 0.5) * self.noise
         l1 = self.head1(x1)[..., :self.vocab]
@@ -78,6 +81,9 @@ class HeadDrafter(TrainableDrafter):
         return loss, {"loss/depth1": loss1.item(), "loss/depth2": loss2.item(), "acc/1": acc1.item(),
                       "acc/2": acc2.item()}
 
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        self.gradient_checkpointing = enabled  # recorded in drafter_config.json so tests can see it arrived
+
     def as_drafter(self, target) -> Drafter:
         raise NotImplementedError("the test drafter is never decoded with")
 
@@ -87,7 +93,8 @@ class HeadDrafter(TrainableDrafter):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(path / "model.safetensors"))
-        (path / "drafter_config.json").write_text(json.dumps({"family": self.family, **self.cfg}))
+        (path / "drafter_config.json").write_text(json.dumps(
+            {"family": self.family, **self.cfg, "gradient_checkpointing": getattr(self, "gradient_checkpointing", None)}))
 
     @classmethod
     def from_pretrained(cls, path, target=None):
@@ -95,6 +102,7 @@ class HeadDrafter(TrainableDrafter):
 
         cfg = json.loads((Path(path) / "drafter_config.json").read_text())
         cfg.pop("family")
+        cfg.pop("gradient_checkpointing")
         m = cls(**cfg)
         m.load_state_dict(load_file(str(Path(path) / "model.safetensors")))
         return m

@@ -25,7 +25,6 @@ import os
 import random
 import re
 import shutil
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -236,7 +235,3 @@ def check_compatible(path: Path, saved: dict, expect: dict) -> None:
             f"checkpoint {path} was written by {saved.get('world_size')} ranks under ZeRO-{saved.get('zero_stage')}"
             f"; its optimizer partitions need the same layout: resume with {saved.get('world_size')} processes "
             f"and deepspeed.zero_stage={saved.get('zero_stage')}")
-
-
-def warn(msg: str) -> None:
-    print(msg, file=sys.stderr)

@@ -201,14 +201,16 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-class _Schedule:
-    """A picklable LambdaLR function (a closure would not survive torch.save of the scheduler)."""
+def schedule_fn(total_steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float):
+    """LambdaLR's function. A plain function on purpose: LambdaLR checkpoints the state of callable
+    objects but not of functions, so a resumed run follows *this* config's schedule length (a larger
+    train.max_steps stretches the decay) while the step count and base lr come from the checkpoint."""
+    lr_factor(0, total_steps, warmup_steps, schedule, min_lr_ratio)  # validate the name now
 
-    def __init__(self, total_steps, warmup_steps, schedule, min_lr_ratio):
-        self.args = (total_steps, warmup_steps, schedule, min_lr_ratio)
+    def factor(step: int) -> float:
+        return lr_factor(step, total_steps, warmup_steps, schedule, min_lr_ratio)
 
-    def __call__(self, step: int) -> float:
-        return lr_factor(step, *self.args)
+    return factor
 
 
 def build_optimizer(module: nn.Module, train_cfg) -> torch.optim.Optimizer:
@@ -249,7 +251,7 @@ class Engine:
         t = cfg.train
         opt = build_optimizer(drafter, t)
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, _Schedule(total_steps, t.warmup_steps, t.schedule, t.min_lr_ratio))
+            opt, schedule_fn(total_steps, t.warmup_steps, t.schedule, t.min_lr_ratio))
         self.module = ObjectiveModule(drafter, objective).to(env.device)
         self.engine, self.optimizer, _, self.scheduler = ds.initialize(
             model=self.module, optimizer=opt, lr_scheduler=sched, config=copy.deepcopy(ds_config),
@@ -283,11 +285,15 @@ class Engine:
     def save(self, directory: Path) -> None:
         """DeepSpeed's own checkpoint (module, optimizer incl. ZeRO partitions, scheduler, step) under
         `<directory>/deepspeed/`. Every rank must call it."""
-        self.engine.save_checkpoint(str(directory), tag="deepspeed", save_latest=False)
+        # Frozen parameters (a target piece a family wraps, e.g. Medusa-2's base under LoRA) are reloaded
+        # from target.path; keeping them out keeps checkpoints drafter-sized.
+        self.engine.save_checkpoint(str(directory), tag="deepspeed", save_latest=False, exclude_frozen_parameters=True)
 
     def load(self, directory: Path) -> None:
-        path, _ = self.engine.load_checkpoint(str(directory), tag="deepspeed", load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
+        # not strict: frozen parameters are not in the checkpoint (names and shapes of all parameters were
+        # compared with the checkpoint's record before this call)
+        path, _ = self.engine.load_checkpoint(str(directory), tag="deepspeed", load_module_strict=False,
+                                              load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
             raise DraftsmithError(f"checkpoint {directory} could not be loaded by DeepSpeed (missing model "
                                   "states): delete it to resume from the previous one")

@@ -113,6 +113,9 @@ def train(cfg: Config, drafter_factory=None, target=None) -> dict:
     state, resumed = TrainState(), ckpts.latest_valid()
     if resumed is not None:
         state = ckpts.load(resumed, eng, expect=meta)
+        if state.step > total:
+            raise DraftsmithError(f"checkpoint {resumed} is at step {state.step}, beyond this run's {total} steps: "
+                                  "raise train.max_steps (or train.epochs), or use another run.name")
         epoch, pos = plan.cursor(state.rows)
         log(f"resumed from {resumed} (step {state.step}/{total}, epoch {epoch}, position {pos})")
     last_ckpt = resumed

@@ -88,9 +88,6 @@ class Tracker:
         if kind == "eval":
             self.write(f"step {step}: eval " + ", ".join(f"{k} {v:.4g}" for k, v in clean.items()))
 
-    def reset_rate(self) -> None:
-        self._last_time, self._tokens_since = time.perf_counter(), 0
-
     def write(self, msg: str) -> None:
         if self.active:
             (self.bar.write if self.bar is not None else print)(msg)
