@@ -133,8 +133,9 @@ def _with(drafter, **attrs):
 # --------------------------------------------------------------------------------------------------
 def write_data_gen(run_dir: Path, target, n_rows: int = 24, seed: int = 0, min_len: int = 10, max_len: int = 30,
                    cache: str | None = None, topk: int = 0) -> Path:
-    """Random token rows (first 3 tokens = prompt, loss_mask 0; the rest mostly assistant). cache:
-    None, "fp32" (features + last_hidden in float32, plus top-k when topk > 0) or "bf16"."""
+    """Random token rows (first 3 tokens = prompt, loss_mask 0; the rest mostly assistant). cache: None,
+    "fp32" / "bf16" (features + last_hidden, plus top-k when topk > 0, written here one row at a time in
+    data_gen's layout) or "data_gen" (data_gen.cache's own writer)."""
     import datasets
 
     out = Path(run_dir) / "data_gen"
@@ -153,10 +154,22 @@ def write_data_gen(run_dir: Path, target, n_rows: int = 24, seed: int = 0, min_l
     for x, m in zip(ids, masks):
         np.add.at(counts, np.asarray(x)[np.asarray(m, bool)], 1)
     np.save(out / "token_counts.npy", counts)
-    meta = {"target": {"path": str(target.name), "vocab_size": target.vocab_size, "hidden_size": target.hidden_size,
-                       "num_layers": target.num_layers, "feature_layers": list(target.feature_layers)},
-            "rows": n_rows, "cache": None}
-    if cache:
+    try:  # the data helper's identity record (with its fingerprint) once data_gen is on the branch
+        from data_gen.output import target_identity
+    except ImportError:
+        def target_identity(t):
+            return {"path": str(t.name), "vocab_size": t.vocab_size, "hidden_size": t.hidden_size,
+                    "num_layers": t.num_layers, "feature_layers": list(t.feature_layers)}
+    meta = {"target": target_identity(target), "rows": n_rows, "cache": None}
+    if cache == "data_gen":  # the data helper's own writer (bf16, one padded forward for all rows)
+        from data_gen.cache import compute_cache, write_cache_file
+
+        items = compute_cache(target, list(zip(ids, masks)), topk, with_features=True)
+        write_cache_file(out / "cache-0.safetensors", items, [len(x) for x in ids])
+        np.save(out / "cache_index.npy", np.array([[0, j] for j in range(len(ids))], dtype=np.int64))
+        (out / "cache_files.json").write_text(json.dumps(["cache-0.safetensors"]))
+        meta["cache"] = {"features": True, "topk": topk, "feature_layers": list(target.feature_layers)}
+    elif cache:
         meta["cache"] = _write_cache(out, target, ids, masks, torch.float32 if cache == "fp32" else torch.bfloat16,
                                      topk)
     (out / "meta.json").write_text(json.dumps(meta))

@@ -138,9 +138,13 @@ class DataPlan:
     """Which rows each rank reads at each optimizer step, as a pure function of (seed, rows consumed)."""
 
     def __init__(self, n_rows: int, eval_rows: int, seed: int, micro: int, accum: int, world: int, rank: int):
-        if n_rows - eval_rows < 1:
-            raise DraftsmithError(f"data_gen has {n_rows} rows and train.eval_rows={eval_rows} holds them all out: "
-                                  "lower train.eval_rows or generate more data (data.max_conversations)")
+        if n_rows < 1:
+            raise DraftsmithError("data_gen's dataset has no rows: rerun data_gen with more data (data.max_conversations)")
+        # Never hold out more than half the rows (tiny smoke datasets); `note` reports the cap.
+        self.eval_rows = min(max(0, eval_rows), n_rows // 2)
+        self.note = (f"held out {self.eval_rows} of {n_rows} rows for evaluation (train.eval_rows={eval_rows} "
+                     "capped at half the data)") if self.eval_rows < eval_rows else None
+        eval_rows = self.eval_rows
         perm = np.random.default_rng([seed, 0x5EED]).permutation(n_rows)
         self.eval_idx = np.sort(perm[:eval_rows])  # the held-out slice: fixed by the seed, never trained on
         self.train_idx = np.sort(perm[eval_rows:])

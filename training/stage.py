@@ -94,6 +94,8 @@ def train(cfg: Config, drafter_factory=None, target=None) -> dict:
     plan = DataPlan(len(data.dataset), t.eval_rows, cfg.run.seed, t.micro_batch_size, t.grad_accum,
                     env.world_size, env.rank)
     total = plan.total_steps(t.epochs, t.max_steps)
+    if plan.note and env.is_main:
+        print(plan.note)
 
     seed_all(cfg.run.seed)  # the drafter's initial weights depend on the seed only
     drafter = (drafter_factory or build_drafter)(cfg, target, data.token_counts)
