@@ -39,12 +39,18 @@ class DataGenOutput:
     cache: object | None  # row-indexed cache reader (data_gen.cache.CachedFeatures), None when not needed
 
 
-def load_data_gen(data_dir: Path | str, target, need_cache: bool) -> DataGenOutput:
-    """Open data_gen's output, check it was made with this target, and open the cache when needed."""
+def require_data_gen(data_dir: Path | str) -> Path:
+    """Fail fast (before loading any model) when data_gen has not finished in `data_dir`."""
     data_dir = Path(data_dir)
     if not (data_dir / "meta.json").is_file():
         raise DraftsmithError(f"no finished data_gen output in {data_dir}: run `python train.py stage=data_gen` "
                               "with the same run.name first (an interrupted data_gen resumes when rerun)")
+    return data_dir
+
+
+def load_data_gen(data_dir: Path | str, target, need_cache: bool) -> DataGenOutput:
+    """Open data_gen's output, check it was made with this target, and open the cache when needed."""
+    data_dir = require_data_gen(data_dir)
     try:
         from data_gen import output as dg
     except ImportError:

@@ -34,7 +34,7 @@ import torch
 from conf.errors import DraftsmithError
 from conf.schema import Config, run_dir, save_config
 from training.checkpoint import CheckpointManager, TrainState, seal
-from training.data import DataPlan, collate, load_data_gen
+from training.data import DataPlan, collate, load_data_gen, require_data_gen
 from training.engine import (
     Engine,
     all_reduce_sum,
@@ -83,6 +83,7 @@ def train(cfg: Config, drafter_factory=None, target=None) -> dict:
     t = cfg.train
     if t.mode not in MODES:
         raise DraftsmithError(f"train.mode={t.mode!r}: use online (target runs in the step) or offline (data_gen's cache)")
+    require_data_gen(run_dir(cfg) / "data_gen")
     env = setup_distributed(cfg.run.device)
     out = run_dir(cfg) / "train"
     if env.is_main:
