@@ -206,7 +206,7 @@ def schedule_fn(total_steps: int, warmup_steps: int, schedule: str, min_lr_ratio
     """LambdaLR's function. A plain function on purpose: LambdaLR checkpoints the state of callable
     objects but not of functions, so a resumed run follows *this* config's schedule length (a larger
     train.max_steps stretches the decay) while the step count and base lr come from the checkpoint."""
-    lr_factor(0, total_steps, warmup_steps, schedule, min_lr_ratio)  # validate the name now
+    lr_factor(max(warmup_steps, 0), total_steps, warmup_steps, schedule, min_lr_ratio)  # bad names fail now
 
     def factor(step: int) -> float:
         return lr_factor(step, total_steps, warmup_steps, schedule, min_lr_ratio)
