@@ -123,12 +123,13 @@ class CachedFeatures:
 
 def dense_topk(item: dict, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[T, k] values/indices aligned with input positions (TargetSignal.topk_*). Positions without a
-    cache entry get one 0 logit at token 0 and -inf elsewhere: a valid distribution that losses mask out."""
+    cache entry get all mass on token 0 (distinct indices 0..k-1, logits 0, -inf, ...): a valid
+    distribution, so masked-out losses stay finite."""
     v, i, pos = item["topk_values"], item["topk_indices"], item["topk_positions"]
     k = v.shape[-1]
     values = torch.full((length, k), float("-inf"), dtype=torch.float32)
     values[:, 0] = 0.0
-    indices = torch.zeros((length, k), dtype=torch.int64)
+    indices = torch.arange(k, dtype=torch.int64).expand(length, k).clone()
     values[pos] = v.float()
     indices[pos] = i.long()
     return values, indices
