@@ -38,7 +38,11 @@ def target_identity(target) -> dict:
     tok = target.tokenizer
     backend = getattr(tok, "backend_tokenizer", None)
     h.update(backend.to_str().encode() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True).encode())
-    h.update(str(getattr(target, "_chat_template", None) or "").encode())
+    try:
+        template = target.chat_template
+    except DraftsmithError:  # no template: identity is still defined (data_gen itself refuses such a target)
+        template = ""
+    h.update(template.encode())
     cfg = {k: v for k, v in target.config.to_dict().items() if not k.startswith("_") and k not in _VOLATILE}
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
     return {"path": str(target.name), "vocab_size": int(target.vocab_size), "hidden_size": int(target.hidden_size),

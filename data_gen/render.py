@@ -61,29 +61,50 @@ def _cap_at_eos(ids: list[int], start: int, end: int, eos: set[int]) -> int:
     return end
 
 
-def assistant_spans(tokenizer, messages: list[dict], template: str, eos_ids) -> tuple[list[int], list, str | None]:
-    """(ids of the whole conversation, [(start, end) token spans of assistant turns], reason or None)."""
+def assistant_spans(tokenizer, messages: list[dict], template: str, eos_ids, max_length: int | None = None
+                    ) -> tuple[list[int], list, bool, str | None]:
+    """(ids of the conversation, [(start, end) token spans of assistant turns], cut, reason or None).
+
+    Turns whose prompt alone already fills max_length are not rendered at all (`cut` = True): they would
+    be truncated away, and rendering every prefix of a 30-turn ShareGPT chat costs turns x length."""
     eos = set(int(i) for i in eos_ids)
-    full_text = render_text(tokenizer, messages, template, add_generation_prompt=False)
-    full = encode(tokenizer, full_text)
-    char_spans, tok_spans, token_stable = [], [], True
+    char_spans, prefixes, tok_spans, token_stable = [], [], [], True
+    cut_at = None  # (text, ids) of the first prompt that fills max_length
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
         p_text = render_text(tokenizer, messages[:i], template, add_generation_prompt=True)
+        p = encode(tokenizer, p_text)
+        if max_length is not None and len(p) >= max_length:
+            cut_at = (p_text, p)
+            break
         f_text = render_text(tokenizer, messages[:i + 1], template, add_generation_prompt=False)
-        if not (f_text.startswith(p_text) and full_text.startswith(f_text)):
-            return full, [], NOT_PREFIX_STABLE
+        if not f_text.startswith(p_text):
+            return [], [], False, NOT_PREFIX_STABLE
         char_spans.append((len(p_text), len(f_text)))
         if token_stable:
-            p, f = encode(tokenizer, p_text), encode(tokenizer, f_text)
-            if f[:len(p)] == p and full[:len(f)] == f:
+            f = encode(tokenizer, f_text)
+            if f[:len(p)] == p:
                 tok_spans.append((len(p), len(f)))
+                prefixes.append((f_text, f))
             else:  # a BPE merge across the boundary: use character offsets for every turn instead
                 token_stable = False
+        if not token_stable:
+            prefixes.append((f_text, None))
+    cut = cut_at is not None
+    if cut:  # that prompt, cut to max_length later, is exactly the head of the whole conversation
+        full_text, full = cut_at
+    else:
+        full_text = render_text(tokenizer, messages, template, add_generation_prompt=False)
+        full = encode(tokenizer, full_text)
+    for f_text, f in prefixes:  # every rendered prefix must reappear unchanged in the whole conversation
+        if not full_text.startswith(f_text):
+            return full, [], cut, NOT_PREFIX_STABLE
+        if f is not None and full[:len(f)] != f:
+            token_stable = False
     if not token_stable:
         if not getattr(tokenizer, "is_fast", False):
-            return full, [], NOT_PREFIX_STABLE + " at the token level (and the tokenizer has no offsets)"
+            return full, [], cut, NOT_PREFIX_STABLE + " at the token level (and the tokenizer has no offsets)"
         offsets = tokenizer(full_text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
         tok_spans = []
         for a, b in char_spans:  # tokens overlapping the assistant's characters
@@ -91,7 +112,7 @@ def assistant_spans(tokenizer, messages: list[dict], template: str, eos_ids) -> 
             if inside:
                 tok_spans.append((inside[0], inside[-1] + 1))
     spans = [(s, _cap_at_eos(full, s, e, eos)) for s, e in tok_spans]
-    return full, spans, None
+    return full, spans, cut, None
 
 
 def render_conversation(tokenizer, messages: list[dict], template: str, eos_ids, max_length: int
@@ -99,7 +120,7 @@ def render_conversation(tokenizer, messages: list[dict], template: str, eos_ids,
     """Token ids + assistant loss mask of one conversation, truncated to max_length; (None, reason) to skip."""
     messages = trim_trailing(messages)
     try:
-        ids, spans, reason = assistant_spans(tokenizer, messages, template, eos_ids)
+        ids, spans, cut, reason = assistant_spans(tokenizer, messages, template, eos_ids, max_length)
     except Exception as e:  # a Jinja template that raises on this conversation (e.g. strict role order)
         return None, f"chat template raised {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
     if reason:
@@ -107,7 +128,7 @@ def render_conversation(tokenizer, messages: list[dict], template: str, eos_ids,
     mask = [0] * len(ids)
     for s, e in spans:
         mask[s:e] = [1] * (e - s)
-    truncated = len(ids) > max_length
+    truncated = cut or len(ids) > max_length
     ids, mask = ids[:max_length], mask[:max_length]
     if not any(mask):
         return None, "no assistant token within data.max_length" if truncated else "empty assistant turns"

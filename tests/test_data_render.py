@@ -116,3 +116,24 @@ def test_truncation_and_trailing_user_turn(tok):
     first_answer = full.loss_mask.index(1)
     row, reason = render_conversation(tok, CHAT, tok.chat_template, [tok.eos_token_id], max_length=first_answer)
     assert row is None and reason == "no assistant token within data.max_length"
+
+
+@pytest.mark.parametrize("template", ["chatml", "llama3"])
+def test_early_cut_equals_plain_truncation(tok, template):
+    # turns that start beyond max_length are never rendered; the row must still be the plain truncation
+    eos = [tok.eos_token_id]
+    tmpl = tok.chat_template
+    if template == "llama3":
+        tok.add_special_tokens({"additional_special_tokens": [
+            "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]})
+        tmpl, eos = LLAMA3, [tok.convert_tokens_to_ids("<|eot_id|>")]
+    long_chat = CHAT * 4
+    full, _ = render_conversation(tok, long_chat, tmpl, eos, max_length=10**6)
+    assert not full.truncated
+    for n in range(1, len(full.input_ids) + 3, 3):
+        row, reason = render_conversation(tok, long_chat, tmpl, eos, max_length=n)
+        if not any(full.loss_mask[:n]):
+            assert row is None and reason == "no assistant token within data.max_length"
+            continue
+        assert row.input_ids == full.input_ids[:n] and row.loss_mask == full.loss_mask[:n], n
+        assert row.truncated == (n < len(full.input_ids))
