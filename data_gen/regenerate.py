@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from conf.errors import DraftsmithError
 from data_gen.render import prompt_ids, trim_trailing
 
 
@@ -89,6 +90,9 @@ def regenerate(target, conversations: list[list[dict]], conv_ids: list[str], dat
                ) -> tuple[list[list[dict]], RegenStats]:
     """Replace every assistant turn by the target's answer, turn by turn; returns new message lists."""
     template = target.chat_template
+    if not target.eos_token_ids:
+        raise DraftsmithError(f"target {target.name} has no eos token, so regenerated answers would never end: set "
+                              "eos_token_id in its generation_config.json (or tokenizer), or use data.regenerate=false")
     eos = set(target.eos_token_ids)
     msgs = [[dict(m) for m in trim_trailing(c)] for c in conversations]
     turns = [[i for i, m in enumerate(c) if m["role"] == "assistant"] for c in msgs]

@@ -180,7 +180,9 @@ def _run(cfg: Config, out: Path, dist: _Dist) -> DataGenResult:
     data = cfg.data
     target = load_target(cfg.target, device=cfg.run.device)
     template = target.chat_template  # a clear error for a target without one, before any work
-    settings = {"target": target_identity(target), "data": {f: getattr(data, f) for f in ROW_FIELDS}}
+    # the dtype changes cached features and generated answers, though not which target it is
+    settings = {"target": {**target_identity(target), "dtype": str(target.dtype).removeprefix("torch.")},
+                "data": {f: getattr(data, f) for f in ROW_FIELDS}}
     if dist.rank == 0:
         _prepare(out, settings, cfg)
     dist.barrier()

@@ -86,11 +86,15 @@ def test_rows_accounting_counts_and_identity(cfg_for, chats, tiny_target_dir):
     # the target's identity guards the train stage
     check_same_target(res.data_dir, target)
     check_same_target(res.data_dir, load(tiny_target_dir("llama")))  # a reload is the same target
+    from conf.schema import TargetConfig
+    from drafters.target import load_target
+
+    check_same_target(res.data_dir, load_target(TargetConfig(path=tiny_target_dir("llama"), dtype="bfloat16"),
+                                                device="cpu"))  # so is another load dtype
     with pytest.raises(DraftsmithError, match=r"was made with target .*tiny-llama.* not .*tiny-qwen2.*: rerun data_gen"):
         check_same_target(res.data_dir, load(tiny_target_dir("qwen2")))
     meta = read_meta(res.data_dir)
     assert meta["target"]["vocab_size"] == target.vocab_size and meta["cache"] is None
-    assert (res.data_dir and (cfg.run.root and True))
     from pathlib import Path
 
     assert (Path(res.data_dir) / "config.yaml").exists()
@@ -99,6 +103,8 @@ def test_rows_accounting_counts_and_identity(cfg_for, chats, tiny_target_dir):
     assert (again.rows, again.tokens) == (res.rows, res.tokens)
     with pytest.raises(DraftsmithError, match=r"made with other settings \(data.max_length: 64 -> 32\)"):
         run(cfg_for("data=jsonl", f"data.path={chats}", "data.max_length=32", "data.shard_rows=2"))
+    with pytest.raises(DraftsmithError, match=r"made with other settings \(target.fingerprint: .*; target.path: "):
+        run(cfg_for("data=jsonl", f"data.path={chats}", "data.max_length=64", arch="qwen2"))
 
 
 def test_cache_equals_a_fresh_target_forward(cfg_for, chats, tiny_target_dir):
