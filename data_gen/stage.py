@@ -243,6 +243,7 @@ def _assemble(out: Path, total: int, report: SourceReport, settings: dict, this_
     import json
 
     import datasets
+    import pyarrow.compute as pc
 
     shards = _committed(out)
     seen: Counter = Counter()
@@ -273,7 +274,7 @@ def _assemble(out: Path, total: int, report: SourceReport, settings: dict, this_
                               f"({report.summary()}; after rendering: {dict(skipped - Counter(report.skipped))}): "
                               "check data.path and the data format")
     ds = datasets.concatenate_datasets(parts)
-    ds = ds.select(np.argsort(np.asarray(ds["conv_index"]), kind="stable")).flatten_indices()
+    ds = ds.select(np.argsort(ds.data.column("conv_index").to_numpy(), kind="stable")).flatten_indices()
     final, tmp = out / "dataset", out / f".dataset.tmp-{os.getpid()}"
     ds.save_to_disk(str(tmp))
     shutil.rmtree(final, ignore_errors=True)  # a kill after a previous rename, before meta.json
@@ -282,10 +283,11 @@ def _assemble(out: Path, total: int, report: SourceReport, settings: dict, this_
     vocab = settings["target"]["vocab_size"]
     counts = token_counts(ds, vocab)
     _save_npy(out / "token_counts.npy", counts)
-    tokens = sum(len(x) for x in ds["input_ids"])
+    tokens = int(pc.sum(pc.list_value_length(ds.data.column("input_ids"))).as_py())
     cache = None
     if cache_files:
-        index = np.array([cache_of[int(i)] for i in ds["conv_index"]], dtype=np.int64).reshape(-1, 2)
+        index = np.array([cache_of[int(i)] for i in ds.data.column("conv_index").to_numpy()],
+                         dtype=np.int64).reshape(-1, 2)
         _save_npy(out / "cache_index.npy", index)
         write_json(out / "cache_files.json", cache_files)
         cache = {"files": len(cache_files), "bytes": cache_bytes, "bytes_per_token": round(cache_bytes / tokens, 1),
