@@ -81,6 +81,12 @@ def check_same_target(data_dir: str | Path, target) -> dict:
             f"data_gen output in {data_dir_of(data_dir)} was made with target {made['path']} "
             f"(fingerprint {made['fingerprint']}), not {now['path']} (fingerprint {now['fingerprint']}): "
             "rerun data_gen with this target (another run.name), or set target.path back")
+    cache = meta.get("cache") or {}
+    if cache.get("features") and made["feature_layers"] != now["feature_layers"]:
+        raise DraftsmithError(
+            f"data_gen cached features in {data_dir_of(data_dir)} were tapped at layers {made['feature_layers']}, "
+            f"but target.feature_layers gives {now['feature_layers']}: set target.feature_layers="
+            f"[{','.join(map(str, made['feature_layers']))}] or rerun data_gen")
     return meta
 
 
