@@ -75,18 +75,22 @@ def read_meta(data_dir: str | Path) -> dict:
 def check_same_target(data_dir: str | Path, target) -> dict:
     """Refuse to train on data made by another target (token ids and features would be meaningless)."""
     meta = read_meta(data_dir)
-    made, now = meta["target"], target_identity(target)
-    if made["fingerprint"] != now["fingerprint"] or made["vocab_size"] != now["vocab_size"]:
-        raise DraftsmithError(
-            f"data_gen output in {data_dir_of(data_dir)} was made with target {made['path']} "
-            f"(fingerprint {made['fingerprint']}), not {now['path']} (fingerprint {now['fingerprint']}): "
-            "rerun data_gen with this target (another run.name), or set target.path back")
+    made, now = meta.get("target", {}), target_identity(target)
+    # the fingerprint decides; a meta.json written without one (older or hand-made) is checked on sizes
+    keys = ("fingerprint", "vocab_size") if "fingerprint" in made else ("vocab_size", "hidden_size", "num_layers")
+    for key in keys:
+        if key in made and made[key] != now[key]:
+            raise DraftsmithError(
+                f"data_gen output in {data_dir_of(data_dir)} was made with target {made.get('path')} ({key} "
+                f"{made[key]}), not {now['path']} ({key} {now[key]}): rerun data_gen with this target "
+                "(another run.name), or set target.path back")
     cache = meta.get("cache") or {}
-    if cache.get("features") and made["feature_layers"] != now["feature_layers"]:
+    taps = made.get("feature_layers", cache.get("feature_layers"))
+    if cache.get("features") and taps is not None and list(taps) != now["feature_layers"]:
         raise DraftsmithError(
-            f"data_gen cached features in {data_dir_of(data_dir)} were tapped at layers {made['feature_layers']}, "
+            f"data_gen cached features in {data_dir_of(data_dir)} were tapped at layers {list(taps)}, "
             f"but target.feature_layers gives {now['feature_layers']}: set target.feature_layers="
-            f"[{','.join(map(str, made['feature_layers']))}] or rerun data_gen")
+            f"[{','.join(map(str, taps))}] or rerun data_gen")
     return meta
 
 
