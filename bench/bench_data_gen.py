@@ -1,7 +1,7 @@
 """data_gen throughput: tokens/s with and without the target cache and regeneration, and cache bytes/token.
 
     python bench/bench_data_gen.py --target assets/demo-target            # the demo target
-    python bench/bench_data_gen.py                                        # no target: a random stand-in (says so)
+    python bench/bench_data_gen.py                                        # no target: a demo-shaped random stand-in
     python bench/bench_data_gen.py --target meta-llama/Llama-3.1-8B-Instruct --device cuda --conversations 512
 
 Runs the real stage (data_gen.stage.run) on the first N bundled ShareGPT training conversations, once per
@@ -27,8 +27,9 @@ VARIANTS = {
 }
 
 
-def stand_in_target(path: Path, hidden: int, layers: int, vocab: int) -> str:
-    """A random Llama with a BPE tokenizer trained on ShareGPT text: demo-sized, NOT a trained model."""
+def stand_in_target(path: Path, hidden: int = 384, layers: int = 6, vocab: int = 8192, inter: int = 1024) -> str:
+    """A random Llama of the demo target's shape (pretrain defaults: 6 layers, hidden 384, 6 heads, 8192-token
+    BPE trained on ShareGPT text, tied embeddings, 512 positions): right sizes, NOT a trained model."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from data_gen.sources import iter_sharegpt
@@ -43,9 +44,10 @@ def stand_in_target(path: Path, hidden: int, layers: int, vocab: int) -> str:
     import torch
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden,
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=inter,
                                          num_hidden_layers=layers, num_attention_heads=hidden // 64,
-                                         num_key_value_heads=hidden // 64, max_position_embeddings=4096))
+                                         num_key_value_heads=hidden // 64, max_position_embeddings=512,
+                                         tie_word_embeddings=True))
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(path)
@@ -76,8 +78,9 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench-data-gen-"))
     target = args.target
     if not target:
-        target = stand_in_target(root / "stand-in", hidden=256, layers=4, vocab=4096)
-        print("target: random stand-in Llama (hidden 256, 4 layers, 4096-token BPE): speeds only, not a trained model")
+        target = stand_in_target(root / "stand-in")
+        print("target: random stand-in of the demo target's shape (Llama, 6 layers, hidden 384, 8192-token BPE): "
+              "speeds only, not a trained model (random weights never stop early: every answer runs to the cap)")
     print(f"target {target} | device {args.device} | torch threads {torch.get_num_threads()} | "
           f"{args.conversations} ShareGPT conversations | max_length {args.max_length} | "
           f"batch {args.batch_size} | gen_max_new_tokens {args.gen_max_new_tokens} | {time.strftime('%Y-%m-%d')}")
