@@ -70,7 +70,12 @@ def _generate(target, prompts: list[list[int]], caps: list[int], seeds: list[int
     for b, p in enumerate(prompts):
         ids[b, L - len(p):] = torch.tensor(p)
         att[b, L - len(p):] = 1
-    gc = GenerationConfig(do_sample=False, max_new_tokens=max(caps), eos_token_id=eos, pad_token_id=pad)
+    # Explicit neutral values: transformers fills unset fields from the model's generation_config, whose
+    # repetition penalty or n-gram bans would make the "target's answer" differ from its distribution (which
+    # is what the drafter must match at decode time). Sampling, when asked for, is PerRowSampler's job.
+    gc = GenerationConfig(do_sample=False, max_new_tokens=max(caps), eos_token_id=eos, pad_token_id=pad,
+                          temperature=1.0, top_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
+                          min_new_tokens=0)
     procs = LogitsProcessorList()
     if data.gen_temperature > 0:
         gens = [torch.Generator(device=target.device).manual_seed(s) for s in seeds]

@@ -209,3 +209,25 @@ def test_template_that_is_not_prefix_stable_is_an_error(cfg_for, chats, tmp_path
 def test_bad_settings(cfg_for, override, message):
     with pytest.raises(DraftsmithError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         run(cfg_for(override))
+
+
+def test_generation_ignores_the_models_decoding_defaults(tiny_target_dir):
+    # a hub model's generation_config may carry sampling, a repetition penalty or n-gram bans; regeneration
+    # must still follow the target's distribution (greedy here) - what the decoder later verifies against
+    from types import SimpleNamespace
+
+    from data_gen.regenerate import _generate
+
+    target = load(tiny_target_dir("llama"))
+    gc = target.model.generation_config
+    gc.do_sample, gc.temperature, gc.top_p, gc.repetition_penalty, gc.no_repeat_ngram_size = True, 0.6, 0.9, 50.0, 1
+    prompt = [98, 7, 117, 244, 165, 184, 223, 14, 23, 233, 113, 36] * 3
+    out = _generate(target, [prompt], [12], [0], SimpleNamespace(gen_temperature=0.0, gen_top_p=1.0))[0]
+    ids, want = list(prompt), []
+    with torch.no_grad():
+        for _ in range(12):
+            want.append(int(target.model(torch.tensor([ids])).logits[0, -1].argmax()))
+            ids.append(want[-1])
+            if want[-1] in target.eos_token_ids:
+                break
+    assert out == want
