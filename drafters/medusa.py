@@ -309,7 +309,7 @@ class MedusaDrafter(TrainableDrafter):
         else:
             lm = ce(out.logits[b, t], ids[b, t + 1])
         weights = [self.cfg.head_weight * self.cfg.head_decay**k for k in range(1, self.cfg.num_heads + 1)]
-        heads, metrics = self._heads_loss(hidden, signal, weights, {"loss/lm": float(lm)}, teacher=teacher)
+        heads, metrics = self._heads_loss(hidden, signal, weights, {"loss/lm": float(lm.detach())}, teacher=teacher)
         return lm + heads, metrics
 
     # --- optimisation ----------------------------------------------------------------------------------

@@ -47,8 +47,8 @@ def fresh_config(target_cfg, num_layers: int, hidden_size: int | None):
     heads_t = int(target_cfg.num_attention_heads)
     head_dim = int(getattr(target_cfg, "head_dim", None) or H_t // heads_t)
     H = int(hidden_size or H_t // 2)
-    heads = max(1, H // head_dim)
-    if H % heads or num_layers < 1:
+    heads = H // head_dim
+    if H % head_dim or not heads or num_layers < 1:
         raise DraftsmithError(
             f"drafter.hidden_size={H} with num_layers={num_layers} does not fit the target's head size "
             f"{head_dim}: use num_layers >= 1 and a multiple of {head_dim}")
