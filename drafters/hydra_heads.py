@@ -18,7 +18,7 @@ of h_t; at decode time it keeps its own KV cache over the committed positions. H
 (`teacher_loss`) swaps the `ce` term for `soft_ce` (cross-entropy to the target's distribution for the
 same token) at the same weight.
 
-Decoding (`HydraDecodeDrafter`) reads the target's *last hidden state* (`feature_kind = "last_hidden"`).
+Decoding (`HydraDecodeDrafter`) reads the target's *last hidden state* (`feature_source = "last_hidden"`).
 """
 from __future__ import annotations
 
@@ -92,7 +92,8 @@ class HydraDrafter(TrainableDrafter):
             for mod in self.prefix_layer.modules():  # HF's init (N(0, 0.02)): near-identity residual layer
                 if isinstance(mod, nn.Linear):
                     nn.init.normal_(mod.weight, std=std)
-            self.rotary = LlamaRotaryEmbedding(layer_config)
+            # not a submodule: casting the drafter to bf16 (DeepSpeed, from_pretrained) would round inv_freq
+            object.__setattr__(self, "_rotary", LlamaRotaryEmbedding(layer_config))
         self._checkpointing = False
         self._target_fp: dict = {}
         object.__setattr__(self, "_embed", None)  # the target's frozen input embedding, not a submodule
@@ -141,9 +142,13 @@ class HydraDrafter(TrainableDrafter):
             mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, float("-inf"))
             mask = mask[None, None]
 
+        if self._rotary.inv_freq.device != x.device:
+            self._rotary.to(x.device)
+        rope = self._rotary(x, pos)  # cos/sin computed in fp32, returned in x's dtype
+
         def run(x):
             return self.prefix_layer(x, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                                     use_cache=cache is not None, position_embeddings=self.rotary(x, pos))
+                                     use_cache=cache is not None, position_embeddings=rope)
 
         if self._checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(run, x, use_reentrant=False)
@@ -213,7 +218,7 @@ class HydraDecodeDrafter(Drafter):
 
     name = "hydra"
     uses_features = True
-    feature_kind = "last_hidden"  # the decoder must pass TargetOutput.last_hidden, not the EAGLE-3 taps
+    feature_source = "last_hidden"  # the decoder passes TargetOutput.last_hidden, not the EAGLE-3 taps
 
     def __init__(self, model: HydraDrafter):
         self.model = model

@@ -26,7 +26,7 @@ model.safetensors and the LoRA adapter as a standard peft folder under `adapter/
 merges the adapter into `target.model` (the model Medusa-2 serves) unless asked to keep it trainable.
 
 Decoding (`MedusaDecodeDrafter`) reads the target's *last hidden state* at the last committed feature
-position (`feature_kind = "last_hidden"`, not the EAGLE-3 taps); head k's distribution is the depth-k
+position (`feature_source = "last_hidden"`, not the EAGLE-3 taps); head k's distribution is the depth-k
 distribution whatever the parent token is.
 
 The helpers in the first section (ResBlock, the per-depth token objective, the folder format) are shared
@@ -377,7 +377,7 @@ class MedusaDecodeDrafter(Drafter):
 
     name = "medusa"
     uses_features = True
-    feature_kind = "last_hidden"  # the decoder must pass TargetOutput.last_hidden, not the EAGLE-3 taps
+    feature_source = "last_hidden"  # the decoder passes TargetOutput.last_hidden, not the EAGLE-3 taps
 
     def __init__(self, model: MedusaDrafter):
         self.model = model

@@ -47,6 +47,8 @@ def test_structure_and_init(llama):
     assert pp.prefix_layer.self_attn.q_proj.weight.shape == (H, H)
     assert any(n.startswith("prefix_layer.") for n, _ in pp.named_parameters())
     assert not any("_embed" in n or n.startswith("model.") for n, _ in pp.named_parameters())  # target not inside
+    pp.to(torch.bfloat16)  # as DeepSpeed's bf16 mode does: RoPE frequencies must stay exact
+    assert pp._rotary.inv_freq.dtype == torch.float32 and "_rotary.inv_freq" not in pp.state_dict()
 
 
 def test_registry_and_yaml(cfg_for):
@@ -159,7 +161,7 @@ def test_decode_matches_training_heads(llama, prefix):
             return m.head(d, h, llama.embed(torch.tensor([ids[0, n].item(), *path]))[None])[0]
 
     d = m.as_drafter(llama)
-    assert isinstance(d, HydraDecodeDrafter) and d.feature_kind == "last_hidden"
+    assert isinstance(d, HydraDecodeDrafter) and d.feature_source == "last_hidden"
     d.start(ids[:, : n + 1], hid[:, :n])
     torch.testing.assert_close(d.expand(DraftTree.empty(1), torch.tensor([[-1]]))[0, 0],
                                m.head(1, h, emb[:, :1])[0])

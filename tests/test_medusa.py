@@ -257,7 +257,7 @@ def test_decode_matches_training_heads(llama):
     sig = signal_for(llama)
     train(m, lambda: sig, steps=2, lr=1e-2)  # move off the all-heads-equal init
     d = m.as_drafter(llama)
-    assert isinstance(d, MedusaDecodeDrafter) and d.uses_features and d.feature_kind == "last_hidden"
+    assert isinstance(d, MedusaDecodeDrafter) and d.uses_features and d.feature_source == "last_hidden"
     n = 9
     ids = sig.input_ids[:1]
     d.start(ids[:, : n + 1], sig.last_hidden[:1, :n])
