@@ -150,6 +150,21 @@ def token_objective(logits: torch.Tensor, signal: TargetSignal, b: torch.Tensor,
     return total, terms, acc.detach()
 
 
+def set_hf_checkpointing(model, enabled: bool) -> None:
+    """Layer-wise activation checkpointing of a transformers model (v5 name; v4's gradient_checkpointing_*
+    otherwise), non-reentrant so that frozen embeddings (no input requiring grad) still work. transformers
+    only checkpoints in train mode."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if enabled:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif enabled:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
 def target_fingerprint(target) -> dict:
     return {"path": str(target.name), "vocab_size": int(target.vocab_size), "hidden_size": int(target.hidden_size)}
 
@@ -323,12 +338,8 @@ class MedusaDrafter(TrainableDrafter):
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Only Medusa-2 runs decoder layers with gradients (the target's, through LoRA)."""
-        if self.base is None:
-            return
-        if enabled:  # non-reentrant: the frozen embeddings give no input that requires grad
-            self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            self.base.gradient_checkpointing_disable()
+        if self.base is not None:
+            set_hf_checkpointing(self.base, enabled)
 
     # --- decoding, saving ------------------------------------------------------------------------------
     def as_drafter(self, target) -> MedusaDecodeDrafter:

@@ -32,7 +32,14 @@ from conf.errors import DraftsmithError
 from conf.schema import project_path
 from conf.schema.drafter import SmallConfig
 from drafters.base import TargetSignal, TrainableDrafter
-from drafters.medusa import read_folder, save_folder, target_fingerprint, target_positions, token_objective
+from drafters.medusa import (
+    read_folder,
+    save_folder,
+    set_hf_checkpointing,
+    target_fingerprint,
+    target_positions,
+    token_objective,
+)
 
 
 def _key(cfg, name: str) -> str:
@@ -140,11 +147,8 @@ class SmallDrafter(TrainableDrafter):
         return total, metrics
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
-        """HF's own layer checkpointing (active in train mode); non-reentrant so frozen embeddings work."""
-        if enabled:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            self.model.gradient_checkpointing_disable()
+        """transformers' own layer checkpointing (active in train mode)."""
+        set_hf_checkpointing(self.model, enabled)
 
     # --- decoding, saving ------------------------------------------------------------------------------
     def as_drafter(self, target):
