@@ -34,6 +34,8 @@ from conf.schema.drafter import HydraConfig
 from drafters.base import Drafter, TargetSignal, TrainableDrafter
 from drafters.medusa import (
     ResBlock,
+    Shared,
+    floats,
     read_folder,
     require_last_hidden,
     save_folder,
@@ -51,7 +53,11 @@ def prefix_layer_config(target_cfg):
     heads = int(getattr(target_cfg, "num_attention_heads", None) or target_cfg.n_head)
     kv = int(getattr(target_cfg, "num_key_value_heads", None) or heads)
     inter = getattr(target_cfg, "intermediate_size", None) or getattr(target_cfg, "n_inner", None) or 4 * H
-    rope = getattr(target_cfg, "rope_parameters", None) or {"rope_type": "default", "rope_theta": 10000.0}
+    rope = getattr(target_cfg, "rope_parameters", None)
+    if isinstance(rope, dict) and "rope_type" not in rope:  # per-layer-type settings: the full-attention one
+        rope = rope.get("full_attention") or next((v for v in rope.values() if isinstance(v, dict)), None)
+    if not isinstance(rope, dict) or "rope_type" not in rope:  # GPT-2 (learned positions), older configs
+        rope = {"rope_type": "default", "rope_theta": float(getattr(target_cfg, "rope_theta", None) or 10000.0)}
     cfg = LlamaConfig(hidden_size=H, intermediate_size=int(inter), num_attention_heads=heads,
                       num_key_value_heads=kv, head_dim=H // heads, num_hidden_layers=1,
                       max_position_embeddings=int(getattr(target_cfg, "max_position_embeddings", 4096)),
@@ -96,7 +102,7 @@ class HydraDrafter(TrainableDrafter):
             object.__setattr__(self, "_rotary", LlamaRotaryEmbedding(layer_config))
         self._checkpointing = False
         self._target_fp: dict = {}
-        object.__setattr__(self, "_embed", None)  # the target's frozen input embedding, not a submodule
+        self._embed_ref = None  # Shared(the target's frozen input embedding), not a submodule
 
     @property
     def losses(self) -> dict[str, float]:
@@ -120,7 +126,11 @@ class HydraDrafter(TrainableDrafter):
 
     def _bind(self, target) -> None:
         self._target_fp = target_fingerprint(target)
-        object.__setattr__(self, "_embed", target.model.get_input_embeddings())
+        self._embed_ref = Shared(target.model.get_input_embeddings())
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """The target's frozen token embeddings."""
+        return self._embed_ref.obj(ids)
 
     # --- forward -------------------------------------------------------------------------------------
     @property
@@ -166,11 +176,11 @@ class HydraDrafter(TrainableDrafter):
         """sum_d losses_d, head d teacher-forced with the true tokens x_{t+1..t+d}."""
         h = self.prefix(require_last_hidden(signal, "hydra"))
         with torch.no_grad():
-            emb = self._embed(signal.input_ids)
+            emb = self.embed(signal.input_ids)
         losses = self.losses
         total = h.new_zeros((), dtype=torch.float32)
         sums: dict[str, torch.Tensor] = {}
-        metrics: dict[str, float] = {}
+        metrics: dict[str, torch.Tensor] = {}
         for d in range(1, self.cfg.num_heads + 1):
             b, t = target_positions(signal, d + 1)
             offsets = torch.arange(1, d + 1, device=t.device)
@@ -179,9 +189,9 @@ class HydraDrafter(TrainableDrafter):
             total = total + loss_d
             for name, v in terms.items():
                 sums[name] = sums.get(name, 0.0) + losses[name] * v.detach()
-            metrics[f"acc/{d}"] = float(acc)
-        metrics.update({f"loss/{n}": float(v) for n, v in sums.items()})
-        return total, metrics
+            metrics[f"acc/{d}"] = acc
+        metrics.update({f"loss/{n}": v for n, v in sums.items()})
+        return total, floats(metrics)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute the prefix layer in backward (the heads are single matmuls: nothing to save)."""
@@ -267,7 +277,7 @@ class HydraDecodeDrafter(Drafter):
         out = torch.empty(B, F, self.vocab_size, device=frontier.device)
         h = self._h.expand(B, -1) if self._h.shape[0] == 1 else self._h
         with torch.no_grad():
-            emb = self.model._embed(tokens)  # [B, F, Dmax+1, H]
+            emb = self.model.embed(tokens)  # [B, F, Dmax+1, H]
             for dd in depth.unique().tolist():
                 b, f = (depth == dd).nonzero(as_tuple=True)
                 out[b, f] = self.model.head(dd + 1, h[b], emb[b, f, : dd + 1]).float()

@@ -75,15 +75,23 @@ class ResBlock(nn.Module):
         return res + self.act(self.linear(x))
 
 
-def lm_head_copy(target, bias: bool = False) -> nn.Linear:
-    """A trainable Linear(H -> V) holding a copy of the target's LM head (never tied to it)."""
-    w = target.model.get_output_embeddings().weight
-    head = nn.Linear(w.shape[1], w.shape[0], bias=bias, device=w.device, dtype=torch.float32)
-    with torch.no_grad():
-        head.weight.copy_(w.float())
-        if bias:
-            head.bias.zero_()
-    return head
+class Shared:
+    """Holds a piece of the frozen target (its embedding, its tokenizer) outside the module tree: not in
+    the state dict, not partitioned by ZeRO, and shared rather than duplicated by copy.deepcopy."""
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def floats(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    """0-d metric tensors -> floats with one device sync."""
+    if not metrics:
+        return {}
+    values = torch.stack([torch.as_tensor(v).detach().float().reshape(()) for v in metrics.values()]).tolist()
+    return dict(zip(metrics, values))
 
 
 def require_last_hidden(signal: TargetSignal, family: str) -> torch.Tensor:
@@ -300,9 +308,9 @@ class MedusaDrafter(TrainableDrafter):
             total = total + weights[k - 1] * loss_k
             for name, v in terms.items():
                 sums[name] = sums.get(name, 0.0) + weights[k - 1] * self.cfg.losses[name] * v.detach()
-            metrics[f"acc/{k}"] = float(acc)
-        metrics.update({f"loss/{n}": float(v) for n, v in sums.items()})
-        return total, metrics
+            metrics[f"acc/{k}"] = acc
+        metrics.update({f"loss/{n}": v for n, v in sums.items()})
+        return total, floats(metrics)
 
     def _joint_loss(self, signal: TargetSignal):
         """Medusa-2: the adapted target's forward, its LM loss, and the heads on its last hidden state."""
@@ -324,7 +332,7 @@ class MedusaDrafter(TrainableDrafter):
         else:
             lm = ce(out.logits[b, t], ids[b, t + 1])
         weights = [self.cfg.head_weight * self.cfg.head_decay**k for k in range(1, self.cfg.num_heads + 1)]
-        heads, metrics = self._heads_loss(hidden, signal, weights, {"loss/lm": float(lm.detach())}, teacher=teacher)
+        heads, metrics = self._heads_loss(hidden, signal, weights, {"loss/lm": lm.detach()}, teacher=teacher)
         return lm + heads, metrics
 
     # --- optimisation ----------------------------------------------------------------------------------

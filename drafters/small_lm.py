@@ -33,6 +33,8 @@ from conf.schema import project_path
 from conf.schema.drafter import SmallConfig
 from drafters.base import TargetSignal, TrainableDrafter
 from drafters.medusa import (
+    Shared,
+    floats,
     read_folder,
     save_folder,
     set_hf_checkpointing,
@@ -105,7 +107,7 @@ class SmallDrafter(TrainableDrafter):
         self.model = model
         self.vocab_size = int(target.vocab_size)
         self._target_fp = target_fingerprint(target)
-        object.__setattr__(self, "_tokenizer", target.tokenizer)
+        self._tokenizer = Shared(target.tokenizer)
 
     # --- construction ------------------------------------------------------------------------------
     @classmethod
@@ -142,9 +144,9 @@ class SmallDrafter(TrainableDrafter):
         logits = self.model(input_ids=signal.input_ids, attention_mask=signal.attention_mask).logits
         b, t = target_positions(signal, 1)
         total, terms, acc = token_objective(logits[b, t], signal, b, t, 1, self.cfg.losses)
-        metrics = {f"loss/{n}": float(self.cfg.losses[n] * v.detach()) for n, v in terms.items()}
-        metrics["acc/1"] = float(acc)
-        return total, metrics
+        metrics = {f"loss/{n}": self.cfg.losses[n] * v.detach() for n, v in terms.items()}
+        metrics["acc/1"] = acc
+        return total, floats(metrics)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """transformers' own layer checkpointing (active in train mode)."""
@@ -168,7 +170,7 @@ class SmallDrafter(TrainableDrafter):
         folder = Path(folder)
         model = self.plain_model()
         model.save_pretrained(folder)
-        self._tokenizer.save_pretrained(folder)
+        self._tokenizer.obj.save_pretrained(folder)
         cfg = model.config
         dims = {"vocab_size": int(model.get_input_embeddings().weight.shape[0]), "model_type": cfg.model_type,
                 "hidden_size": int(cfg.hidden_size), "num_layers": int(cfg.num_hidden_layers)}

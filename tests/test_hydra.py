@@ -47,6 +47,11 @@ def test_structure_and_init(llama):
     assert pp.prefix_layer.self_attn.q_proj.weight.shape == (H, H)
     assert any(n.startswith("prefix_layer.") for n, _ in pp.named_parameters())
     assert not any("_embed" in n or n.startswith("model.") for n, _ in pp.named_parameters())  # target not inside
+    import copy
+
+    twin = copy.deepcopy(pp)  # e.g. a frozen reference copy: own weights, the target's embedding shared
+    assert twin.embed.__self__ is not pp and twin._embed_ref.obj is llama.model.get_input_embeddings()
+    assert twin.prefix_layer.mlp.up_proj.weight.data_ptr() != pp.prefix_layer.mlp.up_proj.weight.data_ptr()
     pp.to(torch.bfloat16)  # as DeepSpeed's bf16 mode does: RoPE frequencies must stay exact
     assert pp._rotary.inv_freq.dtype == torch.float32 and "_rotary.inv_freq" not in pp.state_dict()
 
