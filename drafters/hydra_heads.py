@@ -36,6 +36,7 @@ from drafters.medusa import (
     ResBlock,
     Shared,
     floats,
+    load_tensors,
     read_folder,
     require_last_hidden,
     save_folder,
@@ -213,10 +214,7 @@ class HydraDrafter(TrainableDrafter):
         cfg = HydraConfig(**meta["config"])
         layer_cfg = prefix_layer_config(target.config) if cfg.prefix_layer else None
         model = cls(cfg, target.hidden_size, target.vocab_size, layer_cfg).to(target.device)
-        try:
-            model.load_state_dict(tensors)
-        except RuntimeError as e:
-            raise DraftsmithError(f"{folder} does not match its drafter_config.json ({str(e).splitlines()[0]})") from None
+        load_tensors(model, tensors, folder)
         model._bind(target)
         model._target_fp = meta["target"]
         return model.to(target.dtype)

@@ -210,6 +210,15 @@ def read_folder(folder: str | os.PathLike, family: str, target, tensors: bool = 
     return meta, (load_file(str(folder / MODEL_FILE)) if found else {})
 
 
+def load_tensors(module: nn.Module, tensors: dict[str, torch.Tensor], folder) -> None:
+    """load_state_dict(strict) with a one-line error naming the first missing or unexpected tensor."""
+    missing, unexpected = module.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        what = f"lacks {missing[0]}" if missing else f"has an unexpected {unexpected[0]}"
+        raise DraftsmithError(
+            f"{folder}/{MODEL_FILE} {what}: it does not match its {CONFIG_FILE}; re-save the checkpoint")
+
+
 def check_target(saved: dict, target, folder) -> None:
     now = target_fingerprint(target)
     for key in ("vocab_size", "hidden_size"):
@@ -355,7 +364,7 @@ class MedusaDrafter(TrainableDrafter):
 
     def heads_state_dict(self) -> dict[str, torch.Tensor]:
         """The heads only, in Medusa's names (`medusa_head.{k}.{j}.linear.weight`, ...)."""
-        return {k: v for k, v in self.state_dict().items() if k.startswith("medusa_head.")}
+        return {f"medusa_head.{k}": v for k, v in self.medusa_head.state_dict().items()}
 
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
         """model.safetensors (heads) + drafter_config.json; Medusa-2 adds the peft adapter in adapter/."""
@@ -373,10 +382,7 @@ class MedusaDrafter(TrainableDrafter):
         meta, tensors = read_folder(folder, cls.family, target)
         cfg = MedusaConfig(**meta["config"])
         model = cls(cfg, target.hidden_size, target.vocab_size).to(target.device)
-        model.load_state_dict(tensors, strict=False)
-        missing = set(model.heads_state_dict()) - set(tensors)
-        if missing:
-            raise DraftsmithError(f"{folder}/{MODEL_FILE} lacks {sorted(missing)[0]}: the checkpoint is incomplete")
+        load_tensors(model, tensors, folder)
         model._target_fp = meta["target"]
         if cfg.joint:
             adapter = Path(folder) / "adapter"

@@ -301,6 +301,11 @@ def test_save_load_round_trip(llama, tmp_path):
     assert loaded.state_dict().keys() == m.state_dict().keys()
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in m.state_dict().items())
     assert loaded.loss(sig)[0].item() == m.loss(sig)[0].item()
+    meta["config"]["num_layers"] = 1  # a config that does not match the weights
+    (tmp_path / "m" / "drafter_config.json").write_text(json.dumps(meta))
+    with pytest.raises(DraftsmithError, match="model.safetensors lacks medusa_head.0.1.weight: "
+                                              "it does not match its drafter_config.json"):
+        MedusaDrafter.from_pretrained(tmp_path / "m", llama)
 
 
 def test_load_for_a_different_target_is_a_clear_error(llama, tmp_path, tiny_tokenizer):
