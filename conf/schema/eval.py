@@ -24,8 +24,10 @@ class EvalConfig:
     top_k: int = 0  # 0 = off
     tree: TreeConfig = field(default_factory=TreeConfig)
     acceptance: str = "lossless"  # lossless | typical (Medusa's, LOSSY: flagged in every report)
-    typical_epsilon: float = 0.3
-    typical_alpha: float = 0.09
+    # accept x if p(x) > min(typical_epsilon, typical_alpha * exp(-H(p))): Medusa's posterior_threshold
+    # 0.09 and posterior_alpha 0.3 (= sqrt of the threshold)
+    typical_epsilon: float = 0.09
+    typical_alpha: float = 0.3
     mtbench_path: Optional[str] = None  # FastChat question.jsonl; None = the hub when online
     gsm8k_path: Optional[str] = None
     compare_assistant: bool = True  # small drafters: also time transformers' generate(assistant_model=...)
