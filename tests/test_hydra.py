@@ -15,7 +15,7 @@ from drafters.base import TargetSignal
 from drafters.hydra_heads import HydraDecodeDrafter, HydraDrafter
 from drafters.target import load_target
 from drafters.tree import DraftTree
-from tests.test_medusa import grads, signal_for, train
+from tests.test_medusa import grads, greedy_signal, signal_for, train
 
 
 @pytest.fixture
@@ -207,3 +207,24 @@ def test_save_load_round_trip(llama, tmp_path):
     assert loaded.state_dict().keys() == m.state_dict().keys()
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in m.state_dict().items())
     assert loaded.loss(sig)[0].item() == m.loss(sig)[0].item()
+
+
+def test_speculative_decoding_accepts_and_is_lossless(tiny_target_dir):
+    """End to end through eval/decoder.py (features = last_hidden: the target taps only its last layer);
+    heads trained on the target's greedy continuations (tau 3.2 of at most 4 when written)."""
+    from conf.schema.eval import TreeConfig
+    from eval.decoder import SpeculativeDecoder
+
+    target = load_target(TargetConfig(path=tiny_target_dir("llama"), feature_layers=[4]), device="cpu")
+    prompts, sig = greedy_signal(target)
+    for prefix in (False, True):
+        torch.manual_seed(0)
+        m = HydraDrafter.from_target(HydraConfig(num_heads=3, prefix_layer=prefix), target)
+        train(m, lambda: sig, steps=40, lr=1e-2)
+        m.eval()
+        for tree in (TreeConfig(kind="chain", depth=3), TreeConfig(kind="dynamic", depth=3, top_k=3, total_tokens=8)):
+            dec = SpeculativeDecoder(target, m.as_drafter(target), tree)
+            got, st = dec.generate(prompts[0], 30, eos_ids=[])
+            want, _ = dec.generate_autoregressive(prompts[0], 30, eos_ids=[])
+            assert got.tolist() == want.tolist()
+            assert st.tau > 2.5, (prefix, st.as_dict())

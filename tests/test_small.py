@@ -185,3 +185,24 @@ def test_saved_folder_round_trip_and_assistant_model(llama, tmp_path):
     plain = llama.model.generate(prompt, **kw)
     assisted = llama.model.generate(prompt, assistant_model=assistant, **kw)
     assert torch.equal(assisted, plain)
+
+
+def test_speculative_decoding_with_the_lm_tree_drafter(tiny_target_dir, llama):
+    """A drafter initialised from the target's own checkpoint agrees with it everywhere: at T=0 every
+    draft is accepted (tau = depth + 1) and the output is the target's greedy output."""
+    from conf.schema.eval import TreeConfig
+    from drafters.lm_drafter import LMTreeDrafter
+    from eval.decoder import SpeculativeDecoder
+
+    m = SmallDrafter.from_target(SmallConfig(init=tiny_target_dir("llama")), llama)
+    d = m.as_drafter(llama)
+    assert isinstance(d, LMTreeDrafter) and d.vocab_size == llama.vocab_size and not d.uses_features
+    dec = SpeculativeDecoder(llama, d, TreeConfig(kind="chain", depth=3))
+    prompt = signal_for(llama).input_ids[0, :5]
+    got, st = dec.generate(prompt, 1 + 4 * 4, eos_ids=[])
+    want, _ = dec.generate_autoregressive(prompt, 1 + 4 * 4, eos_ids=[])
+    assert got.tolist() == want.tolist() and st.cycles == 4 and st.tau == 4.0
+    fresh_d = fresh(llama).as_drafter(llama)  # a random drafter: still lossless, rarely accepted
+    got, st = SpeculativeDecoder(llama, fresh_d, TreeConfig(kind="dynamic", depth=3, top_k=3,
+                                                            total_tokens=8)).generate(prompt, 12, eos_ids=[])
+    assert got.tolist() == want[:12].tolist()
