@@ -168,7 +168,8 @@ class SpeculativeDecoder:
         t_begin = clock()
         cache, out, root = _prefill(target, rule, ids, generator)
         feats = drafter.uses_features
-        drafter.start(torch.cat([ids, root[:, None]], 1), out.features if feats else None)
+        src = getattr(drafter, "feature_source", "features")  # EAGLE-1 reads last_hidden, EAGLE-3 the taps
+        drafter.start(torch.cat([ids, root[:, None]], 1), getattr(out, src) if feats else None)
         past = ids.shape[1]
         tokens = [int(root)]
         done = tokens[0] in eos or max_new_tokens <= 1
@@ -196,7 +197,7 @@ class SpeculativeDecoder:
                 root = torch.tensor([acc.bonus], device=ids.device)
                 keep_t = torch.tensor(keep, device=ids.device)
                 drafter.commit(torch.tensor([produced], device=ids.device),
-                               vout.features[:, keep_t] if feats else None)
+                               getattr(vout, src)[:, keep_t] if feats else None)
             t3 = clock()
             st.time_draft += t1 - t0
             st.time_verify += t2 - t1
