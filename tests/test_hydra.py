@@ -210,12 +210,12 @@ def test_save_load_round_trip(llama, tmp_path):
 
 
 def test_speculative_decoding_accepts_and_is_lossless(tiny_target_dir):
-    """End to end through eval/decoder.py (features = last_hidden: the target taps only its last layer);
-    heads trained on the target's greedy continuations (tau 3.2 of at most 4 when written)."""
+    """End to end through eval/decoder.py (which hands over last_hidden, as feature_source asks); heads
+    trained on the target's greedy continuations (tau 3.2 of at most 4 when written)."""
     from conf.schema.eval import TreeConfig
     from eval.decoder import SpeculativeDecoder
 
-    target = load_target(TargetConfig(path=tiny_target_dir("llama"), feature_layers=[4]), device="cpu")
+    target = load_target(TargetConfig(path=tiny_target_dir("llama")), device="cpu")
     prompts, sig = greedy_signal(target)
     for prefix in (False, True):
         torch.manual_seed(0)
