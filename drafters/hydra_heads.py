@@ -40,6 +40,7 @@ from drafters.medusa import (
     read_folder,
     require_last_hidden,
     save_folder,
+    saved_config,
     target_fingerprint,
     target_positions,
     token_objective,
@@ -211,7 +212,7 @@ class HydraDrafter(TrainableDrafter):
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, target) -> HydraDrafter:
         meta, tensors = read_folder(folder, cls.family, target)
-        cfg = HydraConfig(**meta["config"])
+        cfg = saved_config(HydraConfig, meta, folder)
         layer_cfg = prefix_layer_config(target.config) if cfg.prefix_layer else None
         model = cls(cfg, target.hidden_size, target.vocab_size, layer_cfg).to(target.device)
         load_tensors(model, tensors, folder)

@@ -210,6 +210,14 @@ def read_folder(folder: str | os.PathLike, family: str, target, tensors: bool = 
     return meta, (load_file(str(folder / MODEL_FILE)) if found else {})
 
 
+def saved_config(schema, meta: dict, folder):
+    """The drafter config recorded in drafter_config.json, as its dataclass."""
+    try:
+        return schema(**meta["config"])
+    except TypeError as e:
+        raise DraftsmithError(f"{folder}/{CONFIG_FILE}: its config does not fit this version ({e})") from None
+
+
 def load_tensors(module: nn.Module, tensors: dict[str, torch.Tensor], folder) -> None:
     """load_state_dict(strict) with a one-line error naming the first missing or unexpected tensor."""
     missing, unexpected = module.load_state_dict(tensors, strict=False)
@@ -380,7 +388,7 @@ class MedusaDrafter(TrainableDrafter):
         """Load heads saved by save_pretrained. A Medusa-2 adapter is merged into target.model in place
         (the fine-tuned model Medusa-2 serves), or kept as a trainable adapter with trainable=True."""
         meta, tensors = read_folder(folder, cls.family, target)
-        cfg = MedusaConfig(**meta["config"])
+        cfg = saved_config(MedusaConfig, meta, folder)
         model = cls(cfg, target.hidden_size, target.vocab_size).to(target.device)
         load_tensors(model, tensors, folder)
         model._target_fp = meta["target"]

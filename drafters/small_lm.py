@@ -37,6 +37,7 @@ from drafters.medusa import (
     floats,
     read_folder,
     save_folder,
+    saved_config,
     set_hf_checkpointing,
     target_fingerprint,
     target_positions,
@@ -182,7 +183,7 @@ class SmallDrafter(TrainableDrafter):
         from transformers import AutoModelForCausalLM
 
         meta, _ = read_folder(folder, cls.family, target, tensors=False)
-        cfg = SmallConfig(**meta["config"])
+        cfg = saved_config(SmallConfig, meta, folder)
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=target.dtype).to(target.device)
         drafter = cls(cfg, model, target)
         drafter._target_fp = meta["target"]
