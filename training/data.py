@@ -15,12 +15,10 @@ is therefore the same for 1 process x accumulation 2 and 2 processes x accumulat
 
 data_gen's output (the data helper's layout, <run>/data_gen/): dataset/ (datasets.save_to_disk, columns
 input_ids, loss_mask, ...), meta.json (target identity; written last), token_counts.npy, and the optional
-cache (cache_index.npy + cache_files.json + safetensors files). data_gen.output / data_gen.cache read it;
-until those modules are on this branch the minimal readers below (same layout) stand in.
+cache (cache_index.npy + cache_files.json + safetensors files), read through data_gen.output / data_gen.cache.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +26,8 @@ import numpy as np
 import torch
 
 from conf.errors import DraftsmithError
+from data_gen import output as dg
+from data_gen.cache import CachedFeatures
 
 
 @dataclass
@@ -51,18 +51,8 @@ def require_data_gen(data_dir: Path | str) -> Path:
 def load_data_gen(data_dir: Path | str, target, need_cache: bool) -> DataGenOutput:
     """Open data_gen's output, check it was made with this target, and open the cache when needed."""
     data_dir = require_data_gen(data_dir)
-    try:
-        from data_gen import output as dg
-    except ImportError:
-        dg = None
-    if dg is not None:
-        meta = dg.check_same_target(data_dir, target)
-        dataset = dg.load_dataset_dir(data_dir)
-    else:
-        meta = _check_same_target(data_dir, target)
-        import datasets
-
-        dataset = datasets.load_from_disk(str(data_dir / "dataset"))
+    meta = dg.check_same_target(data_dir, target)
+    dataset = dg.load_dataset_dir(data_dir)
     for col in ("input_ids", "loss_mask"):
         if col not in dataset.column_names:
             raise DraftsmithError(f"data_gen dataset in {data_dir} has no {col!r} column: rerun data_gen")
@@ -71,18 +61,6 @@ def load_data_gen(data_dir: Path | str, target, need_cache: bool) -> DataGenOutp
         counts = torch.from_numpy(np.load(data_dir / "token_counts.npy"))
     cache = open_cache(data_dir, meta, target) if need_cache else None
     return DataGenOutput(dir=data_dir, dataset=dataset, meta=meta, token_counts=counts, cache=cache)
-
-
-def _check_same_target(data_dir: Path, target) -> dict:
-    """Stand-in for data_gen.output.check_same_target: compare what meta.json records about the target."""
-    meta = json.loads((data_dir / "meta.json").read_text())
-    made = meta.get("target", {})
-    for key, now in (("vocab_size", target.vocab_size), ("hidden_size", target.hidden_size)):
-        if key in made and made[key] != now:
-            raise DraftsmithError(
-                f"data_gen output in {data_dir} was made with target {made.get('path')} ({key} {made[key]}), "
-                f"not {target.name} ({key} {now}): rerun data_gen with this target (another run.name)")
-    return meta
 
 
 def open_cache(data_dir: Path, meta: dict, target):
@@ -98,43 +76,7 @@ def open_cache(data_dir: Path, meta: dict, target):
     if layers is not None and list(layers) != list(target.feature_layers):
         raise DraftsmithError(f"the cache in {data_dir} holds features of layers {layers} but target.feature_layers "
                               f"is {target.feature_layers}: set them equal or use train.mode=online")
-    try:
-        from data_gen.cache import CachedFeatures
-    except ImportError:
-        CachedFeatures = _CacheReader
     return CachedFeatures(data_dir)
-
-
-class _CacheReader:
-    """Stand-in for data_gen.cache.CachedFeatures (same files): row -> features, last_hidden, top-k."""
-
-    def __init__(self, data_dir: Path):
-        self.dir = Path(data_dir)
-        self.index = np.load(self.dir / "cache_index.npy")
-        self.files = json.loads((self.dir / "cache_files.json").read_text())
-        self._open: dict = {}
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, row: int) -> dict:
-        from safetensors import safe_open
-
-        f, j = (int(v) for v in self.index[row])
-        if f not in self._open:
-            self._open[f] = safe_open(str(self.dir / self.files[f]), framework="pt")
-        h = self._open[f]
-        out = {}
-        a, b = h.get_slice("tok_offsets")[j:j + 2].tolist()
-        if "features" in h.keys():
-            out["features"] = h.get_slice("features")[a:b]
-            out["last_hidden"] = h.get_slice("last_hidden")[a:b]
-        if "topk_values" in h.keys():
-            a, b = h.get_slice("topk_offsets")[j:j + 2].tolist()
-            out["topk_positions"] = h.get_slice("topk_positions")[a:b].long()
-            out["topk_values"] = h.get_slice("topk_values")[a:b]
-            out["topk_indices"] = h.get_slice("topk_indices")[a:b]
-        return out
 
 
 # --------------------------------------------------------------------------------------------------

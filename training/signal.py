@@ -40,6 +40,11 @@ def offline_signal(target, batch: dict[str, torch.Tensor]) -> TargetSignal:
         lm_head=target.lm_head if last is not None else None, vocab_size=target.vocab_size)
 
 
-def make_signal(mode: str, target, batch: dict[str, torch.Tensor]) -> TargetSignal:
+def make_signal(mode: str, target, batch: dict[str, torch.Tensor], run_target: bool = True) -> TargetSignal:
+    """`run_target=False` for families that run the target inside their own loss (Medusa-2 trains it
+    through LoRA): the signal then carries only the batch, and no frozen forward is wasted."""
     batch = {k: v.to(target.device) for k, v in batch.items()}
+    if not run_target:
+        return TargetSignal(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            loss_mask=batch["loss_mask"], vocab_size=target.vocab_size)
     return online_signal(target, batch) if mode == "online" else offline_signal(target, batch)

@@ -101,6 +101,10 @@ def train(cfg: Config, drafter_factory=None, target=None) -> dict:
     seed_all(cfg.run.seed)  # the drafter's initial weights depend on the seed only
     drafter = (drafter_factory or build_drafter)(cfg, target, data.token_counts)
     drafter.set_gradient_checkpointing(t.gradient_checkpointing)
+    if hasattr(drafter, "check_train_mode"):
+        drafter.check_train_mode(t.mode)  # Medusa-2 trains the target itself: online only
+    # Families whose loss runs the target (Medusa-2) get a signal without the frozen forward.
+    signal_args = {"run_target": not getattr(drafter, "runs_target", False)}
     ds_cfg = build_ds_config(cfg, env.world_size, env.device)
     if env.is_main:
         write_ds_config(ds_cfg, out / "ds_config.json")
@@ -134,7 +138,8 @@ def train(cfg: Config, drafter_factory=None, target=None) -> dict:
         while state.step < total:
             batches = [collate(data, rows, **batch_args) for rows in plan.micro_batches(state.rows)]
             lr = eng.lr
-            metrics, n_loss, n_input, finite = _train_step(eng, target, batches, t.mode, env, plan)
+            metrics, n_loss, n_input, finite = _train_step(eng, target, batches, t.mode, env, plan,
+                                                           **signal_args)
             if not finite:
                 where = f"{last_ckpt}" if last_ckpt else "none (no checkpoint was written yet)"
                 raise DraftsmithError(
@@ -149,12 +154,12 @@ def train(cfg: Config, drafter_factory=None, target=None) -> dict:
                 tracker.log(state.step, {**metrics, "lr": lr, "epoch": state.rows / plan.n_train,
                                          "tokens_per_s": (state.input_tokens - start_tokens) / max(elapsed, 1e-9)})
             if len(plan.eval_idx) and ((t.eval_every > 0 and state.step % t.eval_every == 0) or state.step == total):
-                evals = evaluate(eng, target, data, plan, t.mode, batch_args)
+                evals = evaluate(eng, target, data, plan, t.mode, batch_args, **signal_args)
                 tracker.log(state.step, evals, kind="eval")
             if (t.save_every > 0 and state.step % t.save_every == 0) or state.step == total:
                 last_ckpt = ckpts.save(state.step, eng, state, {**meta, "cursor": plan.cursor(state.rows)})
         if resumed is not None and start_step == total and len(plan.eval_idx):
-            evals = evaluate(eng, target, data, plan, t.mode, batch_args)  # nothing left to train: report anyway
+            evals = evaluate(eng, target, data, plan, t.mode, batch_args, **signal_args)  # nothing left to train: report anyway
         final = write_final(eng, drafter, out / "final", env, cfg)
     finally:
         plot = tracker.close()
@@ -170,7 +175,8 @@ def train(cfg: Config, drafter_factory=None, target=None) -> dict:
             "metrics": str(out / "metrics.jsonl"), "plot": str(plot) if plot else None, "train_dir": str(out)}
 
 
-def _train_step(eng: Engine, target, batches, mode, env, plan) -> tuple[dict, int, int, bool]:
+def _train_step(eng: Engine, target, batches, mode, env, plan, run_target: bool = True
+                ) -> tuple[dict, int, int, bool]:
     """One optimizer step over this rank's micro-batches; returns the global metrics (token-weighted
     means), loss tokens, input tokens, and whether every rank's loss was finite. The update is NOT
     applied when one was not (every rank still runs the same collectives, so none hangs)."""
@@ -181,7 +187,7 @@ def _train_step(eng: Engine, target, batches, mode, env, plan) -> tuple[dict, in
     sums: dict[str, float] = defaultdict(float)
     bad = 0.0
     for i, batch in enumerate(batches):
-        signal = make_signal(mode, target, batch)
+        signal = make_signal(mode, target, batch, run_target)
         loss, metrics = eng.forward(signal)
         w = float(batch["loss_mask"].sum()) / max(n_loss, 1)
         bad += float(not torch.isfinite(loss.detach()).item())
@@ -201,7 +207,8 @@ def _train_step(eng: Engine, target, batches, mode, env, plan) -> tuple[dict, in
 
 
 @torch.no_grad()
-def evaluate(eng: Engine, target, data, plan: DataPlan, mode: str, batch_args: dict) -> dict:
+def evaluate(eng: Engine, target, data, plan: DataPlan, mode: str, batch_args: dict,
+             run_target: bool = True) -> dict:
     """Held-out loss and per-depth accuracy (token-weighted over the slice) and tau_sim from them."""
     eng.train(False)
     sums: dict[str, float] = defaultdict(float)
@@ -209,7 +216,7 @@ def evaluate(eng: Engine, target, data, plan: DataPlan, mode: str, batch_args: d
     for rows in plan.eval_batches():
         batch = collate(data, rows, **batch_args)
         n = int(batch["loss_mask"].sum())
-        loss, metrics = eng.forward(make_signal(mode, target, batch))
+        loss, metrics = eng.forward(make_signal(mode, target, batch, run_target))
         sums["loss"] += float(loss) * n
         for k, v in metrics.items():
             sums[k] += float(v) * n
