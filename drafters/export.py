@@ -197,10 +197,41 @@ def verify_export(model, target, out: Path, fmt: str, dtype: torch.dtype, tree_c
     if diff:
         raise DraftsmithError(f"reloading {out} changed {len(diff)} weights (first: {diff[0]}): the exported "
                               "tensors do not round-trip; re-export, and report it if it persists")
+    n_base = check_base_weights(out, target, dtype)
     decode = decode_check(target, reloaded.as_drafter(target), _check_tree(tree_cfg, model), prompts, max_new_tokens)
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     return {"format": fmt, "family": model.family, "out_dir": str(out), "files": files, "violations": [],
-            "tensors_checked": len(want), "decode_check": decode}
+            "tensors_checked": len(want) + n_base, "decode_check": decode}
+
+
+def check_base_weights(out: Path, target, dtype: torch.dtype) -> int:
+    """Medusa-2's base/ must hold exactly the (merged) target it was exported from, cast to `dtype`;
+    compared tensor by tensor from the files, so no second copy of the model is loaded. Returns the
+    number of tensors compared (0 without base/)."""
+    from safetensors import safe_open
+
+    from drafters.formats.medusa import base_path
+
+    base = base_path(out)
+    if base is None:
+        return 0
+    state = {k: v.detach() for k, v in target.model.state_dict().items()}
+    seen: set[str] = set()
+    for f in sorted(base.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as sf:
+            for k in sf.keys():
+                want = state.get(k)
+                got = sf.get_tensor(k)
+                if want is not None:
+                    want = want.cpu().to(dtype) if want.is_floating_point() else want.cpu()
+                if want is None or got.dtype != want.dtype or not torch.equal(got, want):
+                    raise DraftsmithError(f"{base}: tensor {k} is not the merged target's: re-export")
+                seen.add(k)
+    ptrs = {state[k].data_ptr() for k in seen}
+    missing = [k for k in state if k not in seen and state[k].data_ptr() not in ptrs]  # tied ones are saved once
+    if missing:
+        raise DraftsmithError(f"{base} lacks {len(missing)} weights of the target (first: {missing[0]}): re-export")
+    return len(seen)
 
 
 def _check_tree(tree_cfg, model):

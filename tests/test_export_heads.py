@@ -120,6 +120,12 @@ def test_medusa2_exports_its_merged_base(tiny_target_dir, tmp_path):
     assert base.tokenizer.get_vocab() == target.tokenizer.get_vocab()
     back = load_exported_model(out, base)
     assert all(torch.equal(back.heads_state_dict()[k], v) for k, v in loaded.heads_state_dict().items())
+    # the stage's reload check covers base/ too, and notices a base that is not the merged target
+    from drafters.export import check_base_weights
+
+    assert check_base_weights(out, target, torch.float32) == len(target.model.state_dict())
+    with pytest.raises(DraftsmithError, match=r"base: tensor model\.layers\.\d+\.\S+ is not the merged target.s: re-export"):
+        check_base_weights(out, original, torch.float32)
 
 
 # --------------------------------------------------------------------------------------------------
