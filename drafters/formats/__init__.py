@@ -148,7 +148,9 @@ def readme(fmt: str, family: str, model, target, out: Path, ctx: ExportContext) 
     here, tgt, k = str(Path(ctx.final_dir or out).resolve()), ctx.target_ref, ctx.speculative_tokens
     dt = dtype_name(ctx.dtype)
     lines = [f"{README_HEADER}: {_TITLES[(fmt, family)]}", "",
-             f"Target (verifier): `{tgt}`. Weights in {dt}. Written by `python train.py stage=export "
+             (f"Base model (verifier): `base/`, the target `{tgt}` trained jointly with the heads (LoRA merged)."
+              if fmt == "medusa" and model.cfg.joint else f"Target (verifier): `{tgt}`.") +
+             f" Weights in {dt}. Written by `python train.py stage=export "
              f"export.format={fmt}` on {time.strftime('%Y-%m-%d')}; `config.yaml` here is the run's resolved config.",
              "", "## Serve", ""]
     if fmt == "sglang":
