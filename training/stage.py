@@ -66,7 +66,25 @@ def build_drafter(cfg: Config, target, token_counts):
     except ModuleNotFoundError as e:
         raise DraftsmithError(f"drafter family {name!r} is not installed in this checkout ({e.name} is missing): "
                               f"pick another drafter=") from None
-    return cls.from_target(cfg.drafter, target, token_counts=token_counts)
+    drafter = cls.from_target(cfg.drafter, target, token_counts=token_counts)
+    if cfg.drafter.checkpoint:  # fine-tuning (objective=gto): start from a trained drafter folder's weights
+        init_from_checkpoint(drafter, cls, cfg.drafter.checkpoint, target)
+    return drafter
+
+
+def init_from_checkpoint(drafter, cls, path: str, target) -> None:
+    """Load a saved drafter folder's weights (buffers included) into `drafter`, built from the current
+    config, so the config's training settings (losses, unrolled steps) apply to the trained weights."""
+    from conf.schema import project_path
+
+    trained = cls.from_pretrained(project_path(path), target)
+    try:
+        drafter.load_state_dict(trained.state_dict(), strict=True)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())[:300]
+        raise DraftsmithError(f"drafter.checkpoint={path} does not fit drafter={drafter.family} as configured "
+                              f"({detail}): set the drafter options (e.g. draft_vocab_size) the checkpoint was "
+                              "trained with") from None
 
 
 def seed_all(seed: int) -> None:
