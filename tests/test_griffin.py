@@ -155,3 +155,20 @@ def test_griffin_config_errors(cfg_for, llama):
         build_objective(cfg_for("objective=griffin", "objective.keep_topk=0"), llama)
     with pytest.raises(DraftsmithError, match="not drafter=hydra: use drafter=eagle3 or drafter=eagle1"):
         build_objective(cfg_for("drafter=hydra", "objective=griffin"), llama)
+
+
+def test_addons_under_gradient_checkpointing(llama):
+    """The add-ons pass through the checkpointed per-step loss: same loss, metrics and gradients."""
+    sig = _greedy_batch(llama)
+    opts = UnrollOptions(topk_weight=0.5, keep_topk=3, detach_context=True)
+    grads = []
+    for gc in (False, True):
+        m = _model(llama, draft_vocab_size=64)
+        m.train()
+        m.set_gradient_checkpointing(gc)
+        loss, met = m.loss(sig, opts)
+        loss.backward()
+        grads.append((loss.item(), met, {n: p.grad.clone() for n, p in m.named_parameters()}))
+    assert grads[1][0] == pytest.approx(grads[0][0], abs=1e-6) and grads[1][1] == pytest.approx(grads[0][1], abs=1e-6)
+    for name, g in grads[0][2].items():
+        torch.testing.assert_close(grads[1][2][name], g, atol=1e-6, rtol=1e-5)

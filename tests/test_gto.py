@@ -192,3 +192,13 @@ def test_build_from_config_and_errors(cfg_for, peaky, tmp_path):
         small = Eagle3Drafter.from_target(Eagle3Config(draft_vocab_size=2, ttt_steps=1), peaky)
     with pytest.raises(DraftsmithError, match="eval.tree.top_k=3 exceeds the drafter's 2-token draft vocabulary"):
         obj(small, sig)
+
+
+def test_misspelt_gto_key_fails_in_hydra():
+    from hydra.errors import ConfigCompositionException
+
+    from conf.schema import load_config
+
+    with pytest.raises(ConfigCompositionException) as e:
+        load_config(["objective=gto", "objective.group_sise=4"])
+    assert "Key 'group_sise' not in 'GTOConfig'" in str(e.value.__cause__ or e.value)
