@@ -7,10 +7,11 @@ over a short run.
 
 The target is a random Llama of the given shape with its LM head scaled (a peaked teacher), NOT a trained
 model; sequences are its own samples after a short prompt (what data_gen's regeneration gives). A step is
-the objective's forward, backward and an AdamW update on one micro-batch; the first step is a warm-up and
-not timed. GTO fine-tunes a copy of the drafter after --pretrain token steps (that copy is also M0).
-Prints ms/step per objective, the ratio to the token objective, and for GTO the first and last logged
-mean tree reward and greedy accepted length.
+the objective's forward, backward and an AdamW update on one micro-batch; objectives take steps in turn
+(round-robin, so a shared machine's load hits them alike), the first is a warm-up, the median is printed. GTO fine-tunes a copy of the drafter after --pretrain token steps (that copy is also M0).
+Prints ms/step per objective, the ratio to the token objective, and the mean tree reward and greedy accepted
+length of every drafter's trees (GTO's own scoring) before and after its steps; `gto-only` is the GTO
+surrogate without the token loss.
 """
 from __future__ import annotations
 
@@ -74,6 +75,10 @@ def objective_for(name, args, target, reference):
 
     if name == "token":
         return token_objective
+    if name == "gto-only":  # the GTO surrogate alone (no token loss): what the tree reward term does by itself
+        ocfg = OBJECTIVE_SCHEMAS["gto"](group_size=args.group_size, groups=args.groups, token_weight=0.0, weight=1.0)
+        tree = TreeConfig(kind="dynamic", depth=args.depth, top_k=args.top_k, total_tokens=args.total_tokens)
+        return GTOObjective(ocfg, tree, target, copy.deepcopy(reference))
     if name in ("hass", "griffin"):
         ocfg = OBJECTIVE_SCHEMAS[name]()
         return options_objective(unroll_options(ocfg, getattr(ocfg, "keep_topk", 0)))
@@ -90,7 +95,7 @@ def sync(device):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--hidden", type=int, default=384)
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--vocab", type=int, default=8192)
@@ -107,7 +112,7 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=5)
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--total-tokens", type=int, default=60)
-    ap.add_argument("--objectives", default="token,hass,griffin,gto")
+    ap.add_argument("--objectives", default="token,hass,griffin,gto,gto-only")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -128,32 +133,38 @@ def main() -> None:
           f"tokens; eagle3 ttt_steps={args.ttt_steps}; device {args.device}, {args.threads} threads")
     print(f"drafter after {args.pretrain} token steps: acc/1 {met['acc/1']:.3f}; GTO trees: dynamic depth {args.depth} "
           f"top_k {args.top_k} total {args.total_tokens}, {args.groups} groups x {args.group_size} positions per sequence")
-    times = {}
-    for name in args.objectives.split(","):
+    names = args.objectives.split(",")
+    runs = {}
+    for name in names:
         m = copy.deepcopy(base)
-        obj = objective_for(name, args, target, base)
-        opt = torch.optim.AdamW(m.parameters(), lr=args.lr)
-        first = last = None
-        spent = []
-        for i in range(args.steps + 1):
+        runs[name] = {"model": m, "obj": objective_for(name, args, target, base),
+                      "opt": torch.optim.AdamW(m.parameters(), lr=args.lr), "spent": [], "mets": []}
+    # Round-robin: one step of every objective in turn, so a shared machine's load hits them alike.
+    for i in range(args.steps + 1):
+        for name in names:
+            r = runs[name]
             sync(args.device)
             t0 = time.perf_counter()
-            loss, met = obj(m, sig)
-            opt.zero_grad()
+            loss, met = r["obj"](r["model"], sig)
+            r["opt"].zero_grad()
             loss.backward()
-            opt.step()
+            r["opt"].step()
             sync(args.device)
-            if i:
-                spent.append(time.perf_counter() - t0)
-            first = first or met
-            last = met
-        times[name] = 1000 * sum(spent) / len(spent)
-        line = f"{name:8s} {times[name]:9.1f} ms/step  x{times[name] / times.get('token', times[name]):5.2f} vs token"
-        if name == "gto":
-            line += (f"  reward {first['gto/reward']:.3f} -> {last['gto/reward']:.3f}, accepted "
-                     f"{first['gto/accept_len']:.2f} -> {last['gto/accept_len']:.2f} ({int(last['gto/trees'])} trees/step)")
-        print(line, flush=True)
-
+            if i:  # step 0 is the warm-up
+                r["spent"].append(time.perf_counter() - t0)
+            r["mets"].append(met)
+    ms = {name: 1000 * sorted(r["spent"])[len(r["spent"]) // 2] for name, r in runs.items()}  # median
+    judge = objective_for("gto", args, target, base)  # scores every final drafter's trees on the same batch
+    with torch.no_grad():
+        _, start = judge.gto_loss(base, sig)
+    print(f"before: tree reward {start['gto/reward']:.3f}, greedy accepted {start['gto/accept_len']:.2f} "
+          f"({int(start['gto/trees'])} trees)")
+    for name in names:
+        with torch.no_grad():
+            _, end = judge.gto_loss(runs[name]["model"], sig)
+        print(f"{name:8s} {ms[name]:9.1f} ms/step (median)  x{ms[name] / ms.get('token', ms[name]):5.2f} vs token   "
+              f"after {args.steps + 1} steps: tree reward {end['gto/reward']:.3f}, accepted {end['gto/accept_len']:.2f}",
+              flush=True)
 
 if __name__ == "__main__":
     main()

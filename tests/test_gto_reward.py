@@ -149,26 +149,32 @@ def test_tree_reward_equals_brute_force_enumeration(small_target, eta):
     assert len(branch_L) > 1 and seen_miss  # the case has several branches and a rejection
 
 
-def test_one_target_forward_scores_every_tree(small_target, monkeypatch):
-    """Both trees (current and reference drafter) of all positions: one target forward, not one per branch."""
+def test_one_target_forward_per_group_of_trees(small_target, monkeypatch):
+    """The prefix is read once; then one forward per group of roots scores every node of both trees (current
+    and reference drafter) of those roots, never one per branch; grouping does not change any number."""
     ids, out = _sequence(small_target)
-    rows = torch.tensor([1, 5, 9])
+    rows = torch.tensor([1, 3, 5, 7, 9])
     trees = []
     for seed in (1, 2):
         m = _drafter(small_target, "eagle3", seed=seed)
         with torch.no_grad():
             state = prefix_state(m, ids, out.features)[0]
-        trees.append(build_tree(BatchedTreeDrafter(m, state, rows), TREES["dynamic"], 3, sample=False))
+        trees.append(build_tree(BatchedTreeDrafter(m, state, rows), TREES["dynamic"], 5, sample=False))
     calls = []
     forward = small_target.model.forward
-    monkeypatch.setattr(small_target.model, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
-    both = target_node_logprobs(small_target, ids[0], rows, trees)
-    assert len(calls) == 1
+    monkeypatch.setattr(small_target.model, "forward", lambda *a, **k: calls.append(k["input_ids"].shape[1])
+                        or forward(*a, **k))
+    grouped = target_node_logprobs(small_target, ids[0], rows, trees, roots_per_forward=2)
+    assert calls == [14, 2 * 20, 2 * 20, 20]  # prefix, then 2 + 2 + 1 roots x (10 + 10) nodes
+    calls.clear()
+    whole = target_node_logprobs(small_target, ids[0], rows, trees)
+    assert calls == [14, 5 * 20]
     monkeypatch.setattr(small_target.model, "forward", forward)
-    for tree, (lp, g) in zip(trees, both):
-        alone, ga = target_node_logprobs(small_target, ids[0], rows, [tree])[0]
+    for tree, (lp, g), (lp_all, g_all) in zip(trees, grouped, whole):
+        alone, ga = target_node_logprobs(small_target, ids[0], rows, [tree], roots_per_forward=1)[0]
         torch.testing.assert_close(lp, alone, atol=1e-5, rtol=0)
-        assert torch.equal(g, ga)
+        torch.testing.assert_close(lp_all, alone, atol=1e-5, rtol=0)
+        assert torch.equal(g, ga) and torch.equal(g_all, ga)
 
 
 def test_reward_of_a_hand_built_tree():

@@ -138,7 +138,7 @@ class GTOObjective:
                               device=ids.device)
             ref_tree = build_tree(BatchedTreeDrafter(ref, ref_states[s], rows), self.tree_cfg, P, sample=False,
                                   device=ids.device)
-            (lp, greedy), (lp_ref, _) = target_node_logprobs(self.target, ids[s], rows, [tree, ref_tree])
+            (lp, greedy), (lp_ref, _) = target_node_logprobs(self.target, ids[s], rows, [tree, ref_tree], c.group_size)
             anc = tree.ancestor_mask()
             rs.append(tree_reward(lp, tree, c.eta, anc)[0])
             refs.append(tree_reward(lp_ref, ref_tree, c.eta)[0])

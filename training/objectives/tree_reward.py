@@ -10,9 +10,10 @@ Pieces, all batched over P roots = P training positions of one sequence:
   from that state. drafters.tree.build_tree drives it exactly as the decoder drives EagleDecoding, so
   the tree at row t is the tree the decoder builds after committing x_0..x_{t+1} (tests prove it).
 - `chain_logprob`: log M(path) along given paths, with gradient (GTO's ratio).
-- `target_node_logprobs`: ONE target forward per sequence reads the teacher-forced prefix and every node
-  of every tree given (a 4D mask: a node sees the prefix up to its root and its own ancestors) and returns
-  log p_target of each node's token given its path, and whether it is the target's argmax there.
+- `target_node_logprobs`: the target reads the teacher-forced prefix once (KV cache), then ONE forward per
+  group of roots reads every node of their trees (a 4D mask: a node sees the prefix up to its root and its
+  own ancestors) and returns log p_target of each node's token given its path, and whether it is the
+  target's argmax there.
 - `tree_reward`: L_i = sum_{j<=l_i} prod_{k<=j} p(x_k | prefix, x_<k) per branch (root-to-leaf path), the
   exact expected accepted length of that branch when drafts are point masses (accept x with prob p(x)),
   and r = (1/eta) log sum_i exp(eta L_i).
@@ -30,6 +31,7 @@ import torch
 from drafters.base import Drafter
 from drafters.eagle1 import shifted
 from drafters.layers import causal_attend, repeat_kv
+from drafters.tree import keep_cache_entries
 
 
 @dataclass
@@ -251,50 +253,59 @@ def chain_logprob(model, state: PrefixState, rows: torch.Tensor, tokens: torch.T
 
 @torch.no_grad()
 def target_node_logprobs(target, input_ids: torch.Tensor, rows: torch.Tensor, trees: list,
+                         roots_per_forward: int | None = None,
                          chunk: int = 2048) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """For every node of every tree (each over the same P roots of sequence `input_ids` [T]): log p_target
     of its token given the prefix x_0..x_{rows+1} and its ancestors, and whether that token is the target's
-    argmax there. One target forward reads [prefix, all nodes of all trees] with a 4D mask."""
-    T = input_ids.shape[0]
-    dev = input_ids.device
+    argmax there. The target reads the prefix once into a KV cache; then ONE forward per group of
+    `roots_per_forward` roots (default all) reads every node of those roots' trees on top of it, with a 4D
+    mask (a node sees the prefix up to its root and its own ancestors) and depth-correct positions."""
+    from transformers import DynamicCache
+
+    T, P, dev = input_ids.shape[0], rows.shape[0], input_ids.device
     sizes = [t.num_nodes for t in trees]
-    P = rows.shape[0]
-    M = P * sum(sizes)
-    see = torch.zeros(T + M, T + M, dtype=torch.bool, device=dev)
-    see[:T, :T] = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
-    pos = torch.cat([torch.arange(T, device=dev), torch.zeros(M, dtype=torch.long, device=dev)])
-    prefix_cols = torch.arange(T, device=dev)[None] <= rows[:, None] + 1  # [P, T]
-    qrow, toks = [], []
-    off = T
-    for tree in trees:
-        N = tree.num_nodes
-        if N == 0:
-            continue
-        block = slice(off, off + P * N)
-        see[block, :T] = prefix_cols.repeat_interleave(N, 0)
-        see[block, block] = torch.block_diag(*tree.ancestor_mask())
-        pos[block] = (rows[:, None] + 1 + tree.depths).flatten()
-        node_row = off + torch.arange(P * N, device=dev).view(P, N)
-        parent_row = node_row.gather(1, tree.parents.clamp_min(0))
-        qrow.append(torch.where(tree.parents >= 0, parent_row, (rows + 1)[:, None].expand(P, N)).flatten())
-        toks.append(tree.tokens.flatten())
-        off += P * N
-    if not toks:
-        return [(torch.zeros(P, 0, device=dev), torch.zeros(P, 0, dtype=torch.bool, device=dev)) for _ in trees]
-    toks, qrow = torch.cat(toks), torch.cat(qrow)
-    mask = torch.zeros(T + M, T + M, dtype=target.dtype, device=dev).masked_fill(~see, float("-inf"))
-    out = target(torch.cat([input_ids, toks])[None], attention_mask=mask[None, None], position_ids=pos[None],
-                 logits=False)
-    h = out.last_hidden[0]
-    logp, best = torch.empty(M, device=dev), torch.empty(M, dtype=torch.bool, device=dev)
-    for a in range(0, M, chunk):  # full-vocabulary logits only for a chunk of rows at a time
-        lg = target.lm_head(h[qrow[a:a + chunk]]).float()
-        logp[a:a + chunk] = lg.log_softmax(-1).gather(-1, toks[a:a + chunk, None])[:, 0]
-        best[a:a + chunk] = lg.argmax(-1) == toks[a:a + chunk]
-    res, a = [], 0
-    for N in sizes:
-        res.append((logp[a:a + P * N].view(P, N), best[a:a + P * N].view(P, N)))
-        a += P * N
+    S = sum(sizes)
+    if S == 0 or P == 0:
+        return [(torch.zeros(P, n, device=dev), torch.zeros(P, n, dtype=torch.bool, device=dev)) for n in sizes]
+    toks = torch.cat([t.tokens for t in trees], 1)  # [P, S]: every node of a root, tree after tree
+    depths = torch.cat([t.depths for t in trees], 1)
+    vis = torch.zeros(P, S, S, dtype=torch.bool, device=dev)  # ancestors (and self) within the same tree
+    parents, off = [], 0
+    for t, n in zip(trees, sizes):
+        vis[:, off:off + n, off:off + n] = t.ancestor_mask()
+        parents.append(torch.where(t.parents >= 0, t.parents + off, -1))
+        off += n
+    parents = torch.cat(parents, 1)
+    cache = DynamicCache(config=target.config)
+    prefix_h = target(input_ids[None], past_key_values=cache, use_cache=True, logits=False).last_hidden[0]
+    node_h = prefix_h.new_empty(P, S, prefix_h.shape[-1])
+    g = roots_per_forward or P
+    for a in range(0, P, g):
+        r = rows[a:a + g]
+        G = r.shape[0]
+        see = torch.cat([(torch.arange(T, device=dev)[None] <= r[:, None] + 1).repeat_interleave(S, 0),
+                         torch.block_diag(*vis[a:a + g])], 1)
+        mask = torch.zeros(see.shape, dtype=target.dtype, device=dev).masked_fill(~see, float("-inf"))
+        out = target(toks[a:a + g].reshape(1, G * S), attention_mask=mask[None, None],
+                     position_ids=(r[:, None] + 1 + depths[a:a + g]).reshape(1, G * S), past_key_values=cache,
+                     use_cache=True, logits=False)
+        keep_cache_entries(cache, T, [])  # the next group sees the prefix only
+        node_h[a:a + g] = out.last_hidden[0].view(G, S, -1)
+    # the state whose next-token distribution drafts each node: its parent's, or the root's (prefix row t+1)
+    query = torch.where((parents < 0)[..., None], prefix_h[rows + 1][:, None],
+                        node_h.gather(1, parents.clamp_min(0)[..., None].expand_as(node_h))).flatten(0, 1)
+    flat = toks.flatten()
+    logp = torch.empty(P * S, device=dev)
+    best = torch.empty(P * S, dtype=torch.bool, device=dev)
+    for a in range(0, P * S, chunk):  # full-vocabulary logits only for a chunk of nodes at a time
+        lg = target.lm_head(query[a:a + chunk]).float()
+        logp[a:a + chunk] = lg.log_softmax(-1).gather(-1, flat[a:a + chunk, None])[:, 0]
+        best[a:a + chunk] = lg.argmax(-1) == flat[a:a + chunk]
+    logp, best = logp.view(P, S), best.view(P, S)
+    res, off = [], 0
+    for n in sizes:
+        res.append((logp[:, off:off + n], best[:, off:off + n]))
+        off += n
     return res
 
 
