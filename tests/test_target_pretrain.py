@@ -26,6 +26,7 @@ from training.target_pretrain import (
     lr_at,
     repeated_ngram_rate,
     run,
+    unigram_loss,
 )
 from training.tokenizer import IM_END, PAD
 
@@ -37,7 +38,7 @@ TINY = ["pretrain.vocab_size=320", "pretrain.num_layers=2", "pretrain.hidden_siz
         "pretrain.threads=1", "run.device=cpu"]
 DEMO = PROJECT_ROOT / "assets" / "demo-target"
 METRIC_FIELDS = {"parameters", "tokens_seen", "train_seconds", "tokens_per_s", "heldout_loss",
-                 "heldout_nats_per_byte", "degeneracy", "machine", "architecture", "heldout_curve", "train_curve"}
+                 "heldout_nats_per_byte", "heldout_unigram_loss", "degeneracy", "machine", "architecture", "heldout_curve", "train_curve"}
 
 
 def _tiny_cfg(tmp_path, *more):
@@ -67,6 +68,12 @@ def test_degeneracy_summary():
     d = degeneracy([[1, 2, 1, 2], [3, 4]], [True, False])
     assert d == {"distinct_2": pytest.approx(3 / 4), "repeated_3gram_rate": pytest.approx(0.0),
                  "mean_new_tokens": 3.0, "eos_rate": 0.5}
+
+
+def test_unigram_baseline_hand_counts():
+    # counts 3,1,0,0 over 4 tokens, add-one smoothed: p = 4/8, 2/8, 1/8, 1/8; targets are positions 1..
+    blocks = torch.tensor([[2, 0, 1]])
+    assert unigram_loss(torch.tensor([3, 1, 0, 0]), blocks) == pytest.approx(-(math.log(0.5) + math.log(0.25)) / 2)
 
 
 # --- pieces of the recipe --------------------------------------------------------------------------

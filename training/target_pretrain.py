@@ -238,6 +238,13 @@ def heldout_loss(model, blocks: torch.Tensor, byte_len: torch.Tensor, batch_size
     return nats / count, nats / nbytes
 
 
+def unigram_loss(counts: torch.Tensor, blocks: torch.Tensor) -> float:
+    """Nats/token on the held-out blocks' predicted positions of an add-one-smoothed unigram model of the
+    training tokens: the floor a model must beat to have learnt anything beyond token frequencies."""
+    logp = torch.log((counts.double() + 1) / (counts.sum() + len(counts)))
+    return float(-logp[blocks[:, 1:]].mean())
+
+
 def heldout_prompts(tokenizer, convs: list[Conversation], n: int, budget: int) -> tuple[list[list[int]], list[str], int]:
     """Chat-templated first user turns (with the generation prompt) of the first n held-out conversations.
     A turn longer than `budget` tokens keeps its first tokens; returns (ids, texts, number truncated)."""
@@ -265,14 +272,17 @@ def _render(tokenizer, text: str) -> list[int]:
 
 @torch.no_grad()
 def continuations(model, prompts: list[list[int]], new_tokens: int, sample: bool, eos: int, pad: int,
-                  seed: int, batch_size: int = 25) -> tuple[list[list[int]], list[bool]]:
+                  seed: int, batch_size: int = 50) -> tuple[list[list[int]], list[bool]]:
     """Greedy (sample=False) or plain T=1 sampling (no top-k/top-p) continuations of up to new_tokens,
     each cut before its first eos; returns (token lists, whether each ended with eos)."""
     device = next(model.parameters()).device
     torch.manual_seed(seed)
-    outs, ended = [], []
+    by_len = sorted(range(len(prompts)), key=lambda k: len(prompts[k]))  # batch similar lengths: less padding
+    outs: list[list[int]] = [[] for _ in prompts]
+    ended = [False] * len(prompts)
     for i in range(0, len(prompts), batch_size):
-        group = prompts[i:i + batch_size]
+        rows = by_len[i:i + batch_size]
+        group = [prompts[k] for k in rows]
         width = max(map(len, group))
         x = torch.full((len(group), width), pad, dtype=torch.long)
         mask = torch.zeros_like(x)
@@ -284,10 +294,9 @@ def continuations(model, prompts: list[list[int]], new_tokens: int, sample: bool
             knobs = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
             y = model.generate(input_ids=x.to(device), attention_mask=mask.to(device), max_new_tokens=new_tokens,
                                eos_token_id=eos, pad_token_id=pad, **knobs)
-        for row in y[:, width:].tolist():
+        for k, row in zip(rows, y[:, width:].tolist()):
             stop = row.index(eos) if eos in row else len(row)
-            outs.append(row[:stop])
-            ended.append(stop < len(row))
+            outs[k], ended[k] = row[:stop], stop < len(row)
     return outs, ended
 
 
@@ -317,6 +326,7 @@ def train_loop(model, pc: PretrainConfig, stream: PackedStream, eval_fn, device:
     budget = pc.max_minutes * 60
     log_every = 10
     train_curve, heldout_curve = [], []
+    counts = torch.zeros(model.config.vocab_size, dtype=torch.long)  # for the unigram baseline
     loss0 = eval_fn()
     heldout_curve.append({"step": 0, "tokens": 0, "seconds": 0.0, "loss": loss0})
     model.train()
@@ -333,6 +343,7 @@ def train_loop(model, pc: PretrainConfig, stream: PackedStream, eval_fn, device:
             break
         for group in opt.param_groups:
             group["lr"] = lr_at(pc, step, progress)
+        counts += torch.bincount(x.flatten(), minlength=len(counts))
         x = x.to(device, non_blocking=True)
         with _autocast(device):
             loss = model(input_ids=x, labels=x).loss
@@ -359,7 +370,7 @@ def train_loop(model, pc: PretrainConfig, stream: PackedStream, eval_fn, device:
     bar.n = 1.0
     bar.close()
     return {"steps": step, "tokens": tokens, "seconds": seconds, "stopped_by": stopped_by,
-            "train_curve": train_curve, "heldout_curve": heldout_curve}
+            "train_curve": train_curve, "heldout_curve": heldout_curve, "token_counts": counts}
 
 
 def save_folder(model, tokenizer, out: Path, save_dtype: str) -> str:
@@ -413,7 +424,9 @@ def _run(cfg: Config, out: Path) -> dict:
         return round(heldout_loss(model, blocks, byte_len, eval_batch)[0], 4)
 
     stream = PackedStream(TokenCache(tokenizer, train_convs), pc.seq_len, pc.batch_size, cfg.run.seed)
+    setup_seconds = time.perf_counter() - t_start
     log = train_loop(model, pc, stream, eval_fn, device)
+    t_measure = time.perf_counter()
 
     saved_dtype = save_folder(model, tokenizer, out, pc.save_dtype)
     # Everything below measures the folder as users get it: reloaded through the target loader.
@@ -446,12 +459,16 @@ def _run(cfg: Config, out: Path) -> dict:
         "stopped_by": log["stopped_by"],
         "heldout_loss": round(final_loss, 4),  # nats/token, on the saved (reloaded) weights
         "heldout_nats_per_byte": round(final_nats_per_byte, 4),
+        "heldout_unigram_loss": round(unigram_loss(log["token_counts"], blocks), 4),
         "heldout_eval_tokens": int(blocks.numel()),
         "degeneracy": {"prompts": len(prompts), "prompts_truncated": cut, "max_new_tokens": pc.gen_tokens,
                        "greedy": degeneracy(*gens["greedy"]), "sampled": degeneracy(*gens["sampled"])},
         "heldout_curve": log["heldout_curve"],
         "train_curve": log["train_curve"],
     }
+    # setup = corpus + tokenizer + held-out packing; the first held-out loss is in neither it nor train_seconds
+    metrics["setup_seconds"] = round(setup_seconds, 1)
+    metrics["measure_seconds"] = round(time.perf_counter() - t_measure, 1)  # save, reload, loss, generations
     metrics["total_seconds"] = round(time.perf_counter() - t_start, 1)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     (out / "continuations.json").write_text(json.dumps({m: g[0] for m, g in gens.items()}) + "\n")
@@ -478,4 +495,7 @@ def samples_markdown(tokenizer, prompt_texts: list[str], gens: dict, metrics: di
 
 
 def _quote(text: str) -> str:
-    return "\n".join("> " + line for line in (text.strip() or "(empty)").splitlines())
+    if not text.strip():  # e.g. a loop of newlines: show it rather than an empty quote
+        shown = repr(text) if len(text) <= 60 else f"{text[:40]!r}... ({len(text)} characters)"
+        return f"> (only whitespace) `{shown}`" if text else "> (nothing: <|im_end|> at once)"
+    return "\n".join("> " + line for line in text.strip().splitlines())
