@@ -1,7 +1,7 @@
 """Aggregation of per-generation decoding records into the eval report's numbers.
 
     from eval.metrics import GenRecord, summarize
-    row = summarize(spec_records, ar_records, depth=5)   # tau, accept@d, tok/s, speedup, time split
+    row = summarize(spec_records, ar_records)   # tau, accept@d, tok/s, speedup, time split
 
 Every ratio is a ratio of sums over all generations (tokens / forwards, tokens / seconds), not a mean of
 per-prompt ratios, so a long answer weighs by its tokens as it does in serving.
@@ -15,42 +15,40 @@ from dataclasses import dataclass, field
 class GenRecord:
     """One generation (one turn of one prompt) by one decoder."""
 
-    new_tokens: int
-    wall_s: float
-    forwards: int  # target forwards that produced those tokens (prefill excluded, as in tau's definition)
-    # speculative only, one entry per verification cycle: draft tokens accepted, and the depth of the tree
-    # drafted that cycle (a prompt-lookup drafter may draft shallower trees, or none)
-    accept_lengths: list[int] = field(default_factory=list)
-    tree_depths: list[int] = field(default_factory=list)
+    new_tokens: int  # tokens returned (the prefill's first token included; cut at EOS / max_new_tokens)
+    wall_s: float  # the whole call, prefill included
+    forwards: int  # target forwards after the prefill (spec: verification cycles)
+    forward_tokens: int  # tokens those forwards produced (accepted + bonus), before any cut
+    # speculative only, [d-1] = cycles that tried / accepted a depth-d draft token (a depth counts as tried
+    # when every shallower one was accepted and the tree went that deep: a prompt-lookup drafter may not)
+    depth_attempted: list[int] = field(default_factory=list)
+    depth_accepted: list[int] = field(default_factory=list)
     draft_s: float = 0.0  # drafter calls and tree building
-    verify_s: float = 0.0  # the target's verification forward
-    other_s: float = 0.0  # acceptance rule, cache bookkeeping, drafter commit...
+    verify_s: float = 0.0  # the target's verification forward and the acceptance rule
+    other_s: float = 0.0  # cache trimming, drafter commit, bookkeeping
     tokens: list[int] = field(default_factory=list)  # the generated ids (outputs are compared at T=0)
 
 
-def acceptance_by_depth(accept_lengths: list[int], tree_depths: list[int], depth: int) -> list[float | None]:
-    """alpha_d for d = 1..depth: of the cycles whose draft reached depth d with depths 1..d-1 accepted,
-    the fraction that also accepted a depth-d token. None where no cycle got that far."""
-    out: list[float | None] = []
-    for d in range(1, depth + 1):
-        reached = accepted = 0
-        for n, t in zip(accept_lengths, tree_depths):
-            if n >= d - 1 and t >= d:
-                reached += 1
-                accepted += n >= d
-        out.append(accepted / reached if reached else None)
-    return out
+def acceptance_by_depth(records: list[GenRecord]) -> list[float | None]:
+    """alpha_d for d = 1.. the deepest tried: of the cycles that tried a depth-d token (depths 1..d-1
+    accepted), the share that accepted it. None where no cycle got that far."""
+    depth = max((len(r.depth_attempted) for r in records), default=0)
+    tried, took = [0] * depth, [0] * depth
+    for r in records:
+        for d, (t, a) in enumerate(zip(r.depth_attempted, r.depth_accepted)):
+            tried[d] += t
+            took[d] += a
+    return [a / t if t else None for a, t in zip(took, tried)]
 
 
-def summarize(spec: list[GenRecord], ar: list[GenRecord], depth: int) -> dict:
+def summarize(spec: list[GenRecord], ar: list[GenRecord]) -> dict:
     """The report's numbers for one benchmark x temperature."""
     s_tok = sum(r.new_tokens for r in spec)
     a_tok = sum(r.new_tokens for r in ar)
     s_wall = sum(r.wall_s for r in spec)
     a_wall = sum(r.wall_s for r in ar)
     s_fwd = sum(r.forwards for r in spec)
-    lengths = [n for r in spec for n in r.accept_lengths]
-    depths = [t for r in spec for t in r.tree_depths]
+    s_fwd_tok = sum(r.forward_tokens for r in spec)
     draft, verify, other = (sum(getattr(r, k) for r in spec) for k in ("draft_s", "verify_s", "other_s"))
     cycle = draft + verify + other
     tok_s_spec = s_tok / s_wall if s_wall > 0 else None
@@ -60,10 +58,8 @@ def summarize(spec: list[GenRecord], ar: list[GenRecord], depth: int) -> dict:
         "new_tokens_spec": s_tok,
         "new_tokens_ar": a_tok,
         "target_forwards": s_fwd,
-        "cycles": len(lengths),
-        "tau": s_tok / s_fwd if s_fwd else None,
-        "mean_accepted": sum(lengths) / len(lengths) if lengths else None,
-        "accept_by_depth": acceptance_by_depth(lengths, depths, depth),
+        "tau": s_fwd_tok / s_fwd if s_fwd else None,
+        "accept_by_depth": acceptance_by_depth(spec),
         "tok_s_spec": tok_s_spec,
         "tok_s_ar": tok_s_ar,
         "speedup": tok_s_spec / tok_s_ar if tok_s_spec and tok_s_ar else None,

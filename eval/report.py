@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 from pathlib import Path
 
@@ -25,10 +26,21 @@ def machine_info(device) -> dict:
     import transformers
 
     dev = str(device)
-    name = torch.cuda.get_device_name(device) if dev.startswith("cuda") else (platform.processor() or platform.machine())
-    return {"device": dev, "device_name": name, "torch": torch.__version__, "transformers": transformers.__version__,
+    name = torch.cuda.get_device_name(device) if dev.startswith("cuda") else _cpu_name()
+    return {"device": dev, "device_name": name, "cpu_count": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "platform": platform.platform(), "torch_threads": torch.get_num_threads(),
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+
+
+def _cpu_name() -> str:
+    """The CPU model (Linux /proc/cpuinfo), else what platform knows."""
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
 def title(report: dict) -> str:
@@ -58,7 +70,10 @@ def markdown(report: dict) -> str:
               f"top_k {tree.get('top_k')}, total_tokens {tree.get('total_tokens')}; "
               f"max_new_tokens {report.get('max_new_tokens')}",
               f"machine: {m['device']} ({m['device_name']}), torch {m['torch']}, transformers {m['transformers']}, "
-              f"{m['date']}", ""]
+              f"{m['date']}"]
+    if report.get("command"):
+        lines.append(f"command: `{report['command']}`")
+    lines.append("")
     head = (["benchmark", "T", "prompts", "τ"] + [f"acc@{d}" for d in range(1, depth + 1)]
             + ["tok/s spec", "tok/s AR", "speedup", "draft %", "verify %", "other %", "= AR"])
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -14,6 +14,7 @@ prints the table.
 """
 from __future__ import annotations
 
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -75,7 +76,7 @@ def build_drafter(cfg: Config, target):
 
     name = cfg.drafter.name
     if name in REFERENCE:  # need no training: built straight from the config
-        return drafter_class(name).from_config(cfg, target), None
+        return drafter_class(name).from_config(cfg.drafter, target), None
     d = trained_drafter_dir(cfg)  # before importing the family: the missing folder is the likelier mistake
     trainable = drafter_class(name).from_pretrained(str(d), target)
     return trainable.as_drafter(target), hf_assistant_model(trainable)
@@ -94,12 +95,10 @@ def hf_assistant_model(trainable):
 
 
 def make_decoder(cfg: Config, target, drafter, temperature: float):
+    """The speculative decoder at one of eval.temperatures (a vocab mismatch is its one-line error)."""
     from eval.decoder import SpeculativeDecoder
 
-    ev = cfg.eval
-    return SpeculativeDecoder(target, drafter, ev.tree, temperature=temperature, top_p=ev.top_p, top_k=ev.top_k,
-                              acceptance=ev.acceptance, typical_epsilon=ev.typical_epsilon,
-                              typical_alpha=ev.typical_alpha)
+    return SpeculativeDecoder.from_config(target, drafter, cfg.eval, temperature)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -110,30 +109,31 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _record(tokens, st, wall: float) -> GenRecord:
+    return GenRecord(new_tokens=st.new_tokens, wall_s=wall, forwards=st.cycles, forward_tokens=st.cycle_tokens,
+                     depth_attempted=list(st.depth_attempted), depth_accepted=list(st.depth_accepted),
+                     draft_s=st.time_draft, verify_s=st.time_verify, other_s=st.time_other,
+                     tokens=[int(t) for t in tokens])
+
+
 def spec_generate(decoder, ids: list[int], max_new_tokens: int, eos_ids: list[int], generator) -> GenRecord:
     """One speculative generation as a GenRecord (wall time measured here, around the whole call)."""
     dev = decoder.target.device
-    x = torch.tensor([ids], device=dev)
     _sync(dev)
     t0 = time.perf_counter()
-    tokens, st = decoder.generate(x, max_new_tokens, eos_ids, generator)
+    tokens, st = decoder.generate(ids, max_new_tokens, eos_ids, generator)
     _sync(dev)
-    wall = time.perf_counter() - t0
-    return GenRecord(new_tokens=len(tokens), wall_s=wall, forwards=st.target_forwards,
-                     accept_lengths=list(st.accept_lengths), tree_depths=list(st.tree_depths),
-                     draft_s=st.draft_s, verify_s=st.verify_s, other_s=st.other_s, tokens=list(tokens))
+    return _record(tokens, st, time.perf_counter() - t0)
 
 
 def ar_generate(decoder, ids: list[int], max_new_tokens: int, eos_ids: list[int], generator) -> GenRecord:
     """The autoregressive baseline: the same target, sampling rule and KV-cache path, one token per forward."""
     dev = decoder.target.device
-    x = torch.tensor([ids], device=dev)
     _sync(dev)
     t0 = time.perf_counter()
-    tokens, st = decoder.generate_autoregressive(x, max_new_tokens, eos_ids, generator)
+    tokens, st = decoder.generate_autoregressive(ids, max_new_tokens, eos_ids, generator)
     _sync(dev)
-    wall = time.perf_counter() - t0
-    return GenRecord(new_tokens=len(tokens), wall_s=wall, forwards=st.target_forwards, tokens=list(tokens))
+    return _record(tokens, st, time.perf_counter() - t0)
 
 
 def answer_text(tokenizer, tokens: list[int], eos_ids: list[int]) -> str:
@@ -172,7 +172,8 @@ def prompt_limit(cfg: Config, target) -> int:
     limit = cfg.eval.max_prompt_tokens
     if max_pos:
         tree = cfg.eval.tree
-        room = int(max_pos) - cfg.eval.max_new_tokens - max(tree.total_tokens, tree.depth) - 1
+        nodes = {"chain": tree.depth, "dynamic": tree.total_tokens}.get(tree.kind) or sum(map(len, tree.paths or []))
+        room = int(max_pos) - cfg.eval.max_new_tokens - nodes - 1
         if room < 1:
             raise DraftsmithError(
                 f"eval.max_new_tokens={cfg.eval.max_new_tokens} plus the draft tree leaves no room for a prompt in "
@@ -234,61 +235,73 @@ def time_assisted(target, assistant, prompts: list[list[int]], max_new_tokens: i
 # --------------------------------------------------------------------------------------------------
 # the stage
 # --------------------------------------------------------------------------------------------------
-def run(cfg: Config) -> dict:
-    """Evaluate cfg.drafter against the target; returns {"report": dict, "paths": {name: Path}}."""
-    from omegaconf import OmegaConf
+def evaluate(cfg: Config, target, drafter, assistant=None, progress: bool = True) -> list[dict]:
+    """One result row per benchmark x temperature: speculative vs autoregressive decoding of the same
+    prompts (and, at T=0 with an independent drafter, transformers' assisted generation)."""
     from tqdm.auto import tqdm
 
-    from drafters.target import load_target
-
-    validate(cfg)
     ev = cfg.eval
-    torch.manual_seed(cfg.run.seed)
-    target = load_target(cfg.target, cfg.run.device)
-    drafter, assistant = build_drafter(cfg, target)
-    out_dir = run_dir(cfg) / "eval" / cfg.drafter.name
-    save_config(cfg, out_dir)
     limit = prompt_limit(cfg, target)
     eos = target.eos_token_ids
-    lossy = ev.acceptance == "typical"
-    flag = f" [{LOSSY}]" if lossy else ""
+    flag = f" [{LOSSY}]" if ev.acceptance == "typical" else ""
     results = []
     for bench in ev.benchmarks:
         prompts, skipped, source = select_prompts(bench, cfg, target, limit)
+        first = render_prompt(target.tokenizer, target.chat_template, [{"role": "user", "content": prompts[0].turns[0]}])
         for temp in ev.temperatures:
             dec = make_decoder(cfg, target, drafter, temp)
 
-            def spec(ids, g, n=ev.max_new_tokens, dec=dec):
-                return spec_generate(dec, ids, n, eos, g)
+            def spec(ids, g, dec=dec):
+                return spec_generate(dec, ids, ev.max_new_tokens, eos, g)
 
-            def ar(ids, g, n=ev.max_new_tokens, dec=dec):
-                return ar_generate(dec, ids, n, eos, g)
+            def ar(ids, g, dec=dec):
+                return ar_generate(dec, ids, ev.max_new_tokens, eos, g)
 
-            first = render_prompt(target.tokenizer, target.chat_template, [{"role": "user", "content": prompts[0].turns[0]}])
             for _ in range(ev.warmup):  # untimed: first-call costs must not land on prompt 1
                 g = torch.Generator(device=target.device).manual_seed(ev.seed)
                 spec_generate(dec, first, min(ev.max_new_tokens, 16), eos, g)
                 ar_generate(dec, first, min(ev.max_new_tokens, 16), eos, g)
             spec_recs, ar_recs, turn_ids = [], [], []
             sk: Counter = Counter(skipped)
-            for i, p in enumerate(tqdm(prompts, desc=f"{bench} T={temp:g}{flag}", unit="prompt")):
+            bar = tqdm(prompts, desc=f"{bench} T={temp:g}{flag}", unit="prompt", disable=not progress)
+            for i, p in enumerate(bar):  # interleaved: machine noise hits both decoders alike
                 s = converse(spec, p, target, limit, ev.seed + i, sk, turn_ids)
                 a = converse(ar, p, target, limit, ev.seed + i, Counter())
                 n = min(len(s), len(a))  # the same turns on both sides (T > 0 answers differ in length)
                 spec_recs += s[:n]
                 ar_recs += a[:n]
             row = {"benchmark": bench, "temperature": float(temp), "prompts": len(prompts),
-                   "source": source.summary(), "skipped": dict(sk),
-                   **summarize(spec_recs, ar_recs, ev.tree.depth), "peer": None}
+                   "source": source.summary(), "skipped": dict(sk), **summarize(spec_recs, ar_recs), "peer": None}
             if temp == 0 and assistant is not None and ev.compare_assistant:
                 row["peer"] = time_assisted(target, assistant, turn_ids, ev.max_new_tokens)
             results.append(row)
             print(_line(row, flag), flush=True)
-    report = {"drafter": {"name": cfg.drafter.name, "checkpoint": cfg.drafter.checkpoint},
-              "target": cfg.target.path, "acceptance": ev.acceptance, "lossy": lossy,
-              "tree": OmegaConf.to_container(OmegaConf.structured(ev.tree)), "max_new_tokens": ev.max_new_tokens,
-              "machine": machine_info(target.device), "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
-              "results": results}
+    return results
+
+
+def build_report(cfg: Config, target, results: list[dict]) -> dict:
+    """The report dict eval.report writes: results plus what produced them."""
+    from omegaconf import OmegaConf
+
+    ev = cfg.eval
+    return {"drafter": {"name": cfg.drafter.name, "checkpoint": cfg.drafter.checkpoint},
+            "target": cfg.target.path, "acceptance": ev.acceptance, "lossy": ev.acceptance == "typical",
+            "tree": OmegaConf.to_container(OmegaConf.structured(ev.tree)), "max_new_tokens": ev.max_new_tokens,
+            "machine": machine_info(target.device), "command": " ".join(sys.argv),
+            "config": OmegaConf.to_container(OmegaConf.structured(cfg)), "results": results}
+
+
+def run(cfg: Config) -> dict:
+    """Evaluate cfg.drafter against the target; returns {"report": dict, "paths": {name: Path}}."""
+    from drafters.target import load_target
+
+    validate(cfg)
+    torch.manual_seed(cfg.run.seed)
+    target = load_target(cfg.target, cfg.run.device)
+    drafter, assistant = build_drafter(cfg, target)
+    out_dir = run_dir(cfg) / "eval" / cfg.drafter.name
+    save_config(cfg, out_dir)
+    report = build_report(cfg, target, evaluate(cfg, target, drafter, assistant))
     paths = write_report(report, out_dir)
     print(markdown(report), flush=True)
     print(f"eval report: {paths['md']}", flush=True)

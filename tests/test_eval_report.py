@@ -12,38 +12,39 @@ from eval.metrics import GenRecord, acceptance_by_depth, summarize
 from eval.report import LOSSY, LOSSY_NOTE, _plot_title, markdown, write_report
 
 
-def test_acceptance_by_depth_is_conditional_on_reaching_the_depth():
-    # cycles: accepted 2 of a depth-3 draft, 0 of 3, 3 of 3, 1 of a depth-2 draft
-    assert acceptance_by_depth([2, 0, 3, 1], [3, 3, 3, 2], 3) == [0.75, pytest.approx(2 / 3), 0.5]
-    assert acceptance_by_depth([0, 0], [0, 1], 2) == [0.0, None]  # no draft at all is not a rejection
-
-
 def _records():
-    spec = [GenRecord(new_tokens=10, wall_s=1.0, forwards=4, accept_lengths=[2, 0, 3, 1], tree_depths=[3, 3, 3, 2],
-                      draft_s=0.2, verify_s=0.6, other_s=0.2, tokens=[1, 2, 3]),
-            GenRecord(new_tokens=6, wall_s=0.5, forwards=4, accept_lengths=[1, 1, 0, 0], tree_depths=[3, 3, 3, 3],
-                      draft_s=0.1, verify_s=0.3, other_s=0.1, tokens=[4, 5])]
-    ar = [GenRecord(new_tokens=10, wall_s=2.0, forwards=10, tokens=[1, 2, 3]),
-          GenRecord(new_tokens=6, wall_s=1.0, forwards=6, tokens=[4, 6])]
+    # 4 + 4 cycles of depth-3 drafts: depth 1 tried 8 times, accepted 5; depth 2 tried 5, accepted 2; ...
+    spec = [GenRecord(new_tokens=10, wall_s=1.0, forwards=4, forward_tokens=10, depth_attempted=[4, 3, 2],
+                      depth_accepted=[3, 2, 1], draft_s=0.2, verify_s=0.6, other_s=0.2, tokens=[1, 2, 3]),
+            GenRecord(new_tokens=6, wall_s=0.5, forwards=4, forward_tokens=6, depth_attempted=[4, 2],
+                      depth_accepted=[2, 0], draft_s=0.1, verify_s=0.3, other_s=0.1, tokens=[4, 5])]
+    ar = [GenRecord(new_tokens=10, wall_s=2.0, forwards=9, forward_tokens=9, tokens=[1, 2, 3]),
+          GenRecord(new_tokens=6, wall_s=1.0, forwards=5, forward_tokens=5, tokens=[4, 6])]
     return spec, ar
+
+
+def test_acceptance_by_depth_pools_cycles_over_generations():
+    spec, _ = _records()
+    assert acceptance_by_depth(spec) == [5 / 8, 2 / 5, 1 / 2]
+    assert acceptance_by_depth([GenRecord(1, 0.1, 1, 1, [2, 0], [0, 0])]) == [0.0, None]  # never reached depth 2
 
 
 def test_summarize_uses_ratios_of_sums():
     spec, ar = _records()
-    s = summarize(spec, ar, depth=3)
+    s = summarize(spec, ar)
     assert s["tau"] == 2.0  # 16 tokens / 8 target forwards
     assert s["tok_s_spec"] == pytest.approx(16 / 1.5) and s["tok_s_ar"] == pytest.approx(16 / 3.0)
     assert s["speedup"] == pytest.approx(2.0)
     assert s["accept_by_depth"] == [pytest.approx(5 / 8), pytest.approx(2 / 5), pytest.approx(1 / 2)]
     assert s["time_split"] == {"draft": pytest.approx(0.2), "verify": pytest.approx(0.6), "other": pytest.approx(0.2)}
     assert s["outside_target"] == pytest.approx(0.4)
-    assert (s["identical_outputs"], s["generations"], s["cycles"]) == (1, 2, 8)
+    assert (s["identical_outputs"], s["generations"], s["target_forwards"]) == (1, 2, 8)
 
 
 def _report(lossy=False, temps=(0.0, 1.0)):
     spec, ar = _records()
     rows = [{"benchmark": b, "temperature": t, "prompts": 2, "skipped": {"prompt over 100 tokens": 1} if b == "gsm8k" else {},
-             **summarize(spec, ar, 3), "peer": None} for b in ("mtbench", "gsm8k") for t in temps]
+             **summarize(spec, ar), "peer": None} for b in ("mtbench", "gsm8k") for t in temps]
     rows[0]["peer"] = {"generations": 2, "tok_s_assisted": 30.0, "tok_s_greedy": 20.0, "speedup": 1.5, "identical": 2}
     return {"drafter": {"name": "ngram", "checkpoint": None}, "target": "/tmp/tiny-llama", "lossy": lossy,
             "acceptance": "typical" if lossy else "lossless",
