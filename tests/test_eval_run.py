@@ -61,21 +61,24 @@ def test_self_drafting_target_has_exact_tau(cfg_for):
     assert r["accept_by_depth"] == [1.0, 1.0, 1.0] and r["identical_outputs"] == r["generations"] == 1
 
 
-def test_typical_acceptance_is_flagged_lossy_in_every_output(cfg_for, capsys):
+def test_typical_acceptance_is_flagged_lossy_in_every_output(cfg_for, capsys, tmp_path):
     from eval.stage import run
 
-    res = run(cfg_for("drafter=ngram", "eval.acceptance=typical", "eval.temperatures=[0.7]", *FAST))
+    q = tmp_path / "question.jsonl"  # MT-bench: both turns are generated, the second on the first answer
+    q.write_text(json.dumps({"question_id": 81, "category": "writing", "turns": ["Write a poem.", "Shorter."]}))
+    res = run(cfg_for("drafter=ngram", "eval.acceptance=typical", "eval.temperatures=[0.7]", "eval.benchmarks=[mtbench]",
+                      f"eval.mtbench_path={q}", *FAST))
     out = capsys.readouterr().out
-    assert f"eval [{LOSSY}]: sharegpt_heldout T=0.7" in out
-    table = [ln for ln in out.splitlines() if ln.startswith("| sharegpt_heldout")]
-    assert table and all(f"sharegpt_heldout {LOSSY} |" in ln for ln in table)
+    assert res["report"]["results"][0]["generations"] == 2
+    assert f"eval [{LOSSY}]: mtbench T=0.7" in out
+    table = [ln for ln in out.splitlines() if ln.startswith("| mtbench")]
+    assert table and all(f"mtbench {LOSSY} |" in ln for ln in table)
     assert next(ln for ln in out.splitlines() if ln.startswith("# draftsmith eval")).endswith(f"[{LOSSY}]")
     assert json.loads(res["paths"]["json"].read_text())["lossy"] is True
 
 
 def test_vocab_mismatch_reaches_the_user_as_one_line(cfg_for):
     from drafters.reference import NgramDrafter
-
     from drafters.target import load_target
     from eval.stage import make_decoder
 
