@@ -79,18 +79,24 @@ def build_drafter(cfg: Config, target):
         return drafter_class(name).from_config(cfg.drafter, target), None
     d = trained_drafter_dir(cfg)  # before importing the family: the missing folder is the likelier mistake
     trainable = drafter_class(name).from_pretrained(str(d), target)
-    return trainable.as_drafter(target), hf_assistant_model(trainable)
+    return trainable.as_drafter(target), hf_assistant_model(trainable, d, target)
 
 
-def hf_assistant_model(trainable):
-    """The plain HF causal LM inside an independent drafter (family `small`), for transformers'
-    generate(assistant_model=...); None for drafters that read the target's hidden states."""
-    from transformers import PreTrainedModel
+def hf_assistant_model(trainable, folder: Path, target):
+    """The plain HF causal LM of an independent drafter (family `small`), for transformers'
+    generate(assistant_model=...): one the drafter object holds, else its folder when that is an HF
+    causal-LM folder; None for drafters that read the target's hidden states."""
+    import json
+
+    from transformers import AutoModelForCausalLM, PreTrainedModel
 
     for attr in ("hf_model", "model"):
         m = getattr(trainable, attr, None)
         if isinstance(m, PreTrainedModel) and hasattr(m, "generate"):
             return m
+    cfg = folder / "config.json"
+    if cfg.exists() and any(a.endswith("ForCausalLM") for a in json.loads(cfg.read_text()).get("architectures") or []):
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=target.dtype).to(target.device).eval()
     return None
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,3 +104,20 @@ def test_assisted_peer_matches_plain_greedy(llama, tiny_target_dir):
     assert peer["generations"] == 2 and peer["identical"] == 2
     assert peer["new_tokens_assisted"] == peer["new_tokens_greedy"] > 0
     assert peer["tok_s_assisted"] > 0 and peer["tok_s_greedy"] > 0
+
+
+def test_hf_assistant_is_found_for_independent_drafters_only(llama, tiny_target_dir, tmp_path):
+    from transformers import PreTrainedModel
+
+    from eval.stage import hf_assistant_model
+
+    class Holder:  # a `small` drafter object holding its HF model
+        def __init__(self, model=None):
+            self.model = model
+
+    assert hf_assistant_model(Holder(llama.model), tmp_path, llama) is llama.model
+    (tmp_path / "drafter_config.json").write_text("{}")  # a feature drafter's folder: no HF config
+    assert hf_assistant_model(Holder(), tmp_path, llama) is None
+    folder = tiny_target_dir("llama", seed=1)  # an HF causal-LM folder
+    m = hf_assistant_model(Holder(), Path(folder), llama)
+    assert isinstance(m, PreTrainedModel) and m.device == llama.device
