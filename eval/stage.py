@@ -207,9 +207,10 @@ def select_prompts(name: str, cfg: Config, target, limit: int) -> tuple[list[Ben
     return chosen, skipped, report
 
 
-def time_assisted(target, assistant, prompts: list[list[int]], max_new_tokens: int) -> dict:
+def time_assisted(target, assistant, prompts: list[list[int]], max_new_tokens: int, warmup: int = 1) -> dict:
     """transformers' generate(assistant_model=...) vs plain greedy generate on the same prompts (T=0), and
-    whether the assisted output equals greedy (it must: assisted greedy decoding is lossless)."""
+    whether the assisted output equals greedy (it must: assisted greedy decoding is lossless). `warmup`
+    untimed rounds on the first prompt come first."""
     dev = target.device
     eos = target.eos_token_ids
     pad = target.tokenizer.pad_token_id if target.tokenizer.pad_token_id is not None else eos[0]
@@ -218,9 +219,10 @@ def time_assisted(target, assistant, prompts: list[list[int]], max_new_tokens: i
     walls = {"assisted": 0.0, "greedy": 0.0}
     toks = {"assisted": 0, "greedy": 0}
     identical = 0
-    for ids in prompts:
+    for k, ids in enumerate(prompts[:1] * warmup + prompts):
         x = torch.tensor([ids], device=dev)
         outs = {}
+        timed = k >= warmup
         for mode in ("assisted", "greedy"):
             extra = {"assistant_model": assistant} if mode == "assisted" else {}
             _sync(dev)
@@ -228,10 +230,11 @@ def time_assisted(target, assistant, prompts: list[list[int]], max_new_tokens: i
             with torch.no_grad():
                 out = target.model.generate(x, attention_mask=torch.ones_like(x), **kw, **extra)
             _sync(dev)
-            walls[mode] += time.perf_counter() - t0
             outs[mode] = out[0, x.shape[1]:].tolist()
-            toks[mode] += len(outs[mode])
-        identical += outs["assisted"] == outs["greedy"]
+            if timed:
+                walls[mode] += time.perf_counter() - t0
+                toks[mode] += len(outs[mode])
+        identical += timed and outs["assisted"] == outs["greedy"]
     tps = {m: toks[m] / walls[m] if walls[m] > 0 else None for m in walls}
     return {"generations": len(prompts), "tok_s_assisted": tps["assisted"], "tok_s_greedy": tps["greedy"],
             "speedup": tps["assisted"] / tps["greedy"] if tps["assisted"] and tps["greedy"] else None,
@@ -279,7 +282,7 @@ def evaluate(cfg: Config, target, drafter, assistant=None, progress: bool = True
             row = {"benchmark": bench, "temperature": float(temp), "prompts": len(prompts),
                    "source": source.summary(), "skipped": dict(sk), **summarize(spec_recs, ar_recs), "peer": None}
             if temp == 0 and assistant is not None and ev.compare_assistant:
-                row["peer"] = time_assisted(target, assistant, turn_ids, ev.max_new_tokens)
+                row["peer"] = time_assisted(target, assistant, turn_ids, ev.max_new_tokens, ev.warmup)
             results.append(row)
             print(_line(row, flag), flush=True)
     return results
