@@ -18,7 +18,9 @@ back through d2t and fill the rest with -inf). The tree builder applies temperat
 The root of every tree is x_n; `frontier` holds node indices into the partial tree, -1 meaning the root.
 
 Drafters that read target features set `uses_features = True`; the decoder then passes them, otherwise
-None. `vocab_size` must equal the target's (checked by the decoder with a clear error).
+None. `feature_source` says which target output they are: "features" (TargetOutput.features, the tapped
+hidden states, [.., n_taps * H]: EAGLE-3) or "last_hidden" (TargetOutput.last_hidden, [.., H]: EAGLE-1).
+`vocab_size` must equal the target's (checked by the decoder with a clear error).
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ class Drafter(ABC):
 
     name: str = "drafter"
     uses_features: bool = False
+    feature_source: str = "features"  # "features" | "last_hidden": which TargetOutput field start/commit get
     vocab_size: int
 
     @abstractmethod

@@ -39,17 +39,21 @@ class TargetDrafterConfig(DrafterConfig):
 class Eagle1Config(DrafterConfig):
     name: str = "eagle1"
     num_layers: int = 1
-    feature_noise: float = 0.2  # uniform noise amplitude on input features during training
-    losses: Dict[str, float] = field(default_factory=lambda: {"smooth_l1": 1.0, "ce": 0.1})
+    feature_noise: float = 0.2  # training adds uniform noise U(-a/2, a/2), a = feature_noise, to input features
+    # smooth_l1 (feature regression), soft_ce (-sum p log q vs the target's distribution: the official
+    # EAGLE-1 "CE"), ce (hard CE vs the target's argmax) or any distribution loss in training/losses.py
+    losses: Dict[str, float] = field(default_factory=lambda: {"smooth_l1": 1.0, "soft_ce": 0.1})
 
 
 @dataclass
 class Eagle3Config(DrafterConfig):
     name: str = "eagle3"
     num_layers: int = 1
-    draft_vocab_size: Optional[int] = 32000  # None = full target vocab; capped at the target's vocab
+    # the most frequent assistant tokens (data_gen's counts); None = full target vocab; capped at the target's
+    draft_vocab_size: Optional[int] = 32000
     ttt_steps: int = 7  # training-time test: unrolled steps
     step_decay: float = 0.8  # weight of step i is step_decay**i
+    # per step: soft_ce (-sum p log q over the draft vocab), ce (vs the target's argmax) or any distribution loss
     losses: Dict[str, float] = field(default_factory=lambda: {"soft_ce": 1.0})
 
 

@@ -1,0 +1,421 @@
+"""EAGLE-1: a feature-level drafter (Li et al., 2024), plus the decoding adapter shared with EAGLE-3.
+
+    python train.py drafter=eagle1                       # train it (stage=train) on the demo target
+    python -m pytest -q tests/test_eagle1.py             # its tests (CPU, seconds)
+
+Model. Row t pairs the target's top-layer feature f_t (TargetSignal.last_hidden: the final *normed*
+hidden state, what the LM head reads) with the next token x_{t+1}:
+    x = fc(concat(embed(x_{t+1}), f_t))        2H -> H, with bias (the official / SGLang layout)
+    f_hat_t = decoder layers(x)                 Llama layers; the first has no input norm (official)
+    logits = target.lm_head(f_hat_t)            frozen; predicts x_{t+2}
+f_hat_t regresses f_{t+1}. Embeddings and LM head are the target's, frozen and outside the state dict,
+whose names are SGLang's LlamaForCausalLMEagle ones: fc.{weight,bias}, layers.<i>.*.
+
+Loss (cfg.losses, name -> weight), over rows whose predicted token x_{t+2} is an assistant token:
+    smooth_l1   SmoothL1(f_hat_t, f_{t+1})
+    soft_ce     -sum p log q, p = the target's distribution at t+1 (the official EAGLE-1 "CE(p, q)")
+    ce          hard CE against the target's argmax token (what T=0 acceptance checks)
+    any other training.losses distribution loss (forward_kl, tvd, ...) against p.
+Default 1.0 * smooth_l1 + 0.1 * soft_ce. Training adds uniform noise U(-a/2, a/2), a = cfg.feature_noise,
+to the input features (official EAGLE-1: a = 0.2).
+
+Decoding (`EagleDecoding`): the drafter keeps its own KV cache over committed pairs (f_i, x_{i+1}),
+i < n. The root's draft distribution is the output of the last pair; a tree node at depth d sits at
+position n - 1 + d, pairs its parent's *predicted* feature with its own token, and attends to the
+committed pairs plus its ancestors (a 4D mask). `commit` re-runs the accepted pairs with the target's
+true features and drops all tree state.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from conf.errors import DraftsmithError
+from drafters.base import Drafter, TargetSignal, TrainableDrafter
+from drafters.layers import (
+    DecoderLayer,
+    DrafterDims,
+    FolderCheckpoint,
+    Rotary,
+    causal_attend,
+    masked_attention,
+    ttt_attend,
+)
+from training import losses as L
+
+
+def shifted(x: torch.Tensor, k: int, length: int) -> torch.Tensor:
+    """x[:, k:k+length] along dim 1, zero/False-padded on the right when the sequence runs out."""
+    part = x[:, k:k + length]
+    if part.shape[1] < length:
+        pad = part.new_zeros((part.shape[0], length - part.shape[1], *part.shape[2:]))
+        part = torch.cat([part, pad], dim=1)
+    return part
+
+
+def ratio(hits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Fraction of masked positions that are hits (0 when nothing is masked), as a 0-d tensor."""
+    return (hits & mask).sum() / mask.sum().clamp_min(1)
+
+
+def floats(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    """0-d metric tensors -> floats with a single device sync."""
+    values = torch.stack([v.detach().float() for v in metrics.values()]).tolist()
+    return dict(zip(metrics, values))
+
+
+class _Shared:
+    """Holds the frozen target outside the module tree; copy.deepcopy of a drafter (a frozen reference
+    copy for GTO, say) shares the target instead of duplicating it."""
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class EagleBase(FolderCheckpoint, TrainableDrafter):
+    """What EAGLE-1 and EAGLE-3 share: the frozen target reference, RoPE, checkpointing switch,
+    the per-row core `core(hidden, embeds, positions, attends)` and the decoding adapter."""
+
+    feature_source = "features"  # which target output the decoder feeds start/commit (see base.Drafter)
+
+    def __init__(self, cfg, dims: DrafterDims, target):
+        super().__init__()
+        self.cfg, self.dims = cfg, dims
+        self._target = _Shared(target)  # the frozen target must not become a submodule (state dict, ZeRO)
+        self._rope = Rotary(dims)
+        self._gc = False
+
+    @property
+    def target(self):
+        return self._target.obj
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        return self.fc.weight.dtype
+
+    @property
+    def feature_width(self) -> int:
+        """Width of the per-position target features `project` reads."""
+        raise NotImplementedError
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.target.embed(ids).to(self.param_dtype)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Committed pairs' hidden input from target features [.., feature_width] -> [.., H]."""
+        raise NotImplementedError
+
+    def core(self, hidden, embeds, positions, attends: list[Callable]):
+        """Run the decoder layer(s) over rows (hidden, embedded token) -> (out [B,T,H], [(k, v)] per layer)."""
+        raise NotImplementedError
+
+    def target_vocab_logits(self, out: torch.Tensor) -> torch.Tensor:
+        """Draft logits over the target vocabulary [.., V] from core outputs."""
+        raise NotImplementedError
+
+    @property
+    def num_kv_layers(self) -> int:
+        raise NotImplementedError
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute each unrolled step's layers (and head + loss) in backward; non-reentrant, so
+        closures over earlier steps' keys and the frozen target still get their gradients right."""
+        self._gc = bool(enabled)
+
+    def _ckpt(self, fn, *args):
+        if self._gc and self.training and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def forward(self, signal: TargetSignal) -> tuple[torch.Tensor, dict[str, float]]:
+        """= loss(signal), so engines that call the module (DeepSpeed's engine(batch)) train it."""
+        return self.loss(signal)
+
+    def as_drafter(self, target=None) -> EagleDecoding:
+        return EagleDecoding(self, target if target is not None else self.target)
+
+    def unroll(self, input_ids: torch.Tensor, hidden: torch.Tensor, steps: int):
+        """Yield the core output [B, n, H] of unrolled steps i = 0..steps-1 over rows t = 0..n-1.
+
+        `hidden` is step 0's hidden input (row t: from the target's feature f_t, see `project`); row t of
+        step i reads token x_{t+1+i} at position t + i, and step i >= 1 reads step i-1's output as its
+        hidden input, attending with the training-time-test pattern (drafters.layers.ttt_attend)."""
+        B, n = hidden.shape[:2]
+        positions = torch.arange(n, device=hidden.device).expand(B, n)
+        first: list = []
+        prev = [([], []) for _ in range(self.num_kv_layers)]
+        for i in range(steps):
+            if i == 0:
+                attends = [causal_attend] * self.num_kv_layers
+            else:
+                attends = [ttt_attend(k0, v0, pk, pv) for (k0, v0), (pk, pv) in zip(first, prev)]
+            embeds = self.embed(shifted(input_ids, 1 + i, n))
+            out, kvs = self._ckpt(self.core, hidden, embeds, positions + i, attends)
+            if i == 0:
+                first = kvs
+            else:
+                for (pk, pv), (k, v) in zip(prev, kvs):
+                    pk.append(k)
+                    pv.append(v)
+            yield out
+            hidden = out
+
+    def _check_losses(self, allowed: set[str]) -> None:
+        bad = [k for k in self.cfg.losses if k not in allowed]
+        if bad or not self.cfg.losses:
+            raise DraftsmithError(
+                f"drafter.losses={dict(self.cfg.losses)} for {self.family}: use one or more of "
+                f"{', '.join(sorted(allowed))} (name: weight)")
+
+
+class Eagle1Drafter(EagleBase):
+    """EAGLE-1: predicts the target's next top-layer feature; the target's LM head reads it."""
+
+    family = "eagle1"
+    feature_source = "last_hidden"
+
+    def __init__(self, cfg, dims: DrafterDims, target):
+        super().__init__(cfg, dims, target)
+        if cfg.num_layers < 1:
+            raise DraftsmithError(f"drafter.num_layers={cfg.num_layers}: eagle1 needs at least 1 decoder layer")
+        self._check_losses({"smooth_l1", "ce", *L.DISTRIBUTION_LOSSES})
+        H = dims.hidden_size
+        self.fc = nn.Linear(2 * H, H, bias=True)
+        self.layers = nn.ModuleList(DecoderLayer(dims, H, input_layernorm=i > 0) for i in range(cfg.num_layers))
+
+    @classmethod
+    def from_target(cls, cfg, target, token_counts=None) -> Eagle1Drafter:
+        """Dimensions from target.config; token_counts is unused (EAGLE-1 keeps the full vocabulary)."""
+        return cls(cfg, DrafterDims.from_target(target), target).to(target.device)
+
+    @classmethod
+    def from_meta(cls, cfg, target, dims, meta):
+        return cls(cfg, dims, target).to(target.device)
+
+    @property
+    def feature_width(self) -> int:
+        return self.dims.hidden_size
+
+    @property
+    def num_kv_layers(self) -> int:
+        return len(self.layers)
+
+    def project(self, features):
+        return features.to(self.param_dtype)
+
+    def core(self, hidden, embeds, positions, attends):
+        x = self.fc(torch.cat([embeds, hidden.to(self.param_dtype)], dim=-1))
+        cos, sin = self._rope(x, positions)
+        kvs = []
+        for layer, attend in zip(self.layers, attends):
+            a_in = layer.input_layernorm(x) if layer.input_layernorm is not None else x
+            x, k, v = layer(a_in, x, cos, sin, attend)
+            kvs.append((k, v))
+        return x, kvs
+
+    def target_vocab_logits(self, out):
+        return self.target.lm_head(out.to(self.target.dtype)).float()
+
+    def loss(self, signal: TargetSignal) -> tuple[torch.Tensor, dict[str, float]]:
+        if signal.last_hidden is None:
+            raise DraftsmithError("eagle1 trains on the target's last hidden state, but this batch has none: "
+                                  "run online (train.mode=online) or cache last_hidden in data_gen")
+        ids = signal.input_ids
+        B, T = ids.shape
+        n = max(T - 1, 1)  # rows t = 0..T-2 pair (f_t, x_{t+1})
+        f = signal.last_hidden
+        feats = shifted(f, 0, n).to(self.param_dtype)
+        if self.training and self.cfg.feature_noise > 0:
+            feats = feats + (torch.rand_like(feats) - 0.5) * self.cfg.feature_noise
+        out = next(self.unroll(ids, feats, 1))
+        # row t predicts x_{t+2}: the target's distribution at t+1, the loss mask at t+2
+        valid = shifted((signal.loss_mask > 0) & (signal.attention_mask > 0), 2, n)
+        target_logits = shifted(signal.logits, 1, n)
+        target_arg = target_logits.argmax(-1)
+        logits = self.target_vocab_logits(out)
+        total = out.new_zeros((), dtype=torch.float32)
+        metrics: dict[str, torch.Tensor] = {}
+        for name, w in self.cfg.losses.items():
+            if name == "smooth_l1":
+                term = L.smooth_l1(out, shifted(f, 1, n), valid)
+            elif name == "ce":
+                term = L.ce(logits, target_arg, valid)
+            else:
+                term = L.DISTRIBUTION_LOSSES[name](logits, target_logits, valid)
+            total = total + w * term
+            metrics[f"loss/{name}"] = w * term.detach()
+        metrics["acc/1"] = ratio(logits.argmax(-1) == target_arg, valid)
+        return total, floats(metrics)
+
+
+# --------------------------------------------------------------------------------------------------
+# Decoding adapter (EAGLE-1 and EAGLE-3)
+# --------------------------------------------------------------------------------------------------
+class EagleDecoding(Drafter):
+    """drafters.base.Drafter over an EAGLE model: own KV cache for committed pairs, per-node tree state.
+
+    Committed pairs i = 0..n-1 (feature f_i, token x_{i+1}) sit at positions i. A tree node at depth d
+    sits at position n - 1 + d; its hidden input is its parent's output (the root's parent is the last
+    committed pair), its token is its own, and it attends to every committed pair plus its ancestors.
+    Node states are computed lazily: expand computes the frontier nodes and any ancestors not yet
+    computed, depth by depth, and caches hidden and k/v by node index; nodes whose token or parent
+    changed since are recomputed. All trees of a batch share the committed sequence."""
+
+    uses_features = True
+
+    def __init__(self, model: EagleBase, target):
+        self.model = model
+        self.name = model.family
+        self.feature_source = model.feature_source
+        self.vocab_size = int(target.vocab_size)
+        self.close()
+
+    # --- committed sequence -------------------------------------------------------------------------
+    def close(self) -> None:
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.n_pairs = 0
+        self.root_hidden: torch.Tensor | None = None
+        self._tree: dict | None = None
+
+    def _check_features(self, features, n: int) -> torch.Tensor:
+        want = self.model.feature_width
+        if features is None:
+            raise DraftsmithError(f"{self.name} drafts from target features: pass them to start/commit "
+                                  f"(uses_features=True, feature_source={self.feature_source!r})")
+        if features.shape[-1] != want or features.shape[1] != n:
+            raise ValueError(f"{self.name} expects features [1, {n}, {want}] (target {self.feature_source}), "
+                             f"got {list(features.shape)}")
+        return features
+
+    @torch.no_grad()
+    def start(self, input_ids: torch.Tensor, features: torch.Tensor | None) -> None:
+        n = input_ids.shape[1] - 1
+        if input_ids.shape[0] != 1 or n < 1:
+            raise ValueError(f"start expects ids [1, n+1] with n >= 1, got {list(input_ids.shape)}")
+        self.close()
+        dev = self.model.fc.weight.device
+        kv_shape = (1, self.model.dims.num_key_value_heads, 0, self.model.dims.head_dim)
+        empty = torch.zeros(kv_shape, dtype=self.model.param_dtype, device=dev)
+        self.kv = [(empty, empty) for _ in range(self.model.num_kv_layers)]
+        self._append(self._check_features(features, n), input_ids[:, 1:])
+
+    @torch.no_grad()
+    def commit(self, new_ids: torch.Tensor, new_features: torch.Tensor | None) -> None:
+        if self.kv is None:
+            raise ValueError("commit before start")
+        self._append(self._check_features(new_features, new_ids.shape[1]), new_ids)
+
+    def _append(self, features: torch.Tensor, next_ids: torch.Tensor) -> None:
+        """Run new committed pairs (features[:, j], next_ids[:, j]) causally over the cached ones."""
+        m, n0 = next_ids.shape[1], self.n_pairs
+        dev = self.model.fc.weight.device
+        hidden = self.model.project(features.to(dev))
+        positions = torch.arange(n0, n0 + m, device=dev)[None]
+        vis = torch.cat([torch.ones(m, n0, dtype=torch.bool, device=dev),
+                         torch.ones(m, m, dtype=torch.bool, device=dev).tril()], dim=1)[None, None]
+        attends = [self._cached_attend(layer, vis) for layer in range(self.model.num_kv_layers)]
+        out, kvs = self.model.core(hidden, self.model.embed(next_ids.to(dev)), positions, attends)
+        self.kv = [(torch.cat([k0, k], 2), torch.cat([v0, v], 2)) for (k0, v0), (k, v) in zip(self.kv, kvs)]
+        self.n_pairs += m
+        self.root_hidden = out[:, -1]  # [1, H]
+        self._tree = None  # every tree node state is stale now
+
+    def _cached_attend(self, layer: int, vis: torch.Tensor):
+        def attend(q, k, v):
+            k0, v0 = self.kv[layer]
+            return masked_attention(q, torch.cat([k0, k], 2), torch.cat([v0, v], 2), vis)
+        return attend
+
+    # --- draft tree ---------------------------------------------------------------------------------
+    def _sync_tree(self, tree) -> dict:
+        """Per-node state buffers for `tree`, grown as it grows; state of changed nodes is dropped."""
+        B, N = tree.tokens.shape
+        st = self._tree
+        if st is None or st["B"] != B:
+            st = self._tree = {"B": B, "cap": 0}
+        if st["cap"] < N or "hidden" not in st:
+            cap = max(N, 2 * st["cap"], 16)
+            d, dev, dt = self.model.dims, self.model.fc.weight.device, self.model.param_dtype
+
+            def grow(old, shape, dim, dtype=dt, fill=0):
+                new = torch.full(shape, fill, dtype=dtype, device=dev)
+                if old is not None:
+                    new.narrow(dim, 0, old.shape[dim]).copy_(old)
+                return new
+            kv_shape = (B, d.num_key_value_heads, cap, d.head_dim)
+            st["hidden"] = grow(st.get("hidden"), (B, cap, d.hidden_size), 1)
+            st["k"] = [grow(k, kv_shape, 2) for k in st.get("k", [None] * self.model.num_kv_layers)]
+            st["v"] = [grow(v, kv_shape, 2) for v in st.get("v", [None] * self.model.num_kv_layers)]
+            st["done"] = grow(st.get("done"), (B, cap), 1, torch.bool, False)
+            st["tokens"] = grow(st.get("tokens"), (B, cap), 1, torch.long, -1)
+            st["parents"] = grow(st.get("parents"), (B, cap), 1, torch.long, -2)
+            st["cap"] = cap
+        same = (st["tokens"][:, :N] == tree.tokens.to(st["tokens"].device)) & (
+            st["parents"][:, :N] == tree.parents.to(st["parents"].device))
+        changed = ~same & st["done"][:, :N]
+        if changed.any():  # a node changed: it and everything after it (its descendants) are stale
+            first = changed.float().argmax(1)
+            for b in changed.any(1).nonzero().flatten().tolist():
+                st["done"][b, int(first[b]):] = False
+        st["done"][:, N:] = False
+        return st
+
+    @torch.no_grad()
+    def expand(self, tree, frontier: torch.Tensor) -> torch.Tensor:
+        if self.root_hidden is None:
+            raise ValueError("expand before start")
+        B, N = tree.tokens.shape
+        if frontier.dim() != 2 or frontier.shape[0] != B:
+            raise ValueError(f"frontier has {frontier.shape[0]} rows but the tree has {B}: pass [B, F] node indices")
+        st = self._sync_tree(tree)
+        dev = self.model.fc.weight.device
+        frontier = frontier.to(dev)
+        if N and (frontier >= 0).any():
+            anc = tree.ancestor_mask().to(dev)
+            depths = tree.depths.to(dev)
+            for b in range(B):
+                nodes = frontier[b][frontier[b] >= 0]
+                if nodes.numel() == 0:
+                    continue
+                need = anc[b, nodes].any(0) & ~st["done"][b, :N]
+                for d in depths[b][need].unique().tolist():  # ancestors first
+                    self._compute(st, tree, anc, b, (need & (depths[b] == d)).nonzero().flatten())
+        H = st["hidden"].shape[-1]
+        hidden = self.root_hidden[:, None].expand(B, frontier.shape[1], H)
+        if N:
+            nodes = st["hidden"].gather(1, frontier.clamp_min(0)[..., None].expand(-1, -1, H))
+            hidden = torch.where((frontier < 0)[..., None], hidden, nodes)
+        return self.model.target_vocab_logits(hidden)
+
+    def _compute(self, st: dict, tree, anc: torch.Tensor, b: int, idx: torch.Tensor) -> None:
+        """Hidden state and k/v of nodes `idx` of tree b (all of one depth; ancestors already done)."""
+        dev = idx.device
+        N = tree.num_nodes
+        par = tree.parents[b].to(dev)[idx]
+        hidden_in = torch.where((par < 0)[:, None], self.root_hidden, st["hidden"][b, par.clamp_min(0)])
+        tokens = tree.tokens[b].to(dev)[idx]
+        positions = (self.n_pairs - 1 + tree.depths[b].to(dev)[idx])[None]
+        vis = torch.cat([torch.ones(idx.numel(), self.n_pairs, dtype=torch.bool, device=dev),
+                         anc[b, idx, :N]], dim=1)[None, None]
+
+        def attend_for(layer):
+            def attend(q, k, v):
+                st["k"][layer][b].index_copy_(1, idx, k[0])
+                st["v"][layer][b].index_copy_(1, idx, v[0])
+                k0, v0 = self.kv[layer]
+                keys = torch.cat([k0, st["k"][layer][b:b + 1, :, :N]], 2)
+                vals = torch.cat([v0, st["v"][layer][b:b + 1, :, :N]], 2)
+                return masked_attention(q, keys, vals, vis)
+            return attend
+        out, _ = self.model.core(hidden_in[None], self.model.embed(tokens[None]), positions,
+                                 [attend_for(layer) for layer in range(self.model.num_kv_layers)])
+        st["hidden"][b].index_copy_(0, idx, out[0])
+        st["done"][b, idx] = True
+        st["tokens"][b, idx] = tokens
+        st["parents"][b, idx] = par

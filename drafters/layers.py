@@ -1,0 +1,300 @@
+"""Building blocks shared by drafters that run their own decoder layers, and their checkpoint folders.
+
+    dims = DrafterDims.from_target(target)                 # every size comes from target.config
+    layer = DecoderLayer(dims, attn_in=2 * dims.hidden_size, input_layernorm=True, hidden_norm=True)
+    out, k, v = layer(attn_in, residual, cos, sin, attend=causal_attend)
+
+The layer is Llama-shaped whatever the target is (RMSNorm, RoPE, SwiGLU MLP, no biases), because that is
+what serving engines load for EAGLE drafters (SGLang LlamaForCausalLMEagle / LlamaForCausalLMEagle3).
+Parameter names follow transformers' Llama (self_attn.q_proj, mlp.gate_proj, post_attention_layernorm...),
+so exports are plain state-dict dumps.
+
+Attention is pluggable: the layer computes q/k/v (RoPE applied) and hands them to an `attend(q, k, v)`
+callable, which decides what the queries see: a causal window (training), a cached prefix plus a 4D
+tree mask (decoding), or EAGLE-3's training-time-test pattern (`ttt_attend`).
+
+Checkpoint folders (`FolderCheckpoint` mixin): model.safetensors (the state dict, buffers included) and
+drafter_config.json ({family, config, dims, target fingerprint, family extras}); families implement
+`checkpoint_meta()` and `from_meta()`, and get `save_pretrained(dir)` / `from_pretrained(dir, target)`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conf.errors import DraftsmithError
+
+CONFIG_NAME = "drafter_config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------------------
+# Dimensions
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class DrafterDims:
+    """Sizes of a Llama-style drafter layer, derived from the target's config (never from YAML)."""
+
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    vocab_size: int  # the target's embedding rows
+    num_taps: int  # tapped target layers (EAGLE-3 fuses num_taps * hidden_size features)
+    rope_parameters: dict = field(default_factory=lambda: {"rope_type": "default", "rope_theta": 10000.0})
+
+    @classmethod
+    def from_target(cls, target) -> DrafterDims:
+        """Llama/Qwen2-style configs give every size directly; GPT-2-style ones (n_embd, n_head, n_inner)
+        map onto the same fields (no GQA, 4H MLP, default RoPE since GPT-2 has learned positions)."""
+        c = target.config
+        H = int(target.hidden_size)
+        heads = int(getattr(c, "num_attention_heads", None) or c.n_head)
+        kv = int(getattr(c, "num_key_value_heads", None) or heads)
+        if H % heads and not getattr(c, "head_dim", None):
+            raise DraftsmithError(f"target hidden size {H} is not divisible by its {heads} attention heads")
+        eps = getattr(c, "rms_norm_eps", None) or getattr(c, "layer_norm_epsilon", None) or 1e-6
+        return cls(
+            hidden_size=H, num_attention_heads=heads, num_key_value_heads=kv,
+            head_dim=int(getattr(c, "head_dim", None) or H // heads),
+            intermediate_size=int(getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * H),
+            rms_norm_eps=float(eps),
+            max_position_embeddings=int(getattr(c, "max_position_embeddings", None)
+                                        or getattr(c, "n_positions", None) or 2048),
+            vocab_size=int(target.vocab_size), num_taps=int(target.num_taps),
+            rope_parameters=_rope_parameters(c),
+        )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def llama_config(self, **extra):
+        """A transformers LlamaConfig with these sizes (RoPE tables here; export writes it as config.json)."""
+        from transformers import LlamaConfig
+
+        return LlamaConfig(
+            hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+            num_attention_heads=self.num_attention_heads, num_key_value_heads=self.num_key_value_heads,
+            head_dim=self.head_dim, rms_norm_eps=self.rms_norm_eps, vocab_size=self.vocab_size,
+            max_position_embeddings=self.max_position_embeddings, rope_parameters=dict(self.rope_parameters),
+            hidden_act="silu", attention_bias=False, mlp_bias=False, **extra)
+
+
+def _rope_parameters(c) -> dict:
+    """The target's RoPE settings as a plain dict (per-layer-type dicts: the full-attention one)."""
+    rp = getattr(c, "rope_parameters", None)
+    if isinstance(rp, dict) and "rope_type" not in rp:
+        rp = rp.get("full_attention") or next((v for v in rp.values() if isinstance(v, dict)), None)
+    if not isinstance(rp, dict) or "rope_type" not in rp:
+        theta = getattr(c, "rope_theta", None)
+        return {"rope_type": "default", "rope_theta": float(theta or 10000.0)}
+    return json.loads(json.dumps(dict(rp)))  # plain JSON types only
+
+
+class Rotary:
+    """RoPE cos/sin from transformers' LlamaRotaryEmbedding (all rope types). Deliberately *not* an
+    nn.Module attribute of the drafter: engines that cast the model to bf16 would round inv_freq."""
+
+    def __init__(self, dims: DrafterDims):
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        self.emb = LlamaRotaryEmbedding(dims.llama_config())
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, T, head_dim] for positions [B, T], in x's dtype."""
+        if self.emb.inv_freq.device != x.device:
+            self.emb.to(x.device)
+        return self.emb(x, positions)
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention patterns
+# --------------------------------------------------------------------------------------------------
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[B, kv_heads, T, d] -> [B, kv_heads * n_rep, T, d] (grouped-query attention)."""
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
+
+
+def causal_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Plain causal self-attention. With right padding no real query ever sees a padded key, so no
+    padding mask is needed (padded rows produce values that losses mask out)."""
+    n = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(q, repeat_kv(k, n), repeat_kv(v, n), is_causal=True)
+
+
+def masked_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """q [B, h, Tq, d] over explicit keys/values [B, kv, S, d] with a bool mask [B|1, 1, Tq, S] (True = see)."""
+    n = q.shape[1] // keys.shape[1]
+    return F.scaled_dot_product_attention(q, repeat_kv(keys, n), repeat_kv(values, n), attn_mask=mask)
+
+
+def ttt_attend(k0: torch.Tensor, v0: torch.Tensor, prev_k: list[torch.Tensor],
+               prev_v: list[torch.Tensor]) -> Attend:
+    """EAGLE-3 training-time test, unrolled step i >= 1. Row t of every step is the chain of drafts that
+    starts after committed pair t: its step-i query sees the causal prefix 0..t of step 0's keys (the
+    pairs built from true target features) and the entries at row t of steps 1..i (its own earlier
+    drafts and itself) - exactly the keys a depth-i tree node sees at decode time. Scores of the
+    prefix block and the i "diagonal" columns share one softmax (computed in fp32). Like the official
+    code this materialises [B, heads, T, T] scores per step; gradient checkpointing recomputes them."""
+
+    prev_k, prev_v = list(prev_k), list(prev_v)  # snapshot: checkpoint recomputation reruns this later
+
+    def attend(q, k, v):
+        n = q.shape[1] // k.shape[1]
+        T = q.shape[2]
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        ks, vs = [*prev_k, k], [*prev_v, v]
+        s0 = torch.matmul(q, repeat_kv(k0, n).transpose(-1, -2)).float() * scale  # [B, h, T, T]
+        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        s0 = s0.masked_fill(~causal, float("-inf"))
+        diag = torch.stack([(q * repeat_kv(kj, n)).sum(-1).float() * scale for kj in ks], dim=-1)  # [B,h,T,i]
+        p = torch.softmax(torch.cat([s0, diag], dim=-1), dim=-1).to(q.dtype)
+        out = torch.matmul(p[..., :T], repeat_kv(v0, n))
+        for j, vj in enumerate(vs):
+            out = out + p[..., T + j, None] * repeat_kv(vj, n)
+        return out
+    return attend
+
+
+# --------------------------------------------------------------------------------------------------
+# The layer
+# --------------------------------------------------------------------------------------------------
+class Attention(nn.Module):
+    """Llama attention whose q/k/v read `in_features` (2H for EAGLE-3's concat(embed, hidden))."""
+
+    def __init__(self, dims: DrafterDims, in_features: int):
+        super().__init__()
+        self.num_heads, self.num_kv, self.head_dim = dims.num_attention_heads, dims.num_key_value_heads, dims.head_dim
+        self.q_proj = nn.Linear(in_features, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(in_features, self.num_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(in_features, self.num_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, dims.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, attend: Attend):
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.num_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        o = attend(q, k, v).transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
+        return self.o_proj(o), k, v
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm Llama decoder layer returning the residual stream (pre-final-norm) and its k/v.
+
+    The caller builds the attention input (normed hidden, or EAGLE-3's concat of normed embeddings and
+    normed hidden) with this layer's `input_layernorm` / `hidden_norm`, which exist only when asked for:
+    EAGLE-1's first layer has no input norm (its input is the fc output), as in the official code."""
+
+    def __init__(self, dims: DrafterDims, attn_in: int, input_layernorm: bool = True, hidden_norm: bool = False):
+        super().__init__()
+        from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+
+        H, eps = dims.hidden_size, dims.rms_norm_eps
+        self.input_layernorm = LlamaRMSNorm(H, eps) if input_layernorm else None
+        self.hidden_norm = LlamaRMSNorm(H, eps) if hidden_norm else None
+        self.self_attn = Attention(dims, attn_in)
+        self.post_attention_layernorm = LlamaRMSNorm(H, eps)
+        self.mlp = LlamaMLP(dims.llama_config())
+
+    def forward(self, attn_in, residual, cos, sin, attend: Attend):
+        a, k, v = self.self_attn(attn_in, cos, sin, attend)
+        h = residual + a
+        return h + self.mlp(self.post_attention_layernorm(h)), k, v
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoint folders
+# --------------------------------------------------------------------------------------------------
+def target_fingerprint(target) -> dict:
+    """What a drafter checkpoint records about the target it was trained against."""
+    return {"path": str(target.name), "vocab_size": int(target.vocab_size), "hidden_size": int(target.hidden_size)}
+
+
+def read_checkpoint_config(directory: str | Path) -> dict:
+    """drafter_config.json of a drafter folder, with a clear error when it is not one."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.exists():
+        raise DraftsmithError(f"{directory} is not a drafter checkpoint (no {CONFIG_NAME}): give a folder "
+                              "written by the train stage (save_pretrained)")
+    return json.loads(path.read_text())
+
+
+class FolderCheckpoint:
+    """Mixin for TrainableDrafter families: `save_pretrained(dir)` / `from_pretrained(dir, target)`.
+
+    Families define `family`, `self.cfg` (their conf.schema.drafter dataclass), `self.dims`,
+    `checkpoint_meta()` (extra JSON) and the classmethod `from_meta(cfg, target, dims, meta)` that rebuilds
+    an untrained module of the saved shapes; the weights then load strictly."""
+
+    family: str = ""
+
+    def checkpoint_meta(self) -> dict:
+        return {}
+
+    @classmethod
+    def from_meta(cls, cfg, target, dims: DrafterDims, meta: dict):
+        raise NotImplementedError
+
+    def save_pretrained(self, directory: str | Path, target=None) -> Path:
+        """Write model.safetensors + drafter_config.json into `directory` (created)."""
+        from safetensors.torch import save_file
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.state_dict().items()}
+        save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt", "family": self.family})
+        meta = {
+            "family": self.family,
+            "config": dataclasses.asdict(self.cfg),
+            "dims": self.dims.to_dict(),
+            "target": target_fingerprint(target if target is not None else self.target),
+            **self.checkpoint_meta(),
+        }
+        (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        return out
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, target):
+        """Rebuild from a folder written by save_pretrained, checking it was trained for this target."""
+        from safetensors.torch import load_file
+
+        from conf.schema.drafter import DRAFTER_SCHEMAS
+
+        meta = read_checkpoint_config(directory)
+        if meta.get("family") != cls.family:
+            raise DraftsmithError(f"{directory} holds a {meta.get('family')!r} drafter, not {cls.family!r}: "
+                                  f"set drafter={meta.get('family')} or point drafter.checkpoint at a {cls.family} folder")
+        want, have = meta["target"], target_fingerprint(target)
+        for key in ("vocab_size", "hidden_size"):
+            if want[key] != have[key]:
+                raise DraftsmithError(
+                    f"drafter {directory} was trained for target {want['path']} ({key} {want[key]}), but the "
+                    f"loaded target {have['path']} has {key} {have[key]}: load the matching target")
+        try:
+            cfg = DRAFTER_SCHEMAS[cls.family](**meta["config"])
+        except TypeError as e:
+            raise DraftsmithError(f"{directory}/{CONFIG_NAME}: config does not fit this version ({e})") from None
+        model = cls.from_meta(cfg, target, DrafterDims(**meta["dims"]), meta)
+        weights = Path(directory) / WEIGHTS_NAME
+        if not weights.exists():
+            raise DraftsmithError(f"{directory} has {CONFIG_NAME} but no {WEIGHTS_NAME}: the save was interrupted")
+        state = load_file(str(weights), device=str(target.device))
+        model.load_state_dict(state, strict=True)
+        return model
