@@ -1,22 +1,36 @@
-"""Draft trees: the data structure shared by the speculative decoder and tree-reward training.
+"""Draft trees: the data structure shared by the speculative decoder and tree-reward training, and the
+three ways of building one (chain, Medusa-style static paths, EAGLE-2 dynamic).
+
+    from drafters.tree import build_tree
+    tree = build_tree(drafter, TreeConfig(kind="dynamic", depth=5, top_k=8, total_tokens=60), batch=1)
 
 A tree hangs off a root (the last committed token, not stored as a node). Nodes are stored in
-topological order (every parent before its children), batched over B independent roots:
+topological order (every parent before its children; siblings in the order the verifier tries them),
+batched over B independent roots:
 
     tokens  [B, N]  drafted token ids
     parents [B, N]  index of the parent node, -1 = the root
     depths  [B, N]  1 = child of the root
-    logq    [B, N]  log draft probability of the token under its parent's (temperature-warped) draft
-                    distribution
+    logq    [B, N]  log draft probability of the token under the distribution it was chosen from: the
+                    warped draft distribution when sampled, the drafter's plain log-softmax when chosen by
+                    top-k (EAGLE-2's ranking score is the sum of these along the path)
     q       [B, N+1, V] | None  the draft distribution each node's children were *sampled* from (row 0 =
-                    the root, row i+1 = node i); None when children were chosen deterministically (top-k),
-                    which the verifier treats as point masses (accept x with prob p(x), then zero p(x)).
+                    the root, row i+1 = node i; all-zero for nodes without children); None when children
+                    were chosen deterministically (top-k), which the verifier treats as point masses
+                    (accept x with prob p(x), then zero p(x)).
+
+Only the depth loop is a Python loop; everything else is vectorised over B roots and N nodes, because
+tree-reward training builds trees for many positions at once.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+
+from conf.errors import DraftsmithError
+
+TREE_KINDS = ("chain", "static", "dynamic")
 
 
 @dataclass
@@ -35,23 +49,315 @@ class DraftTree:
     def num_nodes(self) -> int:
         return self.tokens.shape[1]
 
+    @property
+    def max_depth(self) -> int:
+        return int(self.depths.max()) if self.num_nodes else 0
+
     @classmethod
     def empty(cls, batch: int, device: torch.device | str = "cpu") -> DraftTree:
         z = torch.zeros(batch, 0, dtype=torch.long, device=device)
         return cls(tokens=z, parents=z.clone(), depths=z.clone(), logq=torch.zeros(batch, 0, device=device))
 
+    def extend(self, tokens: torch.Tensor, parents: torch.Tensor, logq: torch.Tensor) -> DraftTree:
+        """A new tree with F nodes [B, F] appended (parents index existing nodes or -1). `q` is not
+        carried: builders attach it once the tree is complete."""
+        has = parents >= 0
+        pdepth = self.depths.gather(1, parents.clamp(min=0)) if self.num_nodes else torch.zeros_like(parents)
+        depths = torch.where(has, pdepth, 0) + 1
+        return DraftTree(tokens=torch.cat([self.tokens, tokens], 1), parents=torch.cat([self.parents, parents], 1),
+                         depths=torch.cat([self.depths, depths], 1),
+                         logq=torch.cat([self.logq, logq.to(self.logq.dtype)], 1))
+
     def ancestor_mask(self) -> torch.Tensor:
         """[B, N, N] bool: mask[b, i, j] = node j is node i or one of its ancestors."""
         B, N = self.tokens.shape
-        mask = torch.eye(N, dtype=torch.bool, device=self.tokens.device).expand(B, N, N).clone()
-        for i in range(N):  # topological order: a parent's row is complete before its children's
-            p = self.parents[:, i]
-            has = p >= 0
-            if has.any():
-                rows = mask[has.nonzero(as_tuple=True)[0], p[has]]
-                mask[has, i] |= rows
-        return mask
+        dev = self.tokens.device
+        # one spare column absorbs the writes of rows whose walk already reached the root
+        mask = torch.zeros(B, N, N + 1, dtype=torch.bool, device=dev)
+        idx = torch.arange(N, device=dev).expand(B, N)
+        mask.scatter_(2, idx.unsqueeze(-1), True)
+        cur = self.parents
+        for _ in range(self.max_depth - 1):  # pointer jumping: one step up per iteration
+            ok = cur >= 0
+            mask.scatter_(2, torch.where(ok, cur, N).unsqueeze(-1), True)
+            cur = torch.where(ok, self.parents.gather(1, cur.clamp(min=0)), -1)
+        return mask[..., :N]
+
+    def cumulative_logq(self) -> torch.Tensor:
+        """[B, N] sum of logq along the path root -> node (EAGLE-2's ranking score)."""
+        anc = self.ancestor_mask()
+        return torch.where(anc, self.logq[:, None, :], torch.zeros((), dtype=self.logq.dtype,
+                                                                     device=self.logq.device)).sum(-1)
+
+    def is_leaf(self) -> torch.Tensor:
+        """[B, N] bool: the node has no children (the ends of the branches tree rewards score)."""
+        B, N = self.tokens.shape
+        has_child = torch.zeros(B, N + 1, dtype=torch.bool, device=self.tokens.device)
+        has_child.scatter_(1, self.parents + 1, True)
+        return ~has_child[:, 1:]
+
+    def path_nodes(self, ancestors: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, N, D] long: the nodes on the path root -> node i in depth order, -1 padded (D = max depth)."""
+        anc = self.ancestor_mask() if ancestors is None else ancestors
+        B, N = self.tokens.shape
+        D = self.max_depth
+        slot = torch.where(anc, self.depths[:, None, :] - 1, D)  # column D absorbs non-ancestors
+        out = torch.full((B, N, D + 1), -1, dtype=torch.long, device=self.tokens.device)
+        out.scatter_(2, slot, torch.arange(N, device=self.tokens.device).expand(B, N, N))
+        return out[..., :D]
 
     def children(self, b: int, node: int) -> list[int]:
         """Indices of the children of `node` (-1 = root) in tree b, in stored (sibling-rank) order."""
         return (self.parents[b] == node).nonzero(as_tuple=True)[0].tolist()
+
+    def is_chain(self) -> bool:
+        """True when every tree is a single path (node i's parent is node i-1)."""
+        want = torch.arange(-1, self.num_nodes - 1, device=self.parents.device)
+        return bool((self.parents == want).all())
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared sampling warp and tree attention
+# --------------------------------------------------------------------------------------------------
+def warp_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
+    """Probabilities [..., V] (float32) after temperature, top-k, then top-p, in transformers' order.
+    T = 0 gives the one-hot argmax. The single warp used for target sampling (speculative and
+    autoregressive alike) and for sampled drafts, so both sides see the same distributions."""
+    logits = logits.float()
+    if temperature == 0:
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    x = logits / temperature
+    V = x.shape[-1]
+    if 0 < top_k < V:
+        kth = torch.topk(x, top_k, dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if top_p < 1.0:
+        sx, si = torch.sort(x, dim=-1, descending=True)
+        sp = sx.softmax(-1)
+        before = sp.cumsum(-1) - sp  # mass of strictly better tokens: the best token is always kept
+        drop = torch.zeros_like(before, dtype=torch.bool).scatter(-1, si, before >= top_p)
+        x = x.masked_fill(drop, float("-inf"))
+    return x.softmax(-1)
+
+
+def tree_attention_mask(visible: torch.Tensor, past_len: int, dtype: torch.dtype,
+                        prefix: int = 0) -> torch.Tensor:
+    """Additive 4D mask [B, 1, prefix + F, past_len + prefix + K] for feeding `prefix` causal tokens then F
+    tree nodes on top of `past_len` cached tokens: every row sees the whole cache and the prefix causally;
+    node rows also see the last K columns (earlier tree entries, then the F new ones) marked in
+    `visible` [B, F, K] (for a verification: the ancestor mask, K = F)."""
+    B, F, K = visible.shape
+    dev = visible.device
+    rows, cols = prefix + F, past_len + prefix + K
+    see = torch.zeros(B, rows, cols, dtype=torch.bool, device=dev)
+    see[:, :, :past_len] = True
+    see[:, :, past_len:past_len + prefix] = torch.ones(rows, prefix, dtype=torch.bool, device=dev).tril()
+    see[:, prefix:, past_len + prefix:] = visible
+    zero = torch.zeros((), dtype=dtype, device=dev)
+    return torch.where(see, zero, torch.tensor(float("-inf"), dtype=dtype, device=dev)).unsqueeze(1)
+
+
+def check_tree_attention(model, who: str) -> None:
+    """Tree verification and tree drafting pass 4D masks; FlashAttention kernels only do causal/padding
+    masks, so a tree would be read with the wrong attention pattern: refuse instead."""
+    impl = str(getattr(model.config, "_attn_implementation", None) or "eager")
+    if "flash" in impl:
+        raise DraftsmithError(
+            f"{who} uses attn_implementation={impl!r}, which cannot apply a tree attention mask: load it with "
+            "attn_implementation=sdpa (target.attn_implementation=sdpa) or eager")
+
+
+def keep_cache_entries(cache, start: int, keep: list[int]) -> None:
+    """Keep the first `start` entries of every layer of a transformers DynamicCache plus the entries at
+    start + keep (in that order), dropping the rest: the accepted tree positions after a verification."""
+    n = len(keep)
+    prefix = keep == list(range(n))
+    idx = None
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
+            continue
+        if getattr(layer, "is_sliding", False):
+            raise DraftsmithError(
+                "sliding-window KV caches cannot keep arbitrary tree positions: load the model with "
+                "use_sliding_window=False (or a non-sliding attention implementation)")
+        if not prefix:
+            if idx is None:
+                idx = torch.tensor(keep, device=layer.keys.device) + start
+            # the right-hand side is gathered into a new tensor first, so the in-place write is safe
+            layer.keys[..., start:start + n, :] = layer.keys[..., idx, :]
+            layer.values[..., start:start + n, :] = layer.values[..., idx, :]
+        layer.keys = layer.keys[..., :start + n, :]
+        layer.values = layer.values[..., :start + n, :]
+
+
+# --------------------------------------------------------------------------------------------------
+# Builders
+# --------------------------------------------------------------------------------------------------
+def check_tree_config(tree_cfg) -> None:
+    """Raise a one-line DraftsmithError for an unusable eval.tree config."""
+    kind = tree_cfg.kind
+    if kind not in TREE_KINDS:
+        raise DraftsmithError(f"eval.tree.kind={kind!r} is not a tree kind: use chain, static or dynamic")
+    if kind in ("chain", "dynamic") and tree_cfg.depth < 1:
+        raise DraftsmithError(f"eval.tree.depth={tree_cfg.depth} must be >= 1 (drafted tokens per path)")
+    if kind == "dynamic":
+        if tree_cfg.top_k < 1:
+            raise DraftsmithError(f"eval.tree.top_k={tree_cfg.top_k} must be >= 1 for a dynamic tree")
+        if tree_cfg.total_tokens < 1:
+            raise DraftsmithError(
+                f"eval.tree.total_tokens={tree_cfg.total_tokens} must be >= 1 (nodes kept after the rerank)")
+    if kind == "static":
+        _static_paths(tree_cfg.paths)
+
+
+def _static_paths(paths) -> list[tuple[int, ...]]:
+    """Validated static paths sorted into node order (by depth, then lexicographically)."""
+    if not paths:
+        raise DraftsmithError("eval.tree.kind=static needs eval.tree.paths, e.g. [[0],[1],[0,0],[0,1]]")
+    out: list[tuple[int, ...]] = []
+    for p in paths:
+        if (not isinstance(p, (list, tuple)) or not p
+                or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in p)):
+            raise DraftsmithError(
+                f"eval.tree.paths has {p!r}: each path must be a non-empty list of top-k ranks >= 0, e.g. [0, 1]")
+        out.append(tuple(p))
+    seen = set(out)
+    if len(seen) != len(out):
+        dup = next(p for p in out if out.count(p) > 1)
+        raise DraftsmithError(f"eval.tree.paths has {list(dup)} twice: list every path once")
+    for p in out:
+        if len(p) > 1 and p[:-1] not in seen:
+            raise DraftsmithError(
+                f"eval.tree.paths has {list(p)} but not its prefix {list(p[:-1])}: every prefix of a path "
+                "must be a path too")
+    return sorted(out, key=lambda p: (len(p), p))
+
+
+def build_tree(drafter, tree_cfg, batch: int = 1, temperature: float = 0.0, top_p: float = 1.0,
+               top_k: int = 0, generator: torch.Generator | None = None, sample: bool | None = None,
+               device: torch.device | str | None = None) -> DraftTree:
+    """Build one draft tree per root (B = `batch`) by calling `drafter.expand(partial_tree, frontier)`
+    once per depth. `tree_cfg` is a conf.schema.eval.TreeConfig.
+
+    `sample`: None = chains are sampled from the warped draft distribution at T > 0 and static/dynamic
+    trees pick top-k children; True = chains and static trees sample (static siblings i.i.d., verified
+    with the SpecInfer rule); False = always top-k. At T = 0 nothing is sampled."""
+    check_tree_config(tree_cfg)
+    if temperature < 0:
+        raise DraftsmithError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+    if sample is None:
+        sample = tree_cfg.kind == "chain"
+    sample = bool(sample) and temperature > 0
+    if sample and tree_cfg.kind == "dynamic":
+        raise DraftsmithError("dynamic (EAGLE-2) trees pick children by top-k score and cannot be sampled: "
+                              "use eval.tree.kind=chain or static for sampled drafts")
+    if device is None:
+        device = getattr(drafter, "device", "cpu")
+    warp = (temperature, top_p, top_k)
+    if tree_cfg.kind == "chain":
+        return _chain(drafter, tree_cfg.depth, batch, device, sample, warp, generator)
+    if tree_cfg.kind == "static":
+        return _static(drafter, _static_paths(tree_cfg.paths), batch, device, sample, warp, generator)
+    return _dynamic(drafter, tree_cfg.depth, tree_cfg.top_k, tree_cfg.total_tokens, batch, device)
+
+
+def _expand(drafter, tree: DraftTree, frontier: torch.Tensor) -> torch.Tensor:
+    logits = drafter.expand(tree, frontier)
+    B, F = frontier.shape
+    if logits.dim() != 3 or tuple(logits.shape[:2]) != (B, F):
+        raise ValueError(f"{type(drafter).__name__}.expand returned logits of shape {tuple(logits.shape)}, "
+                         f"expected [B={B}, F={F}, V]")
+    return logits.float()
+
+
+def _chain(drafter, depth, B, device, sample, warp, generator) -> DraftTree:
+    tree = DraftTree.empty(B, device)
+    frontier = torch.full((B, 1), -1, dtype=torch.long, device=device)
+    q_rows = []
+    for d in range(depth):
+        logits = _expand(drafter, tree, frontier)[:, 0]  # [B, V]
+        if sample:
+            q = warp_probs(logits, *warp)
+            tok = torch.multinomial(q, 1, generator=generator)
+            lq = q.gather(1, tok).log()
+            q_rows.append(q)
+        else:
+            lp = logits.log_softmax(-1)
+            tok = lp.argmax(-1, keepdim=True)
+            lq = lp.gather(1, tok)
+        tree = tree.extend(tok, frontier.to(tok.device), lq)
+        frontier = torch.full_like(tok, d)
+    if sample:
+        q_rows.append(torch.zeros_like(q_rows[-1]))  # the last node has no children
+        tree = replace(tree, q=torch.stack(q_rows, 1))
+    return tree
+
+
+def _static(drafter, paths, B, device, sample, warp, generator) -> DraftTree:
+    index = {p: i for i, p in enumerate(paths)}
+    tree = DraftTree.empty(B, device)
+    q_full = None
+    for d in range(1, max(len(p) for p in paths) + 1):
+        level = [p for p in paths if len(p) == d]
+        parent_ids = sorted({index[p[:-1]] if d > 1 else -1 for p in level})
+        fpos = {n: i for i, n in enumerate(parent_ids)}
+        frontier = torch.tensor(parent_ids, dtype=torch.long, device=device).expand(B, -1)
+        logits = _expand(drafter, tree, frontier)  # [B, F, V]
+        dev = logits.device
+        frontier = frontier.to(dev)
+        kmax = max(p[-1] for p in level) + 1
+        if kmax > logits.shape[-1]:
+            raise DraftsmithError(f"eval.tree.paths asks for the rank-{kmax - 1} child but the vocabulary has "
+                                  f"only {logits.shape[-1]} tokens: use smaller ranks")
+        rows = torch.tensor([fpos[index[p[:-1]] if d > 1 else -1] for p in level], device=dev)
+        ranks = torch.tensor([p[-1] for p in level], device=dev)
+        if sample:
+            q = warp_probs(logits, *warp)  # [B, F, V]
+            F_, V = q.shape[1:]
+            draws = torch.multinomial(q.reshape(-1, V), kmax, replacement=True, generator=generator)
+            draws = draws.view(B, F_, kmax)
+            tok = draws[:, rows, ranks]  # [B, n_d]
+            lq = q[:, rows].gather(2, tok.unsqueeze(-1)).squeeze(-1).log()
+            if q_full is None:
+                q_full = torch.zeros(B, len(paths) + 1, V, device=dev)
+            q_full[:, frontier[0] + 1] = q
+        else:
+            lp = logits.log_softmax(-1)
+            topv, topi = lp.topk(kmax, dim=-1)  # [B, F, kmax]
+            tok, lq = topi[:, rows, ranks], topv[:, rows, ranks]
+        parents = frontier[:, rows]
+        tree = tree.extend(tok, parents, lq)
+    return replace(tree, q=q_full) if sample else tree
+
+
+def _dynamic(drafter, depth, k, total_tokens, B, device) -> DraftTree:
+    tree = DraftTree.empty(B, device)
+    frontier = torch.full((B, 1), -1, dtype=torch.long, device=device)
+    lp = _expand(drafter, tree, frontier).log_softmax(-1)  # [B, 1, V]
+    k = min(k, lp.shape[-1])
+    topv, topi = lp[:, 0].topk(k, dim=-1)
+    dev = topv.device
+    tree = tree.extend(topi, frontier.to(dev).expand(B, k), topv)
+    scores = topv  # cumulative draft log-probability of every node so far
+    last = torch.arange(k, device=dev).expand(B, k)  # the candidates of the deepest level
+    for _ in range(depth - 1):
+        # EAGLE-2: expand only the best top_k candidates of the last level ...
+        sel = scores.gather(1, last).topk(min(k, last.shape[1]), dim=-1).indices
+        frontier = last.gather(1, sel)  # [B, k]
+        lp = _expand(drafter, tree, frontier).log_softmax(-1)  # [B, k, V]
+        topv, topi = lp.topk(k, dim=-1)  # [B, k, k]
+        child = (scores.gather(1, frontier).unsqueeze(-1) + topv).flatten(1)
+        n0 = tree.num_nodes
+        tree = tree.extend(topi.flatten(1), frontier.repeat_interleave(k, dim=1), topv.flatten(1))
+        scores = torch.cat([scores, child], 1)
+        last = torch.arange(n0, tree.num_nodes, device=dev).expand(B, -1)
+    # ... then rerank every candidate globally. A child never outscores its parent and a parent is
+    # stored before its children, so the first M entries of a *stable* sort are a connected tree.
+    M = min(total_tokens, tree.num_nodes)
+    keep = torch.sort(-scores, dim=1, stable=True).indices[:, :M].sort(dim=1).values
+    new_of_old = torch.full_like(tree.parents, -1)
+    new_of_old.scatter_(1, keep, torch.arange(M, device=dev).expand(B, M))
+    old_par = tree.parents.gather(1, keep)
+    parents = torch.where(old_par >= 0, new_of_old.gather(1, old_par.clamp(min=0)), -1)
+    return DraftTree(tokens=tree.tokens.gather(1, keep), parents=parents, depths=tree.depths.gather(1, keep),
+                     logq=tree.logq.gather(1, keep))

@@ -1,0 +1,182 @@
+"""Tree verification: the target's inputs for one forward over [root + every tree node], and the rules
+that turn its logits into the accepted path plus one bonus token.
+
+    python -m pytest -q tests/test_verify.py
+
+Rules (see METHODS.md, "Theory the decoder must honour"):
+  greedy (T = 0)        a node is accepted when it equals the target's argmax after its parent; the
+                        deepest node whose whole path is accepted wins; bonus = the argmax after it.
+  deterministic (T > 0) children chosen by top-k are point masses. "Try child x with prob p(x), else zero
+                        p(x), renormalise, next sibling" is the same as drawing y ~ p once per node and
+                        moving to the child whose token is y (the bonus is y when no child matches), so
+                        it is vectorised exactly like greedy with a sample in place of the argmax.
+  sampled (T > 0)       children were drawn i.i.d. from q (tree.q): chain rule / SpecInfer multi-round:
+                        accept x with min(1, p'(x) / q(x)), else p' <- norm(max(0, p' - q)) and try the
+                        next sibling; bonus ~ p' when every sibling fails (p at a leaf).
+  typical (opt-in)      Medusa's p(x) > min(eps, alpha * exp(-H(p))): NOT lossless, flagged by the decoder.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from drafters.tree import DraftTree, tree_attention_mask, warp_probs
+
+ACCEPTANCE = ("lossless", "typical")
+
+
+@dataclass
+class SamplingRule:
+    """How tokens are drawn from the target: shared by verification and autoregressive decoding."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    acceptance: str = "lossless"  # lossless | typical (lossy, Medusa)
+    typical_epsilon: float = 0.09  # Medusa's posterior_threshold
+    typical_alpha: float = 0.3  # Medusa's posterior_alpha
+
+    @property
+    def lossy(self) -> bool:
+        return self.acceptance == "typical" and self.temperature > 0
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        return warp_probs(logits, self.temperature, self.top_p, self.top_k)
+
+    def next_token(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One token per row of logits [B, V] -> [B]: argmax at T = 0, else a sample of the warped p."""
+        if self.temperature == 0:
+            return logits.argmax(-1)
+        return torch.multinomial(self.probs(logits), 1, generator=generator).squeeze(-1)
+
+
+@dataclass
+class Accepted:
+    path: list[int]  # accepted node indices, root -> leaf (depth order)
+    bonus: int  # the target's own token after the last accepted node
+
+
+def tree_inputs(tree: DraftTree, root: torch.Tensor, past_len: int, dtype: torch.dtype):
+    """(input_ids [B, 1+N], additive 4D mask [B, 1, 1+N, past_len+1+N], position_ids [B, 1+N], ancestors
+    [B, N, N]) for one target forward over the root and every node on top of `past_len` cached tokens.
+    A node at depth d sits at position past_len + d, as it would in the plain sequence."""
+    anc = tree.ancestor_mask()
+    dev = tree.tokens.device
+    ids = torch.cat([root.view(-1, 1).to(dev), tree.tokens], 1)
+    mask = tree_attention_mask(anc, past_len, dtype, prefix=1)
+    pos = past_len + torch.cat([torch.zeros_like(tree.depths[:, :1]), tree.depths], 1)
+    return ids, mask, pos, anc
+
+
+def accept(tree: DraftTree, logits: torch.Tensor, rule: SamplingRule, generator: torch.Generator | None = None,
+           ancestors: torch.Tensor | None = None) -> list[Accepted]:
+    """Apply `rule` to the target logits [B, 1+N, V] (row 0 = after the root, row i+1 = after node i)."""
+    if ancestors is None:
+        ancestors = tree.ancestor_mask()
+    parent_rows = tree.parents + 1
+    if rule.temperature == 0:
+        y = logits.argmax(-1)  # [B, 1+N]
+        return _deepest(tree, tree.tokens == y.gather(1, parent_rows), y, ancestors)
+    probs = rule.probs(logits)
+    B, R, V = probs.shape  # R = 1 + N rows
+    if rule.acceptance == "typical":
+        y = torch.multinomial(probs.view(-1, V), 1, generator=generator).view(B, R)
+        return _deepest(tree, _typical_ok(tree, probs, rule), y, ancestors)
+    if tree.q is None:
+        y = torch.multinomial(probs.view(-1, V), 1, generator=generator).view(B, R)
+        return _deepest(tree, tree.tokens == y.gather(1, parent_rows), y, ancestors)
+    if tree.is_chain():
+        return _chain_rule(tree, probs, generator)
+    return _sampled_tree(tree, probs, generator)
+
+
+def _deepest(tree: DraftTree, node_ok: torch.Tensor, y: torch.Tensor, anc: torch.Tensor) -> list[Accepted]:
+    """Deepest node whose whole path (itself and every ancestor) is ok; ties go to the first stored
+    (higher-ranked) sibling. bonus = y at the row after that node (row 0 when nothing is accepted)."""
+    B, N = tree.tokens.shape
+    if N == 0:
+        return [Accepted([], int(t)) for t in y[:, 0].tolist()]
+    valid = ~(anc & ~node_ok[:, None, :]).any(-1)  # [B, N]
+    key = torch.where(valid, tree.depths, 0)
+    best = key.argmax(1)
+    has = key.gather(1, best[:, None]).squeeze(1) > 0
+    on_path = anc[torch.arange(B, device=anc.device), best] & has[:, None]
+    bonus = y.gather(1, torch.where(has, best + 1, 0)[:, None]).squeeze(1)
+    out = []
+    for row, b in zip(on_path.tolist(), bonus.tolist()):
+        out.append(Accepted([i for i, v in enumerate(row) if v], int(b)))  # index order = depth order
+    return out
+
+
+def _typical_ok(tree: DraftTree, probs: torch.Tensor, rule: SamplingRule) -> torch.Tensor:
+    """Medusa's typical acceptance per node: p(x) > min(eps, alpha * exp(-H(p))) under the parent's row."""
+    ent = -(probs * (probs + 1e-5).log()).sum(-1)  # [B, 1+N], Medusa's smoothed entropy
+    thr = torch.clamp(rule.typical_alpha * torch.exp(-ent), max=rule.typical_epsilon)
+    rows = tree.parents + 1
+    ar = torch.arange(probs.shape[0], device=probs.device)[:, None]
+    return probs[ar, rows, tree.tokens] > thr.gather(1, rows)
+
+
+def _residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """norm(max(0, p - q)) per row; p itself where the residual has no mass (p == q up to rounding,
+    where a rejection has probability zero and is only reachable through rounding)."""
+    r = (p - q).clamp(min=0)
+    s = r.sum(-1, keepdim=True)
+    return torch.where(s > 0, r / s.clamp(min=1e-30), p)
+
+
+def _chain_rule(tree: DraftTree, probs: torch.Tensor, generator) -> list[Accepted]:
+    """Leviathan/Chen speculative sampling for sampled chains, vectorised over depth: node i's parent is
+    node i-1, so the row its token was drawn from is row i."""
+    B, N = tree.tokens.shape
+    x = tree.tokens.unsqueeze(-1)
+    px = probs[:, :N].gather(2, x).squeeze(-1)
+    qx = tree.q[:, :N].gather(2, x).squeeze(-1)
+    u = torch.rand(B, N, generator=generator, device=probs.device)
+    ok = u * qx < px  # u < min(1, p/q)
+    n = ok.long().cumprod(1).sum(1)  # leading accepts
+    ar = torch.arange(B, device=probs.device)
+    # rejected at n < N: residual of row n; all accepted: q's row N is zero (a leaf), so this is p
+    resid = _residual(probs[ar, n], tree.q[ar, n])
+    bonus = torch.multinomial(resid, 1, generator=generator).squeeze(-1)
+    return [Accepted(list(range(k)), int(t)) for k, t in zip(n.tolist(), bonus.tolist())]
+
+
+def _sampled_tree(tree: DraftTree, probs: torch.Tensor, generator) -> list[Accepted]:
+    """SpecInfer multi-round speculative sampling down trees whose siblings were drawn i.i.d. from q,
+    vectorised over B: the only loops are over depth and sibling rank."""
+    B, N = tree.tokens.shape
+    dev = probs.device
+    ar = torch.arange(B, device=dev)
+    earlier = torch.ones(N, N, dtype=torch.bool, device=dev).tril(-1)  # [i, j]: j stored before i
+    rank = ((tree.parents[:, :, None] == tree.parents[:, None, :]) & earlier).sum(-1)  # rank among siblings
+    W, D = int(rank.max()) + 1, tree.max_depth
+    child = torch.full((B, N + 1, W), -1, dtype=torch.long, device=dev)  # [b, parent row, rank] -> node
+    child[ar[:, None], tree.parents + 1, rank] = torch.arange(N, device=dev).expand(B, N)
+    cur = torch.full((B,), -1, dtype=torch.long, device=dev)
+    resid = probs[:, 0]
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    path = torch.full((B, D), -1, dtype=torch.long, device=dev)
+    for d in range(D):
+        row = cur + 1
+        qrow = tree.q[ar, row]  # [B, V]: the distribution the current node's children were drawn from
+        moved = torch.zeros_like(done)
+        nxt = cur
+        for j in range(W):
+            c = child[ar, row, j]
+            active = ~done & ~moved & (c >= 0)
+            x = tree.tokens[ar, c.clamp(min=0)]
+            u = torch.rand(B, generator=generator, device=dev)
+            ok = active & (u * qrow[ar, x] < resid[ar, x])  # u < min(1, p'(x) / q(x))
+            nxt = torch.where(ok, c, nxt)
+            moved |= ok
+            resid = torch.where((active & ~ok)[:, None], _residual(resid, qrow), resid)
+        done |= ~moved  # every sibling failed (or none existed): the bonus comes from resid
+        path[:, d] = torch.where(moved, nxt, -1)
+        cur = nxt
+        resid = torch.where(moved[:, None], probs[ar, cur + 1], resid)
+        if bool(done.all()):
+            break
+    bonus = torch.multinomial(resid, 1, generator=generator).squeeze(-1)
+    return [Accepted([i for i in row if i >= 0], int(t)) for row, t in zip(path.tolist(), bonus.tolist())]
