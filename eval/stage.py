@@ -24,11 +24,11 @@ import torch
 from conf.errors import DraftsmithError
 from conf.schema import Config, project_path, run_dir, save_config
 from data_gen.sources import SourceReport
+from drafters.tree import check_tree_config
 from eval.benchmarks import BenchPrompt, check_benchmarks, load_benchmark, render_prompt
 from eval.metrics import GenRecord, summarize
 from eval.report import LOSSY, machine_info, markdown, write_report
-
-ACCEPTANCE = ("lossless", "typical")
+from eval.verify import ACCEPTANCE
 
 
 # --------------------------------------------------------------------------------------------------
@@ -54,6 +54,7 @@ def validate(cfg: Config) -> None:
             raise DraftsmithError(f"eval.{key}={getattr(ev, key)}: must be at least 1")
     if ev.warmup < 0:
         raise DraftsmithError(f"eval.warmup={ev.warmup}: must be >= 0")
+    check_tree_config(ev.tree)
     from drafters.registry import REFERENCE, TRAINABLE
 
     if cfg.drafter.name not in REFERENCE and cfg.drafter.name not in TRAINABLE:

@@ -31,6 +31,7 @@ def llama(tiny_target_dir):
     ("eval.benchmarks=[nope]", "unknown benchmark 'nope' in eval.benchmarks: choose from sharegpt_heldout"),
     ("eval.acceptance=greedy", "eval.acceptance='greedy': choose lossless or typical"),
     ("eval.top_p=0", "eval.top_p=0.0: must be in (0, 1]"),
+    ("eval.tree.kind=bush", "eval.tree.kind='bush' is not a tree kind: use chain, static or dynamic"),
 ])
 def test_bad_eval_settings_fail_before_loading(cfg_for, override, msg):
     with pytest.raises(DraftsmithError) as e:
@@ -56,7 +57,7 @@ def test_second_turn_is_asked_on_the_models_own_first_answer(llama):
     def fake_gen(ids, generator):  # a "model" that answers from a script, then ends its turn
         text = answers[len(seen)]
         seen.append(ids)
-        return GenRecord(new_tokens=1, wall_s=0.0, forwards=1, tokens=tok(text)["input_ids"] + [eos[0]])
+        return GenRecord(new_tokens=1, wall_s=0.0, forwards=1, forward_tokens=1, tokens=tok(text)["input_ids"] + [eos[0]])
 
     seen: list = []
     log: list = []
