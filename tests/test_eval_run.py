@@ -87,3 +87,19 @@ def test_vocab_mismatch_reaches_the_user_as_one_line(cfg_for):
     with pytest.raises(DraftsmithError) as e:
         make_decoder(cfg, target, NgramDrafter(vocab_size=target.vocab_size + 7), 0.0)
     assert "\n" not in str(e.value) and f"has vocab {target.vocab_size + 7}" in str(e.value)
+
+
+def test_trained_drafter_is_loaded_from_the_run_directory(cfg_for):
+    """A (randomly initialised) EAGLE-3 saved where stage=train leaves it: eval loads it through the registry,
+    and greedy speculative decoding still reproduces the target exactly."""
+    from conf.schema import run_dir
+    from drafters.eagle3 import Eagle3Drafter
+    from drafters.target import load_target
+    from eval.stage import run
+
+    cfg = cfg_for("drafter=eagle3", "drafter.draft_vocab_size=null", *FAST)
+    target = load_target(cfg.target, "cpu")
+    Eagle3Drafter.from_target(cfg.drafter, target).save_pretrained(run_dir(cfg) / "train" / "final", target)
+    r = run(cfg)["report"]["results"][0]
+    assert r["identical_outputs"] == r["generations"] == 1 and r["tau"] >= 1.0
+    assert r["peer"] is None  # a feature drafter has no HF model for transformers' assisted generation
