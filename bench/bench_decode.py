@@ -36,7 +36,9 @@ SHAPES = {"demo": (6, 384, 1024, 6, 6), "1b": (16, 2048, 8192, 32, 8), "3b": (28
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default="assets/demo-target", help="HF folder or hub id (default: the demo target)")
-    ap.add_argument("--random-llama", choices=SHAPES, help="random-weight Llama of this shape with --target's tokenizer")
+    ap.add_argument("--random-llama", choices=SHAPES,
+                    help="random-weight Llama of this shape with --target's tokenizer (or, with no target folder, "
+                         "the demo recipe's BPE trained on ShareGPT)")
     ap.add_argument("--drafter", action="append", default=[], metavar="FAMILY=DIR",
                     help="a trained drafter folder, e.g. eagle3=runs/demo/train/final (repeatable)")
     ap.add_argument("--reference", nargs="*", default=["ngram", "target"], help="reference drafters to time")
@@ -67,6 +69,19 @@ def tree_overrides(spec: str) -> list[str]:
     return out
 
 
+def sharegpt_bpe(conversations: int = 2000):
+    """The demo recipe's tokenizer (byte-level BPE, pretrain.vocab_size tokens, ChatML template) trained on
+    ShareGPT training conversations: for --random-llama when there is no target folder to take one from."""
+    import itertools
+
+    from conf.schema.pretrain import PretrainConfig
+    from data_gen.sources import iter_sharegpt
+    from training.tokenizer import train_tokenizer
+
+    texts = [m["content"] for c in itertools.islice(iter_sharegpt(split="train"), conversations) for m in c.messages]
+    return train_tokenizer(texts, vocab_size=PretrainConfig().vocab_size)
+
+
 def random_llama(shape: str, tokenizer_path: str, device: str):
     """A random-weight Llama of `shape` (bf16 on GPU) with the tokenizer and chat template of tokenizer_path,
     as a drafters.target.Target; nothing is written to disk."""
@@ -76,7 +91,8 @@ def random_llama(shape: str, tokenizer_path: str, device: str):
     from drafters.target import Target, resolve_device, resolve_dtype
 
     layers, hidden, inter, heads, kv = SHAPES[shape]
-    tok = AutoTokenizer.from_pretrained(project_path(tokenizer_path))
+    tok = (AutoTokenizer.from_pretrained(project_path(tokenizer_path)) if Path(project_path(tokenizer_path)).is_dir()
+           else sharegpt_bpe())
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
@@ -97,7 +113,7 @@ def bench(args) -> tuple[list[dict], dict, str]:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.target == "assets/demo-target" and not Path(project_path(args.target)).exists():
+    if args.target == "assets/demo-target" and not args.random_llama and not Path(project_path(args.target)).exists():
         raise DraftsmithError("assets/demo-target does not exist: build it with `python train.py stage=target_pretrain "
                               "pretrain.out_dir=assets/demo-target`, or pass --target")
     base = [f"target.path={args.target}", f"run.device={args.device}", f"eval.benchmarks=[{args.benchmark}]",
@@ -112,7 +128,8 @@ def bench(args) -> tuple[list[dict], dict, str]:
         drafters.append((family, [f"drafter.checkpoint={folder}"]))
     if args.random_llama:
         target = random_llama(args.random_llama, args.target, args.device)
-        desc = f"random-weight Llama ({args.random_llama} shape, tokenizer of {args.target})"
+        src = args.target if Path(project_path(args.target)).is_dir() else "a ShareGPT BPE"
+        desc = f"random-weight Llama ({args.random_llama} shape, vocab {target.vocab_size}, tokenizer of {src})"
     else:
         cfg0 = load_config(base + ["drafter=ngram"])
         target, desc = load_target(cfg0.target, cfg0.run.device), args.target

@@ -86,3 +86,23 @@ def test_write_report_files(tmp_path):
     for key in ("acceptance_png", "tau_png"):
         data = paths[key].read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_bench_decode_updates_only_its_own_section(tmp_path):
+    import importlib.util
+
+    from conf.schema import PROJECT_ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_decode", PROJECT_ROOT / "bench" / "bench_decode.py")
+    bd = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bd)
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text("# Benchmarks\n\nintro\n")
+    a = "<!-- bench_decode: cpu | demo -->\nold A\n<!-- /bench_decode -->"
+    b = "<!-- bench_decode: cuda:0 | demo -->\nB\n<!-- /bench_decode -->"
+    bd.update_markdown(md, "cpu | demo", a)
+    bd.update_markdown(md, "cuda:0 | demo", b)
+    bd.update_markdown(md, "cpu | demo", a.replace("old A", "new A"))
+    assert md.read_text() == "# Benchmarks\n\nintro\n\n" + a.replace("old A", "new A") + "\n\n" + b + "\n"
+    assert bd.tree_overrides("dynamic:5:8:60") == ["eval.tree.kind=dynamic", "eval.tree.depth=5", "eval.tree.top_k=8",
+                                                   "eval.tree.total_tokens=60"]
