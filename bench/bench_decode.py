@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 import sys
 import tempfile
 import time
@@ -200,7 +201,7 @@ def update_markdown(path: Path, key: str, text: str) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    command = "python bench/bench_decode.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python bench/bench_decode.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     t0 = time.time()
     try:
         rows, machine, desc = bench(args)
