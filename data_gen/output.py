@@ -1,0 +1,119 @@
+"""What data_gen leaves on disk, and the small API the train stage reads it with.
+
+    from data_gen.output import load_dataset_dir, load_token_counts, check_same_target, read_meta
+    check_same_target("runs/demo/data_gen", target)   # DraftsmithError if made with another target
+    ds = load_dataset_dir("runs/demo/data_gen")        # datasets.Dataset: input_ids, loss_mask, provenance
+    counts = load_token_counts("runs/demo/data_gen")   # [V] int64 counts of assistant (loss-mask) tokens
+
+Layout of <run_dir>/data_gen/:
+    dataset/            the final Arrow dataset (datasets.save_to_disk), rows in source order
+    meta.json           target identity, settings, sizes, cache bytes/token (written last: its presence = complete)
+    accounting.json     read = written + skipped (by reason), truncation, tokens/s
+    token_counts.npy    [V] int64 assistant-token frequencies (reduced draft vocabularies)
+    cache_index.npy, cache_files.json   the optional target cache (data_gen/cache.py reads it)
+    shards/             committed work units (the resume state; cache files live here)
+    settings.json       what the rows depend on (a resume with other settings is refused)
+    config.yaml         the resolved config
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from conf.errors import DraftsmithError
+
+# config keys that say how a model was loaded, not what it is
+_VOLATILE = {"transformers_version", "dtype", "torch_dtype", "use_cache", "output_hidden_states",
+             "output_attentions", "return_dict", "attn_implementation"}
+
+
+def target_identity(target) -> dict:
+    """Path, sizes and a fingerprint of tokenizer (vocab, merges, specials, chat template) + model config."""
+    h = hashlib.sha256()
+    tok = target.tokenizer
+    backend = getattr(tok, "backend_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True).encode())
+    try:
+        template = target.chat_template
+    except DraftsmithError:  # no template: identity is still defined (data_gen itself refuses such a target)
+        template = ""
+    h.update(template.encode())
+    cfg = {k: v for k, v in target.config.to_dict().items() if not k.startswith("_") and k not in _VOLATILE}
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    return {"path": str(target.name), "vocab_size": int(target.vocab_size), "hidden_size": int(target.hidden_size),
+            "num_layers": int(target.num_layers), "feature_layers": list(target.feature_layers),
+            "fingerprint": h.hexdigest()[:16]}
+
+
+def write_json(path: Path, obj) -> None:
+    """Atomic JSON write: a kill leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def data_dir_of(path: str | Path) -> Path:
+    """Accept the data_gen folder itself or the run directory above it."""
+    p = Path(path)
+    return p / "data_gen" if not (p / "meta.json").exists() and (p / "data_gen").is_dir() else p
+
+
+def read_meta(data_dir: str | Path) -> dict:
+    d = data_dir_of(data_dir)
+    meta = d / "meta.json"
+    if not meta.exists():
+        raise DraftsmithError(f"no finished data_gen output in {d}: run `python train.py stage=data_gen` with the "
+                              "same run.name first (an interrupted run resumes when rerun)")
+    return json.loads(meta.read_text())
+
+
+def check_same_target(data_dir: str | Path, target) -> dict:
+    """Refuse to train on data made by another target (token ids and features would be meaningless)."""
+    meta = read_meta(data_dir)
+    made, now = meta.get("target", {}), target_identity(target)
+    # the fingerprint decides; a meta.json written without one (older or hand-made) is checked on sizes
+    keys = ("fingerprint", "vocab_size") if "fingerprint" in made else ("vocab_size", "hidden_size", "num_layers")
+    for key in keys:
+        if key in made and made[key] != now[key]:
+            raise DraftsmithError(
+                f"data_gen output in {data_dir_of(data_dir)} was made with target {made.get('path')} ({key} "
+                f"{made[key]}), not {now['path']} ({key} {now[key]}): rerun data_gen with this target "
+                "(another run.name), or set target.path back")
+    cache = meta.get("cache") or {}
+    taps = made.get("feature_layers", cache.get("feature_layers"))
+    if cache.get("features") and taps is not None and list(taps) != now["feature_layers"]:
+        raise DraftsmithError(
+            f"data_gen cached features in {data_dir_of(data_dir)} were tapped at layers {list(taps)}, "
+            f"but target.feature_layers gives {now['feature_layers']}: set target.feature_layers="
+            f"[{','.join(map(str, taps))}] or rerun data_gen")
+    return meta
+
+
+def load_dataset_dir(data_dir: str | Path):
+    """The data_gen rows as a datasets.Dataset (memory-mapped Arrow)."""
+    import datasets
+
+    read_meta(data_dir)
+    return datasets.load_from_disk(str(data_dir_of(data_dir) / "dataset"))
+
+
+def load_token_counts(data_dir: str | Path) -> torch.Tensor:
+    """[V] int64 counts of each token among assistant (loss-mask) tokens."""
+    read_meta(data_dir)
+    return torch.from_numpy(np.load(data_dir_of(data_dir) / "token_counts.npy"))
+
+
+def token_counts(dataset, vocab_size: int) -> np.ndarray:
+    """Count loss-mask tokens straight from the Arrow columns (flattened, no Python loop over rows)."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    table = dataset.data.table if hasattr(dataset.data, "table") else dataset.data
+    for batch in table.to_batches():  # record batches keep the two columns aligned
+        ids = batch.column("input_ids").flatten().to_numpy(zero_copy_only=False)
+        mask = batch.column("loss_mask").flatten().to_numpy(zero_copy_only=False)
+        counts += np.bincount(ids[mask.astype(bool)], minlength=vocab_size)[:vocab_size]
+    return counts

@@ -1,0 +1,287 @@
+"""Hydra / Hydra++: sequentially dependent draft heads (Ankner et al., 2024).
+
+    python train.py stages=[data_gen,train,eval] drafter=hydra run.name=h1
+    python train.py stages=[data_gen,train,eval] drafter=hydra_pp run.name=hpp   # Hydra++
+    python -m pytest -q tests/test_hydra.py
+
+Medusa's heads guess token t+d+1 blind to the tokens drafted before it; Hydra's head d also reads them.
+With h_t the target's final normed hidden state at t (it has already predicted x_{t+1}), head d (1-based)
+reads concat(h_t, E(x_{t+1}), ..., E(x_{t+d})) and predicts x_{t+d+1}; E is the target's frozen input
+embedding. Training teacher-forces the true tokens; decoding feeds the tokens on the tree path (x_{t+1} is
+the tree's root, the last committed token).
+
+Head d = `mlp_layers` ResBlocks (the first maps (d+1)H -> H; its residual projection starts as "take
+h_t", so a fresh head is the target's LM head on h_t) + its own Linear(H -> V) copied from the target's LM
+head (no bias). Hydra++ (`prefix_layer`): one Llama-style decoder layer (the target's width, heads and
+rope) runs causally over the sequence of base hidden states first and the heads read its output instead
+of h_t; at decode time it keeps its own KV cache over the committed positions. Hydra++'s teacher loss
+(`teacher_loss`) swaps the `ce` term for `soft_ce` (cross-entropy to the target's distribution for the
+same token) at the same weight.
+
+Decoding (`HydraDecodeDrafter`) reads the target's *last hidden state* (`feature_source = "last_hidden"`).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from conf.errors import DraftsmithError
+from conf.schema.drafter import HydraConfig
+from drafters.base import Drafter, TargetSignal, TrainableDrafter
+from drafters.medusa import (
+    ResBlock,
+    Shared,
+    floats,
+    load_tensors,
+    read_folder,
+    require_last_hidden,
+    save_folder,
+    saved_config,
+    target_fingerprint,
+    target_positions,
+    token_objective,
+)
+
+
+def prefix_layer_config(target_cfg):
+    """A LlamaConfig for one decoder layer shaped like the target (width, heads, MLP width, rope)."""
+    from transformers import LlamaConfig
+
+    H = int(getattr(target_cfg, "hidden_size", None) or target_cfg.n_embd)
+    heads = int(getattr(target_cfg, "num_attention_heads", None) or target_cfg.n_head)
+    kv = int(getattr(target_cfg, "num_key_value_heads", None) or heads)
+    inter = getattr(target_cfg, "intermediate_size", None) or getattr(target_cfg, "n_inner", None) or 4 * H
+    rope = getattr(target_cfg, "rope_parameters", None)
+    if isinstance(rope, dict) and "rope_type" not in rope:  # per-layer-type settings: the full-attention one
+        rope = rope.get("full_attention") or next((v for v in rope.values() if isinstance(v, dict)), None)
+    if not isinstance(rope, dict) or "rope_type" not in rope:  # GPT-2 (learned positions), older configs
+        rope = {"rope_type": "default", "rope_theta": float(getattr(target_cfg, "rope_theta", None) or 10000.0)}
+    cfg = LlamaConfig(hidden_size=H, intermediate_size=int(inter), num_attention_heads=heads,
+                      num_key_value_heads=kv, head_dim=H // heads, num_hidden_layers=1,
+                      max_position_embeddings=int(getattr(target_cfg, "max_position_embeddings", 4096)),
+                      rms_norm_eps=float(getattr(target_cfg, "rms_norm_eps", 1e-6)), rope_parameters=dict(rope),
+                      initializer_range=float(getattr(target_cfg, "initializer_range", 0.02)))
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+class HydraDrafter(TrainableDrafter):
+    """K sequentially dependent heads (+ Hydra++'s prefix decoder layer)."""
+
+    family = "hydra"
+
+    def __init__(self, cfg: HydraConfig, hidden_size: int, vocab_size: int, layer_config=None):
+        super().__init__()
+        if cfg.num_heads < 1 or cfg.mlp_layers < 1:
+            raise DraftsmithError(
+                f"hydra needs num_heads >= 1 and mlp_layers >= 1, got {cfg.num_heads} and {cfg.mlp_layers}")
+        self.cfg = cfg
+        self.hidden_size, self.vocab_size = hidden_size, vocab_size
+        H = hidden_size
+        self.hydra_mlp = nn.ModuleList(
+            nn.Sequential(ResBlock(H, (d + 1) * H), *[ResBlock(H) for _ in range(cfg.mlp_layers - 1)])
+            for d in range(1, cfg.num_heads + 1))
+        with torch.no_grad():  # the residual starts as "take h_t"; the embedding columns learn from zero
+            for mlp in self.hydra_mlp:
+                w = mlp[0].res_connection.weight
+                w.zero_()
+                w[:, :H].copy_(torch.eye(H))
+        self.hydra_lm_head = nn.ModuleList(nn.Linear(H, vocab_size, bias=False) for _ in range(cfg.num_heads))
+        self.prefix_layer = None
+        if cfg.prefix_layer:
+            from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+            self.prefix_layer = LlamaDecoderLayer(layer_config, layer_idx=0)
+            std = layer_config.initializer_range
+            for mod in self.prefix_layer.modules():  # HF's init (N(0, 0.02)): near-identity residual layer
+                if isinstance(mod, nn.Linear):
+                    nn.init.normal_(mod.weight, std=std)
+            # not a submodule: casting the drafter to bf16 (DeepSpeed, from_pretrained) would round inv_freq
+            object.__setattr__(self, "_rotary", LlamaRotaryEmbedding(layer_config))
+        self._checkpointing = False
+        self._target_fp: dict = {}
+        self._embed_ref = None  # Shared(the target's frozen input embedding), not a submodule
+
+    @property
+    def losses(self) -> dict[str, float]:
+        """cfg.losses, with `ce` swapped for `soft_ce` under Hydra++'s teacher loss."""
+        if not self.cfg.teacher_loss:
+            return dict(self.cfg.losses)
+        return {("soft_ce" if k == "ce" else k): v for k, v in self.cfg.losses.items()}
+
+    # --- construction ------------------------------------------------------------------------------
+    @classmethod
+    def from_target(cls, cfg: HydraConfig, target, token_counts=None) -> HydraDrafter:
+        """Heads sized from target.config; LM heads copied from the target's LM head."""
+        layer_cfg = prefix_layer_config(target.config) if cfg.prefix_layer else None
+        model = cls(cfg, target.hidden_size, target.vocab_size, layer_cfg).to(target.device)
+        with torch.no_grad():
+            w = target.model.get_output_embeddings().weight
+            for head in model.hydra_lm_head:
+                head.weight.copy_(w.float())
+        model._bind(target)
+        return model
+
+    def _bind(self, target) -> None:
+        self._target_fp = target_fingerprint(target)
+        self._embed_ref = Shared(target.model.get_input_embeddings())
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """The target's frozen token embeddings."""
+        return self._embed_ref.obj(ids)
+
+    # --- forward -------------------------------------------------------------------------------------
+    @property
+    def _dtype(self) -> torch.dtype:
+        return self.hydra_lm_head[0].weight.dtype
+
+    def prefix(self, hidden: torch.Tensor, cache=None, start: int = 0) -> torch.Tensor:
+        """The heads' view of the base hidden states [B, T, H]: Hydra++'s prefix layer (causal over the
+        sequence; positions start..start+T-1 on top of `cache`) or the states themselves."""
+        x = hidden.to(self._dtype)
+        if self.prefix_layer is None:
+            return x
+        T = x.shape[1]
+        pos = torch.arange(start, start + T, device=x.device)[None].expand(x.shape[0], -1)
+        mask = None
+        if cache is not None:  # explicit mask: sdpa's is_causal is wrong once queries sit after a cache
+            keys = torch.arange(start + T, device=x.device)
+            allowed = keys[None, :] <= pos[0, :, None]
+            mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, float("-inf"))
+            mask = mask[None, None]
+
+        if self._rotary.inv_freq.device != x.device:
+            self._rotary.to(x.device)
+        rope = self._rotary(x, pos)  # cos/sin computed in fp32, returned in x's dtype
+
+        def run(x):
+            return self.prefix_layer(x, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                                     use_cache=cache is not None, position_embeddings=rope)
+
+        if self._checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(run, x, use_reentrant=False)
+        return run(x)
+
+    def head(self, d: int, h: torch.Tensor, path_embeds: torch.Tensor) -> torch.Tensor:
+        """Head d (1-based) on h [N, H] and the embeddings of the d tokens after it [N, d, H] -> [N, V]."""
+        x = torch.cat([h, path_embeds.to(h.dtype).flatten(-2)], dim=-1)
+        return self.hydra_lm_head[d - 1](self.hydra_mlp[d - 1](x))
+
+    def forward(self, signal: TargetSignal):
+        return self.loss(signal)
+
+    def loss(self, signal: TargetSignal) -> tuple[torch.Tensor, dict[str, float]]:
+        """sum_d losses_d, head d teacher-forced with the true tokens x_{t+1..t+d}."""
+        h = self.prefix(require_last_hidden(signal, "hydra"))
+        with torch.no_grad():
+            emb = self.embed(signal.input_ids)
+        losses = self.losses
+        total = h.new_zeros((), dtype=torch.float32)
+        sums: dict[str, torch.Tensor] = {}
+        metrics: dict[str, torch.Tensor] = {}
+        for d in range(1, self.cfg.num_heads + 1):
+            b, t = target_positions(signal, d + 1)
+            offsets = torch.arange(1, d + 1, device=t.device)
+            logits = self.head(d, h[b, t], emb[b[:, None], t[:, None] + offsets])
+            loss_d, terms, acc = token_objective(logits, signal, b, t, d + 1, losses)
+            total = total + loss_d
+            for name, v in terms.items():
+                sums[name] = sums.get(name, 0.0) + losses[name] * v.detach()
+            metrics[f"acc/{d}"] = acc
+        metrics.update({f"loss/{n}": v for n, v in sums.items()})
+        return total, floats(metrics)
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute the prefix layer in backward (the heads are single matmuls: nothing to save)."""
+        self._checkpointing = bool(enabled)
+
+    # --- decoding, saving ------------------------------------------------------------------------------
+    def as_drafter(self, target) -> HydraDecodeDrafter:
+        return HydraDecodeDrafter(self)
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        dims = {"hidden_size": self.hidden_size, "vocab_size": self.vocab_size, "num_heads": self.cfg.num_heads}
+        if self.prefix_layer is not None:
+            dims["prefix_layer"] = self.prefix_layer.self_attn.config.to_diff_dict()
+        return save_folder(folder, self.family, self.cfg, dims, self._target_fp, self.state_dict())
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, target) -> HydraDrafter:
+        meta, tensors = read_folder(folder, cls.family, target)
+        cfg = saved_config(HydraConfig, meta, folder)
+        layer_cfg = prefix_layer_config(target.config) if cfg.prefix_layer else None
+        model = cls(cfg, target.hidden_size, target.vocab_size, layer_cfg).to(target.device)
+        load_tensors(model, tensors, folder)
+        model._bind(target)
+        model._target_fp = meta["target"]
+        return model.to(target.dtype)
+
+
+class HydraDecodeDrafter(Drafter):
+    """Decoding adapter: head d reads the prefix state of the last committed position and the embeddings
+    of the root token and the path's drafted tokens."""
+
+    name = "hydra"
+    uses_features = True
+    feature_source = "last_hidden"  # the decoder passes TargetOutput.last_hidden, not the EAGLE-3 taps
+
+    def __init__(self, model: HydraDrafter):
+        self.model = model
+        self.vocab_size = model.vocab_size
+        self.max_depth = model.cfg.num_heads
+        self._h = self._root = self._cache = None
+        self._pos = 0
+
+    def _read(self, feats: torch.Tensor) -> None:
+        """Advance the prefix layer over newly committed features; keep the last position's state."""
+        if feats is None or feats.shape[1] == 0:
+            raise DraftsmithError("hydra drafts from the target's last hidden state: the decoder passed none")
+        with torch.no_grad():
+            out = self.model.prefix(feats, cache=self._cache, start=self._pos)
+        self._pos += feats.shape[1]
+        self._h = out[:, -1]
+
+    def start(self, input_ids: torch.Tensor, features: torch.Tensor | None) -> None:
+        from transformers import DynamicCache
+
+        self._cache = DynamicCache() if self.model.prefix_layer is not None else None
+        self._pos = 0
+        self._root = input_ids[:, -1]
+        self._read(features)
+
+    def expand(self, tree, frontier: torch.Tensor) -> torch.Tensor:
+        B, F = frontier.shape
+        nodes = frontier.clamp_min(0)
+        depth = torch.where(frontier < 0, 0, tree.depths.gather(1, nodes)) if tree.num_nodes \
+            else torch.zeros_like(frontier)
+        if int(depth.max()) >= self.max_depth:
+            raise DraftsmithError(
+                f"hydra has {self.max_depth} heads, so it drafts at most {self.max_depth} tokens deep: "
+                f"set the eval tree depth to <= {self.max_depth} or train more heads (drafter.num_heads)")
+        Dmax = int(depth.max())
+        # path[b, f, j] = token at depth j+1 on the way to the frontier node (walk up through parents)
+        path = torch.zeros(B, F, max(Dmax, 1), dtype=torch.long, device=frontier.device)
+        cur = frontier
+        for _ in range(Dmax):
+            live = cur >= 0
+            c = cur.clamp_min(0)
+            b, f = live.nonzero(as_tuple=True)
+            path[b, f, tree.depths.gather(1, c)[b, f] - 1] = tree.tokens.gather(1, c)[b, f]
+            cur = torch.where(live, tree.parents.gather(1, c), cur)
+        tokens = torch.cat([self._root[:, None, None].expand(B, F, 1).to(path), path[..., :Dmax]], dim=-1)
+        out = torch.empty(B, F, self.vocab_size, device=frontier.device)
+        h = self._h.expand(B, -1) if self._h.shape[0] == 1 else self._h
+        with torch.no_grad():
+            emb = self.model.embed(tokens)  # [B, F, Dmax+1, H]
+            for dd in depth.unique().tolist():
+                b, f = (depth == dd).nonzero(as_tuple=True)
+                out[b, f] = self.model.head(dd + 1, h[b], emb[b, f, : dd + 1]).float()
+        return out
+
+    def commit(self, new_ids: torch.Tensor, new_features: torch.Tensor | None) -> None:
+        self._root = new_ids[:, -1]
+        self._read(new_features)

@@ -1,0 +1,441 @@
+"""Medusa-1 / Medusa-2: K parallel heads on the target's last hidden state (Cai et al., 2024).
+
+    python train.py stages=[data_gen,train,eval] drafter=medusa run.name=m1     # Medusa-1: frozen target
+    python train.py stages=[data_gen,train,eval] drafter=medusa2 run.name=m2    # Medusa-2: + LoRA on the target
+    python -m pytest -q tests/test_medusa.py
+
+Head k (1-based) reads the target's final normed hidden state h_t and predicts token t+k+1 (the target's
+own LM head predicts t+1): `num_layers` ResBlocks (x + SiLU(Wx + b), W and b zero-initialised so a fresh
+block is the identity) and its own Linear(H -> V) initialised from the target's LM head, so a fresh head k
+starts as "the target's next-token guess" instead of noise. Unlike the reference code (which repeats one
+ResBlock object `num_layers` times, sharing its weights) every block has its own weights.
+
+Parameter names follow the Medusa checkpoint format, so export is a dump of `medusa_head.*`:
+    medusa_head.{k}.{j}.linear.weight / .bias      ResBlock j of head k (0-based)
+    medusa_head.{k}.{num_layers}.weight            the head's final Linear(H -> V), no bias
+
+Medusa-1 (`joint: false`): frozen target, loss = sum_k CE_k with `losses` (`ce` on the data tokens, or any
+distribution loss of training/losses.py against the target's distribution for the same token).
+Medusa-2 (`joint: true`): the target is trained jointly through a peft LoRA adapter, wrapped *in place*
+around `target.model` (so the Target wrapper, and the speculative decoder verifying with it, sees the
+adapted model); this family runs the target forward itself inside `loss` (online mode only).
+loss = L_LM + sum_k head_weight * head_decay**k * CE_k; L_LM = KL(adapter-off || adapter-on) next-token
+distributions when `self_distill` (zero at init: LoRA B starts at zero), else CE on the data tokens.
+Heads train at `head_lr_scale` x the base lr (`param_groups`). A saved Medusa-2 folder holds the heads in
+model.safetensors and the LoRA adapter as a standard peft folder under `adapter/`; `from_pretrained`
+merges the adapter into `target.model` (the model Medusa-2 serves) unless asked to keep it trainable.
+
+Decoding (`MedusaDecodeDrafter`) reads the target's *last hidden state* at the last committed feature
+position (`feature_source = "last_hidden"`, not the EAGLE-3 taps); head k's distribution is the depth-k
+distribution whatever the parent token is.
+
+The helpers in the first section (ResBlock, the per-depth token objective, the folder format) are shared
+with drafters/hydra_heads.py and drafters/small_lm.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from conf.errors import DraftsmithError
+from conf.schema.drafter import MedusaConfig
+from drafters.base import Drafter, TargetSignal, TrainableDrafter, topk_to_logits
+from training.losses import DISTRIBUTION_LOSSES, ce, forward_kl
+
+# ---------------------------------------------------------------------------------------------------
+# Shared pieces: ResBlock, per-depth token objective, folder format
+# ---------------------------------------------------------------------------------------------------
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "drafter_config.json"
+
+
+class ResBlock(nn.Module):
+    """x + SiLU(linear(x)) with a zero-initialised linear (weight and bias): the identity at init.
+
+    With `in_features > hidden` (Hydra's first block, which reads concat(hidden, embeddings)) the residual
+    goes through `res_connection`, a plain Linear(in -> hidden)."""
+
+    def __init__(self, hidden: int, in_features: int | None = None):
+        super().__init__()
+        in_features = in_features or hidden
+        self.linear = nn.Linear(in_features, hidden)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+        self.act = nn.SiLU()
+        if in_features != hidden:
+            self.res_connection = nn.Linear(in_features, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        res = self.res_connection(x) if hasattr(self, "res_connection") else x
+        return res + self.act(self.linear(x))
+
+
+class Shared:
+    """Holds a piece of the frozen target (its embedding, its tokenizer) outside the module tree: not in
+    the state dict, not partitioned by ZeRO, and shared rather than duplicated by copy.deepcopy."""
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def floats(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    """0-d metric tensors -> floats with one device sync."""
+    if not metrics:
+        return {}
+    values = torch.stack([torch.as_tensor(v).detach().float().reshape(()) for v in metrics.values()]).tolist()
+    return dict(zip(metrics, values))
+
+
+def require_last_hidden(signal: TargetSignal, family: str) -> torch.Tensor:
+    if signal.last_hidden is None:
+        raise DraftsmithError(
+            f"{family} trains on the target's last hidden state, but this batch has none: use "
+            "train.mode=online, or an offline cache written with the target's last hidden state")
+    return signal.last_hidden
+
+
+def target_positions(signal: TargetSignal, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(b, t) of every position whose drafter output predicts token t+shift and that token is a
+    training target (assistant token, not padding)."""
+    m = signal.loss_mask[:, shift:].bool() & signal.attention_mask[:, shift:].bool()
+    return m.nonzero(as_tuple=True)
+
+
+def reference_rows(signal: TargetSignal, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor | None:
+    """The target's next-token logits [N, V] at positions (b, t), computing only those rows; None when
+    the signal carries no target distribution."""
+    if signal._logits is not None:
+        return signal._logits[b, t]
+    if signal.last_hidden is not None and signal.lm_head is not None:
+        with torch.no_grad():
+            return signal.lm_head(signal.last_hidden[b, t]).float()
+    if signal.topk_values is not None:
+        return topk_to_logits(signal.topk_values[b, t], signal.topk_indices[b, t], signal.vocab_size)
+    return None
+
+
+def token_objective(logits: torch.Tensor, signal: TargetSignal, b: torch.Tensor, t: torch.Tensor,
+                    shift: int, losses: dict[str, float], reference: torch.Tensor | None = None,
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """Weighted sum of `losses` for drafter logits [N, V] made at positions (b, t) for token t+shift.
+
+    `ce` compares with the data token x_{t+shift}; a distribution loss (training/losses.py) with the
+    target's distribution for the same token, i.e. its logits at t+shift-1 (`reference` [N, V] when the
+    caller has them, else from the signal). Returns (total, {name: term}, accuracy) where accuracy is the
+    fraction of rows whose argmax equals the target's argmax (the data token when the signal has no
+    target distribution). Vocabularies of different widths are compared over the shared prefix."""
+    labels = signal.input_ids[b, t + shift]
+    if reference is None:
+        reference = reference_rows(signal, b, t + shift - 1)
+    width = logits.shape[-1] if reference is None else min(logits.shape[-1], reference.shape[-1])
+    total = logits.new_zeros((), dtype=torch.float32)
+    terms: dict[str, torch.Tensor] = {}
+    for name, weight in losses.items():
+        if name == "ce":
+            value = ce(logits, labels)
+        elif name in DISTRIBUTION_LOSSES:
+            if reference is None:
+                raise DraftsmithError(
+                    f"loss {name!r} needs the target's distribution, but this batch has neither the last "
+                    "hidden state nor cached top-k logits: use `ce`, or train.mode=online")
+            value = DISTRIBUTION_LOSSES[name](logits[..., :width], reference[..., :width])
+        else:
+            raise DraftsmithError(
+                f"unknown loss {name!r} in drafter.losses: use ce or one of {', '.join(DISTRIBUTION_LOSSES)}")
+        terms[name] = value
+        total = total + weight * value
+    want = labels if reference is None else reference[..., :width].argmax(-1)
+    pred = logits[..., :width].argmax(-1)
+    acc = (pred == want).float().mean() if len(want) else logits.new_zeros(())
+    return total, terms, acc.detach()
+
+
+def set_hf_checkpointing(model, enabled: bool) -> None:
+    """Layer-wise activation checkpointing of a transformers model (v5 name; v4's gradient_checkpointing_*
+    otherwise), non-reentrant so that frozen embeddings (no input requiring grad) still work. transformers
+    only checkpoints in train mode."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if enabled:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif enabled:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def target_fingerprint(target) -> dict:
+    return {"path": str(target.name), "vocab_size": int(target.vocab_size), "hidden_size": int(target.hidden_size)}
+
+
+def save_folder(folder: str | os.PathLike, family: str, cfg, dims: dict, target_fp: dict,
+                tensors: dict[str, torch.Tensor] | None) -> Path:
+    """Write model.safetensors (unless tensors is None) + drafter_config.json (family, config, derived
+    dims, target fingerprint)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if tensors is not None:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(folder / MODEL_FILE))
+    meta = {"family": family, "config": asdict(cfg), "dims": dims, "target": target_fp}
+    (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return folder
+
+
+def read_folder(folder: str | os.PathLike, family: str, target, tensors: bool = True,
+                ) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read a folder written by save_folder (its tensors too unless tensors=False), checking it holds
+    `family` trained for a target of `target`'s shape."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / CONFIG_FILE).exists():
+        raise DraftsmithError(f"{folder} has no {CONFIG_FILE}: it is not a draftsmith drafter folder")
+    meta = json.loads((folder / CONFIG_FILE).read_text())
+    if meta.get("family") != family:
+        raise DraftsmithError(
+            f"{folder} holds a {meta.get('family')!r} drafter, not {family!r}: set drafter={meta.get('family')}")
+    check_target(meta["target"], target, folder)
+    found = tensors and (folder / MODEL_FILE).exists()
+    return meta, (load_file(str(folder / MODEL_FILE)) if found else {})
+
+
+def saved_config(schema, meta: dict, folder):
+    """The drafter config recorded in drafter_config.json, as its dataclass."""
+    try:
+        return schema(**meta["config"])
+    except TypeError as e:
+        raise DraftsmithError(f"{folder}/{CONFIG_FILE}: its config does not fit this version ({e})") from None
+
+
+def load_tensors(module: nn.Module, tensors: dict[str, torch.Tensor], folder) -> None:
+    """load_state_dict(strict) with a one-line error naming the first missing or unexpected tensor."""
+    missing, unexpected = module.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        what = f"lacks {missing[0]}" if missing else f"has an unexpected {unexpected[0]}"
+        raise DraftsmithError(
+            f"{folder}/{MODEL_FILE} {what}: it does not match its {CONFIG_FILE}; re-save the checkpoint")
+
+
+def check_target(saved: dict, target, folder) -> None:
+    now = target_fingerprint(target)
+    for key in ("vocab_size", "hidden_size"):
+        if saved[key] != now[key]:
+            raise DraftsmithError(
+                f"drafter {folder} was trained for target {saved['path']} ({key} {saved[key]}), but target "
+                f"{now['path']} has {key} {now[key]}: load the target it was trained for")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Medusa
+# ---------------------------------------------------------------------------------------------------
+class MedusaDrafter(TrainableDrafter):
+    """K Medusa heads (+ a LoRA adapter on the target for Medusa-2)."""
+
+    family = "medusa"
+
+    def __init__(self, cfg: MedusaConfig, hidden_size: int, vocab_size: int):
+        super().__init__()
+        if cfg.num_heads < 1 or cfg.num_layers < 0:
+            raise DraftsmithError(
+                f"medusa needs num_heads >= 1 and num_layers >= 0, got {cfg.num_heads} and {cfg.num_layers}")
+        self.cfg = cfg
+        self.hidden_size, self.vocab_size = hidden_size, vocab_size
+        self.medusa_head = nn.ModuleList(
+            nn.Sequential(*[ResBlock(hidden_size) for _ in range(cfg.num_layers)],
+                          nn.Linear(hidden_size, vocab_size, bias=False))
+            for _ in range(cfg.num_heads))
+        self.base = None  # Medusa-2: the peft-wrapped target model (a submodule, so DeepSpeed sees LoRA)
+        self._target_fp: dict = {}
+
+    # --- construction ------------------------------------------------------------------------------
+    @classmethod
+    def from_target(cls, cfg: MedusaConfig, target, token_counts=None) -> MedusaDrafter:
+        """Heads sized from target.config; final linears copied from the target's LM head."""
+        model = cls(cfg, target.hidden_size, target.vocab_size).to(target.device)
+        with torch.no_grad():
+            w = target.model.get_output_embeddings().weight
+            for head in model.medusa_head:
+                head[-1].weight.copy_(w.float())
+        model._target_fp = target_fingerprint(target)
+        if cfg.joint:
+            model._attach_lora(target)
+        return model
+
+    def _attach_lora(self, target, adapter_dir: str | None = None, trainable: bool = True) -> None:
+        """Wrap target.model with a LoRA adapter in place (new, or loaded from `adapter_dir`)."""
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        if hasattr(target.model, "peft_config"):
+            raise DraftsmithError("the target already carries a peft adapter: load a fresh target for Medusa-2")
+        if adapter_dir is not None:
+            self.base = PeftModel.from_pretrained(target.model, adapter_dir, is_trainable=trainable)
+            return
+        targets = self.cfg.lora_target_modules
+        lora = LoraConfig(r=self.cfg.lora_r, lora_alpha=self.cfg.lora_alpha, lora_dropout=0.0,
+                          target_modules=targets if targets == "all-linear" else targets.split(","))
+        self.base = get_peft_model(target.model, lora)
+
+    def check_train_mode(self, mode: str) -> None:
+        """Medusa-2 runs the (adapted) target itself, so it cannot train from an offline feature cache."""
+        if self.cfg.joint and mode != "online":
+            raise DraftsmithError(
+                "Medusa-2 (drafter.joint=true) trains the target through LoRA and needs it in the step: "
+                "set train.mode=online")
+
+    @property
+    def runs_target(self) -> bool:
+        """True when `loss` runs the target forward itself (the engine may skip its own)."""
+        return bool(self.cfg.joint)
+
+    # --- forward -------------------------------------------------------------------------------------
+    def head_logits(self, hidden: torch.Tensor) -> list[torch.Tensor]:
+        """Logits [..., V] of every head (depth 1..K) from last hidden states [..., H]."""
+        x = hidden.to(self.medusa_head[0][-1].weight.dtype)
+        return [head(x) for head in self.medusa_head]
+
+    def forward(self, signal: TargetSignal):
+        return self.loss(signal)
+
+    def loss(self, signal: TargetSignal) -> tuple[torch.Tensor, dict[str, float]]:
+        """Medusa-1: sum_k losses_k. Medusa-2: L_LM + sum_k head_weight * head_decay**k * losses_k."""
+        if self.cfg.joint:
+            return self._joint_loss(signal)
+        hidden = require_last_hidden(signal, "medusa")
+        return self._heads_loss(hidden, signal, [1.0] * self.cfg.num_heads, {})
+
+    def _heads_loss(self, hidden, signal, weights, metrics, teacher=None):
+        total = hidden.new_zeros((), dtype=torch.float32)
+        sums: dict[str, torch.Tensor] = {}
+        for k, head in enumerate(self.medusa_head, start=1):
+            b, t = target_positions(signal, k + 1)  # head k at t predicts token t+k+1
+            ref = None if teacher is None else teacher[b, t + k]
+            logits = head(hidden[b, t].to(head[-1].weight.dtype))
+            loss_k, terms, acc = token_objective(logits, signal, b, t, k + 1, self.cfg.losses, reference=ref)
+            total = total + weights[k - 1] * loss_k
+            for name, v in terms.items():
+                sums[name] = sums.get(name, 0.0) + weights[k - 1] * self.cfg.losses[name] * v.detach()
+            metrics[f"acc/{k}"] = acc
+        metrics.update({f"loss/{n}": v for n, v in sums.items()})
+        return total, floats(metrics)
+
+    def _joint_loss(self, signal: TargetSignal):
+        """Medusa-2: the adapted target's forward, its LM loss, and the heads on its last hidden state."""
+        if self.base is None:
+            raise DraftsmithError("Medusa-2 drafter has no LoRA adapter attached: build it with from_target")
+        ids, am = signal.input_ids, signal.attention_mask
+        out = self.base(input_ids=ids, attention_mask=am, output_hidden_states=True)
+        hidden = out.hidden_states[-1]
+        b, t = target_positions(signal, 1)
+        teacher = None
+        if self.cfg.self_distill:
+            # the frozen original model's distribution (adapter off, dropout off) is the LM target
+            was_training = self.base.training
+            self.base.eval()
+            with torch.no_grad(), self.base.disable_adapter():
+                teacher = self.base(input_ids=ids, attention_mask=am).logits.float()
+            self.base.train(was_training)
+            lm = forward_kl(out.logits[b, t], teacher[b, t])
+        else:
+            lm = ce(out.logits[b, t], ids[b, t + 1])
+        weights = [self.cfg.head_weight * self.cfg.head_decay**k for k in range(1, self.cfg.num_heads + 1)]
+        heads, metrics = self._heads_loss(hidden, signal, weights, {"loss/lm": lm.detach()}, teacher=teacher)
+        return lm + heads, metrics
+
+    # --- optimisation ----------------------------------------------------------------------------------
+    def param_groups(self, lr: float) -> list[dict]:
+        """Heads at lr (Medusa-1) or head_lr_scale x lr next to the LoRA parameters at lr (Medusa-2)."""
+        heads = [p for p in self.medusa_head.parameters() if p.requires_grad]
+        if not self.cfg.joint:
+            return [{"params": heads, "lr": lr}]
+        lora = [p for p in self.base.parameters() if p.requires_grad]
+        return [{"params": lora, "lr": lr}, {"params": heads, "lr": lr * self.cfg.head_lr_scale}]
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Only Medusa-2 runs decoder layers with gradients (the target's, through LoRA)."""
+        if self.base is not None:
+            set_hf_checkpointing(self.base, enabled)
+
+    # --- decoding, saving ------------------------------------------------------------------------------
+    def as_drafter(self, target) -> MedusaDecodeDrafter:
+        return MedusaDecodeDrafter(self)
+
+    def heads_state_dict(self) -> dict[str, torch.Tensor]:
+        """The heads only, in Medusa's names (`medusa_head.{k}.{j}.linear.weight`, ...)."""
+        return {f"medusa_head.{k}": v for k, v in self.medusa_head.state_dict().items()}
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """model.safetensors (heads) + drafter_config.json; Medusa-2 adds the peft adapter in adapter/."""
+        dims = {"hidden_size": self.hidden_size, "vocab_size": self.vocab_size,
+                "num_heads": self.cfg.num_heads, "num_layers": self.cfg.num_layers}
+        folder = save_folder(folder, self.family, self.cfg, dims, self._target_fp, self.heads_state_dict())
+        if self.base is not None:
+            self.base.save_pretrained(str(folder / "adapter"))
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, target, trainable: bool = False) -> MedusaDrafter:
+        """Load heads saved by save_pretrained. A Medusa-2 adapter is merged into target.model in place
+        (the fine-tuned model Medusa-2 serves), or kept as a trainable adapter with trainable=True."""
+        meta, tensors = read_folder(folder, cls.family, target)
+        cfg = saved_config(MedusaConfig, meta, folder)
+        model = cls(cfg, target.hidden_size, target.vocab_size).to(target.device)
+        load_tensors(model, tensors, folder)
+        model._target_fp = meta["target"]
+        if cfg.joint:
+            adapter = Path(folder) / "adapter"
+            if not adapter.exists():
+                raise DraftsmithError(f"Medusa-2 checkpoint {folder} has no adapter/ folder: it is incomplete")
+            model._attach_lora(target, str(adapter), trainable=trainable)
+            if not trainable:  # fold LoRA into target.model's own linears; the plain module tree returns
+                model.base.merge_and_unload()
+                model.base = None
+        if not trainable:
+            model.to(target.dtype)
+        return model
+
+
+class MedusaDecodeDrafter(Drafter):
+    """Decoding adapter: head k's distribution at depth k, from the last committed last-hidden feature."""
+
+    name = "medusa"
+    uses_features = True
+    feature_source = "last_hidden"  # the decoder passes TargetOutput.last_hidden, not the EAGLE-3 taps
+
+    def __init__(self, model: MedusaDrafter):
+        self.model = model
+        self.vocab_size = model.vocab_size
+        self.max_depth = model.cfg.num_heads
+        self._logits: torch.Tensor | None = None  # [B, K, V] for the current root
+
+    def _set_feature(self, feat: torch.Tensor) -> None:
+        with torch.no_grad():
+            self._logits = torch.stack(self.model.head_logits(feat[:, -1]), dim=1).float()
+
+    def start(self, input_ids: torch.Tensor, features: torch.Tensor | None) -> None:
+        if features is None or features.shape[1] == 0:
+            raise DraftsmithError("medusa drafts from the target's last hidden state: the decoder passed none")
+        self._set_feature(features)
+
+    def expand(self, tree, frontier: torch.Tensor) -> torch.Tensor:
+        depth = torch.where(frontier < 0, 0, tree.depths.gather(1, frontier.clamp_min(0))) if tree.num_nodes \
+            else torch.zeros_like(frontier)
+        if int(depth.max()) >= self.max_depth:
+            raise DraftsmithError(
+                f"medusa has {self.max_depth} heads, so it drafts at most {self.max_depth} tokens deep: "
+                f"set the eval tree depth to <= {self.max_depth} or train more heads (drafter.num_heads)")
+        logits = self._logits.expand(frontier.shape[0], -1, -1)
+        return logits.gather(1, depth[..., None].expand(-1, -1, self.vocab_size))
+
+    def commit(self, new_ids: torch.Tensor, new_features: torch.Tensor | None) -> None:
+        self._set_feature(new_features)

@@ -1,0 +1,251 @@
+"""The train stage: load the target and data_gen's output, build the drafter, train it under DeepSpeed,
+checkpoint (exact resume), evaluate on a held-out slice, write the final drafter folder.
+
+    python train.py stage=train experiment=smoke                    # seconds on CPU, after stage=data_gen
+    python train.py stage=train drafter=medusa train.max_steps=500
+    deepspeed --num_gpus 8 --no_local_rank train.py stage=train drafter=eagle3 deepspeed=zero2
+    DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 train.py stage=train run.device=cpu deepspeed=zero2
+
+Rerunning the same command after a crash or a kill resumes from the newest valid checkpoint in
+<run>/train/checkpoints/ and ends with the same weights an uninterrupted run would have.
+
+Outputs (<run>/train/): config.yaml, ds_config.json (what DeepSpeed was given), checkpoints/step_*,
+final/ (the drafter's save_pretrained folder), metrics.jsonl, curves.png, tensorboard/, wandb/.
+
+Gradient accumulation is token-weighted: every micro-batch's mean loss is weighted by its share of the
+loss tokens of the whole optimizer step (all micro-batches, all ranks), so the gradient is the mean over
+every loss token of the global batch however it is split into micro-batches and processes
+(batch 8 x accumulation 1 == batch 1 x accumulation 8 == 2 ranks x batch 4). This is exact when a
+drafter's loss is a mean over loss_mask positions, which is what the families compute.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import shutil
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from conf.errors import DraftsmithError
+from conf.schema import Config, run_dir, save_config
+from training.checkpoint import CheckpointManager, TrainState, seal
+from training.data import DataPlan, collate, load_data_gen, require_data_gen
+from training.engine import (
+    Engine,
+    all_reduce_sum,
+    barrier,
+    build_ds_config,
+    setup_distributed,
+    write_ds_config,
+)
+from training.objectives import build_objective
+from training.signal import MODES, make_signal
+from training.tracking import Tracker, tau_sim
+
+
+def run(cfg: Config) -> dict:
+    """`stage=train`: see the module docstring."""
+    return train(cfg)
+
+
+def build_drafter(cfg: Config, target, token_counts):
+    """The family named by cfg.drafter.name, built from the loaded target (drafters.registry)."""
+    from drafters.registry import TRAINABLE, drafter_class
+
+    name = cfg.drafter.name
+    if name not in TRAINABLE:
+        raise DraftsmithError(f"drafter={name} has nothing to train: run stage=eval with it directly, or train one "
+                              f"of {', '.join(TRAINABLE)}")
+    try:
+        cls = drafter_class(name)
+    except ModuleNotFoundError as e:
+        raise DraftsmithError(f"drafter family {name!r} is not installed in this checkout ({e.name} is missing): "
+                              f"pick another drafter=") from None
+    return cls.from_target(cfg.drafter, target, token_counts=token_counts)
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train(cfg: Config, drafter_factory=None, target=None) -> dict:
+    """Train and return a summary dict. `drafter_factory(cfg, target, token_counts)` replaces the
+    registry lookup (tests use it for a tiny drafter); `target` skips loading one."""
+    from drafters.target import load_target
+
+    t = cfg.train
+    if t.mode not in MODES:
+        raise DraftsmithError(f"train.mode={t.mode!r}: use online (target runs in the step) or offline (data_gen's cache)")
+    require_data_gen(run_dir(cfg) / "data_gen")
+    env = setup_distributed(cfg.run.device)
+    out = run_dir(cfg) / "train"
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out)
+    seed_all(cfg.run.seed)
+    target = target if target is not None else load_target(cfg.target, device=env.device)
+    data = load_data_gen(run_dir(cfg) / "data_gen", target, need_cache=t.mode == "offline")
+    plan = DataPlan(len(data.dataset), t.eval_rows, cfg.run.seed, t.micro_batch_size, t.grad_accum,
+                    env.world_size, env.rank)
+    total = plan.total_steps(t.epochs, t.max_steps)
+    if plan.note and env.is_main:
+        print(plan.note)
+
+    seed_all(cfg.run.seed)  # the drafter's initial weights depend on the seed only
+    drafter = (drafter_factory or build_drafter)(cfg, target, data.token_counts)
+    drafter.set_gradient_checkpointing(t.gradient_checkpointing)
+    if hasattr(drafter, "check_train_mode"):
+        drafter.check_train_mode(t.mode)  # Medusa-2 trains the target itself: online only
+    # Families whose loss runs the target (Medusa-2) get a signal without the frozen forward.
+    signal_args = {"run_target": not getattr(drafter, "runs_target", False)}
+    ds_cfg = build_ds_config(cfg, env.world_size, env.device)
+    if env.is_main:
+        write_ds_config(ds_cfg, out / "ds_config.json")
+    meta = {"family": drafter.family or type(drafter).__name__, "drafter_class": type(drafter).__qualname__,
+            "param_shapes": {n: list(p.shape) for n, p in drafter.named_parameters()},
+            "train_rows": plan.n_train, "world_size": env.world_size,
+            "zero_stage": cfg.deepspeed.zero_stage, "seed": cfg.run.seed, "global_batch": plan.global_batch}
+    eng = Engine(drafter, build_objective(cfg, target), cfg, ds_cfg, total, env)
+    seed_all(cfg.run.seed + env.rank)  # training-time randomness (feature noise, dropout) differs per rank
+
+    log = print if env.is_main else (lambda *_: None)
+    ckpts = CheckpointManager(out / "checkpoints", t.keep_checkpoints, env, log=log)
+    state, resumed = TrainState(), ckpts.latest_valid()
+    if resumed is not None:
+        state = ckpts.load(resumed, eng, expect=meta)
+        if state.step > total:
+            raise DraftsmithError(f"checkpoint {resumed} is at step {state.step}, beyond this run's {total} steps: "
+                                  "raise train.max_steps (or train.epochs), or use another run.name")
+        epoch, pos = plan.cursor(state.rows)
+        log(f"resumed from {resumed} (step {state.step}/{total}, epoch {epoch}, position {pos})")
+    last_ckpt = resumed
+
+    tracker = Tracker(cfg, out, env.is_main, total, state.step)
+    pad_id = target.tokenizer.pad_token_id
+    pad_id = pad_id if pad_id is not None else (target.tokenizer.eos_token_id or 0)
+    batch_args = dict(pad_id=pad_id, max_length=t.max_length, with_cache=t.mode == "offline", dtype=target.dtype)
+    start_step, start_tokens, t0 = state.step, state.input_tokens, time.perf_counter()
+    last, evals = {}, {}
+    eng.train(True)
+    try:
+        while state.step < total:
+            batches = [collate(data, rows, **batch_args) for rows in plan.micro_batches(state.rows)]
+            lr = eng.lr
+            metrics, n_loss, n_input, finite = _train_step(eng, target, batches, t.mode, env, plan,
+                                                           **signal_args)
+            if not finite:
+                where = f"{last_ckpt}" if last_ckpt else "none (no checkpoint was written yet)"
+                raise DraftsmithError(
+                    f"loss is {metrics['loss']} at step {state.step + 1}: training stopped before the update; the "
+                    f"last good checkpoint is {where}; lower train.lr, raise train.warmup_steps or check the data")
+            state = dataclasses.replace(state, step=state.step + 1, rows=state.rows + plan.global_batch,
+                                        loss_tokens=state.loss_tokens + n_loss, input_tokens=state.input_tokens + n_input)
+            last = metrics
+            tracker.step(state.step, metrics["loss"], n_input)
+            if state.step % max(1, t.log_every) == 0 or state.step == total:
+                elapsed = time.perf_counter() - t0
+                tracker.log(state.step, {**metrics, "lr": lr, "epoch": state.rows / plan.n_train,
+                                         "tokens_per_s": (state.input_tokens - start_tokens) / max(elapsed, 1e-9)})
+            if len(plan.eval_idx) and ((t.eval_every > 0 and state.step % t.eval_every == 0) or state.step == total):
+                evals = evaluate(eng, target, data, plan, t.mode, batch_args, **signal_args)
+                tracker.log(state.step, evals, kind="eval")
+            if (t.save_every > 0 and state.step % t.save_every == 0) or state.step == total:
+                last_ckpt = ckpts.save(state.step, eng, state, {**meta, "cursor": plan.cursor(state.rows)})
+        if resumed is not None and start_step == total and len(plan.eval_idx):
+            evals = evaluate(eng, target, data, plan, t.mode, batch_args, **signal_args)  # nothing left to train: report anyway
+        final = write_final(eng, drafter, out / "final", env, cfg)
+    finally:
+        plot = tracker.close()
+    elapsed = time.perf_counter() - t0
+    tokens = state.input_tokens - start_tokens
+    epoch, pos = plan.cursor(state.rows)
+    return {"steps": state.step, "total_steps": total, "steps_this_run": state.step - start_step,
+            "resumed_from": str(resumed) if resumed else None, "loss_tokens": state.loss_tokens,
+            "input_tokens": state.input_tokens, "tokens_per_s": tokens / elapsed if elapsed > 0 else None,
+            "final_loss": last.get("loss"), "train_metrics": last, "eval": evals,
+            "cursor": {"epoch": epoch, "position": pos}, "final_dir": str(final),
+            "checkpoint": str(last_ckpt) if last_ckpt else None, "ds_config": str(out / "ds_config.json"),
+            "metrics": str(out / "metrics.jsonl"), "plot": str(plot) if plot else None, "train_dir": str(out)}
+
+
+def _train_step(eng: Engine, target, batches, mode, env, plan, run_target: bool = True
+                ) -> tuple[dict, int, int, bool]:
+    """One optimizer step over this rank's micro-batches; returns the global metrics (token-weighted
+    means), loss tokens, input tokens, and whether every rank's loss was finite. The update is NOT
+    applied when one was not (every rank still runs the same collectives, so none hangs)."""
+    counts = torch.tensor([sum(int(b["loss_mask"].sum()) for b in batches),
+                           sum(int(b["attention_mask"].sum()) for b in batches)], dtype=torch.float64)
+    n_loss, n_input = (int(v) for v in all_reduce_sum(counts, env).tolist())
+    scale = plan.accum * plan.world  # DeepSpeed divides by accum and averages over ranks; undo both
+    sums: dict[str, float] = defaultdict(float)
+    bad = 0.0
+    for i, batch in enumerate(batches):
+        signal = make_signal(mode, target, batch, run_target)
+        loss, metrics = eng.forward(signal)
+        w = float(batch["loss_mask"].sum()) / max(n_loss, 1)
+        bad += float(not torch.isfinite(loss.detach()).item())
+        sums["loss"] += float(loss.detach()) * w
+        for k, v in metrics.items():
+            sums[k] += float(v) * w
+        eng.backward(loss * (w * scale))
+        if i < len(batches) - 1:
+            eng.step()  # inside the accumulation window: DeepSpeed only counts the micro-step
+    keys = sorted(sums)  # every rank's drafter reports the same metric names
+    reduced = all_reduce_sum(torch.tensor([bad] + [sums[k] for k in keys], dtype=torch.float64), env).tolist()
+    out = dict(zip(keys, reduced[1:]))
+    if reduced[0] > 0:
+        return out, n_loss, n_input, False  # the caller stops before the optimizer step
+    eng.step()  # the boundary: clip, AdamW, LR schedule
+    return out, n_loss, n_input, True
+
+
+@torch.no_grad()
+def evaluate(eng: Engine, target, data, plan: DataPlan, mode: str, batch_args: dict,
+             run_target: bool = True) -> dict:
+    """Held-out loss and per-depth accuracy (token-weighted over the slice) and tau_sim from them."""
+    eng.train(False)
+    sums: dict[str, float] = defaultdict(float)
+    n_total = 0
+    for rows in plan.eval_batches():
+        batch = collate(data, rows, **batch_args)
+        n = int(batch["loss_mask"].sum())
+        loss, metrics = eng.forward(make_signal(mode, target, batch, run_target))
+        sums["loss"] += float(loss) * n
+        for k, v in metrics.items():
+            sums[k] += float(v) * n
+        n_total += n
+    eng.train(True)
+    out = {k: v / max(n_total, 1) for k, v in sums.items()}
+    accs = {k: v for k, v in out.items() if k.startswith("acc/")}
+    if accs:
+        out["tau_sim"] = tau_sim(accs)
+    out["rows"], out["loss_tokens"] = len(plan.eval_idx), n_total
+    return out
+
+
+def write_final(eng: Engine, drafter, final: Path, env, cfg: Config) -> Path:
+    """The trained drafter as a folder: the family's save_pretrained (from_pretrained reloads it), else
+    model.safetensors + drafter_config.json. Written atomically like a checkpoint."""
+    tmp = final.with_name(f".tmp-{final.name}")
+    with eng.full_state_context():
+        if env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            if hasattr(drafter, "save_pretrained"):
+                drafter.save_pretrained(tmp)
+            else:
+                from safetensors.torch import save_model
+
+                save_model(drafter, str(tmp / "model.safetensors"))
+                (tmp / "drafter_config.json").write_text(json.dumps(
+                    {"family": drafter.family, "config": dataclasses.asdict(cfg.drafter)}, indent=1, default=str))
+            seal(tmp, final)
+    barrier(env)
+    return final
