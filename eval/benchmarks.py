@@ -27,6 +27,7 @@ from pathlib import Path
 
 from conf.errors import DraftsmithError
 from conf.schema import project_path
+from data_gen.render import prompt_ids
 from data_gen.sources import SourceReport, base_id, iter_sharegpt
 
 MTBENCH_HUB = "HuggingFaceH4/mt_bench_prompts"  # FastChat's 80 questions; split train, `prompt` = turns
@@ -189,8 +190,6 @@ def read_rows(path: Path) -> list[dict]:
 # rendering
 # --------------------------------------------------------------------------------------------------
 def render_prompt(tokenizer, template: str, messages: list[dict]) -> list[int]:
-    """Token ids of `messages` + the generation prompt, rendered with the target's chat template (the
-    template writes BOS itself where it wants one, so no special tokens are added)."""
-    text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                         add_generation_prompt=True)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    """Token ids of `messages` + the generation prompt, rendered with the target's chat template exactly
+    as data_gen renders what the target answers (so eval prompts look like the drafter's training data)."""
+    return prompt_ids(tokenizer, messages, template)
