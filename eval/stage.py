@@ -91,8 +91,8 @@ def hf_assistant_model(trainable, folder: Path, target):
 
     from transformers import AutoModelForCausalLM, PreTrainedModel
 
-    for attr in ("hf_model", "model"):
-        m = getattr(trainable, attr, None)
+    held = [trainable.plain_model()] if hasattr(trainable, "plain_model") else []  # a LoRA merged (small_lm)
+    for m in held + [getattr(trainable, a, None) for a in ("hf_model", "model")]:
         if isinstance(m, PreTrainedModel) and hasattr(m, "generate"):
             return m
     cfg = folder / "config.json"

@@ -103,3 +103,21 @@ def test_trained_drafter_is_loaded_from_the_run_directory(cfg_for):
     r = run(cfg)["report"]["results"][0]
     assert r["identical_outputs"] == r["generations"] == 1 and r["tau"] >= 1.0
     assert r["peer"] is None  # a feature drafter has no HF model for transformers' assisted generation
+
+
+def test_small_drafter_is_timed_against_transformers_assisted_generation(cfg_for):
+    from conf.schema import run_dir
+    from drafters.small_lm import SmallDrafter
+    from drafters.target import load_target
+    from eval.stage import run
+
+    cfg = cfg_for("drafter=small", "eval.temperatures=[0,1]", *FAST)
+    target = load_target(cfg.target, "cpu")
+    SmallDrafter.from_target(cfg.drafter, target).save_pretrained(run_dir(cfg) / "train" / "final")
+    res = run(cfg)
+    greedy, sampled = res["report"]["results"]
+    assert greedy["identical_outputs"] == greedy["generations"] == 1
+    peer = greedy["peer"]
+    assert peer["identical"] == peer["generations"] == 1 and peer["tok_s_assisted"] > 0
+    assert sampled["peer"] is None  # transformers' assisted generation is timed greedy only
+    assert "## transformers generate(assistant_model=...) (greedy)" in res["paths"]["md"].read_text()
