@@ -321,4 +321,6 @@ def run(cfg: Config) -> dict:
 def _line(r: dict, flag: str) -> str:
     tau = "-" if r["tau"] is None else f"{r['tau']:.2f}"
     sp = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"
-    return f"eval{flag}: {r['benchmark']} T={r['temperature']:g} tau {tau} speedup {sp} ({r['prompts']} prompts)"
+    out = "-" if r["outside_target"] is None else f"{100 * r['outside_target']:.0f}%"
+    return (f"eval{flag}: {r['benchmark']} T={r['temperature']:g} tau {tau} speedup {sp}, {out} of the cycle outside "
+            f"the target's verification ({r['prompts']} prompts)")
