@@ -1,0 +1,282 @@
+"""Stage `export`: write a trained drafter in a serving engine's format, then prove the folder works.
+
+    python train.py stage=export export=sglang run.name=l31-eagle3          # -> runs/l31-eagle3/export/sglang/
+    python train.py stage=export export=vllm export.dtype=float16 export.out_dir=/models/l31-eagle3
+    python train.py stage=export export=medusa drafter.checkpoint=runs/m1/train/final
+    python -m pytest -q tests/test_export_stage.py
+
+Reads the drafter folder the train stage wrote (<run>/train/final, or drafter.checkpoint); its family comes
+from the folder's drafter_config.json. Writes export.out_dir (default <run>/export/<format>/) atomically:
+built beside it, then swapped in, so a crash never leaves half a folder; an existing out_dir is replaced
+only when it is empty or an earlier draftsmith export. Then every export is checked, and a broken one
+fails with a one-line error:
+  1. check_format: file names, config fields, exact tensor names, shapes and dtypes vs the consumer's spec;
+  2. reload: the importer rebuilds the drafter from the folder alone; every weight must equal the
+     trained one cast to export.dtype;
+  3. decode: the reloaded drafter drives the built-in speculative decoder (eval.decoder); greedy output
+     must equal the target's own greedy output on export.check_prompts prompts.
+Formats, families and layouts: drafters/formats/__init__.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import torch
+
+from conf.errors import DraftsmithError
+from conf.schema import Config, project_path, run_dir, save_config
+from drafters.formats import FORMATS, check_family, check_format, load_exported_model, write_export
+from drafters.formats.common import (
+    README,
+    README_HEADER,
+    ExportContext,
+    check_writable,
+    export_dtype,
+    target_ref,
+)
+
+# prompts of the decode check (rendered with the target's chat template when it has one)
+CHECK_PROMPTS = ["Write a short poem about the sea.", "Explain what a hash table is, with an example.",
+                 "List three fruits and say which one you like best.", "def fibonacci(n):"]
+
+
+def checkpoint_dir(cfg: Config) -> Path:
+    """drafter.checkpoint, else the run's final train folder; a clear error when it is not there."""
+    d = Path(project_path(cfg.drafter.checkpoint)) if cfg.drafter.checkpoint else run_dir(cfg) / "train" / "final"
+    if not d.is_dir():
+        raise DraftsmithError(f"no trained drafter at {d}: run stage=train first (it writes <run>/train/final) "
+                              "or set drafter.checkpoint=<a drafter folder>")
+    return d
+
+
+def out_dir(cfg: Config) -> Path:
+    return Path(cfg.export.out_dir) if cfg.export.out_dir else run_dir(cfg) / "export" / cfg.export.format
+
+
+def run(cfg: Config) -> dict:
+    """Export the trained drafter of this run (see the module docstring); returns the check results."""
+    from drafters.layers import read_checkpoint_config
+    from drafters.registry import drafter_class
+    from drafters.target import load_target
+
+    ex = cfg.export
+    dtype = export_dtype(ex.dtype)
+    if ex.format not in FORMATS:
+        raise DraftsmithError(f"export.format={ex.format!r} is not a format: choose from {', '.join(FORMATS)}")
+    if ex.check_prompts < 0 or ex.check_max_new_tokens < 1:
+        raise DraftsmithError("export.check_prompts must be >= 0 and export.check_max_new_tokens >= 1")
+    ckpt = checkpoint_dir(cfg)
+    meta = read_checkpoint_config(ckpt)
+    family = meta.get("family")
+    check_family(ex.format, family)  # before loading anything: the likelier mistakes fail in milliseconds
+    out = out_dir(cfg)
+    _check_replaceable(out)
+    check_writable(out.parent)
+
+    target = load_target(_target_config(cfg, meta, ckpt), device=cfg.run.device)
+    model = drafter_class(family).from_pretrained(str(ckpt), target).eval()
+    tree = cfg.eval.tree
+    ctx = ExportContext(dtype=dtype, target_ref=target_ref(cfg.target.path),
+                        speculative_tokens=ex.speculative_tokens or tree.depth, top_k=tree.top_k,
+                        draft_tokens=tree.total_tokens, final_dir=out)
+
+    def build(tmp: Path) -> None:
+        write_export(model, target, ex.format, tmp, ctx)
+        save_config(cfg, tmp)
+    publish(out, build)
+
+    result = verify_export(model, target, out, ex.format, dtype, tree, ex.check_prompts, ex.check_max_new_tokens)
+    result.update(checkpoint=str(ckpt), dtype=ex.dtype)
+    dec = result["decode_check"]
+    decoded = (f"greedy decode equals the target's on {dec['prompts']} prompts (tau {dec['tau']:.2f})"
+               if "tau" in dec else f"decode check skipped: {dec['skipped']}")
+    print(f"export: {family} -> {ex.format} at {out} ({len(result['files'])} files, {ex.dtype}); format check "
+          f"passed; reload matches {result['tensors_checked']} tensors; {decoded}")
+    return result
+
+
+def _target_config(cfg: Config, meta: dict, ckpt: Path):
+    """cfg.target, with the feature layers the drafter was trained on when its checkpoint records them
+    (`target.feature_layers` in drafter_config.json): an EAGLE-3 export names those layers, and a
+    different tap choice would be silently wrong."""
+    trained = (meta.get("target") or {}).get("feature_layers")
+    if trained is None or meta.get("family") != "eagle3":
+        return cfg.target
+    if cfg.target.feature_layers is None:
+        return dataclasses.replace(cfg.target, feature_layers=list(trained))
+    if list(cfg.target.feature_layers) != list(trained):
+        raise DraftsmithError(
+            f"target.feature_layers={list(cfg.target.feature_layers)} but the drafter at {ckpt} was trained on "
+            f"{list(trained)}: drop the override or set target.feature_layers={list(trained)}")
+    return cfg.target
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing the folder atomically
+# --------------------------------------------------------------------------------------------------
+def _is_ours(folder: Path) -> bool:
+    """Empty, or written by an earlier export (its README opens with our header)."""
+    if not any(folder.iterdir()):
+        return True
+    readme = folder / README
+    return readme.is_file() and readme.read_text(errors="replace").startswith(README_HEADER)
+
+
+def _check_replaceable(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or not _is_ours(out)):
+        raise DraftsmithError(f"export.out_dir {out} exists and is not a draftsmith export: empty it or choose "
+                              "another export.out_dir")
+
+
+def publish(out: Path, build) -> Path:
+    """Run build(tmp) in a sibling temp folder, then swap it in for `out` (replacing an earlier export)."""
+    _check_replaceable(out)
+    tmp, old = out.with_name(f".tmp-{out.name}"), out.with_name(f".old-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    check_writable(tmp)
+    try:
+        build(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks
+# --------------------------------------------------------------------------------------------------
+def expected_weights(model, dtype: torch.dtype, target) -> dict[str, torch.Tensor]:
+    """What the reloaded drafter's weights must be: the trained ones cast to `dtype`, with EAGLE-3's fc
+    taken through the same exact tap remapping export and import apply."""
+    from drafters.formats.common import cast_tensors
+
+    if model.family == "small":
+        return cast_tensors(model.plain_model().state_dict(), dtype)
+    if model.family == "medusa":
+        return cast_tensors(model.heads_state_dict(), dtype)
+    state = cast_tensors(model.state_dict(), dtype)
+    if model.family == "eagle3":
+        from drafters.formats.eagle import engine_layers, remap_fc
+
+        taps, H = list(target.feature_layers), model.dims.hidden_size
+        layers = engine_layers(taps, target.num_layers)
+        exported = remap_fc(model.state_dict()["fc.weight"], H, taps, layers).to(dtype)
+        state["fc.weight"] = remap_fc(exported.cpu(), H, layers, taps)
+    return state
+
+
+def reloaded_weights(model) -> dict[str, torch.Tensor]:
+    if model.family == "small":
+        return {k: v.cpu() for k, v in model.model.state_dict().items()}
+    if model.family == "medusa":
+        return {k: v.cpu() for k, v in model.heads_state_dict().items()}
+    return {k: v.cpu() for k, v in model.state_dict().items()}
+
+
+def verify_export(model, target, out: Path, fmt: str, dtype: torch.dtype, tree_cfg, prompts: int,
+                  max_new_tokens: int) -> dict:
+    """The three checks of the module docstring; DraftsmithError on the first that fails."""
+    bad = check_format(out, fmt)
+    if bad:
+        raise DraftsmithError(f"the {fmt} export at {out} is broken ({len(bad)} problems): {'; '.join(bad)}")
+    reloaded = load_exported_model(out, target)
+    want, have = expected_weights(model, dtype, target), reloaded_weights(reloaded)
+    if set(want) != set(have):
+        raise DraftsmithError(f"reloading {out} gave weights {sorted(set(have) ^ set(want))[:3]} that the trained "
+                              "drafter does not have (or lacks some it has): the exporter and importer disagree")
+    diff = [k for k in want if want[k].dtype != have[k].dtype or not torch.equal(want[k], have[k])]
+    if diff:
+        raise DraftsmithError(f"reloading {out} changed {len(diff)} weights (first: {diff[0]}): the exported "
+                              "tensors do not round-trip; re-export, and report it if it persists")
+    n_base = check_base_weights(out, target, dtype)
+    decode = decode_check(target, reloaded.as_drafter(target), _check_tree(tree_cfg, model), prompts, max_new_tokens)
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    return {"format": fmt, "family": model.family, "out_dir": str(out), "files": files, "violations": [],
+            "tensors_checked": len(want) + n_base, "decode_check": decode}
+
+
+def check_base_weights(out: Path, target, dtype: torch.dtype) -> int:
+    """Medusa-2's base/ must hold exactly the (merged) target it was exported from, cast to `dtype`;
+    compared tensor by tensor from the files, so no second copy of the model is loaded. Returns the
+    number of tensors compared (0 without base/)."""
+    from safetensors import safe_open
+
+    from drafters.formats.medusa import base_path
+
+    base = base_path(out)
+    if base is None:
+        return 0
+    state = {k: v.detach() for k, v in target.model.state_dict().items()}
+    seen: set[str] = set()
+    for f in sorted(base.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as sf:
+            for k in sf.keys():
+                want = state.get(k)
+                got = sf.get_tensor(k)
+                if want is not None:
+                    want = want.cpu().to(dtype) if want.is_floating_point() else want.cpu()
+                if want is None or got.dtype != want.dtype or not torch.equal(got, want):
+                    raise DraftsmithError(f"{base}: tensor {k} is not the merged target's: re-export")
+                seen.add(k)
+    ptrs = {state[k].data_ptr() for k in seen}
+    missing = [k for k in state if k not in seen and state[k].data_ptr() not in ptrs]  # tied ones are saved once
+    if missing:
+        raise DraftsmithError(f"{base} lacks {len(missing)} weights of the target (first: {missing[0]}): re-export")
+    return len(seen)
+
+
+def _check_tree(tree_cfg, model):
+    """The eval tree, no deeper than a head drafter can draft (Medusa head k drafts depth k only)."""
+    k = getattr(getattr(model, "cfg", None), "num_heads", None)
+    if model.family != "medusa" or k is None or tree_cfg.depth <= k:
+        return tree_cfg
+    paths = [p for p in tree_cfg.paths if len(p) <= k] if tree_cfg.paths else tree_cfg.paths
+    return dataclasses.replace(tree_cfg, depth=k, paths=paths)
+
+
+def check_prompt_ids(target, n: int) -> list[list[int]]:
+    """Token ids of the first n check prompts, as chat turns when the target has a template."""
+    tok, out = target.tokenizer, []
+    try:
+        template = target.chat_template
+    except DraftsmithError:  # no template: plain text prompts
+        template = None
+    for text in (CHECK_PROMPTS * (n // len(CHECK_PROMPTS) + 1))[:n]:
+        if template:
+            ids = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
+                                          add_generation_prompt=True, chat_template=template)
+            out.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+        else:
+            out.append(tok(text)["input_ids"])
+    return out
+
+
+def decode_check(target, drafter, tree_cfg, prompts: int, max_new_tokens: int) -> dict:
+    """Greedy speculative decoding with `drafter` must reproduce the target's greedy output exactly."""
+    if prompts == 0:
+        return {"skipped": "export.check_prompts=0"}
+    try:
+        from eval.decoder import SpeculativeDecoder
+    except ImportError:  # the decoder lands on its own branch; the format and reload checks still ran
+        return {"skipped": "eval.decoder (the built-in speculative decoder) is not installed"}
+    dec = SpeculativeDecoder(target, drafter, tree_cfg, temperature=0.0)
+    cycles = produced = 0
+    for i, ids in enumerate(check_prompt_ids(target, prompts)):
+        spec, st = dec.generate(ids, max_new_tokens)
+        base, _ = dec.generate_autoregressive(ids, max_new_tokens)
+        if not torch.equal(spec.cpu(), base.cpu()):
+            raise DraftsmithError(
+                f"decode check failed on prompt {i}: greedy speculative output with the exported drafter differs "
+                f"from the target's own greedy output ({spec.tolist()[:8]}... vs {base.tolist()[:8]}...); the "
+                "decoder is lossless, so the export does not fit this target")
+        cycles, produced = cycles + st.cycles, produced + st.cycle_tokens
+    return {"prompts": prompts, "max_new_tokens": max_new_tokens, "tau": produced / max(cycles, 1)}

@@ -1,0 +1,196 @@
+"""Serving formats: write a trained drafter for a consumer, check a folder against the consumer's layout,
+and load an exported folder back as a decoding drafter.
+
+    from drafters.formats import write_export, check_format, load_exported
+    write_export(trainable, target, "sglang", out_dir, ExportContext(dtype=torch.bfloat16, target_ref=...))
+    check_format(out_dir, "sglang")           # [] or one line per violation
+    drafter = load_exported(out_dir, target)  # drafters.base.Drafter, for eval.decoder.SpeculativeDecoder
+
+| format | families | consumer |
+|---|---|---|
+| sglang | eagle1, eagle3 | SGLang LlamaForCausalLMEagle / LlamaForCausalLMEagle3 (drafters/formats/eagle.py) |
+| vllm | eagle1, eagle3 | speculators layout: vLLM (eagle3), the speculators library (drafters/formats/eagle.py) |
+| medusa | medusa | Medusa heads file + config: TGI, TensorRT-LLM, FasterDecoding/Medusa (drafters/formats/medusa.py) |
+| hf | small | a plain transformers causal LM: generate(assistant_model=...) (drafters/formats/hf.py) |
+Hydra heads have no serving format (no engine implements them): evaluate them with stage=eval.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from conf.errors import DraftsmithError
+from drafters.formats import eagle, hf, medusa
+from drafters.formats.common import (
+    CONFIG,
+    README,
+    README_HEADER,
+    Checker,
+    ExportContext,
+    dtype_name,
+)
+
+FORMATS = {"sglang": ("eagle1", "eagle3"), "vllm": ("eagle1", "eagle3"), "medusa": ("medusa",), "hf": ("small",)}
+
+__all__ = ["FORMATS", "ExportContext", "check_family", "check_format", "detect", "load_exported",
+           "load_exported_model", "write_export"]
+
+
+def check_family(fmt: str, family: str) -> None:
+    """A one-line error when `fmt` is unknown or cannot hold a `family` drafter."""
+    if fmt not in FORMATS:
+        raise DraftsmithError(f"export.format={fmt!r} is not a format: choose from {', '.join(FORMATS)}")
+    if family not in FORMATS[fmt]:
+        ok = [f for f, fams in FORMATS.items() if family in fams]
+        fix = (f"export it with export.format={' or '.join(ok)}" if ok else
+               "no serving engine loads it; evaluate it with stage=eval instead")
+        raise DraftsmithError(f"export.format={fmt} takes {', '.join(FORMATS[fmt])} drafters, not {family}: {fix}")
+
+
+def write_export(model, target, fmt: str, out: str | Path, ctx: ExportContext) -> Path:
+    """Write `model` (a TrainableDrafter) into folder `out` (created) in format `fmt`, README included."""
+    family = model.family
+    check_family(fmt, family)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if fmt in ("sglang", "vllm"):
+        eagle.write(fmt, model, target, out, ctx)
+    elif fmt == "medusa":
+        medusa.write(model, target, out, ctx)
+    else:
+        hf.write(model, target, out, ctx)
+    (out / README).write_text(readme(fmt, family, model, target, out, ctx))
+    return out
+
+
+def detect(folder: str | Path) -> tuple[str, str]:
+    """(format, family) an exported folder's config.json declares."""
+    path = Path(folder) / CONFIG
+    if not path.is_file():
+        raise DraftsmithError(f"{folder} has no {CONFIG}: it is not an exported drafter folder")
+    cfg = json.loads(path.read_text())
+    spec = cfg.get("speculators_model_type")
+    if spec is not None:
+        family = {v: k for k, v in eagle.SPEC_TYPE.items()}.get(spec)
+        if family is None:
+            raise DraftsmithError(f"{path}: speculators_model_type {spec!r} is not one draftsmith exports")
+        return "vllm", family
+    arch = cfg.get("architectures") or []
+    for family, name in eagle.ARCH.items():
+        if arch == [name]:
+            return "sglang", family
+    if "medusa_num_heads" in cfg:
+        return "medusa", "medusa"
+    return "hf", "small"
+
+
+def check_format(folder: str | Path, fmt: str | None = None) -> list[str]:
+    """Every violation of `folder` against format `fmt` (None = the one its config declares): missing or
+    unexpected files, config fields and tensor names, shapes and dtypes. [] = consumers can load it."""
+    folder = Path(folder)
+    ck = Checker(folder)
+    cfg = ck.json(CONFIG)
+    if not cfg:
+        return ck.violations
+    found, family = detect(folder)
+    fmt = fmt or found
+    if fmt not in FORMATS:
+        raise DraftsmithError(f"format {fmt!r} is not a format: choose from {', '.join(FORMATS)}")
+    if found != fmt:
+        ck.fail(CONFIG, f"declares a {found} folder, not {fmt}")
+        return ck.violations
+    readme_path = ck.file(README)
+    if readme_path is not None and not readme_path.read_text().startswith(README_HEADER):
+        ck.fail(README, f"does not start with {README_HEADER!r}")
+    if fmt in ("sglang", "vllm"):
+        eagle.check(ck, cfg, family, fmt)
+    elif fmt == "medusa":
+        medusa.check(ck, cfg)
+    else:
+        hf.check(ck, cfg)
+    return ck.violations
+
+
+def load_exported_model(folder: str | Path, target):
+    """The TrainableDrafter an exported folder holds, rebuilt from the folder alone (after check_format)."""
+    folder = Path(folder)
+    fmt, family = detect(folder)
+    bad = check_format(folder, fmt)
+    if bad:
+        raise DraftsmithError(f"{folder} is not a valid {fmt} export ({len(bad)} problems, first: {bad[0]}): "
+                              "re-export it")
+    cfg = json.loads((folder / CONFIG).read_text())
+    if fmt in ("sglang", "vllm"):
+        return eagle.load(folder, cfg, family, fmt, target)
+    if fmt == "medusa":
+        return medusa.load(folder, cfg, target)
+    return hf.load(folder, cfg, target)
+
+
+def load_exported(folder: str | Path, target):
+    """A decoding drafters.base.Drafter over an exported folder. Medusa-2 folders hold their fine-tuned
+    base model in base/ (drafters.formats.medusa.base_path): decode with that as the target."""
+    return load_exported_model(folder, target).as_drafter(target)
+
+
+# --------------------------------------------------------------------------------------------------
+# README
+# --------------------------------------------------------------------------------------------------
+_TITLES = {("sglang", "eagle3"): "EAGLE-3 drafter for SGLang", ("sglang", "eagle1"): "EAGLE-1 drafter for SGLang",
+           ("vllm", "eagle3"): "EAGLE-3 speculator for vLLM (speculators format)",
+           ("vllm", "eagle1"): "EAGLE-1 speculator (speculators format)",
+           ("medusa", "medusa"): "Medusa heads", ("hf", "small"): "independent draft model (Hugging Face folder)"}
+
+
+def readme(fmt: str, family: str, model, target, out: Path, ctx: ExportContext) -> str:
+    """How to serve this folder, with the command lines filled in."""
+    here, tgt, k = str(Path(ctx.final_dir or out).resolve()), ctx.target_ref, ctx.speculative_tokens
+    dt = dtype_name(ctx.dtype)
+    lines = [f"{README_HEADER}: {_TITLES[(fmt, family)]}", "",
+             (f"Base model (verifier): `base/`, the target `{tgt}` trained jointly with the heads (LoRA merged)."
+              if fmt == "medusa" and model.cfg.joint else f"Target (verifier): `{tgt}`.") +
+             f" Weights in {dt}. Written by `python train.py stage=export "
+             f"export.format={fmt}` on {time.strftime('%Y-%m-%d')}; `config.yaml` here is the run's resolved config.",
+             "", "## Serve", ""]
+    if fmt == "sglang":
+        algo = "EAGLE3" if family == "eagle3" else "EAGLE"
+        lines += ["```bash", f"python -m sglang.launch_server --model-path {tgt} \\",
+                  f"    --speculative-algorithm {algo} --speculative-draft-model-path {here} \\",
+                  f"    --speculative-num-steps {k} --speculative-eagle-topk {ctx.top_k} "
+                  f"--speculative-num-draft-tokens {ctx.draft_tokens} --dtype {dt}", "```"]
+    elif fmt == "vllm" and family == "eagle3":
+        lines += ["```bash", f"vllm serve {here}    # the speculators config names the target (verifier)",
+                  "# or, naming the target yourself:",
+                  f"vllm serve {tgt} --speculative-config "
+                  f"'{{\"model\": \"{here}\", \"method\": \"eagle3\", \"num_speculative_tokens\": {k}}}'", "```"]
+    elif fmt == "vllm":
+        lines += ["vLLM registers only `eagle3` speculators checkpoints, and its EAGLE-1 model has no fc bias,",
+                  "so this folder is for the speculators library (serve EAGLE-1 with `export.format=sglang`):",
+                  "", "```python", "from speculators import SpeculatorModel",
+                  f"model = SpeculatorModel.from_pretrained(\"{here}\")", "```"]
+    elif fmt == "medusa":
+        lines += ["```bash", f"text-generation-launcher --model-id {here}   # TGI reads config.json + "
+                  "medusa_lm_head.safetensors", "```",
+                  "FasterDecoding/Medusa's own loader reads `medusa_lm_head.pt`: "
+                  "`torch.save(safetensors.torch.load_file('medusa_lm_head.safetensors'), 'medusa_lm_head.pt')`."]
+        if model.cfg.joint:
+            lines += ["", "Medusa-2: `base/` is the jointly trained target (LoRA merged); `base_model_name_or_path`",
+                      "points at it by absolute path, so edit that field if you move this folder."]
+    else:
+        lines += ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                  f"target = AutoModelForCausalLM.from_pretrained(\"{tgt}\")",
+                  f"draft = AutoModelForCausalLM.from_pretrained(\"{here}\")",
+                  f"tok = AutoTokenizer.from_pretrained(\"{here}\")",
+                  "out = target.generate(**tok(\"Hello\", return_tensors=\"pt\"), assistant_model=draft, "
+                  "do_sample=False, max_new_tokens=64)", "```", "", "```bash",
+                  f"python -m sglang.launch_server --model-path {tgt} --speculative-algorithm STANDALONE "
+                  f"--speculative-draft-model-path {here} --speculative-num-steps {k}",
+                  f"vllm serve {tgt} --speculative-config '{{\"model\": \"{here}\", \"method\": \"draft_model\", "
+                  f"\"num_speculative_tokens\": {k}}}'", "```"]
+    if family == "eagle3":
+        lines += ["", "## Target layers", "",
+                  f"The drafter reads the hidden states entering target layers {eagle.engine_layers(target.feature_layers, target.num_layers)} "
+                  "(vLLM's `eagle_aux_hidden_state_layer_ids`; SGLang's `eagle_config` lists each minus one, as "
+                  "SGLang adds one). The target architecture must support EAGLE-3 capture in the engine."]
+    return "\n".join(lines) + "\n"

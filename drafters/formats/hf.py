@@ -1,0 +1,79 @@
+"""An independent small drafter as a plain Hugging Face causal-LM folder (`export.format=hf`).
+
+    python -m pytest -q tests/test_export_heads.py
+
+config.json + model.safetensors (any LoRA merged) + the target's tokenizer: transformers'
+`generate(assistant_model=AutoModelForCausalLM.from_pretrained(dir))` uses it as it is, and SGLang /
+vLLM serve it as a standalone draft model.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from conf.errors import DraftsmithError
+from drafters.formats.common import CONFIG, WEIGHTS, Checker, ExportContext, cast_tensors
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def write(model, target, out: Path, ctx: ExportContext) -> None:
+    """save_pretrained of the drafter's plain causal LM in ctx.dtype, and the target's tokenizer."""
+    hf = model.plain_model()
+    state = cast_tensors(hf.state_dict(), ctx.dtype)
+    # state_dict= writes these tensors (cast copies) and leaves the training model untouched; the config
+    # is rewritten after to say the file's dtype
+    hf.save_pretrained(str(out), state_dict=state)
+    config = copy.deepcopy(hf.config)
+    config.dtype = ctx.dtype
+    config.save_pretrained(str(out))
+    target.tokenizer.save_pretrained(str(out))
+
+
+def _expected_names(config) -> set[str]:
+    """Tensor names transformers saves for this config: the architecture's parameters and persistent
+    buffers, a tied parameter once (under its first name)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        m = AutoModelForCausalLM.from_config(config)
+    names = {n for n, _ in m.named_parameters()}
+    persistent = {n for n, _ in m.named_buffers() if n in m.state_dict()}
+    return names | persistent
+
+
+def check(ck: Checker, cfg: dict) -> None:
+    from transformers import AutoConfig
+
+    arch = cfg.get("architectures") or []
+    if not any(isinstance(a, str) and a.endswith(("ForCausalLM", "LMHeadModel")) for a in arch):
+        ck.fail(CONFIG, f"architectures is {arch!r}, expected a causal LM class")
+    if not any((ck.folder / f).is_file() for f in TOKENIZER_FILES):
+        ck.fail("tokenizer", f"none of {', '.join(TOKENIZER_FILES)} (assisted generation needs the target's tokenizer)")
+    try:
+        config = AutoConfig.from_pretrained(str(ck.folder))
+    except (OSError, ValueError) as e:
+        ck.fail(CONFIG, f"transformers cannot read it ({type(e).__name__}: {str(e).splitlines()[0]})")
+        return
+    t = ck.tensors(WEIGHTS)
+    if t:
+        ck.names(WEIGHTS, t, _expected_names(config))
+        ck.float_dtypes(WEIGHTS, t, skip={k for k, v in t.items() if not v.is_floating_point()})
+
+
+def load(folder: Path, cfg: dict, target):
+    """A SmallDrafter over the exported causal LM (in the file's dtype), checking it speaks the target's
+    tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conf.schema.drafter import SmallConfig
+    from drafters.small_lm import SmallDrafter, check_vocab
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype="auto").to(target.device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    try:
+        check_vocab(model, tokenizer, target, str(folder))
+    except DraftsmithError as e:
+        raise DraftsmithError(f"exported folder {folder}: {e}") from None
+    return SmallDrafter(SmallConfig(init=str(folder)), model, target)
