@@ -224,7 +224,8 @@ class DecoderLayer(nn.Module):
 # --------------------------------------------------------------------------------------------------
 def target_fingerprint(target) -> dict:
     """What a drafter checkpoint records about the target it was trained against."""
-    return {"path": str(target.name), "vocab_size": int(target.vocab_size), "hidden_size": int(target.hidden_size)}
+    return {"path": str(target.name), "vocab_size": int(target.vocab_size), "hidden_size": int(target.hidden_size),
+            "feature_layers": [int(i) for i in target.feature_layers]}
 
 
 def read_checkpoint_config(directory: str | Path) -> dict:
@@ -287,6 +288,11 @@ class FolderCheckpoint:
                 raise DraftsmithError(
                     f"drafter {directory} was trained for target {want['path']} ({key} {want[key]}), but the "
                     f"loaded target {have['path']} has {key} {have[key]}: load the matching target")
+        taps = want.get("feature_layers")
+        if getattr(cls, "feature_source", None) == "features" and taps is not None and taps != have["feature_layers"]:
+            raise DraftsmithError(
+                f"drafter {directory} was trained on target features of layers {taps}, but the loaded target taps "
+                f"{have['feature_layers']}: set target.feature_layers=[{','.join(map(str, taps))}]")
         try:
             cfg = DRAFTER_SCHEMAS[cls.family](**meta["config"])
         except TypeError as e:
