@@ -10,7 +10,7 @@ from conf.errors import DraftsmithError
 from conf.schema.drafter import Eagle1Config, Eagle3Config
 from drafters.base import TargetSignal
 from drafters.eagle3 import Eagle3Drafter
-from drafters.layers import CONFIG_NAME, WEIGHTS_NAME
+from drafters.folder import CONFIG_NAME, WEIGHTS_NAME
 from drafters.tree import DraftTree
 
 SGLANG_NAMES = [
