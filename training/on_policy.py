@@ -7,9 +7,10 @@
 
 Supervised distillation shows the drafter only the target's text; at decode time it drafts from states its
 own proposals created. Here generation and training interleave in one job: before every optimizer step the
-train stage calls `prepare`, which replaces a share `objective.fraction` (lambda) of the step's micro-batches
-by rollouts made with the drafter's CURRENT weights, from the prompts of those data rows (each row's tokens
-before its first assistant token). The target then scores every rollout with one forward, the ordinary online
+train stage calls `prepare`, which replaces each of the step's micro-batches, with probability
+`objective.fraction` (lambda; a seeded draw per step and micro-batch index, the same on every rank), by rollouts
+made with the drafter's CURRENT weights from the prompts of those data rows (each row's tokens before its first
+assistant token). The target then scores every rollout with one forward, the ordinary online
 signal, and the loss is the chosen divergence D(p || q) (forward_kl | reverse_kl | jsd[beta] | tvd, from
 training/losses.py) between the target's and the drafter's next-token distributions. Micro-batches that are
 not replaced keep data_gen's rows and get the same divergence on their assistant tokens (and so does eval).

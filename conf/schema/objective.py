@@ -30,7 +30,7 @@ class OnPolicyConfig(ObjectiveConfig):
     divergence: str = "forward_kl"  # forward_kl | reverse_kl | jsd | tvd (DistillSpec's choices)
     beta: float = 0.5  # jsd: JSD[beta] = beta KL(p||m) + (1-beta) KL(q||m), m = beta p + (1-beta) q
     rollout: str = "drafter"  # drafter: the drafter samples alone (DistillSpec) | speculative (Draft-OPD)
-    fraction: float = 1.0  # lambda: share of micro-batches replaced by rollouts (the rest: data_gen's rows)
+    fraction: float = 1.0  # lambda: probability that a micro-batch is replaced by rollouts (else data_gen's rows)
     temperature: float = 1.0  # rollout sampling temperature (0 = greedy); speculative: the decoder's too
     max_new_tokens: int = 128  # per rollout (also capped by train.max_length)
     draft_depth: int = 4  # speculative: drafted chain length per verification
