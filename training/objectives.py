@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from conf.errors import DraftsmithError
+from training import adaspec, on_policy
 
 
 def token_objective(drafter, signal):
@@ -20,6 +21,8 @@ def token_objective(drafter, signal):
 # name -> builder(cfg, target) -> objective(drafter, signal) -> (loss, metrics)
 OBJECTIVES: dict[str, Callable] = {
     "token": lambda cfg, target: token_objective,
+    "on_policy": on_policy.build_on_policy,
+    "adaspec": adaspec.build_adaspec,
 }
 
 
