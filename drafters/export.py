@@ -57,7 +57,7 @@ def out_dir(cfg: Config) -> Path:
 
 def run(cfg: Config) -> dict:
     """Export the trained drafter of this run (see the module docstring); returns the check results."""
-    from drafters.layers import read_checkpoint_config
+    from drafters.folder import read_checkpoint_config
     from drafters.registry import drafter_class
     from drafters.target import load_target
 

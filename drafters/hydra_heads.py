@@ -32,16 +32,12 @@ from torch.utils.checkpoint import checkpoint
 from conf.errors import DraftsmithError
 from conf.schema.drafter import HydraConfig
 from drafters.base import Drafter, TargetSignal, TrainableDrafter
+from drafters.folder import load_tensors, read_folder, save_folder, saved_config, target_fingerprint
 from drafters.medusa import (
     ResBlock,
     Shared,
     floats,
-    load_tensors,
-    read_folder,
     require_last_hidden,
-    save_folder,
-    saved_config,
-    target_fingerprint,
     target_positions,
     token_objective,
 )

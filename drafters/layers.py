@@ -13,8 +13,7 @@ Attention is pluggable: the layer computes q/k/v (RoPE applied) and hands them t
 callable, which decides what the queries see: a causal window (training), a cached prefix plus a 4D
 tree mask (decoding), or EAGLE-3's training-time-test pattern (`ttt_attend`).
 
-Checkpoint folders (`FolderCheckpoint` mixin): model.safetensors (the state dict, buffers included) and
-drafter_config.json ({family, config, dims, target fingerprint, family extras}); families implement
+Checkpoint folders (`FolderCheckpoint` mixin over drafters/folder.py): families implement
 `checkpoint_meta()` and `from_meta()`, and get `save_pretrained(dir)` / `from_pretrained(dir, target)`.
 """
 from __future__ import annotations
@@ -31,9 +30,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from conf.errors import DraftsmithError
-
-CONFIG_NAME = "drafter_config.json"
-WEIGHTS_NAME = "model.safetensors"
+from drafters.folder import (
+    load_tensors,
+    read_folder,
+    save_folder,
+    saved_config,
+    target_fingerprint,
+)
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -222,20 +225,6 @@ class DecoderLayer(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # Checkpoint folders
 # --------------------------------------------------------------------------------------------------
-def target_fingerprint(target) -> dict:
-    """What a drafter checkpoint records about the target it was trained against."""
-    return {"path": str(target.name), "vocab_size": int(target.vocab_size), "hidden_size": int(target.hidden_size)}
-
-
-def read_checkpoint_config(directory: str | Path) -> dict:
-    """drafter_config.json of a drafter folder, with a clear error when it is not one."""
-    path = Path(directory) / CONFIG_NAME
-    if not path.exists():
-        raise DraftsmithError(f"{directory} is not a drafter checkpoint (no {CONFIG_NAME}): give a folder "
-                              "written by the train stage (save_pretrained)")
-    return json.loads(path.read_text())
-
-
 class FolderCheckpoint:
     """Mixin for TrainableDrafter families: `save_pretrained(dir)` / `from_pretrained(dir, target)`.
 
@@ -254,47 +243,18 @@ class FolderCheckpoint:
 
     def save_pretrained(self, directory: str | Path, target=None) -> Path:
         """Write model.safetensors + drafter_config.json into `directory` (created)."""
-        from safetensors.torch import save_file
-
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.state_dict().items()}
-        save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt", "family": self.family})
-        meta = {
-            "family": self.family,
-            "config": dataclasses.asdict(self.cfg),
-            "dims": self.dims.to_dict(),
-            "target": target_fingerprint(target if target is not None else self.target),
-            **self.checkpoint_meta(),
-        }
-        (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-        return out
+        fp = target_fingerprint(target if target is not None else self.target)
+        return save_folder(directory, self.family, self.cfg, self.dims.to_dict(), fp, self.state_dict(),
+                           extra=self.checkpoint_meta())
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, target):
         """Rebuild from a folder written by save_pretrained, checking it was trained for this target."""
-        from safetensors.torch import load_file
-
         from conf.schema.drafter import DRAFTER_SCHEMAS
 
-        meta = read_checkpoint_config(directory)
-        if meta.get("family") != cls.family:
-            raise DraftsmithError(f"{directory} holds a {meta.get('family')!r} drafter, not {cls.family!r}: "
-                                  f"set drafter={meta.get('family')} or point drafter.checkpoint at a {cls.family} folder")
-        want, have = meta["target"], target_fingerprint(target)
-        for key in ("vocab_size", "hidden_size"):
-            if want[key] != have[key]:
-                raise DraftsmithError(
-                    f"drafter {directory} was trained for target {want['path']} ({key} {want[key]}), but the "
-                    f"loaded target {have['path']} has {key} {have[key]}: load the matching target")
-        try:
-            cfg = DRAFTER_SCHEMAS[cls.family](**meta["config"])
-        except TypeError as e:
-            raise DraftsmithError(f"{directory}/{CONFIG_NAME}: config does not fit this version ({e})") from None
+        meta, state = read_folder(directory, cls.family, target, uses_taps=getattr(cls, "feature_source", None)
+                                  == "features", device=target.device)
+        cfg = saved_config(DRAFTER_SCHEMAS[cls.family], meta, directory)
         model = cls.from_meta(cfg, target, DrafterDims(**meta["dims"]), meta)
-        weights = Path(directory) / WEIGHTS_NAME
-        if not weights.exists():
-            raise DraftsmithError(f"{directory} has {CONFIG_NAME} but no {WEIGHTS_NAME}: the save was interrupted")
-        state = load_file(str(weights), device=str(target.device))
-        model.load_state_dict(state, strict=True)
+        load_tensors(model, state, directory)
         return model

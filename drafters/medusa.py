@@ -34,9 +34,7 @@ with drafters/hydra_heads.py and drafters/small_lm.py.
 """
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -45,13 +43,12 @@ from torch import nn
 from conf.errors import DraftsmithError
 from conf.schema.drafter import MedusaConfig
 from drafters.base import Drafter, TargetSignal, TrainableDrafter, topk_to_logits
+from drafters.folder import load_tensors, read_folder, save_folder, saved_config, target_fingerprint
 from training.losses import DISTRIBUTION_LOSSES, ce, forward_kl
 
 # ---------------------------------------------------------------------------------------------------
 # Shared pieces: ResBlock, per-depth token objective, folder format
 # ---------------------------------------------------------------------------------------------------
-MODEL_FILE = "model.safetensors"
-CONFIG_FILE = "drafter_config.json"
 
 
 class ResBlock(nn.Module):
@@ -171,69 +168,6 @@ def set_hf_checkpointing(model, enabled: bool) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_disable()
-
-
-def target_fingerprint(target) -> dict:
-    return {"path": str(target.name), "vocab_size": int(target.vocab_size), "hidden_size": int(target.hidden_size)}
-
-
-def save_folder(folder: str | os.PathLike, family: str, cfg, dims: dict, target_fp: dict,
-                tensors: dict[str, torch.Tensor] | None) -> Path:
-    """Write model.safetensors (unless tensors is None) + drafter_config.json (family, config, derived
-    dims, target fingerprint)."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    if tensors is not None:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(folder / MODEL_FILE))
-    meta = {"family": family, "config": asdict(cfg), "dims": dims, "target": target_fp}
-    (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    return folder
-
-
-def read_folder(folder: str | os.PathLike, family: str, target, tensors: bool = True,
-                ) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Read a folder written by save_folder (its tensors too unless tensors=False), checking it holds
-    `family` trained for a target of `target`'s shape."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    if not (folder / CONFIG_FILE).exists():
-        raise DraftsmithError(f"{folder} has no {CONFIG_FILE}: it is not a draftsmith drafter folder")
-    meta = json.loads((folder / CONFIG_FILE).read_text())
-    if meta.get("family") != family:
-        raise DraftsmithError(
-            f"{folder} holds a {meta.get('family')!r} drafter, not {family!r}: set drafter={meta.get('family')}")
-    check_target(meta["target"], target, folder)
-    found = tensors and (folder / MODEL_FILE).exists()
-    return meta, (load_file(str(folder / MODEL_FILE)) if found else {})
-
-
-def saved_config(schema, meta: dict, folder):
-    """The drafter config recorded in drafter_config.json, as its dataclass."""
-    try:
-        return schema(**meta["config"])
-    except TypeError as e:
-        raise DraftsmithError(f"{folder}/{CONFIG_FILE}: its config does not fit this version ({e})") from None
-
-
-def load_tensors(module: nn.Module, tensors: dict[str, torch.Tensor], folder) -> None:
-    """load_state_dict(strict) with a one-line error naming the first missing or unexpected tensor."""
-    missing, unexpected = module.load_state_dict(tensors, strict=False)
-    if missing or unexpected:
-        what = f"lacks {missing[0]}" if missing else f"has an unexpected {unexpected[0]}"
-        raise DraftsmithError(
-            f"{folder}/{MODEL_FILE} {what}: it does not match its {CONFIG_FILE}; re-save the checkpoint")
-
-
-def check_target(saved: dict, target, folder) -> None:
-    now = target_fingerprint(target)
-    for key in ("vocab_size", "hidden_size"):
-        if saved[key] != now[key]:
-            raise DraftsmithError(
-                f"drafter {folder} was trained for target {saved['path']} ({key} {saved[key]}), but target "
-                f"{now['path']} has {key} {now[key]}: load the target it was trained for")
 
 
 # ---------------------------------------------------------------------------------------------------

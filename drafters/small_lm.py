@@ -32,14 +32,11 @@ from conf.errors import DraftsmithError
 from conf.schema import project_path
 from conf.schema.drafter import SmallConfig
 from drafters.base import TargetSignal, TrainableDrafter
+from drafters.folder import read_folder, save_folder, saved_config, target_fingerprint
 from drafters.medusa import (
     Shared,
     floats,
-    read_folder,
-    save_folder,
-    saved_config,
     set_hf_checkpointing,
-    target_fingerprint,
     target_positions,
     token_objective,
 )

@@ -47,8 +47,16 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def default_feature_layers(num_layers: int) -> list[int]:
-    """EAGLE-3's low/mid/high taps: hidden states entering layers 2, L//2 and L-3 (clamped for tiny models)."""
-    return [min(max(i, 0), num_layers - 1) for i in (2, num_layers // 2, num_layers - 3)]
+    """EAGLE-3's low/mid/high taps: hidden states entering layers 2, L//2 and L-3. On shallow targets those
+    collide (L=6 gives 2, 3, 3), which wastes a third of the fused input, so collisions are pushed to the
+    next deeper layer: L=6 -> [2, 3, 4], L=4 -> [1, 2, 3]. Deep targets keep the published choice exactly."""
+    want = sorted(min(max(i, 0), num_layers - 1) for i in (2, num_layers // 2, num_layers - 3))
+    taps: list[int] = []
+    for i in want:
+        taps.append(max(i, taps[-1] + 1) if taps else i)
+    while taps[-1] > num_layers - 1 and taps[0] > 0:  # too shallow to push down: shift the block up
+        taps = [t - 1 for t in taps]
+    return [min(t, num_layers) for t in taps]
 
 
 @dataclass

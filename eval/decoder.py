@@ -154,9 +154,11 @@ class SpeculativeDecoder:
 
     @torch.no_grad()
     def generate(self, prompt_ids, max_new_tokens: int, eos_ids=None,
-                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, DecodeStats]:
+                 generator: torch.Generator | None = None, on_cycle=None) -> tuple[torch.Tensor, DecodeStats]:
         """New tokens [n] (at most max_new_tokens, ending at the first EOS) and the decoding stats.
-        `generator` (on the target's device) makes sampling reproducible; eos_ids=None = the target's."""
+        `generator` (on the target's device) makes sampling reproducible; eos_ids=None = the target's.
+        `on_cycle(tree, accepted)` is called after every verification (draft-induced training records
+        the drafted tree and what the target accepted of it)."""
         target, drafter, rule = self.target, self.drafter, self.rule
         ids = _prompt_tensor(prompt_ids, target.device)
         eos = _eos(target, eos_ids)
@@ -182,6 +184,8 @@ class SpeculativeDecoder:
             in_ids, mask, pos, anc = tree_inputs(tree, root, past, target.dtype)
             vout = target(in_ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
             acc = accept(tree, vout.logits.float(), rule, generator, anc)[0]
+            if on_cycle is not None:
+                on_cycle(tree, acc)
             t2 = clock()
             keep = [0] + [1 + i for i in acc.path]  # rows of [root, nodes...] the cache keeps
             keep_cache_entries(cache, past, keep)

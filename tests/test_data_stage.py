@@ -140,8 +140,8 @@ def test_cache_equals_a_fresh_target_forward(cfg_for, chats, tiny_target_dir):
     from drafters.target import load_target
 
     other_taps = load_target(TargetConfig(path=tiny_target_dir("qwen2"), feature_layers=[1, 3]), device="cpu")
-    with pytest.raises(DraftsmithError, match=r"tapped at layers \[2, 2, 1\], but target.feature_layers gives "
-                                              r"\[1, 3\]: set target.feature_layers=\[2,2,1\] or rerun data_gen"):
+    with pytest.raises(DraftsmithError, match=r"tapped at layers \[1, 2, 3\], but target.feature_layers gives "
+                                              r"\[1, 3\]: set target.feature_layers=\[1,2,3\] or rerun data_gen"):
         check_same_target(res.data_dir, other_taps)
     with pytest.raises(IndexError):
         cache[len(ds)]

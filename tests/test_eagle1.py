@@ -10,7 +10,7 @@ from conf.errors import DraftsmithError
 from conf.schema.drafter import Eagle1Config
 from drafters.base import TargetSignal
 from drafters.eagle1 import Eagle1Drafter
-from drafters.layers import CONFIG_NAME
+from drafters.folder import CONFIG_NAME
 from drafters.tree import DraftTree
 
 LAYER = ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",

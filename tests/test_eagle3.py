@@ -10,7 +10,7 @@ from conf.errors import DraftsmithError
 from conf.schema.drafter import Eagle1Config, Eagle3Config
 from drafters.base import TargetSignal
 from drafters.eagle3 import Eagle3Drafter
-from drafters.layers import CONFIG_NAME, WEIGHTS_NAME
+from drafters.folder import CONFIG_NAME, WEIGHTS_NAME
 from drafters.tree import DraftTree
 
 SGLANG_NAMES = [
@@ -90,8 +90,8 @@ def test_golden_first_loss(llama):
     assert sorted(k for k in met if k.startswith("acc/")) == ["acc/1", "acc/2", "acc/3"]
 
 
-GOLDEN_LOSS = 37.594570  # seed 0 init, the batch above; changes only with a deliberate model change
-GOLDEN_STEPS = [16.697338, 14.436301, 14.606547]
+GOLDEN_LOSS = 39.334320  # seed 0 init, the batch above; changes only with a deliberate model change
+GOLDEN_STEPS = [17.165272, 15.420236, 15.363842]
 
 
 def test_step_losses_match_a_hand_computation(llama):
@@ -187,7 +187,7 @@ def test_commit_path_equals_training_step0(llama):
     assert (d.name, d.uses_features, d.feature_source, d.vocab_size) == ("eagle3", True, "features", llama.vocab_size)
     d.start(ids[:, :3], feats[:, :2])
     got = _root_logits(d)
-    torch.testing.assert_close(got, rows[1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(got, rows[1], atol=3e-5, rtol=0)  # float32 rounding of x50-scaled logits
     assert torch.isinf(got[~m.t2d]).all() and torch.isfinite(got[m.t2d]).all()
     n = 2
     for k in (1, 3, 2, 4):  # a wrong 2-node tree is drafted and rejected before each commit
@@ -196,7 +196,7 @@ def test_commit_path_equals_training_step0(llama):
         d.expand(tree, torch.tensor([[0, 1]]))
         d.commit(ids[:, n + 1:n + 1 + k], feats[:, n:n + k])
         n += k
-        torch.testing.assert_close(_root_logits(d), rows[n - 1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(_root_logits(d), rows[n - 1], atol=3e-5, rtol=0)
 
 
 def _chain(tokens):
@@ -253,7 +253,8 @@ def test_save_load_round_trip(llama, tmp_path):
     m.save_pretrained(tmp_path / "ck")
     meta = json.loads((tmp_path / "ck" / CONFIG_NAME).read_text())
     assert meta["family"] == "eagle3" and meta["draft_vocab_size"] == 160 and meta["vocab_source"] == "token_counts"
-    assert meta["target"] == {"path": llama.name, "vocab_size": llama.vocab_size, "hidden_size": 32}
+    assert meta["target"] == {"path": llama.name, "vocab_size": llama.vocab_size, "hidden_size": 32,
+                              "feature_layers": llama.feature_layers}
     assert meta["config"]["ttt_steps"] == 3 and meta["dims"]["num_key_value_heads"] == 2
     from safetensors.torch import load_file
 
@@ -263,6 +264,13 @@ def test_save_load_round_trip(llama, tmp_path):
     sig = _batch(llama)
     assert r.loss(sig)[0].item() == m.loss(sig)[0].item()
     assert torch.equal(r.d2t, m.d2t) and torch.equal(r.t2d, m.t2d)
+    llama.feature_layers = [0, 1, 2]  # a target tapped elsewhere must not silently feed this drafter
+    try:
+        with pytest.raises(DraftsmithError, match=r"trained on target features of layers \[.*\], but the loaded "
+                                                   r"target taps \[0, 1, 2\]: set target.feature_layers="):
+            Eagle3Drafter.from_pretrained(tmp_path / "ck", llama)
+    finally:
+        llama.feature_layers = meta["target"]["feature_layers"]
     feats = sig.features[:1, :10]
     a, b = m.as_drafter(), r.as_drafter()
     a.start(sig.input_ids[:1, :11], feats)

@@ -7,14 +7,8 @@ import pytest
 import torch
 
 from conf.errors import DraftsmithError
-from drafters.layers import (
-    CONFIG_NAME,
-    DrafterDims,
-    causal_attend,
-    read_checkpoint_config,
-    repeat_kv,
-    ttt_attend,
-)
+from drafters.folder import CONFIG_NAME, read_checkpoint_config
+from drafters.layers import DrafterDims, causal_attend, repeat_kv, ttt_attend
 
 
 def _dense_ttt(q, ks, vs):

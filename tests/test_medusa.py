@@ -295,7 +295,8 @@ def test_save_load_round_trip(llama, tmp_path):
     m.save_pretrained(tmp_path / "m")
     meta = json.loads((tmp_path / "m" / "drafter_config.json").read_text())
     assert meta["family"] == "medusa" and meta["config"]["num_layers"] == 2
-    assert meta["target"] == {"path": llama.name, "vocab_size": 320, "hidden_size": 32}
+    assert meta["target"] == {"path": llama.name, "vocab_size": 320, "hidden_size": 32,
+                              "feature_layers": llama.feature_layers}
     assert meta["dims"] == {"hidden_size": 32, "vocab_size": 320, "num_heads": 2, "num_layers": 2}
     loaded = MedusaDrafter.from_pretrained(tmp_path / "m", llama)
     assert loaded.state_dict().keys() == m.state_dict().keys()
@@ -314,8 +315,8 @@ def test_load_for_a_different_target_is_a_clear_error(llama, tmp_path, tiny_toke
 
     MedusaDrafter.from_target(MedusaConfig(num_heads=1), llama).save_pretrained(tmp_path / "m")
     narrow = Target(build_tiny_model("llama", len(tiny_tokenizer), hidden=16), tiny_tokenizer, name="narrow")
-    with pytest.raises(DraftsmithError, match="trained for target .* \\(hidden_size 32\\), but target narrow has "
-                                              "hidden_size 16: load the target it was trained for"):
+    with pytest.raises(DraftsmithError, match="trained for target .* \\(hidden_size 32\\), but the loaded target narrow has "
+                                              "hidden_size 16: load the matching target"):
         MedusaDrafter.from_pretrained(tmp_path / "m", narrow)
     with pytest.raises(DraftsmithError, match="holds a 'medusa' drafter, not 'hydra': set drafter=medusa"):
         from drafters.hydra_heads import HydraDrafter

@@ -13,7 +13,8 @@ from drafters.target import default_feature_layers, load_target
 
 def test_default_taps_follow_eagle3():
     assert default_feature_layers(32) == [2, 16, 29]
-    assert default_feature_layers(4) == [2, 2, 1]
+    assert default_feature_layers(4) == [1, 2, 3]  # collisions pushed deeper on shallow targets
+    assert default_feature_layers(6) == [2, 3, 4]
 
 
 def test_logits_equal_plain_transformers(tiny_target):

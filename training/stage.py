@@ -130,7 +130,12 @@ def train(cfg: Config, drafter_factory=None, target=None) -> dict:
             "param_shapes": {n: list(p.shape) for n, p in drafter.named_parameters()},
             "train_rows": plan.n_train, "world_size": env.world_size,
             "zero_stage": cfg.deepspeed.zero_stage, "seed": cfg.run.seed, "global_batch": plan.global_batch}
-    eng = Engine(drafter, build_objective(cfg, target), cfg, ds_cfg, total, env)
+    objective = build_objective(cfg, target)
+    eng = Engine(drafter, objective, cfg, ds_cfg, total, env)
+    # An objective that trains on its own rollouts (on_policy) swaps data micro-batches for sequences the
+    # drafter generates: `prepare(engine, batches, step)` runs between optimizer steps (latest weights),
+    # before the loss-token counts, so token weighting covers the generated positions.
+    prepare = getattr(objective, "prepare", None)
     seed_all(cfg.run.seed + env.rank)  # training-time randomness (feature noise, dropout) differs per rank
 
     log = print if env.is_main else (lambda *_: None)
@@ -155,6 +160,8 @@ def train(cfg: Config, drafter_factory=None, target=None) -> dict:
     try:
         while state.step < total:
             batches = [collate(data, rows, **batch_args) for rows in plan.micro_batches(state.rows)]
+            if prepare is not None:
+                batches = prepare(eng, batches, state.step)
             lr = eng.lr
             metrics, n_loss, n_input, finite = _train_step(eng, target, batches, t.mode, env, plan,
                                                            **signal_args)

@@ -30,3 +30,15 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=IM_END, pad_token=PAD, bos_token=None)
     fast.chat_template = CHAT_TEMPLATE
     return fast
+
+
+def token_byte_lengths(tokenizer) -> list[int]:
+    """UTF-8 bytes each token id stands for, to turn nats/token into nats/byte (comparable across vocabularies).
+
+    A byte-level BPE token is spelt with one printable symbol per byte, so its length is its byte count;
+    a special token counts the bytes of its literal text (`<|im_end|>` = 10)."""
+    special = set(tokenizer.all_special_tokens) | set(SPECIAL_TOKENS)
+    lengths = [0] * len(tokenizer)
+    for token, i in tokenizer.get_vocab().items():
+        lengths[i] = len(token.encode()) if token in special else len(token)
+    return lengths

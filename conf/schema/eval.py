@@ -24,11 +24,18 @@ class EvalConfig:
     top_k: int = 0  # 0 = off
     tree: TreeConfig = field(default_factory=TreeConfig)
     acceptance: str = "lossless"  # lossless | typical (Medusa's, LOSSY: flagged in every report)
-    # accept x if p(x) > min(typical_epsilon, typical_alpha * exp(-H(p))): Medusa's posterior_threshold
-    # 0.09 and posterior_alpha 0.3 (= sqrt of the threshold)
+    # accept x when p(x) > min(epsilon, alpha * exp(-H(p))); Medusa's defaults posterior_threshold=0.09,
+    # posterior_alpha=0.3
     typical_epsilon: float = 0.09
     typical_alpha: float = 0.3
-    mtbench_path: Optional[str] = None  # FastChat question.jsonl; None = the hub when online
+    # FastChat question.jsonl ({"question_id","category","turns"}) or a hub dataset id; None = the hub's
+    # HuggingFaceH4/mt_bench_prompts (online only)
+    mtbench_path: Optional[str] = None
+    # JSONL / JSON / parquet with a `question` field, or a hub id; None = the hub's openai/gsm8k (main, test)
     gsm8k_path: Optional[str] = None
     compare_assistant: bool = True  # small drafters: also time transformers' generate(assistant_model=...)
+    warmup: int = 1  # untimed generations (spec and AR each) before timing: kernels, caches, allocator
+    # Longer rendered prompts are skipped (and counted); also capped so prompt + max_new_tokens + the
+    # draft tree fit the target's max_position_embeddings.
+    max_prompt_tokens: int = 1024
     seed: int = 0

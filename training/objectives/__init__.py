@@ -8,10 +8,12 @@
 An objective is a function (drafter, signal) -> (loss, metrics). The train stage builds it once with
 `build_objective(cfg, target)` and the engine calls it inside DeepSpeed's forward, so new objectives
 plug in here as entries of OBJECTIVES without touching the engine:
-    token    drafter.loss(signal)
-    hass     addons.py: top-K distillation + HASS context alignment in the unrolled steps (EAGLE families)
-    griffin  addons.py: GRIFFIN's cumulative top-3 row mask + 0.5 x top-K distillation (EAGLE families)
-    gto      gto.py: token loss + 0.5 x the Group Tree Optimization surrogate on draft-tree rewards
+    token      drafter.loss(signal)
+    on_policy  training/on_policy.py: distillation on drafter / speculative rollouts (small drafters)
+    adaspec    training/adaspec.py: distillation on the tokens a frozen reference drafter finds learnable
+    hass       addons.py: top-K distillation + HASS context alignment in the unrolled steps (EAGLE families)
+    griffin    addons.py: GRIFFIN's cumulative top-3 row mask + 0.5 x top-K distillation (EAGLE families)
+    gto        gto.py: token loss + 0.5 x the Group Tree Optimization surrogate on draft-tree rewards
 """
 from __future__ import annotations
 
@@ -23,6 +25,18 @@ from conf.errors import DraftsmithError
 def token_objective(drafter, signal):
     """Plain imitation of the target with the family's weighted `losses` (drafter.loss)."""
     return drafter.loss(signal)
+
+
+def _on_policy(cfg, target):
+    from training.on_policy import build_on_policy
+
+    return build_on_policy(cfg, target)
+
+
+def _adaspec(cfg, target):
+    from training.adaspec import build_adaspec
+
+    return build_adaspec(cfg, target)
 
 
 def _hass(cfg, target):
@@ -46,6 +60,8 @@ def _gto(cfg, target):
 # name -> builder(cfg, target) -> objective(drafter, signal) -> (loss, metrics)
 OBJECTIVES: dict[str, Callable] = {
     "token": lambda cfg, target: token_objective,
+    "on_policy": _on_policy,
+    "adaspec": _adaspec,
     "hass": _hass,
     "griffin": _griffin,
     "gto": _gto,

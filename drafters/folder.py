@@ -1,0 +1,101 @@
+"""Drafter checkpoint folders, shared by every family: model.safetensors + drafter_config.json.
+
+drafter_config.json = {family, config (the drafter's conf dataclass), dims (derived sizes), target
+(fingerprint of the target it was trained for), family extras}. Loading checks the family and the target
+before any weight is read, so a wrong folder fails with one line naming it and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from conf.errors import DraftsmithError
+
+CONFIG_NAME = "drafter_config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def target_fingerprint(target) -> dict:
+    """What a drafter checkpoint records about the target it was trained against."""
+    return {"path": str(target.name), "vocab_size": int(target.vocab_size), "hidden_size": int(target.hidden_size),
+            "feature_layers": [int(i) for i in target.feature_layers]}
+
+
+def check_target(saved: dict, target, folder, uses_taps: bool = False) -> None:
+    """Refuse a target of another shape, and (for drafters reading the tapped features) other taps."""
+    now = target_fingerprint(target)
+    for key in ("vocab_size", "hidden_size"):
+        if saved[key] != now[key]:
+            raise DraftsmithError(
+                f"drafter {folder} was trained for target {saved['path']} ({key} {saved[key]}), but the "
+                f"loaded target {now['path']} has {key} {now[key]}: load the matching target")
+    taps = saved.get("feature_layers")
+    if uses_taps and taps is not None and taps != now["feature_layers"]:
+        raise DraftsmithError(
+            f"drafter {folder} was trained on target features of layers {taps}, but the loaded target taps "
+            f"{now['feature_layers']}: set target.feature_layers=[{','.join(map(str, taps))}]")
+
+
+def read_checkpoint_config(directory: str | os.PathLike) -> dict:
+    """drafter_config.json of a drafter folder, with a clear error when it is not one."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.exists():
+        raise DraftsmithError(f"{directory} is not a drafter checkpoint (no {CONFIG_NAME}): give a folder "
+                              "written by the train stage (save_pretrained)")
+    return json.loads(path.read_text())
+
+
+def save_folder(folder: str | os.PathLike, family: str, cfg, dims: dict, target_fp: dict,
+                tensors: dict[str, torch.Tensor] | None, extra: dict | None = None) -> Path:
+    """Write model.safetensors (unless tensors is None: families that save another format) and
+    drafter_config.json."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if tensors is not None:
+        save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()},
+                  str(folder / WEIGHTS_NAME), metadata={"format": "pt", "family": family})
+    meta = {"family": family, "config": dataclasses.asdict(cfg), "dims": dims, "target": target_fp, **(extra or {})}
+    (folder / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    return folder
+
+
+def read_folder(folder: str | os.PathLike, family: str, target, tensors: bool = True, uses_taps: bool = False,
+                device: str | torch.device = "cpu") -> tuple[dict, dict[str, torch.Tensor]]:
+    """(meta, tensors) of a folder written by save_folder, checking its family and target first."""
+    from safetensors.torch import load_file
+
+    meta = read_checkpoint_config(folder)
+    if meta.get("family") != family:
+        raise DraftsmithError(f"{folder} holds a {meta.get('family')!r} drafter, not {family!r}: "
+                              f"set drafter={meta.get('family')} or point drafter.checkpoint at a {family} folder")
+    check_target(meta["target"], target, folder, uses_taps)
+    if not tensors:
+        return meta, {}
+    weights = Path(folder) / WEIGHTS_NAME
+    if not weights.exists():
+        raise DraftsmithError(f"{folder} has {CONFIG_NAME} but no {WEIGHTS_NAME}: the save was interrupted")
+    return meta, load_file(str(weights), device=str(device))
+
+
+def saved_config(schema, meta: dict, folder):
+    """The drafter config recorded in drafter_config.json, as its dataclass."""
+    try:
+        return schema(**meta["config"])
+    except TypeError as e:
+        raise DraftsmithError(f"{folder}/{CONFIG_NAME}: its config does not fit this version ({e})") from None
+
+
+def load_tensors(module: nn.Module, tensors: dict[str, torch.Tensor], folder) -> None:
+    """load_state_dict(strict) with a one-line error naming the first missing or unexpected tensor."""
+    missing, unexpected = module.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        what = f"lacks {missing[0]}" if missing else f"has an unexpected {unexpected[0]}"
+        raise DraftsmithError(
+            f"{folder}/{WEIGHTS_NAME} {what}: it does not match its {CONFIG_NAME}; re-save the checkpoint")

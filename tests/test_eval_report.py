@@ -1,0 +1,108 @@
+"""Eval metrics (tau, acceptance by depth, speedup, time split) and the report files (JSON, Markdown, PNG).
+
+    python -m pytest -q tests/test_eval_report.py
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from eval.metrics import GenRecord, acceptance_by_depth, summarize
+from eval.report import LOSSY, LOSSY_NOTE, _plot_title, markdown, write_report
+
+
+def _records():
+    # 4 + 4 cycles of depth-3 drafts: depth 1 tried 8 times, accepted 5; depth 2 tried 5, accepted 2; ...
+    spec = [GenRecord(new_tokens=10, wall_s=1.0, forwards=4, forward_tokens=10, depth_attempted=[4, 3, 2],
+                      depth_accepted=[3, 2, 1], draft_s=0.2, verify_s=0.6, other_s=0.2, tokens=[1, 2, 3]),
+            GenRecord(new_tokens=6, wall_s=0.5, forwards=4, forward_tokens=6, depth_attempted=[4, 2],
+                      depth_accepted=[2, 0], draft_s=0.1, verify_s=0.3, other_s=0.1, tokens=[4, 5])]
+    ar = [GenRecord(new_tokens=10, wall_s=2.0, forwards=9, forward_tokens=9, tokens=[1, 2, 3]),
+          GenRecord(new_tokens=6, wall_s=1.0, forwards=5, forward_tokens=5, tokens=[4, 6])]
+    return spec, ar
+
+
+def test_acceptance_by_depth_pools_cycles_over_generations():
+    spec, _ = _records()
+    assert acceptance_by_depth(spec) == [5 / 8, 2 / 5, 1 / 2]
+    assert acceptance_by_depth([GenRecord(1, 0.1, 1, 1, [2, 0], [0, 0])]) == [0.0, None]  # never reached depth 2
+
+
+def test_summarize_uses_ratios_of_sums():
+    spec, ar = _records()
+    s = summarize(spec, ar)
+    assert s["tau"] == 2.0  # 16 tokens / 8 target forwards
+    assert s["tok_s_spec"] == pytest.approx(16 / 1.5) and s["tok_s_ar"] == pytest.approx(16 / 3.0)
+    assert s["speedup"] == pytest.approx(2.0)
+    assert s["accept_by_depth"] == [pytest.approx(5 / 8), pytest.approx(2 / 5), pytest.approx(1 / 2)]
+    assert s["time_split"] == {"draft": pytest.approx(0.2), "verify": pytest.approx(0.6), "other": pytest.approx(0.2)}
+    assert s["outside_target"] == pytest.approx(0.4)
+    assert (s["identical_outputs"], s["generations"], s["target_forwards"]) == (1, 2, 8)
+
+
+def _report(lossy=False, temps=(0.0, 1.0)):
+    spec, ar = _records()
+    rows = [{"benchmark": b, "temperature": t, "prompts": 2, "skipped": {"prompt over 100 tokens": 1} if b == "gsm8k" else {},
+             **summarize(spec, ar), "peer": None} for b in ("mtbench", "gsm8k") for t in temps]
+    rows[0]["peer"] = {"generations": 2, "tok_s_assisted": 30.0, "tok_s_greedy": 20.0, "speedup": 1.5, "identical": 2}
+    return {"drafter": {"name": "ngram", "checkpoint": None}, "target": "/tmp/tiny-llama", "lossy": lossy,
+            "acceptance": "typical" if lossy else "lossless",
+            "tree": {"kind": "chain", "depth": 3, "top_k": 8, "total_tokens": 60}, "max_new_tokens": 16,
+            "machine": {"device": "cpu", "device_name": "x86_64", "torch": "2", "transformers": "5", "date": "today"},
+            "config": {"eval": {"num_prompts": 2}}, "results": rows}
+
+
+def test_markdown_table_rows():
+    md = markdown(_report())
+    lines = md.splitlines()
+    assert lines[0] == "# draftsmith eval: drafter ngram on /tmp/tiny-llama"
+    assert ("| benchmark | T | prompts | τ | acc@1 | acc@2 | acc@3 | tok/s spec | tok/s AR | speedup | draft % | "
+            "verify % | other % | = AR |") in lines
+    assert "| mtbench | 0 | 2 | 2.00 | 0.62 | 0.40 | 0.50 | 10.7 | 5.3 | 2.00× | 20 | 60 | 20 | 1/2 |" in lines
+    assert "| gsm8k | 1 | 2 | 2.00 | 0.62 | 0.40 | 0.50 | 10.7 | 5.3 | 2.00× | 20 | 60 | 20 | - |" in lines
+    assert "- gsm8k T=0: skipped 1 (prompt over 100 tokens)" in lines
+    assert "| mtbench | 30.0 | 20.0 | 1.50× | 2/2 |" in lines
+    assert LOSSY not in md
+
+
+def test_typical_acceptance_is_flagged_lossy_everywhere(tmp_path):
+    rep = _report(lossy=True)
+    md = markdown(rep)
+    assert md.splitlines()[0].endswith(f"[{LOSSY}]") and LOSSY_NOTE in md
+    rows = [ln for ln in md.splitlines() if ln.startswith("| mtbench") or ln.startswith("| gsm8k")]
+    assert len(rows) == 5 and all(f" {LOSSY} |" in ln.split("|", 2)[1] + "|" for ln in rows)
+    assert "## transformers generate(assistant_model=...) (greedy) LOSSY" in md
+    assert LOSSY in _plot_title(rep, "tau") and LOSSY not in _plot_title(_report(), "tau")
+    paths = write_report(rep, tmp_path)
+    assert json.loads(paths["json"].read_text())["lossy"] is True
+
+
+def test_write_report_files(tmp_path):
+    rep = _report()
+    paths = write_report(rep, tmp_path / "eval" / "ngram")
+    assert json.loads(paths["json"].read_text()) == json.loads(json.dumps(rep))
+    assert paths["md"].read_text() == markdown(rep)
+    for key in ("acceptance_png", "tau_png"):
+        data = paths[key].read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_bench_decode_updates_only_its_own_section(tmp_path):
+    import importlib.util
+
+    from conf.schema import PROJECT_ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_decode", PROJECT_ROOT / "bench" / "bench_decode.py")
+    bd = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bd)
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text("# Benchmarks\n\nintro\n")
+    a = "<!-- bench_decode: cpu | demo -->\nold A\n<!-- /bench_decode -->"
+    b = "<!-- bench_decode: cuda:0 | demo -->\nB\n<!-- /bench_decode -->"
+    bd.update_markdown(md, "cpu | demo", a)
+    bd.update_markdown(md, "cuda:0 | demo", b)
+    bd.update_markdown(md, "cpu | demo", a.replace("old A", "new A"))
+    assert md.read_text() == "# Benchmarks\n\nintro\n\n" + a.replace("old A", "new A") + "\n\n" + b + "\n"
+    assert bd.tree_overrides("dynamic:5:8:60") == ["eval.tree.kind=dynamic", "eval.tree.depth=5", "eval.tree.top_k=8",
+                                                   "eval.tree.total_tokens=60"]
