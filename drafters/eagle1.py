@@ -17,7 +17,9 @@ Loss (cfg.losses, name -> weight), over rows whose predicted token x_{t+2} is an
     ce          hard CE against the target's argmax token (what T=0 acceptance checks)
     any other training.losses distribution loss (forward_kl, tvd, ...) against p.
 Default 1.0 * smooth_l1 + 0.1 * soft_ce. Training adds uniform noise U(-a/2, a/2), a = cfg.feature_noise,
-to the input features (official EAGLE-1: a = 0.2).
+to the input features (official EAGLE-1: a = 0.2). `loss(signal, UnrollOptions(...))` (objective=hass /
+griffin) unrolls several steps, feeding f_hat back, with the add-ons UnrollOptions lists; without options
+the loss runs exactly the operations above.
 
 Decoding (`EagleDecoding`): the drafter keeps its own KV cache over committed pairs (f_i, x_{i+1}),
 i < n. The root's draft distribution is the output of the last pair; a tree node at depth d sits at
