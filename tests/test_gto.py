@@ -202,3 +202,29 @@ def test_misspelt_gto_key_fails_in_hydra():
     with pytest.raises(ConfigCompositionException) as e:
         load_config(["objective=gto", "objective.group_sise=4"])
     assert "Key 'group_sise' not in 'GTOConfig'" in str(e.value.__cause__ or e.value)
+
+
+def test_gto_on_eagle1(peaky):
+    """EAGLE-1 drafts from the target's last hidden state and the target's LM head: the same objective runs
+    (zero at the reference, a gradient once the drafter has moved)."""
+    from conf.schema.drafter import Eagle1Config
+    from drafters.eagle1 import Eagle1Drafter
+
+    sig = _signal(peaky)
+    torch.manual_seed(0)
+    m = Eagle1Drafter.from_target(Eagle1Config(feature_noise=0.0, losses={"soft_ce": 1.0}), peaky)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    for _ in range(10):  # some accepted drafts, so the ratio has a path to follow
+        opt.zero_grad()
+        m.loss(sig)[0].backward()
+        opt.step()
+    m.zero_grad(set_to_none=True)
+    obj = _objective(peaky, m, token_weight=0.0, weight=1.0)
+    loss, met = obj(m, sig)
+    assert loss.item() == 0.0 and met["gto/trees"] == 16 and met["gto/reward"] == met["gto/reward_ref"]
+    with torch.no_grad():
+        m.fc.weight.add_(0.02 * torch.randn_like(m.fc.weight))
+    loss, met = obj(m, sig)
+    loss.backward()
+    assert met["gto/accept_len"] > 0 and met["gto/reward"] != met["gto/reward_ref"], met
+    assert m.fc.weight.grad.abs().sum() > 0
