@@ -48,12 +48,13 @@ def _key(cfg, name: str) -> str:
 
 
 def fresh_config(target_cfg, num_layers: int, hidden_size: int | None):
-    """A config of the target's family: `num_layers` layers, `hidden_size` (None = half the target's)
-    wide at the target's head size, MLP width and KV-head ratio scaled alike, same vocab."""
+    """A config of the target's family: `num_layers` layers, `hidden_size` (None = half the target's
+    heads, rounded up) wide at the target's head size, MLP width and KV-head ratio scaled alike, same vocab."""
     H_t = int(target_cfg.hidden_size)
     heads_t = int(target_cfg.num_attention_heads)
     head_dim = int(getattr(target_cfg, "head_dim", None) or H_t // heads_t)
-    H = int(hidden_size or H_t // 2)
+    # default: half the target's heads, rounded up (a 3-head target gets 2 heads, not a 1.5-head width)
+    H = int(hidden_size or max(1, (heads_t + 1) // 2) * head_dim)
     heads = H // head_dim
     if H % head_dim or not heads or num_layers < 1:
         raise DraftsmithError(

@@ -40,6 +40,10 @@ def test_fresh_config_is_shaped_like_the_target(tiny_target):
     assert (wide.hidden_size, wide.num_attention_heads, wide.num_hidden_layers) == (24, 3, 1)
     with pytest.raises(DraftsmithError, match="drafter.hidden_size=20 .* a multiple of 8"):
         fresh_config(t, num_layers=2, hidden_size=20)
+    odd = t.__class__.from_dict({**t.to_dict(), "hidden_size": 24, "num_attention_heads": 3,
+                                 "num_key_value_heads": 3, "n_embd": 24, "n_head": 3})
+    half = fresh_config(odd, num_layers=2, hidden_size=None)  # 3 heads of 8 (the demo target's 3 x 64 alike)
+    assert (half.hidden_size, half.num_attention_heads) == (16, 2)  # half the heads, rounded up
 
 
 def test_registry_and_yaml(cfg_for):

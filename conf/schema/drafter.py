@@ -90,7 +90,7 @@ class SmallConfig(DrafterConfig):
     name: str = "small"
     init: str = "fresh"  # "fresh" (a small config shaped like the target) or a checkpoint path / hub id
     num_layers: int = 2
-    hidden_size: Optional[int] = None  # None = half the target's
+    hidden_size: Optional[int] = None  # None = half the target's heads (rounded up) x its head size
     lora_r: int = 0  # >0: train a LoRA adapter instead of all weights (checkpoint init only)
     lora_alpha: int = 16
     lora_target_modules: str = "all-linear"  # peft target_modules: "all-linear" or comma-separated names
