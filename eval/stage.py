@@ -101,6 +101,17 @@ def hf_assistant_model(trainable, folder: Path, target):
     return None
 
 
+def fit_tree(cfg: Config, drafter) -> None:
+    """Heads draft at most num_heads tokens deep: cap a deeper chain or dynamic tree there (said in one line,
+    and the report shows the tree used) instead of failing after training. Static paths are the user's own
+    and still fail clearly when too deep."""
+    tree, cap = cfg.eval.tree, getattr(drafter, "max_depth", None)
+    if cap is not None and tree.kind != "static" and tree.depth > cap:
+        print(f"eval: drafter {cfg.drafter.name} has {cap} heads, so it drafts at most {cap} tokens deep: "
+              f"eval.tree.depth {tree.depth} -> {cap}", flush=True)
+        tree.depth = cap
+
+
 def make_decoder(cfg: Config, target, drafter, temperature: float):
     """The speculative decoder at one of eval.temperatures (a vocab mismatch is its one-line error)."""
     from eval.decoder import SpeculativeDecoder
@@ -309,6 +320,7 @@ def run(cfg: Config) -> dict:
     torch.manual_seed(cfg.run.seed)
     target = load_target(cfg.target, cfg.run.device)
     drafter, assistant = build_drafter(cfg, target)
+    fit_tree(cfg, drafter)
     out_dir = run_dir(cfg) / "eval" / cfg.drafter.name
     save_config(cfg, out_dir)
     report = build_report(cfg, target, evaluate(cfg, target, drafter, assistant))

@@ -122,3 +122,23 @@ def test_hf_assistant_is_found_for_independent_drafters_only(llama, tiny_target_
     folder = tiny_target_dir("llama", seed=1)  # an HF causal-LM folder
     m = hf_assistant_model(Holder(), Path(folder), llama)
     assert isinstance(m, PreTrainedModel) and m.device == llama.device
+
+
+def test_heads_cap_a_deeper_tree_instead_of_failing(cfg_for, capsys):
+    """4 Medusa heads under the default depth-5 dynamic tree: eval drafts 4 deep and says so, where the
+    drafter itself would raise mid-decoding (after a whole training run)."""
+    from types import SimpleNamespace
+
+    from eval.stage import fit_tree
+
+    cfg = cfg_for("drafter=medusa")
+    assert cfg.eval.tree.depth == 5
+    fit_tree(cfg, SimpleNamespace(max_depth=4))
+    assert cfg.eval.tree.depth == 4
+    assert "drafter medusa has 4 heads, so it drafts at most 4 tokens deep: eval.tree.depth 5 -> 4" in capsys.readouterr().out
+    fit_tree(cfg, SimpleNamespace(max_depth=6))  # deeper heads: the tree is left alone
+    fit_tree(cfg, SimpleNamespace())  # drafters without a depth limit
+    assert cfg.eval.tree.depth == 4
+    static = cfg_for("drafter=medusa", "eval.tree.kind=static", "eval.tree.paths=[[0],[0,0]]")
+    fit_tree(static, SimpleNamespace(max_depth=1))  # static paths are the user's: the drafter's error stands
+    assert static.eval.tree.depth == 5
