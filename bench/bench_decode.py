@@ -191,10 +191,10 @@ def section(rows, machine, desc, args, command: str, seconds: float) -> tuple[st
     return key, "\n".join(lines)
 
 
-def update_markdown(path: Path, key: str, text: str) -> None:
-    """Replace the section with this key, or append it."""
+def update_markdown(path: Path, key: str, text: str, tag: str = "bench_decode") -> None:
+    """Replace the section `<!-- tag: key -->...<!-- /tag -->`, or append it (every bench script's sections)."""
     old = path.read_text() if path.exists() else "# Benchmarks\n"
-    pat = re.compile(rf"<!-- bench_decode: {re.escape(key)} -->.*?<!-- /bench_decode -->", re.S)
+    pat = re.compile(rf"<!-- {tag}: {re.escape(key)} -->.*?<!-- /{tag} -->", re.S)
     new = pat.sub(lambda _: text, old) if pat.search(old) else old.rstrip("\n") + "\n\n" + text + "\n"
     path.write_text(new)
 

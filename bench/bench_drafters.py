@@ -1,0 +1,207 @@
+"""Every drafter family and objective on one target, with the same data and the same step budget: train,
+then measure tau and speedup with the built-in speculative decoder at T=0 and T=1.
+
+    python bench/bench_drafters.py                            # the README tables: demo target, CPU (~1 h on 2 cores)
+    python bench/bench_drafters.py --variants eagle3,eagle3+gto --steps 40 --finetune-steps 20 --no-write
+    python bench/bench_drafters.py --target meta-llama/Llama-3.1-8B-Instruct --device cuda --conversations 20000 \\
+        --steps 4000 --finetune-steps 1000 --max-length 2048 --prompts 80 --max-new-tokens 256
+
+One data_gen run (the bundled ShareGPT, rendered on the target's chat template) feeds every variant; each
+variant is a real `train` stage run (ZeRO-0, one process) into its own run directory, then the real `eval`
+stage on sharegpt_heldout (prompts never seen in training). Families (issue table "drafters") train from
+scratch for --steps optimizer steps. Objectives (table "objectives"): hass, griffin, on_policy and adaspec
+train from scratch with the same --steps as their baseline; gto fine-tunes the trained eagle3 for
+--finetune-steps, and `eagle3+more` continues the same eagle3 for the same --finetune-steps with its plain
+token loss, so the GTO row is compared with an equal amount of extra training. adaspec's reference is the
+trained `small`. Writes both tables into BENCHMARKS.md (section per machine and target) and prints them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# name -> (table, overrides, what it starts from: None = scratch, else the variant whose final drafter it loads)
+VARIANTS = {
+    "eagle1": ("drafters", ["drafter=eagle1"], None),
+    "eagle3": ("drafters", ["drafter=eagle3"], None),
+    "medusa": ("drafters", ["drafter=medusa"], None),
+    "medusa2": ("drafters", ["drafter=medusa2"], None),
+    "hydra": ("drafters", ["drafter=hydra"], None),
+    "hydra_pp": ("drafters", ["drafter=hydra_pp"], None),
+    "small": ("drafters", ["drafter=small"], None),
+    "eagle3+hass": ("objectives", ["drafter=eagle3", "objective=hass"], None),
+    "eagle3+griffin": ("objectives", ["drafter=eagle3", "objective=griffin"], None),
+    "eagle3+more": ("objectives", ["drafter=eagle3"], "eagle3"),
+    "eagle3+gto": ("objectives", ["drafter=eagle3", "objective=gto"], "eagle3"),
+    "small+on_policy": ("objectives", ["drafter=small", "objective=on_policy"], None),
+    "small+adaspec": ("objectives", ["drafter=small", "objective=adaspec"], "small"),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", default=None, help="target folder or hub id (default: the demo target)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--conversations", type=int, default=400, help="data.max_conversations of the shared data_gen")
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=150, help="optimizer steps of every from-scratch variant")
+    ap.add_argument("--finetune-steps", type=int, default=30, help="gto and its control: steps on top of eagle3")
+    ap.add_argument("--finetune-lr", type=float, default=3e-4,
+                    help="gto and its control; the paper's 5e-6 moves nothing in a few dozen steps")
+    ap.add_argument("--micro-batch", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=3e-3, help="train.lr of from-scratch variants (gto keeps its own)")
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    ap.add_argument("--root", default=None, help="run root (default: a fresh temporary folder); reruns reuse "
+                                                "finished variants found there")
+    ap.add_argument("--note", default="", help="what else ran on the machine")
+    ap.add_argument("--out", default=None, help="Markdown file whose sections are updated (default BENCHMARKS.md)")
+    ap.add_argument("--no-write", action="store_true")
+    return ap.parse_args(argv)
+
+
+def run_variant(name: str, args, common: list[str], root: Path, done: dict) -> dict:
+    """Train (unless its final folder exists) and evaluate one variant; returns its table row."""
+    from conf.schema import load_config
+    from eval.stage import run as eval_stage
+    from training.stage import train
+
+    table, overrides, start = VARIANTS[name]
+    run_name = name.replace("+", "-")
+    (root / run_name).mkdir(exist_ok=True)
+    link = root / run_name / "data_gen"
+    if not link.exists():
+        link.symlink_to(root / "data" / "data_gen")
+    steps, extra = args.steps, [f"train.lr={args.lr}"]
+    if start is not None:
+        if start not in done:
+            raise SystemExit(f"error: variant {name} starts from {start}: put {start} before it in --variants")
+        if name.startswith("small+adaspec"):
+            extra.append(f"objective.reference={done[start]['final_dir']}")
+        else:
+            steps = args.finetune_steps  # gto and its control: the same extra steps at the same lr
+            extra = [f"drafter.checkpoint={done[start]['final_dir']}", f"train.lr={args.finetune_lr}"]
+    if "objective=on_policy" in overrides:
+        extra.append(f"objective.max_new_tokens={args.max_new_tokens}")
+    train_cfg = load_config(common + overrides + extra + [
+        f"run.name={run_name}", f"train.max_steps={steps}", f"train.micro_batch_size={args.micro_batch}",
+        "train.eval_every=0", "train.log_every=10", f"train.save_every={steps}", "train.tensorboard=false"])
+    summary_path = root / run_name / "bench_train.json"
+    if summary_path.exists():
+        res = json.loads(summary_path.read_text())
+    else:
+        res = train(train_cfg)
+        res = {k: res[k] for k in ("steps", "input_tokens", "tokens_per_s", "final_loss", "final_dir", "eval")}
+        summary_path.write_text(json.dumps(res, indent=1))
+    # eval reads the run's own final folder (drafter.checkpoint unset): the fine-tuned one, not its start
+    eval_over = [o for o in overrides if not o.startswith("objective=")]
+    report = eval_stage(load_config(common + eval_over + [f"run.name={run_name}", "eval.temperatures=[0,1]",
+                                                          f"eval.num_prompts={args.prompts}",
+                                                          f"eval.max_new_tokens={args.max_new_tokens}",
+                                                          "eval.compare_assistant=false"]))["report"]
+    by_t = {r["temperature"]: r for r in report["results"]}
+    return {"variant": name, "table": table, "start": start, "steps": res["steps"],
+            "tokens_per_s": res["tokens_per_s"], "final_loss": res["final_loss"],
+            "tau_sim": (res.get("eval") or {}).get("tau_sim"), "final_dir": res["final_dir"],
+            **{f"{k}_t{int(t)}": by_t[t][k] for t in (0.0, 1.0) for k in ("tau", "speedup", "outside_target")},
+            "identical_t0": f"{by_t[0.0]['identical_outputs']}/{by_t[0.0]['generations']}"}
+
+
+def table(rows: list[dict]) -> str:
+    def f(x, fmt="{:.2f}"):
+        return "-" if x is None else fmt.format(x)
+
+    out = ["| variant | from | steps | train tok/s | final loss | τ sim | τ T=0 | speedup T=0 | τ T=1 | speedup T=1 "
+           "| = AR (T=0) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['variant']} | {r['start'] or 'scratch'} | failed: {r['error']} |" + " |" * 8)
+            continue
+        out.append(f"| {r['variant']} | {r['start'] or 'scratch'} | {r['steps']} | {f(r['tokens_per_s'], '{:.0f}')} "
+                   f"| {f(r['final_loss'], '{:.3f}')} | {f(r['tau_sim'])} | {f(r['tau_t0'])} "
+                   f"| {f(r['speedup_t0'], '{:.2f}×')} | {f(r['tau_t1'])} | {f(r['speedup_t1'], '{:.2f}×')} "
+                   f"| {r['identical_t0']} |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    command = "python bench/bench_drafters.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    import tempfile
+
+    import torch
+
+    from bench.bench_decode import BENCHMARKS_MD, update_markdown
+    from conf.errors import DraftsmithError
+    from conf.schema import load_config
+    from data_gen.stage import run as data_gen
+    from eval.report import machine_info
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.time()
+    root = Path(args.root or tempfile.mkdtemp(prefix="bench-drafters-"))
+    root.mkdir(parents=True, exist_ok=True)
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        print(f"error: unknown variant(s) {unknown}: choose from {', '.join(VARIANTS)}", file=sys.stderr)
+        return 2
+    common = [f"run.root={root}", f"run.device={args.device}", "experiment=demo",
+              f"data.max_conversations={args.conversations}", f"data.max_length={args.max_length}",
+              f"train.max_length={args.max_length}"] + ([f"target.path={args.target}"] if args.target else [])
+    rows, done = [], {}
+    try:
+        if not (root / "data" / "data_gen" / "meta.json").exists():
+            data_gen(load_config(common + ["run.name=data"]))
+        for name in names:
+            print(f"=== {name}", flush=True)
+            try:
+                row = run_variant(name, args, common, root, done)
+                done[name] = row
+            except DraftsmithError as e:  # one variant's failure (e.g. a NaN loss) is a row, not the end
+                print(f"error: {name}: {e}", file=sys.stderr)
+                row = {"variant": name, "table": VARIANTS[name][0], "start": VARIANTS[name][2], "error": str(e)}
+            rows.append(row)
+            print(table(rows), flush=True)
+    except DraftsmithError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    machine = machine_info(torch.device(args.device))
+    target = args.target or "assets/demo-target"
+    where = f"{machine['device']} ({machine['device_name']})"
+    note = f" — {args.note}" if args.note else ""
+    for tab in ("drafters", "objectives"):
+        sel = [r for r in rows if r["table"] == tab]
+        if not sel:
+            continue
+        key = f"{tab} | {where} | {target}"
+        text = "\n".join([
+            f"<!-- bench_drafters: {key} -->", f"### {tab}: {target} on {where}", "",
+            f"- machine: {where}{note}; torch {machine['torch']} ({machine['torch_threads']} threads), "
+            f"transformers {machine['transformers']}", f"- date: {machine['date']}; wall time {time.time() - t0:.0f} s",
+            f"- command: `{command.strip()}`",
+            f"- data: {args.conversations} ShareGPT conversations (data_gen, max_length {args.max_length}); "
+            f"micro-batch {args.micro_batch}; from-scratch lr {args.lr}; eval: {args.prompts} sharegpt_heldout "
+            f"prompts × {args.max_new_tokens} new tokens, the default dynamic tree", "", table(sel), "",
+            "<!-- /bench_drafters -->"])
+        print(text)
+        if not args.no_write:
+            out = Path(args.out) if args.out else BENCHMARKS_MD
+            update_markdown(out, key, text, tag="bench_drafters")
+            print(f"updated {out}")
+    (root / "bench_drafters.json").write_text(json.dumps(rows, indent=1))
+    print(f"runs under {root}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
