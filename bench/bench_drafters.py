@@ -108,7 +108,8 @@ def run_variant(name: str, args, common: list[str], root: Path, done: dict) -> d
                                                           f"eval.max_new_tokens={args.max_new_tokens}",
                                                           "eval.compare_assistant=false"]))["report"]
     by_t = {r["temperature"]: r for r in report["results"]}
-    return {"variant": name, "table": table, "start": start, "steps": res["steps"],
+    origin = f"scratch, reference {start}" if name.startswith("small+adaspec") else start
+    return {"variant": name, "table": table, "start": origin, "steps": res["steps"],
             "tokens_per_s": res["tokens_per_s"], "final_loss": res["final_loss"],
             "tau_sim": (res.get("eval") or {}).get("tau_sim"), "final_dir": res["final_dir"],
             **{f"{k}_t{int(t)}": by_t[t][k] for t in (0.0, 1.0) for k in ("tau", "speedup", "outside_target")},
@@ -190,7 +191,7 @@ def main(argv=None) -> int:
             f"transformers {machine['transformers']}", f"- date: {machine['date']}; wall time {time.time() - t0:.0f} s",
             f"- command: `{command.strip()}`",
             f"- data: {args.conversations} ShareGPT conversations (data_gen, max_length {args.max_length}); "
-            f"micro-batch {args.micro_batch}; from-scratch lr {args.lr}; eval: {args.prompts} sharegpt_heldout "
+            f"micro-batch {args.micro_batch}; lr {args.lr} from scratch, {args.finetune_lr} fine-tuning; eval: {args.prompts} sharegpt_heldout "
             f"prompts × {args.max_new_tokens} new tokens, the default dynamic tree", "", table(sel), "",
             "<!-- /bench_drafters -->"])
         print(text)
