@@ -1,7 +1,7 @@
 """data_gen throughput: tokens/s with and without the target cache and regeneration, and cache bytes/token.
 
     python bench/bench_data_gen.py --target assets/demo-target            # the demo target
-    python bench/bench_data_gen.py                                        # no target: a demo-shaped random stand-in
+    python bench/bench_data_gen.py                                        # no target: a random 6x384 Llama stand-in
     python bench/bench_data_gen.py --target meta-llama/Llama-3.1-8B-Instruct --device cuda --conversations 512
 
 Runs the real stage (data_gen.stage.run) on the first N bundled ShareGPT training conversations, once per
@@ -28,8 +28,8 @@ VARIANTS = {
 
 
 def stand_in_target(path: Path, hidden: int = 384, layers: int = 6, vocab: int = 8192, inter: int = 1024) -> str:
-    """A random Llama of the demo target's shape (pretrain defaults: 6 layers, hidden 384, 6 heads, 8192-token
-    BPE trained on ShareGPT text, tied embeddings, 512 positions): right sizes, NOT a trained model."""
+    """A random Llama (default 6 layers, hidden 384, 8192-token BPE trained on ShareGPT text, tied embeddings,
+    512 positions): realistic sizes for timing without a trained target, NOT a trained model."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from data_gen.sources import iter_sharegpt
@@ -55,9 +55,18 @@ def stand_in_target(path: Path, hidden: int = 384, layers: int = 6, vocab: int =
     return str(path)
 
 
+def bench_target(target: str | None, root: Path, note: str = "") -> str:
+    """`target` as given, or (None) a random stand-in built under root, announced once."""
+    if target:
+        return target
+    print("target: random stand-in Llama (6 layers, hidden 384, 8192-token BPE): speeds only, not a trained "
+          f"model{note}")
+    return stand_in_target(root / "stand-in")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--target", help="target folder or hub id (default: a random demo-sized stand-in)")
+    ap.add_argument("--target", help="target folder or hub id (default: a random 6x384 Llama stand-in)")
     ap.add_argument("--conversations", type=int, default=64)
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--gen-max-new-tokens", type=int, default=64)
@@ -76,11 +85,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     root = Path(tempfile.mkdtemp(prefix="bench-data-gen-"))
-    target = args.target
-    if not target:
-        target = stand_in_target(root / "stand-in")
-        print("target: random stand-in of the demo target's shape (Llama, 6 layers, hidden 384, 8192-token BPE): "
-              "speeds only, not a trained model (random weights never stop early: every answer runs to the cap)")
+    target = bench_target(args.target, root, " (random weights never stop early: every answer runs to the cap)")
     print(f"target {target} | device {args.device} | torch threads {torch.get_num_threads()} | "
           f"{args.conversations} ShareGPT conversations | max_length {args.max_length} | "
           f"batch {args.batch_size} | gen_max_new_tokens {args.gen_max_new_tokens} | {time.strftime('%Y-%m-%d')}")

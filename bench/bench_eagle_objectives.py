@@ -1,7 +1,7 @@
 """Training-step time of each objective (token, hass, griffin, gto) for an EAGLE drafter, and GTO's tree reward
 over a short run.
 
-    python bench/bench_eagle_objectives.py                                  # demo-shaped random target, CPU
+    python bench/bench_eagle_objectives.py                                  # a random Llama target, CPU
     python bench/bench_eagle_objectives.py --steps 20 --groups 16 --depth 7 --top-k 10    # the GTO paper's trees
     python bench/bench_eagle_objectives.py --device cuda --batch 4 --seq 1024 --hidden 4096 --layers 32 --vocab 128256
 

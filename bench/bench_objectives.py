@@ -1,7 +1,7 @@
 """Train-step time of the small-drafter objectives: token (plain distillation) vs on_policy (DistillSpec
 rollouts, Draft-OPD speculative rollouts) vs adaspec (a frozen reference forward on top).
 
-    python bench/bench_objectives.py                                    # demo-shaped random stand-in target, CPU
+    python bench/bench_objectives.py                                    # random 6x384 Llama stand-in target, CPU
     python bench/bench_objectives.py --target assets/demo-target --steps 10
     python bench/bench_objectives.py --target Qwen/Qwen2.5-1.5B-Instruct --device cuda --max-length 2048
 
@@ -32,7 +32,7 @@ VARIANTS = {
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--target", help="target folder or hub id (default: a random demo-sized stand-in)")
+    ap.add_argument("--target", help="target folder or hub id (default: a random 6x384 Llama stand-in)")
     ap.add_argument("--conversations", type=int, default=48)
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--steps", type=int, default=6)
@@ -46,7 +46,7 @@ def main() -> None:
 
     import torch
 
-    from bench.bench_data_gen import stand_in_target
+    from bench.bench_data_gen import bench_target
     from conf.schema import load_config
     from data_gen.stage import run as data_gen
     from training.stage import train
@@ -55,11 +55,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     root = Path(tempfile.mkdtemp(prefix="bench-objectives-"))
-    target = args.target
-    if not target:
-        target = stand_in_target(root / "stand-in")
-        print("target: random stand-in of the demo target's shape (Llama, 6 layers, hidden 384, 8192-token BPE): "
-              "speeds only, not a trained model")
+    target = bench_target(args.target, root)
     common = [f"target.path={target}", f"run.root={root}", f"run.device={args.device}", "experiment=demo",
               f"data.max_conversations={args.conversations}", f"data.max_length={args.max_length}"]
     data_gen(load_config(common + ["run.name=data"]))
