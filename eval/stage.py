@@ -134,24 +134,24 @@ def _record(tokens, st, wall: float) -> GenRecord:
                      tokens=[int(t) for t in tokens])
 
 
-def spec_generate(decoder, ids: list[int], max_new_tokens: int, eos_ids: list[int], generator) -> GenRecord:
-    """One speculative generation as a GenRecord (wall time measured here, around the whole call)."""
+def _timed(decoder, generate, ids: list[int], max_new_tokens: int, eos_ids: list[int], generator) -> GenRecord:
+    """Run one decoder.generate* call as a GenRecord; wall time measured here, around the whole call."""
     dev = decoder.target.device
     _sync(dev)
     t0 = time.perf_counter()
-    tokens, st = decoder.generate(ids, max_new_tokens, eos_ids, generator)
+    tokens, st = generate(ids, max_new_tokens, eos_ids, generator)
     _sync(dev)
     return _record(tokens, st, time.perf_counter() - t0)
+
+
+def spec_generate(decoder, ids: list[int], max_new_tokens: int, eos_ids: list[int], generator) -> GenRecord:
+    """One speculative generation."""
+    return _timed(decoder, decoder.generate, ids, max_new_tokens, eos_ids, generator)
 
 
 def ar_generate(decoder, ids: list[int], max_new_tokens: int, eos_ids: list[int], generator) -> GenRecord:
     """The autoregressive baseline: the same target, sampling rule and KV-cache path, one token per forward."""
-    dev = decoder.target.device
-    _sync(dev)
-    t0 = time.perf_counter()
-    tokens, st = decoder.generate_autoregressive(ids, max_new_tokens, eos_ids, generator)
-    _sync(dev)
-    return _record(tokens, st, time.perf_counter() - t0)
+    return _timed(decoder, decoder.generate_autoregressive, ids, max_new_tokens, eos_ids, generator)
 
 
 def answer_text(tokenizer, tokens: list[int], eos_ids: list[int]) -> str:
