@@ -61,6 +61,13 @@ def select_positions(signal, group_size: int, groups: int) -> list[torch.Tensor]
     return out
 
 
+def same_trees(a, b) -> torch.Tensor:
+    """[P] bool: tree p of `a` has the same tokens and shape as tree p of `b`."""
+    if a.tokens.shape != b.tokens.shape:
+        return torch.zeros(a.tokens.shape[0], dtype=torch.bool, device=a.tokens.device)
+    return (a.tokens == b.tokens).all(1) & (a.parents == b.parents).all(1)
+
+
 def group_advantages(rewards: torch.Tensor, delta: float) -> torch.Tensor:
     """A = (R - mean) / (std + delta) within each group (rows of `rewards` [G, m]; population std)."""
     mean = rewards.mean(-1, keepdim=True)
@@ -140,8 +147,12 @@ class GTOObjective:
                                   device=ids.device)
             (lp, greedy), (lp_ref, _) = target_node_logprobs(self.target, ids[s], rows, [tree, ref_tree], c.group_size)
             anc = tree.ancestor_mask()
-            rs.append(tree_reward(lp, tree, c.eta, anc)[0])
-            refs.append(tree_reward(lp_ref, ref_tree, c.eta)[0])
+            r = tree_reward(lp, tree, c.eta, anc)[0]
+            rs.append(r)
+            # Identical trees have identical rewards: take them from the same scores, so R is exactly 0 where
+            # M drafts what M0 drafts. The two trees sit in different rows of one batched target forward,
+            # and a CPU may round rows differently (AVX-512 blocking: 2.3348424 vs 2.3348427).
+            refs.append(torch.where(same_trees(tree, ref_tree), r.detach(), tree_reward(lp_ref, ref_tree, c.eta)[0]))
             toks, n = accepted_paths(tree, greedy, anc)
             logm.append(chain_logprob(drafter, states[s], rows, toks, n))
             with torch.no_grad():
