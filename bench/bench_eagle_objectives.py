@@ -51,13 +51,13 @@ def make_signal(target, args):
     from transformers import DynamicCache
 
     cache = DynamicCache(config=target.config)
-    out = target(ids, past_key_values=cache, use_cache=True, logits=False)
+    out = target(ids, cache=cache, use_cache=True, logits=False)
     nxt = ids
     while ids.shape[1] < args.seq:
         p = torch.softmax(out.logits[:, -1].float(), -1)
         nxt = torch.multinomial(p, 1, generator=g)
         ids = torch.cat([ids, nxt], 1)
-        out = target(nxt, past_key_values=cache, use_cache=True, logits=False)
+        out = target(nxt, cache=cache, use_cache=True, logits=False)
     am = torch.ones_like(ids)
     lm = am.clone()
     lm[:, :8] = 0

@@ -155,7 +155,7 @@ class HydraDrafter(TrainableDrafter):
         rope = self._rotary(x, pos)  # cos/sin computed in fp32, returned in x's dtype
 
         def run(x):
-            return self.prefix_layer(x, attention_mask=mask, position_ids=pos, past_key_values=cache,
+            return self.prefix_layer(x, attention_mask=mask, position_ids=pos, cache=cache,
                                      use_cache=cache is not None, position_embeddings=rope)
 
         if self._checkpointing and self.training and torch.is_grad_enabled():

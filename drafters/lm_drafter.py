@@ -86,7 +86,7 @@ class LMTreeDrafter(Drafter):
         mask = tree_attention_mask(torch.cat([vis_old, vis_new], 2), self.past, self.model.dtype)
         pos = self.past - 1 + tree.depths.gather(1, frontier)  # the root sits at position past - 1
         out = self.model(input_ids=tree.tokens.gather(1, frontier), attention_mask=mask, position_ids=pos,
-                         past_key_values=self.cache, use_cache=True)
+                         cache=self.cache, use_cache=True)
         self.slots = torch.cat([self.slots, frontier], 1)
         return self._to_vocab(out.logits.float())
 
@@ -97,7 +97,7 @@ class LMTreeDrafter(Drafter):
         if self.pending.shape[1]:
             n = self.pending.shape[1]
             pos = self.past + torch.arange(n, device=self.device).expand(self.pending.shape[0], n)
-            out = self.model(input_ids=self.pending, position_ids=pos, past_key_values=self.cache, use_cache=True)
+            out = self.model(input_ids=self.pending, position_ids=pos, cache=self.cache, use_cache=True)
             self.root_logits = self._to_vocab(out.logits[:, -1:].float())
             self.past += n
             self.pending = self.pending[:, :0]

@@ -4,6 +4,7 @@
     from drafters.target import load_target
     target = load_target(TargetConfig(path="assets/demo-target"))
     out = target(input_ids)          # TargetOutput: logits, tapped features, last hidden, KV cache
+    out = target(ids, cache=DynamicCache(config=target.config), use_cache=True)   # on top of a KV cache
 
 Feature taps follow EAGLE-3: the hidden states *entering* decoder layers 2, L//2 and L-3 (low, mid,
 high), plus the last layer's normed output (the one the LM head reads, EAGLE-1's feature). In HF's
@@ -64,7 +65,7 @@ class TargetOutput:
     logits: torch.Tensor  # [B, T, V]
     features: torch.Tensor  # [B, T, n_taps * H]: the tapped hidden states, concatenated low -> high
     last_hidden: torch.Tensor  # [B, T, H]: final normed hidden state (what the LM head reads)
-    past_key_values: object | None = None
+    cache: object | None = None  # the KV cache, when the forward was given use_cache=True
 
 
 class Target(nn.Module):
@@ -148,18 +149,19 @@ class Target(nn.Module):
 
     # --- forward ------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, past_key_values=None, use_cache: bool = False,
+                position_ids: torch.Tensor | None = None, cache=None, use_cache: bool = False,
                 logits: bool = True) -> TargetOutput:
         """One target forward. `attention_mask` may be [B, T] (padding) or a 4D [B, 1, T, T_kv] additive
-        mask (tree verification); `position_ids` then gives each token's depth-correct position."""
+        mask (tree verification); `position_ids` then gives each token's depth-correct position. `cache` is
+        transformers' KV cache argument (it replaced `past_key_values`, which transformers 5.40 removes)."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, use_cache=use_cache, output_hidden_states=True,
+                         cache=cache, use_cache=use_cache, output_hidden_states=True,
                          logits_to_keep=0 if logits else 1)
         hs = out.hidden_states
         last = hs[-1]
         feats = torch.cat([hs[i] for i in self.feature_layers], dim=-1)
         return TargetOutput(logits=out.logits, features=feats, last_hidden=last,
-                            past_key_values=out.past_key_values if use_cache else None)
+                            cache=out.cache if use_cache else None)
 
 
 def _is_local(path: str) -> bool:
@@ -199,7 +201,7 @@ def load_target(cfg: TargetConfig, device: str | torch.device = "auto") -> Targe
         raise DraftsmithError(
             f"target {cfg.path!r} is a {hf_cfg.model_type} model ({', '.join(arch) or 'no architectures'}), "
             "not a causal LM: give a decoder-only language model")
-    tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+    tokenizer = _load_tokenizer(AutoTokenizer, path, cfg, kw)
     dtype = resolve_dtype(cfg.dtype, dev)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=cfg.attn_implementation,
                                                  **kw).to(dev)
@@ -212,6 +214,26 @@ def load_target(cfg: TargetConfig, device: str | torch.device = "auto") -> Targe
     if template:
         tokenizer.chat_template = template
     return Target(model, tokenizer, cfg.feature_layers, name=cfg.path, chat_template=template)
+
+
+# any of these makes a folder loadable by AutoTokenizer (fast, or slow ones transformers can convert)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model", "tiktoken.model")
+
+
+def _load_tokenizer(auto, path: str, cfg: TargetConfig, kw: dict):
+    """AutoTokenizer, with one line instead of transformers' advice about sentencepiece/tiktoken when the
+    folder simply has no tokenizer."""
+    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        raise DraftsmithError(
+            f"target.path {path!r} has no tokenizer files (none of tokenizer.json, tokenizer_config.json, "
+            "tokenizer.model, vocab.json): copy the tokenizer of the model it was saved from into that folder")
+    try:
+        return auto.from_pretrained(path, **kw)
+    except (OSError, ValueError, ImportError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DraftsmithError(f"could not load the tokenizer of target {cfg.path!r} ({type(e).__name__}: {first}): "
+                              "give a folder or hub id with a complete tokenizer") from None
 
 
 def _read_template(value: str | None) -> str | None:

@@ -125,7 +125,7 @@ def _prefill(target, rule: SamplingRule, ids: torch.Tensor, generator):
     from transformers import DynamicCache
 
     cache = DynamicCache(config=target.config)
-    out = target(ids, past_key_values=cache, use_cache=True, logits=False)
+    out = target(ids, cache=cache, use_cache=True, logits=False)
     return cache, out, rule.next_token(out.logits[:, -1].float(), generator)
 
 
@@ -182,7 +182,7 @@ class SpeculativeDecoder:
                               self.sample, device=ids.device)
             t1 = clock()
             in_ids, mask, pos, anc = tree_inputs(tree, root, past, target.dtype)
-            vout = target(in_ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+            vout = target(in_ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
             acc = accept(tree, vout.logits.float(), rule, generator, anc)[0]
             if on_cycle is not None:
                 on_cycle(tree, acc)
@@ -253,7 +253,7 @@ def autoregressive_generate(target, prompt_ids, max_new_tokens: int, rule: Sampl
     t0 = clock()
     st.time_prefill = t0 - t_begin
     while tokens[-1] not in eos and len(tokens) < max_new_tokens:
-        out = target(tok[:, None], past_key_values=cache, use_cache=True, logits=False)
+        out = target(tok[:, None], cache=cache, use_cache=True, logits=False)
         tok = rule.next_token(out.logits[:, -1].float(), generator)
         tokens.append(int(tok))
         st.cycles += 1

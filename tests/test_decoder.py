@@ -140,24 +140,24 @@ def test_target_cache_after_partial_acceptance(tiny_target):
     g = greedy_tokens(t, prompt, 5)  # g[0] is the root (the target's first token)
     w = [(x + 1) % t.vocab_size for x in g]  # wrong guesses
     cache = DynamicCache(config=t.config)
-    t(prompt, past_key_values=cache, use_cache=True)
+    t(prompt, cache=cache, use_cache=True)
     # root -> w1 (0), g1 (1); g1 -> w2 (2), g2 (3); w1 -> w3 (4); g2 -> g3 (5), w4 (6)
     tree = DraftTree(tokens=torch.tensor([[w[1], g[1], w[2], g[2], w[3], g[3], w[4]]]),
                      parents=torch.tensor([[-1, -1, 1, 1, 0, 3, 3]]), depths=torch.tensor([[1, 1, 2, 2, 2, 3, 3]]),
                      logq=torch.zeros(1, 7))
     P = prompt.shape[1]
     ids, mask, pos, anc = tree_inputs(tree, torch.tensor([g[0]]), P, t.dtype)
-    out = t(ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+    out = t(ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
     acc = accept(tree, out.logits, SamplingRule(), ancestors=anc)[0]
     assert acc.path == [1, 3, 5] and acc.bonus == g[4]
     keep_cache_entries(cache, P, [0] + [1 + i for i in acc.path])
     seq = torch.cat([prompt, torch.tensor([g[:5]])], 1)
     fresh_cache = DynamicCache(config=t.config)
-    fresh = t(seq, past_key_values=fresh_cache, use_cache=True)
+    fresh = t(seq, cache=fresh_cache, use_cache=True)
     for mine, ref in zip(cache.layers, fresh_cache.layers):
         torch.testing.assert_close(mine.keys, ref.keys[..., :-1, :], atol=1e-5, rtol=0)
         torch.testing.assert_close(mine.values, ref.values[..., :-1, :], atol=1e-5, rtol=0)
-    nxt = t(torch.tensor([[g[4]]]), position_ids=torch.tensor([[P + 4]]), past_key_values=cache, use_cache=True)
+    nxt = t(torch.tensor([[g[4]]]), position_ids=torch.tensor([[P + 4]]), cache=cache, use_cache=True)
     torch.testing.assert_close(nxt.logits[0, -1], fresh.logits[0, -1], atol=1e-5, rtol=0)
 
 

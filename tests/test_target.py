@@ -86,3 +86,28 @@ def test_no_chat_template(tmp_path, tiny_tokenizer, tiny_target_dir):
 
 def test_eos_ids_include_end_of_turn(tiny_target):
     assert tiny_target.tokenizer.convert_tokens_to_ids("<|im_end|>") in tiny_target.eos_token_ids
+
+
+def test_cached_forwards_use_transformers_cache_argument(tiny_target):
+    """transformers 5.24 deprecates `past_key_values` (removed in 5.40) for `cache`: a cached target forward
+    and the decoder's prefill + steps raise no deprecation (pyproject's filterwarnings makes one an error
+    suite-wide; here it is explicit), and the cache the forward returns is the one it was given."""
+    import warnings
+
+    from transformers import DynamicCache
+
+    from conf.schema.eval import TreeConfig
+    from drafters.reference import TargetDrafter
+    from eval.decoder import SpeculativeDecoder
+
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        cache = DynamicCache(config=tiny_target.config)
+        out = tiny_target(ids, cache=cache, use_cache=True)
+        assert out.cache is cache and cache.get_seq_length() == 4
+        dec = SpeculativeDecoder(tiny_target, TargetDrafter(tiny_target),
+                                 TreeConfig(kind="chain", depth=2))
+        tokens, st = dec.generate(ids, 6)
+        base, _ = dec.generate_autoregressive(ids, 6)
+    assert tokens.tolist() == base.tolist() and st.cycles > 0

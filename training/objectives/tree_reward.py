@@ -277,7 +277,7 @@ def target_node_logprobs(target, input_ids: torch.Tensor, rows: torch.Tensor, tr
         off += n
     parents = torch.cat(parents, 1)
     cache = DynamicCache(config=target.config)
-    prefix_h = target(input_ids[None], past_key_values=cache, use_cache=True, logits=False).last_hidden[0]
+    prefix_h = target(input_ids[None], cache=cache, use_cache=True, logits=False).last_hidden[0]
     node_h = prefix_h.new_empty(P, S, prefix_h.shape[-1])
     g = roots_per_forward or P
     for a in range(0, P, g):
@@ -287,7 +287,7 @@ def target_node_logprobs(target, input_ids: torch.Tensor, rows: torch.Tensor, tr
                          torch.block_diag(*vis[a:a + g])], 1)
         mask = torch.zeros(see.shape, dtype=target.dtype, device=dev).masked_fill(~see, float("-inf"))
         out = target(toks[a:a + g].reshape(1, G * S), attention_mask=mask[None, None],
-                     position_ids=(r[:, None] + 1 + depths[a:a + g]).reshape(1, G * S), past_key_values=cache,
+                     position_ids=(r[:, None] + 1 + depths[a:a + g]).reshape(1, G * S), cache=cache,
                      use_cache=True, logits=False)
         keep_cache_entries(cache, T, [])  # the next group sees the prefix only
         node_h[a:a + g] = out.last_hidden[0].view(G, S, -1)
