@@ -159,12 +159,30 @@ def tree_attention_mask(visible: torch.Tensor, past_len: int, dtype: torch.dtype
 
 def check_tree_attention(model, who: str) -> None:
     """Tree verification and tree drafting pass 4D masks; FlashAttention kernels only do causal/padding
-    masks, so a tree would be read with the wrong attention pattern: refuse instead."""
+    masks, so a tree would be read with the wrong attention pattern: refuse instead. Sliding-window models
+    keep a cache that drops old entries and cannot keep arbitrary tree positions (keep_cache_entries):
+    refuse them here, before any decoding, whatever the drafter."""
     impl = str(getattr(model.config, "_attn_implementation", None) or "eager")
     if "flash" in impl:
         raise DraftsmithError(
             f"{who} uses attn_implementation={impl!r}, which cannot apply a tree attention mask: load it with "
             "attn_implementation=sdpa (target.attn_implementation=sdpa) or eager")
+    if _sliding(model.config):
+        raise DraftsmithError(
+            f"{who} uses sliding-window attention (sliding_window={getattr(model.config, 'sliding_window', None)}), "
+            "whose KV cache cannot keep arbitrary draft-tree positions: use a full-attention model, or set "
+            "sliding_window to null in its config.json when prompt + answer fit in the window")
+
+
+def _sliding(config) -> bool:
+    """Whether the model's DynamicCache (what the decoder and the drafters use) has sliding-window layers."""
+    from transformers import DynamicCache
+
+    try:
+        layers = DynamicCache(config=config).layers
+    except (TypeError, ValueError, AttributeError):  # no cache from this config: the decoder says so itself
+        return False
+    return any(getattr(layer, "is_sliding", False) for layer in layers)
 
 
 def keep_cache_entries(cache, start: int, keep: list[int]) -> None:
