@@ -41,10 +41,19 @@ def stage_fn(name: str):
 
 
 def run_stages(cfg: Config) -> dict:
-    """Run `cfg.stage` alone, or every stage of `cfg.stages` in order, in this process."""
+    """Run `cfg.stage` alone, or every stage of `cfg.stages` in order, in this process, holding the run
+    directory's lock throughout (conf/rundir.py). Every stage's `preflight(cfg)` (the checks that need no
+    model: folders it would refuse to replace, bad settings) runs first, so a refusal costs no earlier stage."""
+    from conf.rundir import stage_session
+
     names = [cfg.stage] if cfg.stage else list(cfg.stages)
     fns = [stage_fn(n) for n in names]  # fail on a misspelt stage before any work starts
-    return {name: fn(cfg) for name, fn in zip(names, fns)}
+    with stage_session(cfg, ",".join(names)):
+        for name in names:
+            check = getattr(importlib.import_module(STAGE_FUNCS[name].split(":")[0]), "preflight", None)
+            if check is not None:
+                check(cfg)
+        return {name: fn(cfg) for name, fn in zip(names, fns)}
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

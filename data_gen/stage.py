@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from conf.errors import DraftsmithError
+from conf.rundir import stage_session
 from conf.schema import Config, run_dir, save_config
 from data_gen.output import read_meta, target_identity, token_counts, write_json
 from data_gen.render import NOT_PREFIX_STABLE
@@ -161,15 +162,16 @@ def run(cfg: Config) -> DataGenResult:
     _validate(cfg.data)
     import datasets
 
-    dist = _Dist()
-    bars = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()  # one bar (ours) instead of one per shard save
-    try:
-        return _run(cfg, out, dist)
-    finally:
-        dist.close()
-        if bars:
-            datasets.enable_progress_bars()
+    with stage_session(cfg, "data_gen"):
+        dist = _Dist()
+        bars = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()  # one bar (ours) instead of one per shard save
+        try:
+            return _run(cfg, out, dist)
+        finally:
+            dist.close()
+            if bars:
+                datasets.enable_progress_bars()
 
 
 def _run(cfg: Config, out: Path, dist: _Dist) -> DataGenResult:

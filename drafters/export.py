@@ -8,7 +8,7 @@
 Reads the drafter folder the train stage wrote (<run>/train/final, or drafter.checkpoint); its family comes
 from the folder's drafter_config.json. Writes export.out_dir (default <run>/export/<format>/) atomically:
 built beside it, then swapped in, so a crash never leaves half a folder; an existing out_dir is replaced
-only when it is empty or an earlier draftsmith export. Then every export is checked, and a broken one
+only when it is empty or an earlier draftsmith export (conf/rundir.py). Then every export is checked, and a broken one
 fails with a one-line error:
   1. check_format: file names, config fields, exact tensor names, shapes and dtypes vs the consumer's spec;
   2. reload: the importer rebuilds the drafter from the folder alone; every weight must equal the
@@ -26,11 +26,10 @@ from pathlib import Path
 import torch
 
 from conf.errors import DraftsmithError
+from conf.rundir import check_replaceable, normalise_modes, stage_session, swap_in
 from conf.schema import Config, project_path, run_dir, save_config
 from drafters.formats import FORMATS, check_family, check_format, load_exported_model, write_export
 from drafters.formats.common import (
-    README,
-    README_HEADER,
     ExportContext,
     check_writable,
     export_dtype,
@@ -55,8 +54,18 @@ def out_dir(cfg: Config) -> Path:
     return Path(cfg.export.out_dir) if cfg.export.out_dir else run_dir(cfg) / "export" / cfg.export.format
 
 
+def preflight(cfg: Config) -> None:
+    """Before any stage of a `stages=[...]` command runs: an out_dir that is not ours stops it at once."""
+    _check_replaceable(out_dir(cfg))
+
+
 def run(cfg: Config) -> dict:
     """Export the trained drafter of this run (see the module docstring); returns the check results."""
+    with stage_session(cfg, "export"):
+        return _run(cfg)
+
+
+def _run(cfg: Config) -> dict:
     from drafters.folder import read_checkpoint_config
     from drafters.registry import drafter_class
     from drafters.target import load_target
@@ -116,39 +125,23 @@ def _target_config(cfg: Config, meta: dict, ckpt: Path):
 # --------------------------------------------------------------------------------------------------
 # Writing the folder atomically
 # --------------------------------------------------------------------------------------------------
-def _is_ours(folder: Path) -> bool:
-    """Empty, or written by an earlier export (its README opens with our header)."""
-    if not any(folder.iterdir()):
-        return True
-    readme = folder / README
-    return readme.is_file() and readme.read_text(errors="replace").startswith(README_HEADER)
-
-
 def _check_replaceable(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or not _is_ours(out)):
-        raise DraftsmithError(f"export.out_dir {out} exists and is not a draftsmith export: empty it or choose "
-                              "another export.out_dir")
+    check_replaceable(out, "export.out_dir", "choose another export.out_dir")
 
 
 def publish(out: Path, build) -> Path:
     """Run build(tmp) in a sibling temp folder, then swap it in for `out` (replacing an earlier export)."""
     _check_replaceable(out)
-    tmp, old = out.with_name(f".tmp-{out.name}"), out.with_name(f".old-{out.name}")
+    tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     check_writable(tmp)
     try:
         build(tmp)
+        normalise_modes(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
-    return out
+    return swap_in(tmp, out, "export.out_dir", "choose another export.out_dir")
 
 
 # --------------------------------------------------------------------------------------------------

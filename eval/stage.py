@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from conf.errors import DraftsmithError
+from conf.rundir import stage_session
 from conf.schema import Config, project_path, run_dir, save_config
 from data_gen.sources import SourceReport
 from drafters.tree import check_tree_config
@@ -314,9 +315,16 @@ def build_report(cfg: Config, target, results: list[dict]) -> dict:
 
 def run(cfg: Config) -> dict:
     """Evaluate cfg.drafter against the target; returns {"report": dict, "paths": {name: Path}}."""
-    from drafters.target import load_target
 
     validate(cfg)
+    with stage_session(cfg, "eval"):
+        return _run(cfg)
+
+
+def _run(cfg: Config) -> dict:
+    from drafters.target import load_target
+
+    print(f"eval: {torch.get_num_threads()} torch CPU threads (run.threads)", flush=True)
     torch.manual_seed(cfg.run.seed)
     target = load_target(cfg.target, cfg.run.device)
     drafter, assistant = build_drafter(cfg, target)

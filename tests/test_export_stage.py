@@ -104,7 +104,8 @@ def test_errors_name_the_problem_and_the_fix(trained, cfg_for, tmp_path):
     foreign = tmp_path / "someones-model"
     foreign.mkdir()
     (foreign / "weights.bin").write_text("precious")
-    with pytest.raises(DraftsmithError, match="exists and is not a draftsmith export: empty it or choose another"):
+    with pytest.raises(DraftsmithError, match=r"export.out_dir \S+someones-model holds files draftsmith did not write \(weights.bin\), so it will not "
+                       "replace it: move them away, or choose another export.out_dir"):
         run(trained(f"export.out_dir={foreign}"))
     assert (foreign / "weights.bin").read_text() == "precious"
     hydra = trained()

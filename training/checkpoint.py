@@ -25,6 +25,7 @@ import os
 import random
 import re
 import shutil
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,8 +33,9 @@ import numpy as np
 import torch
 
 from conf.errors import DraftsmithError
+from conf.rundir import MANIFEST, foreign_files, normalise_modes, swap_in
 
-MARKER = "COMPLETE.json"
+MARKER = MANIFEST
 STATE = "trainer_state.json"
 _NAME = re.compile(r"step_(\d{8})")
 
@@ -82,9 +84,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def seal(tmp: Path, final: Path) -> Path:
-    """fsync every file under `tmp`, write the marker (sizes of all files) last, then rename tmp -> final
-    (replacing an existing `final`)."""
+def seal(tmp: Path, final: Path, what: str = "checkpoint", fix: str = "use another run.name") -> Path:
+    """fsync every file under `tmp`, write the marker (sizes of all files) last, then rename tmp -> final,
+    replacing an existing `final` only when it is ours (conf.rundir.swap_in; `what` and `fix` word the
+    refusal)."""
+    normalise_modes(tmp)
     files = sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != MARKER)
     for p in files:
         _fsync_file(p)
@@ -96,14 +100,7 @@ def seal(tmp: Path, final: Path) -> Path:
         os.fsync(f.fileno())
     for d in sorted({p.parent for p in files} | {tmp}, key=lambda p: -len(p.parts)):
         _fsync_dir(d)
-    if final.exists():  # only when a step is re-saved; move the old one aside first, never half-replace
-        old = final.with_name(f".old-{final.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
+    swap_in(tmp, final, what, fix)
     _fsync_dir(final.parent)
     return final
 
@@ -181,6 +178,10 @@ class CheckpointManager:
         self._barrier()
         if self.env.is_main:
             (tmp / STATE).write_text(json.dumps({"state": asdict(state), **meta}, indent=1, sort_keys=True))
+            if foreign_files(final):  # a damaged (skipped) step_<n> of the same step: kept, out of the way
+                aside = final.with_name(f"damaged-{name}-{int(time.time())}")
+                os.rename(final, aside)
+                self.log(f"warning: moved {final} aside to {aside} (not deleted): it did not validate")
             seal(tmp, final)
             self._prune()
         self._barrier()
@@ -189,6 +190,9 @@ class CheckpointManager:
     def _prune(self) -> None:
         valid = [p for p in self.checkpoints() if validate(p) is None]
         for old in valid[:-self.keep]:
+            if foreign_files(old):  # never delete what someone else put there
+                self.log(f"warning: keeping old checkpoint {old}: it holds files draftsmith did not write")
+                continue
             shutil.rmtree(old, ignore_errors=True)
 
     def load(self, path: Path, engine, expect: dict) -> TrainState:

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from conf.errors import DraftsmithError
+from conf.rundir import check_replaceable, stage_session
 from conf.schema import Config, run_dir, save_config
 from training.checkpoint import CheckpointManager, TrainState, seal
 from training.data import DataPlan, collate, load_data_gen, require_data_gen
@@ -46,6 +47,8 @@ from training.engine import (
 from training.objectives import build_objective
 from training.signal import MODES, make_signal
 from training.tracking import Tracker, tau_sim
+
+FINAL_FIX = "use another run.name"
 
 
 def run(cfg: Config) -> dict:
@@ -93,20 +96,29 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def preflight(cfg: Config) -> None:
+    """Checks that need no model, run before anything is written (train.py runs them for every stage first)."""
+    if cfg.train.mode not in MODES:
+        raise DraftsmithError(f"train.mode={cfg.train.mode!r}: use online (target runs in the step) or offline "
+                              "(data_gen's cache)")
+    check_replaceable(run_dir(cfg) / "train" / "final", "train/final", FINAL_FIX)
+
+
 def train(cfg: Config, drafter_factory=None, target=None) -> dict:
     """Train and return a summary dict. `drafter_factory(cfg, target, token_counts)` replaces the
     registry lookup (tests use it for a tiny drafter); `target` skips loading one."""
+    preflight(cfg)
+    with stage_session(cfg, "train"):
+        return _train(cfg, drafter_factory, target)
+
+
+def _train(cfg: Config, drafter_factory, target) -> dict:
     from drafters.target import load_target
 
     t = cfg.train
-    if t.mode not in MODES:
-        raise DraftsmithError(f"train.mode={t.mode!r}: use online (target runs in the step) or offline (data_gen's cache)")
     require_data_gen(run_dir(cfg) / "data_gen")
     env = setup_distributed(cfg.run.device)
     out = run_dir(cfg) / "train"
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out)
     seed_all(cfg.run.seed)
     target = target if target is not None else load_target(cfg.target, device=env.device)
     data = load_data_gen(run_dir(cfg) / "data_gen", target, need_cache=t.mode == "offline")
@@ -124,8 +136,6 @@ def train(cfg: Config, drafter_factory=None, target=None) -> dict:
     # Families whose loss runs the target (Medusa-2) get a signal without the frozen forward.
     signal_args = {"run_target": not getattr(drafter, "runs_target", False)}
     ds_cfg = build_ds_config(cfg, env.world_size, env.device)
-    if env.is_main:
-        write_ds_config(ds_cfg, out / "ds_config.json")
     meta = {"family": drafter.family or type(drafter).__name__, "drafter_class": type(drafter).__qualname__,
             "param_shapes": {n: list(p.shape) for n, p in drafter.named_parameters()},
             "train_rows": plan.n_train, "world_size": env.world_size,
@@ -149,6 +159,9 @@ def train(cfg: Config, drafter_factory=None, target=None) -> dict:
         epoch, pos = plan.cursor(state.rows)
         log(f"resumed from {resumed} (step {state.step}/{total}, epoch {epoch}, position {pos})")
     last_ckpt = resumed
+    if env.is_main:  # only now: a rerun refused above (other target, data or drafter) leaves them as they were
+        save_config(cfg, out)
+        write_ds_config(ds_cfg, out / "ds_config.json")
 
     tracker = Tracker(cfg, out, env.is_main, total, state.step)
     pad_id = target.tokenizer.pad_token_id
@@ -156,9 +169,13 @@ def train(cfg: Config, drafter_factory=None, target=None) -> dict:
     batch_args = dict(pad_id=pad_id, max_length=t.max_length, with_cache=t.mode == "offline", dtype=target.dtype)
     start_step, start_tokens, t0 = state.step, state.input_tokens, time.perf_counter()
     last, evals = {}, {}
+    # seconds in training steps, in held-out evaluation and in checkpoint writes: tokens/s of the steps
+    # alone is the figure that compares runs; the wall-clock one also pays for eval and checkpoint cadence
+    spent = {"step": 0.0, "eval": 0.0, "checkpoint": 0.0}
     eng.train(True)
     try:
         while state.step < total:
+            t_step = time.perf_counter()
             batches = [collate(data, rows, **batch_args) for rows in plan.micro_batches(state.rows)]
             if prepare is not None:
                 batches = prepare(eng, batches, state.step)
@@ -173,31 +190,43 @@ def train(cfg: Config, drafter_factory=None, target=None) -> dict:
             state = dataclasses.replace(state, step=state.step + 1, rows=state.rows + plan.global_batch,
                                         loss_tokens=state.loss_tokens + n_loss, input_tokens=state.input_tokens + n_input)
             last = metrics
-            tracker.step(state.step, metrics["loss"], n_input)
+            step_s = time.perf_counter() - t_step
+            spent["step"] += step_s
+            tracker.step(state.step, metrics["loss"], n_input, step_s)
             if state.step % max(1, t.log_every) == 0 or state.step == total:
-                elapsed = time.perf_counter() - t0
                 tracker.log(state.step, {**metrics, "lr": lr, "epoch": state.rows / plan.n_train,
-                                         "tokens_per_s": (state.input_tokens - start_tokens) / max(elapsed, 1e-9)})
+                                         **throughput(state.input_tokens - start_tokens, spent, t0)})
             if len(plan.eval_idx) and ((t.eval_every > 0 and state.step % t.eval_every == 0) or state.step == total):
+                t_eval = time.perf_counter()
                 evals = evaluate(eng, target, data, plan, t.mode, batch_args, **signal_args)
+                spent["eval"] += time.perf_counter() - t_eval
                 tracker.log(state.step, evals, kind="eval")
             if (t.save_every > 0 and state.step % t.save_every == 0) or state.step == total:
+                t_save = time.perf_counter()
                 last_ckpt = ckpts.save(state.step, eng, state, {**meta, "cursor": plan.cursor(state.rows)})
+                spent["checkpoint"] += time.perf_counter() - t_save
         if resumed is not None and start_step == total and len(plan.eval_idx):
             evals = evaluate(eng, target, data, plan, t.mode, batch_args, **signal_args)  # nothing left to train: report anyway
         final = write_final(eng, drafter, out / "final", env, cfg)
     finally:
         plot = tracker.close()
-    elapsed = time.perf_counter() - t0
-    tokens = state.input_tokens - start_tokens
     epoch, pos = plan.cursor(state.rows)
     return {"steps": state.step, "total_steps": total, "steps_this_run": state.step - start_step,
             "resumed_from": str(resumed) if resumed else None, "loss_tokens": state.loss_tokens,
-            "input_tokens": state.input_tokens, "tokens_per_s": tokens / elapsed if elapsed > 0 else None,
+            "input_tokens": state.input_tokens, **throughput(state.input_tokens - start_tokens, spent, t0),
             "final_loss": last.get("loss"), "train_metrics": last, "eval": evals,
             "cursor": {"epoch": epoch, "position": pos}, "final_dir": str(final),
             "checkpoint": str(last_ckpt) if last_ckpt else None, "ds_config": str(out / "ds_config.json"),
             "metrics": str(out / "metrics.jsonl"), "plot": str(plot) if plot else None, "train_dir": str(out)}
+
+
+def throughput(tokens: int, spent: dict, t0: float) -> dict:
+    """Input tokens per second of the training steps alone (step_tokens_per_s) and of the wall clock since
+    t0 (tokens_per_s, which includes eval and checkpoint time), and the seconds spent in each."""
+    wall = time.perf_counter() - t0
+    return {"tokens_per_s": tokens / wall if wall > 0 else None,
+            "step_tokens_per_s": tokens / spent["step"] if spent["step"] > 0 else None,
+            **{f"{k}_seconds": round(v, 3) for k, v in spent.items()}}
 
 
 def _train_step(eng: Engine, target, batches, mode, env, plan, run_target: bool = True
@@ -271,6 +300,6 @@ def write_final(eng: Engine, drafter, final: Path, env, cfg: Config) -> Path:
                 save_model(drafter, str(tmp / "model.safetensors"))
                 (tmp / "drafter_config.json").write_text(json.dumps(
                     {"family": drafter.family, "config": dataclasses.asdict(cfg.drafter)}, indent=1, default=str))
-            seal(tmp, final)
+            seal(tmp, final, "train/final", FINAL_FIX)
     barrier(env)
     return final

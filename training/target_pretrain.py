@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from conf.errors import DraftsmithError
+from conf.rundir import check_replaceable, normalise_modes, stage_session
 from conf.schema import Config, TargetConfig, run_dir, save_config
 from conf.schema.pretrain import PretrainConfig
 from data_gen.sources import Conversation, SourceReport, is_heldout, iter_sharegpt
@@ -104,9 +105,19 @@ def validate(pc: PretrainConfig) -> None:
         raise DraftsmithError(f"pretrain.save_dtype={pc.save_dtype!r}: use auto, float32 or bfloat16")
 
 
+def pretrain_out_dir(cfg: Config) -> Path:
+    return Path(cfg.pretrain.out_dir) if cfg.pretrain.out_dir else run_dir(cfg) / "target_pretrain"
+
+
+def preflight(cfg: Config) -> None:
+    check_replaceable(pretrain_out_dir(cfg), "pretrain.out_dir", "choose another pretrain.out_dir")
+
+
 def prepare_out_dir(cfg: Config) -> Path:
-    """The output folder, created and proven writable up front (not after half an hour of training)."""
-    out = Path(cfg.pretrain.out_dir) if cfg.pretrain.out_dir else run_dir(cfg) / "target_pretrain"
+    """The output folder, created and proven writable up front (not after half an hour of training). Its
+    files are overwritten, so it must be empty or an earlier target_pretrain folder."""
+    preflight(cfg)
+    out = pretrain_out_dir(cfg)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write_test"
@@ -390,14 +401,11 @@ def run(cfg: Config) -> dict:
     """Train the demo target into pretrain.out_dir (or <run dir>/target_pretrain); returns metrics.json's dict."""
     pc = cfg.pretrain
     validate(pc)
-    out = prepare_out_dir(cfg)
-    threads = torch.get_num_threads()
-    if pc.threads:  # on a crowded CPU one thread beats two: OpenMP threads spin-wait for each other
-        torch.set_num_threads(pc.threads)
-    try:
+    # pretrain.threads (the recipe's own, recorded with the demo target) wins over run.threads; on a crowded
+    # CPU one thread beats two: OpenMP threads spin-wait for each other
+    with stage_session(cfg, "target_pretrain", threads=pc.threads):
+        out = prepare_out_dir(cfg)
         return _run(cfg, out)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(cfg: Config, out: Path) -> dict:
@@ -428,6 +436,8 @@ def _run(cfg: Config, out: Path) -> dict:
     log = train_loop(model, pc, stream, eval_fn, device)
     t_measure = time.perf_counter()
 
+    # the stage's mark goes in first, so a folder a kill leaves half-written is still ours to overwrite
+    (out / "metrics.json").write_text(json.dumps({"stage": "target_pretrain", "complete": False}) + "\n")
     saved_dtype = save_folder(model, tokenizer, out, pc.save_dtype)
     # Everything below measures the folder as users get it: reloaded through the target loader.
     target = load_target(TargetConfig(path=str(out)), device=device)
@@ -474,6 +484,7 @@ def _run(cfg: Config, out: Path) -> dict:
     (out / "continuations.json").write_text(json.dumps({m: g[0] for m, g in gens.items()}) + "\n")
     (out / "samples.md").write_text(samples_markdown(tokenizer, prompt_texts, gens, metrics))
     save_config(cfg, out)
+    normalise_modes(out)
     return metrics
 
 

@@ -40,7 +40,7 @@ class Tracker:
         self.total_steps = total_steps
         self.jsonl = self.out_dir / "metrics.jsonl"
         self.bar = self.tb = self.wandb = None
-        self._last_time, self._tokens_since = time.perf_counter(), 0
+        self._step_seconds, self._tokens_since = 0.0, 0
         if not self.active:
             return
         self._trim_jsonl(start_step)
@@ -63,13 +63,14 @@ class Tracker:
         tmp.write_text("".join(ln + "\n" for ln in keep))
         os.replace(tmp, self.jsonl)
 
-    def step(self, step: int, loss: float, input_tokens: int) -> None:
-        """Advance the bar by one optimizer step."""
+    def step(self, step: int, loss: float, input_tokens: int, seconds: float) -> None:
+        """Advance the bar by one optimizer step that took `seconds` (the bar's tok/s is that of the steps,
+        without eval and checkpoint time)."""
         if not self.active:
             return
         self._tokens_since += input_tokens
-        now = time.perf_counter()
-        rate = self._tokens_since / max(now - self._last_time, 1e-9)
+        self._step_seconds += seconds
+        rate = self._tokens_since / max(self._step_seconds, 1e-9)
         self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}", refresh=False)
         self.bar.update(1)
 

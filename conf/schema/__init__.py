@@ -32,6 +32,9 @@ class RunConfig:
     root: str = "runs"
     seed: int = 0
     device: str = "auto"  # auto = cuda:<LOCAL_RANK> when a GPU is present, else cpu
+    # torch CPU threads of every stage; None = torch's default (physical cores or OMP_NUM_THREADS) capped at 8.
+    # Timed figures (eval's tok/s) depend on it: on a shared or small machine set it, e.g. run.threads=1.
+    threads: Optional[int] = None
 
 
 @dataclass
