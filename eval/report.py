@@ -69,7 +69,8 @@ def markdown(report: dict) -> str:
     lines += [f"acceptance: {report['acceptance']}{lossy}; tree: {tree.get('kind')} depth {tree.get('depth')}, "
               f"top_k {tree.get('top_k')}, total_tokens {tree.get('total_tokens')}; "
               f"max_new_tokens {report.get('max_new_tokens')}",
-              f"machine: {m['device']} ({m['device_name']}), torch {m['torch']}, transformers {m['transformers']}, "
+              f"machine: {m['device']} ({m['device_name']}), {m.get('torch_threads')} CPU threads (run.threads), "
+              f"torch {m['torch']}, transformers {m['transformers']}, "
               f"{m['date']}"]
     if report.get("command"):
         lines.append(f"command: `{report['command']}`")

@@ -111,3 +111,47 @@ def test_cached_forwards_use_transformers_cache_argument(tiny_target):
         tokens, st = dec.generate(ids, 6)
         base, _ = dec.generate_autoregressive(ids, 6)
     assert tokens.tolist() == base.tolist() and st.cycles > 0
+
+
+def test_folder_without_tokenizer_files_is_one_clear_error(tmp_path, tiny_target_dir):
+    """transformers' own message would advise installing sentencepiece or tiktoken; the folder simply has no
+    tokenizer."""
+    import shutil
+
+    src = tiny_target_dir("llama")
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(f"{src}/{name}", tmp_path / name)
+    with pytest.raises(DraftsmithError, match=rf"^target.path '{tmp_path}' has no tokenizer files \(none of "
+                                              r"tokenizer.json, .*\): copy the tokenizer of the model it was saved "
+                                              "from into that folder$"):
+        load_target(TargetConfig(path=str(tmp_path)), device="cpu")
+
+
+@pytest.mark.parametrize("drafter", ["target", "small", "ngram"])
+def test_sliding_window_target_is_refused_alike_for_every_drafter(tmp_path, tiny_tokenizer, drafter):
+    """Mistral with sliding_window=32: its KV cache drops old entries, so no draft tree can be kept in it.
+    Every drafter gets the same one-line refusal before decoding (the small and target drafters used to
+    crash with `size of tensor a (39) must match ... (40)`)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from conf.schema.drafter import NgramConfig, SmallConfig
+    from conf.schema.eval import TreeConfig
+    from drafters.reference import NgramDrafter, TargetDrafter
+    from drafters.small_lm import SmallDrafter
+    from eval.decoder import SpeculativeDecoder
+
+    torch.manual_seed(0)
+    MistralForCausalLM(MistralConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                     sliding_window=32, max_position_embeddings=256)).save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    target = load_target(TargetConfig(path=str(tmp_path)), device="cpu")
+    msg = r"uses sliding-window attention \(sliding_window=32\), whose KV cache cannot keep arbitrary draft-tree"
+    with pytest.raises(DraftsmithError, match=msg):
+        if drafter == "target":
+            d = TargetDrafter(target)
+        elif drafter == "small":
+            d = SmallDrafter.from_target(SmallConfig(num_layers=1), target).as_drafter(target)
+        else:
+            d = NgramDrafter.from_config(NgramConfig(), target)
+        SpeculativeDecoder(target, d, TreeConfig(kind="chain", depth=3)).generate(list(range(3, 43)), 8)
