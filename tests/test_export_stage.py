@@ -86,6 +86,8 @@ def test_target_ref_prefers_a_hub_id(tmp_path):
     assert target_ref("meta-llama/Llama-3.1-8B-Instruct", out) == "meta-llama/Llama-3.1-8B-Instruct"
     assert target_ref(str(snap), out) == "meta-llama/Llama-3.1-8B-Instruct"  # a cached snapshot of a hub model
     assert target_ref(str(local), out) == "../../../../models/my-target"
+    # sharing only the filesystem root, a relative path would spell out the absolute one: a placeholder
+    assert target_ref(str(local), Path("/elsewhere-on-this-machine/export")) == "<path of my-target>"
 
 
 def test_interrupted_export_leaves_the_previous_one(trained, monkeypatch):

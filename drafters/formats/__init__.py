@@ -154,10 +154,15 @@ def readme(fmt: str, family: str, model, target, out: Path, ctx: ExportContext) 
     name the target as config.json does (ctx.target_ref): no absolute path of this machine appears."""
     tgt, k, dt = ctx.target_ref, ctx.speculative_tokens, dtype_name(ctx.dtype)
     joint = fmt == "medusa" and model.cfg.joint
-    where = ("a hub id" if is_hub_id(tgt) else
-             f"the local folder `{Path(tgt).name}` the drafter was trained on, as a path relative to this folder; "
-             "if you move either folder, set the target's new path or hub id in these commands"
-             + ("" if fmt in ("sglang", "hf") else " and in config.json"))
+    files = "these commands" + ("" if fmt in ("sglang", "hf") else " and config.json")
+    if is_hub_id(tgt):
+        where = "a hub id"
+    elif tgt.startswith("<"):
+        where = (f"a placeholder: the drafter was trained on a local folder that shares no folder with this one; "
+                 f"replace `{tgt}` in {files} with that target's path or hub id")
+    else:
+        where = (f"the local folder `{Path(tgt).name}` the drafter was trained on, as a path relative to this "
+                 f"folder; if you move either folder, set the target's new path or hub id in {files}")
     lines = [f"{README_HEADER}: {_TITLES[(fmt, family)]}", "",
              (f"Base model (verifier): `base/`, the target `{tgt}` trained jointly with the heads (LoRA merged)."
               if joint else f"Target (verifier): `{tgt}` ({where}).") +

@@ -49,25 +49,29 @@ def target_ref(path: str, out: Path) -> str:
 
     A hub id stays a hub id, and so does a local snapshot in the Hugging Face cache
     (.../models--org--name/snapshots/<rev> -> org/name): that is what a folder that is shared or moved can
-    still resolve. Any other local folder becomes a path relative to `out` (consumers resolve it against
-    their working directory, so the README's commands run from inside the export folder): never an
-    absolute path of this machine, which would break the folder on every other one."""
+    still resolve. Another local folder becomes its path relative to `out` (consumers resolve it against
+    their working directory, so the README's commands run from inside the export folder), as long as the
+    two share a folder below the filesystem root; otherwise a relative path would spell out the absolute
+    one, and the placeholder `<path of NAME>` stands there for the user to replace (the README says so).
+    Never an absolute path of this machine: it would break the folder on every other one."""
     from conf.schema import project_path
 
     local = project_path(path)
     if not os.path.isdir(local):
         return path
-    resolved = Path(local).resolve()
+    resolved, here = Path(local).resolve(), Path(out).resolve()
     parts = resolved.parts
     for i, part in enumerate(parts[:-2]):
         if part.startswith("models--") and parts[i + 1] == "snapshots" and part.count("--") >= 2:
             return part.removeprefix("models--").replace("--", "/", 1)
-    return os.path.relpath(resolved, Path(out).resolve())
+    if Path(os.path.commonpath([resolved, here])) == Path(resolved.anchor):
+        return f"<path of {resolved.name}>"
+    return os.path.relpath(resolved, here)
 
 
 def is_hub_id(ref: str) -> bool:
-    """True for what target_ref keeps as a hub id (a relative path starts with '.' or '..')."""
-    return not ref.startswith(".") and not os.path.isabs(ref)
+    """True for what target_ref keeps as a hub id (not a relative path, not a placeholder)."""
+    return not ref.startswith((".", "<")) and not os.path.isabs(ref)
 
 
 def cast_tensors(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
