@@ -4,6 +4,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import torch
+
 # an absolute POSIX path: a '/' that starts a token (after space, quote, backtick, bracket, '=' or line start)
 # and is followed by at least one path component
 _ABS = re.compile(r"""(?:^|[\s`'"(=\[])(/[A-Za-z0-9_.~-]+)""", re.M)
@@ -21,3 +23,14 @@ def assert_portable_readme(folder: Path, *machine_paths) -> str:
     for p in (folder, *machine_paths):
         assert str(Path(p).resolve()) not in text and str(p) not in text
     return text
+
+
+def noisy(model, seed=0):
+    """Perturb every trainable parameter: fresh ResBlocks are all-zero, fresh heads and norms equal, which
+    would hide a mis-mapped tensor."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model.eval()

@@ -28,7 +28,7 @@ from conf.schema.drafter import Eagle1Config, Eagle3Config, MedusaConfig, SmallC
 from drafters.formats import ExportContext, check_format, load_exported, load_exported_model, write_export
 from drafters.formats.common import target_ref
 from drafters.target import load_target
-from tests.export_util import assert_portable_readme
+from tests.export_util import assert_portable_readme, noisy
 
 INSTALL = "; install the consumers group (pip install -e '.[consumers]' and the --no-deps lines in .ci/run)"
 
@@ -58,16 +58,6 @@ def sequences(demo):
         with torch.no_grad():
             out.append(demo.model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=0))
     return out
-
-
-def noisy(model, seed=0):
-    """Perturb every trainable weight, so a mis-mapped tensor cannot hide behind equal fresh ones."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model.eval()
 
 
 def eagle3(target, draft_vocab):
@@ -327,8 +317,9 @@ def test_sglang_eagle1_loader_places_every_tensor(tiny_target_dir, tmp_path):
 # --------------------------------------------------------------------------------------------------
 def test_medusa_llm_loads_the_heads_and_drafts_like_our_decoder(demo, demo_dir, sequences, tmp_path, monkeypatch):
     mm = pytest.importorskip("medusa.model.medusa_model", reason="medusa-llm is not installed" + INSTALL)
-    from drafters.medusa import MedusaDrafter
     from transformers import LlamaForCausalLM
+
+    from drafters.medusa import MedusaDrafter
 
     torch.manual_seed(0)
     # one ResBlock per head: medusa-llm repeats one block object per head (medusa_model.py:87)

@@ -17,7 +17,7 @@ from conf.schema.drafter import MedusaConfig, SmallConfig
 from drafters.formats import ExportContext, check_format, detect, load_exported_model, write_export
 from drafters.formats.medusa import base_path, head_names
 from drafters.target import load_target
-from tests.export_util import assert_portable_readme
+from tests.export_util import assert_portable_readme, noisy
 
 REASON = "the Medusa/small families (heads branch) are not merged yet"
 MedusaDrafter = pytest.importorskip("drafters.medusa", reason=REASON).MedusaDrafter
@@ -29,17 +29,6 @@ REF = "org/tiny-target"
 @pytest.fixture(scope="module")
 def target(tiny_target_dir):
     return load_target(TargetConfig(path=tiny_target_dir("llama")), device="cpu")
-
-
-def noisy(model, seed=0):
-    """Perturb every parameter: fresh ResBlocks are all-zero and fresh heads equal, which would hide a
-    mis-mapped tensor."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model.eval()
 
 
 def medusa(target, **kw):
