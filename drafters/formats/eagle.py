@@ -21,11 +21,11 @@ model_executor/models/llama_eagle3.py):
            norm_before_residual false (written explicitly: vLLM defaults a missing one to true, which is
            not this layer), eagle_aux_hidden_state_layer_ids.
   model.safetensors: as SGLang's with midlayer.* named layers.0.* (speculators' own name), plus
-           embed_tokens.weight = the target's input embedding. speculators' Eagle3DraftModel only copies
-           the embedding from the verifier when its own is still NaN after loading, which transformers
-           5.24 no longer guarantees: a folder without it drafted from uninitialised embeddings. vLLM
-           loads it and shares the target's instead when the two are equal
-           (v1/spec_decode/llm_base_proposer.py:1437-1470).
+           embed_tokens.weight = the target's input embedding. speculators copies the embedding from the
+           verifier only while its own is still NaN after loading (speculators/model.py:168-170), but
+           transformers 5.24 initialises a missing embed_tokens first (all zeros, seen with 0.9.0), so a
+           folder without it drafts from a blank embedding. vLLM loads it and shares the target's
+           instead when the two are equal (v1/spec_decode/llm_base_proposer.py:1437-1470).
   EAGLE-1 is refused: speculators 0.9.0 registers no `eagle` model type and vLLM 0.33.0 registers only
   eagle3/peagle speculators configs (transformers_utils/configs/speculators/algos.py) and builds its
   EAGLE-1 fc without the bias ours has (model_executor/models/llama_eagle.py:110-117).
