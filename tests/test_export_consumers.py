@@ -148,12 +148,8 @@ def test_speculators_loads_the_vllm_folder_and_drafts_like_our_decoder(demo, seq
 # SGLang folder <- SpecForge (which writes and trains SGLang's EAGLE-3 layout)
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("draft_vocab", [1024, None], ids=["vocab1024", "full-vocab"])
-def test_specforge_loads_the_sglang_folder_and_drafts_like_our_decoder(demo, demo_dir, sequences, draft_vocab, tmp_path,
-                                                                        monkeypatch):
+def test_specforge_loads_the_sglang_folder_and_drafts_like_our_decoder(demo, demo_dir, sequences, draft_vocab, tmp_path):
     auto = pytest.importorskip("specforge.modeling.auto", reason="specforge is not installed" + INSTALL)
-    # SpecForge wraps its norms and RoPE in torch.compile (a C++ toolchain and minutes on CPU): run them
-    # eagerly, the same functions
-    monkeypatch.setattr(torch._dynamo.config, "disable", True)
     model = eagle3(demo, draft_vocab)
     out = export(model, demo, "sglang", tmp_path / "sglang")
     config = auto.AutoDraftModelConfig.from_file(str(out / "config.json"))
@@ -168,7 +164,9 @@ def test_specforge_loads_the_sglang_folder_and_drafts_like_our_decoder(demo, dem
     theirs, ours = [], []
     for ids in sequences:
         n = ids.shape[1]
-        with torch.no_grad():  # SpecForge's training step 0 (algorithms/eagle3/model.py:313-393)
+        # SpecForge wraps its norms and RoPE in torch.compile (a C++ toolchain and minutes on CPU): run
+        # the same functions eagerly; the rest is SpecForge's training step 0 (algorithms/eagle3/model.py:313-393)
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
             hidden = sf.project_hidden_states(aux_states(demo, ids, layers)[:, :-1])
             mask = sf.prepare_decoder_attention_mask(torch.ones(1, n - 1, dtype=torch.bool), hidden, 1, n - 1, 0)
             # positions from 0 as SpecForge numbers them (its RoPE cache covers the sequence only); RoPE
