@@ -12,7 +12,8 @@ only when it is empty or an earlier draftsmith export (conf/rundir.py). Then eve
 fails with a one-line error:
   1. check_format: file names, config fields, exact tensor names, shapes and dtypes vs the consumer's spec;
   2. reload: the importer rebuilds the drafter from the folder alone; every weight must equal the
-     trained one cast to export.dtype;
+     trained one cast to export.dtype (and a copied target weight, vLLM's embed_tokens or Medusa-2's base/,
+     the target's);
   3. decode: the reloaded drafter drives the built-in speculative decoder (eval.decoder); greedy output
      must equal the target's own greedy output on export.check_prompts prompts.
 Formats, families and layouts: drafters/formats/__init__.py.
@@ -87,7 +88,7 @@ def _run(cfg: Config) -> dict:
     target = load_target(_target_config(cfg, meta, ckpt), device=cfg.run.device)
     model = drafter_class(family).from_pretrained(str(ckpt), target).eval()
     tree = cfg.eval.tree
-    ctx = ExportContext(dtype=dtype, target_ref=target_ref(cfg.target.path),
+    ctx = ExportContext(dtype=dtype, target_ref=target_ref(cfg.target.path, out),
                         speculative_tokens=ex.speculative_tokens or tree.depth, top_k=tree.top_k,
                         draft_tokens=tree.total_tokens, final_dir=out)
 
@@ -190,7 +191,7 @@ def verify_export(model, target, out: Path, fmt: str, dtype: torch.dtype, tree_c
     if diff:
         raise DraftsmithError(f"reloading {out} changed {len(diff)} weights (first: {diff[0]}): the exported "
                               "tensors do not round-trip; re-export, and report it if it persists")
-    n_base = check_base_weights(out, target, dtype)
+    n_base = check_base_weights(out, target, dtype) + (fmt == "vllm")  # vllm: embed_tokens, checked on reload
     decode = decode_check(target, reloaded.as_drafter(target), _check_tree(tree_cfg, model), prompts, max_new_tokens)
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     return {"format": fmt, "family": model.family, "out_dir": str(out), "files": files, "violations": [],

@@ -17,6 +17,7 @@ from conf.schema.drafter import Eagle1Config, Eagle3Config
 from drafters.formats import ExportContext, check_format, detect, load_exported_model, write_export
 from drafters.formats.eagle import engine_layers, remap_fc
 from drafters.target import load_target
+from tests.export_util import assert_portable_readme
 
 LAYER = {"self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
          "post_attention_layernorm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"}
@@ -99,8 +100,11 @@ def test_sglang_eagle3_layout(target, tmp_path):
     assert torch.equal(t["d2t"], model.d2t) and torch.equal(t["t2d"], model.t2d) and t["d2t"].any()
     assert t["fc.weight"].shape == (32, 96) and t["midlayer.self_attn.q_proj.weight"].shape == (32, 64)
     assert check_format(out, "sglang") == [] and detect(out) == ("sglang", "eagle3")
-    readme = (out / "README.md").read_text()
-    assert "--speculative-algorithm EAGLE3" in readme and f"--speculative-draft-model-path {out.resolve()}" in readme
+    readme = assert_portable_readme(out)
+    assert ("python -m sglang.launch_server --model-path org/tiny-target --dtype bfloat16 \\\n"
+            "    --speculative-algorithm EAGLE3 --speculative-draft-model-path . \\\n"
+            "    --speculative-num-steps 5 --speculative-eagle-topk 8 --speculative-num-draft-tokens 32") in readme
+    assert "Target (verifier): `org/tiny-target` (a hub id). Weights in bfloat16" in readme
 
 
 def test_vllm_eagle3_layout(target, tmp_path):
@@ -120,9 +124,14 @@ def test_vllm_eagle3_layout(target, tmp_path):
     assert (lc["num_hidden_layers"], lc["vocab_size"], lc["hidden_size"], lc["model_type"]) == (1, target.vocab_size, 32, "llama")
     t = load_file(out / "model.safetensors")
     assert set(t) == {"fc.weight", "norm.weight", "lm_head.weight", "d2t", "t2d", "layers.0.input_layernorm.weight",
-                      "layers.0.hidden_norm.weight"} | {f"layers.0.{n}" for n in LAYER}
+                      "layers.0.hidden_norm.weight", "embed_tokens.weight"} | {f"layers.0.{n}" for n in LAYER}
+    # self-sufficient: the target's embedding travels with the drafter (speculators drafts with it)
+    assert torch.equal(t["embed_tokens.weight"], target.model.get_input_embeddings().weight.to(torch.bfloat16))
     assert check_format(out, "vllm") == [] and detect(out) == ("vllm", "eagle3")
-    assert f"vllm serve {out.resolve()}" in (out / "README.md").read_text()
+    readme = assert_portable_readme(out)
+    assert "vllm serve . --dtype bfloat16" in readme and (
+        "vllm serve org/tiny-target --dtype bfloat16 --speculative-config '{\"model\": \".\", \"method\": \"eagle3\", "
+        "\"num_speculative_tokens\": 5}'") in readme and 'SpeculatorModel.from_pretrained(".")' in readme
 
 
 def test_eagle1_layouts(target, tmp_path):
@@ -135,23 +144,41 @@ def test_eagle1_layouts(target, tmp_path):
     assert set(t) == ({"fc.weight", "fc.bias"} | {f"layers.0.{n}" for n in LAYER}
                       | {f"layers.1.{n}" for n in LAYER} | {"layers.1.input_layernorm.weight"})
     assert check_format(out, "sglang") == []
-    with pytest.raises(DraftsmithError, match="exactly one: export it with export.format=sglang"):
-        export(model, target, "vllm", tmp_path / "v2")
-    one = make("eagle1", target)
-    out = export(one, target, "vllm", tmp_path / "v")
-    cfg = json.loads((out / "config.json").read_text())
-    assert (cfg["speculators_model_type"], cfg["fusion_bias"], cfg["layernorms"]) == ("eagle", True, False)
-    assert cfg["speculators_config"]["algorithm"] == "eagle"
-    assert set(load_file(out / "model.safetensors")) == {"fusion_fc.weight", "fusion_fc.bias"} | {
-        f"transformer.{n}" for n in LAYER}
-    assert check_format(out, "vllm") == [] and detect(out) == ("vllm", "eagle1")
+    assert "vLLM: not supported" in assert_portable_readme(out)
+    # speculators 0.9.0 and vLLM load no EAGLE-1 speculators folder: refused, naming who serves EAGLE-1
+    with pytest.raises(DraftsmithError, match=r"export.format=vllm takes eagle3 drafters, not eagle1 \(speculators "
+                                              r"0.9.0 loads no EAGLE-1 checkpoint .*; SGLang serves EAGLE-1\): "
+                                              r"export it with export.format=sglang$"):
+        export(make("eagle1", target), target, "vllm", tmp_path / "v")
+    assert not (tmp_path / "v").exists()
+
+
+def test_full_draft_vocab_writes_no_vocab_maps(target, tmp_path):
+    """draft vocab = target vocab: vLLM builds no draft_id_to_target_id and fails on a d2t, SGLang reads no
+    d2t as the identity (drafters/formats/eagle.py cites both loaders); the importer restores identity maps."""
+    torch.manual_seed(0)
+    from drafters.eagle3 import Eagle3Drafter
+
+    model = Eagle3Drafter.from_target(Eagle3Config(draft_vocab_size=None), target)
+    assert model.draft_vocab_size == target.vocab_size
+    for fmt in ("sglang", "vllm"):
+        out = export(model, target, fmt, tmp_path / fmt, dtype=torch.float32)
+        t = load_file(out / "model.safetensors")
+        assert not {"d2t", "t2d"} & set(t) and t["lm_head.weight"].shape == (target.vocab_size, 32)
+        assert check_format(out) == []
+        back = load_exported_model(out, target)
+        assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())
+        t["d2t"] = model.d2t.clone()
+        save_file(t, out / "model.safetensors")
+        assert check_format(out) == ["model.safetensors: d2t/t2d with a full draft vocabulary: vLLM has no "
+                                     "draft_id_to_target_id to load d2t into and fails (SGLang needs no map either): "
+                                     "re-export without them"]
 
 
 # --------------------------------------------------------------------------------------------------
 # Round trips
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("family,fmt", [("eagle3", "sglang"), ("eagle3", "vllm"), ("eagle1", "sglang"),
-                                        ("eagle1", "vllm")])
+@pytest.mark.parametrize("family,fmt", [("eagle3", "sglang"), ("eagle3", "vllm"), ("eagle1", "sglang")])
 def test_round_trip_is_exact_in_float32(family, fmt, target, tmp_path):
     model = make(family, target)
     out = export(model, target, fmt, tmp_path, dtype=torch.float32)
@@ -321,11 +348,19 @@ def test_reload_on_the_wrong_target_is_a_clear_error(target, tiny_target_dir, tm
         load_exported_model(out, other)
 
 
+def test_reload_refuses_an_embedding_that_is_not_the_targets(target, tmp_path):
+    out = export(make("eagle3", target), target, "vllm", tmp_path)
+    t = load_file(out / "model.safetensors")
+    t["embed_tokens.weight"][3, 0] += 1
+    save_file(t, out / "model.safetensors")
+    with pytest.raises(DraftsmithError, match="embed_tokens.weight is not .*'s input embedding: load the target"):
+        load_exported_model(out, target)
+
+
 # --------------------------------------------------------------------------------------------------
 # Decoding with the built-in speculative decoder
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("family,fmt", [("eagle3", "sglang"), ("eagle3", "vllm"), ("eagle1", "sglang"),
-                                        ("eagle1", "vllm")])
+@pytest.mark.parametrize("family,fmt", [("eagle3", "sglang"), ("eagle3", "vllm"), ("eagle1", "sglang")])
 def test_exported_drafter_decodes_losslessly(family, fmt, target, tmp_path):
     pytest.importorskip("eval.decoder", reason="the speculative decoder (decoder branch) is not merged yet")
     from conf.schema.eval import TreeConfig
@@ -348,7 +383,7 @@ def test_verify_export_accepts_a_remapped_bfloat16_export(target_default_taps, t
     out = export(model, tgt, "vllm", tmp_path)
     res = verify_export(model, tgt, out, "vllm", torch.bfloat16, TreeConfig(depth=3, top_k=4, total_tokens=12),
                         prompts=1, max_new_tokens=8)
-    assert res["tensors_checked"] == 15 and res["violations"] == []
+    assert res["tensors_checked"] == 16 and res["violations"] == []  # 15 drafter weights + embed_tokens
     t = load_file(out / "model.safetensors")
     t["norm.weight"] = t["norm.weight"] + 1  # a tensor that no longer matches the trained one
     save_file(t, out / "model.safetensors")

@@ -17,6 +17,7 @@ from conf.schema.drafter import MedusaConfig, SmallConfig
 from drafters.formats import ExportContext, check_format, detect, load_exported_model, write_export
 from drafters.formats.medusa import base_path, head_names
 from drafters.target import load_target
+from tests.export_util import assert_portable_readme, noisy
 
 REASON = "the Medusa/small families (heads branch) are not merged yet"
 MedusaDrafter = pytest.importorskip("drafters.medusa", reason=REASON).MedusaDrafter
@@ -28,17 +29,6 @@ REF = "org/tiny-target"
 @pytest.fixture(scope="module")
 def target(tiny_target_dir):
     return load_target(TargetConfig(path=tiny_target_dir("llama")), device="cpu")
-
-
-def noisy(model, seed=0):
-    """Perturb every parameter: fresh ResBlocks are all-zero and fresh heads equal, which would hide a
-    mis-mapped tensor."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model.eval()
 
 
 def medusa(target, **kw):
@@ -56,17 +46,24 @@ def export(model, target, fmt, folder, dtype=torch.bfloat16):
 # --------------------------------------------------------------------------------------------------
 def test_medusa_layout(target, tmp_path):
     out = export(medusa(target, num_heads=3, num_layers=2), target, "medusa", tmp_path)
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "medusa_lm_head.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "medusa_lm_head.pt",
+                                                     "medusa_lm_head.safetensors"]
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["medusa_num_heads"], cfg["medusa_num_layers"], cfg["base_model_name_or_path"]) == (3, 2, REF)
+    assert cfg["dtype"] == cfg["torch_dtype"] == "bfloat16"  # one dtype (the target's float32 is not repeated)
     # the base model's own config fields, as Medusa / TGI configs carry them
     assert (cfg["model_type"], cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]) == ("llama", 32, 320, 4)
     t = load_file(out / "medusa_lm_head.safetensors")
     assert set(t) == head_names(3, 2) and "2.1.linear.bias" in t and "0.2.weight" in t
     assert t["1.0.linear.weight"].shape == (32, 32) and t["1.2.weight"].shape == (320, 32)
     assert {v.dtype for v in t.values()} == {torch.bfloat16}
+    pt = torch.load(out / "medusa_lm_head.pt", weights_only=True)  # what FasterDecoding/Medusa's loader reads
+    assert set(pt) == set(t) and all(torch.equal(pt[k], t[k]) and pt[k].dtype == t[k].dtype for k in t)
     assert check_format(out, "medusa") == [] and detect(out) == ("medusa", "medusa") and base_path(out) is None
-    assert f"text-generation-launcher --model-id {out.resolve()}" in (out / "README.md").read_text()
+    readme = assert_portable_readme(out)
+    assert "text-generation-launcher --model-id . --dtype bfloat16" in readme
+    assert 'MedusaModel.from_pretrained(".", torch_dtype=torch.bfloat16)' in readme
+    assert "keeps only the last block's weights" in readme  # 2 ResBlocks per head
 
 
 def test_medusa_round_trip_is_exact_in_float32(target, tmp_path):
@@ -82,18 +79,22 @@ def test_medusa_violations(target, tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     del cfg["medusa_num_layers"]
     cfg["base_model_name_or_path"] = "/nowhere/base"
+    cfg["dtype"] = "float32"
     (out / "config.json").write_text(json.dumps(cfg))
     assert check_format(out) == [
         "config.json: medusa_num_layers is None, expected an integer >= 0",
-        "config.json: base_model_name_or_path /nowhere/base is not a model folder (no config.json)"]
-    cfg["medusa_num_layers"] = 1
+        "config.json: base_model_name_or_path /nowhere/base is an absolute path: use the target's hub id or a path "
+        "relative to this folder (it breaks on any other machine)",
+        "config.json: dtype/torch_dtype are ['bfloat16', 'float32'], expected one dtype (the heads')"]
+    cfg.update(medusa_num_layers=1, base_model_name_or_path=REF, dtype="bfloat16")
     (out / "config.json").write_text(json.dumps(cfg))
     t = load_file(out / "medusa_lm_head.safetensors")
     t["medusa_head.0.1.weight"] = t.pop("0.1.weight")  # a prefix the loaders do not strip
     save_file(t, out / "medusa_lm_head.safetensors")
-    assert check_format(out)[1:] == ["medusa_lm_head.safetensors: tensor 0.1.weight is missing",
-                                     "medusa_lm_head.safetensors: unexpected tensor medusa_head.0.1.weight "
-                                     "(the consumer does not load it)"]
+    assert check_format(out) == ["medusa_lm_head.safetensors: tensor 0.1.weight is missing",
+                                 "medusa_lm_head.safetensors: unexpected tensor medusa_head.0.1.weight "
+                                 "(the consumer does not load it)",
+                                 "medusa_lm_head.pt: does not hold the same tensors as medusa_lm_head.safetensors"]
 
 
 def test_medusa2_exports_its_merged_base(tiny_target_dir, tmp_path):
@@ -109,8 +110,8 @@ def test_medusa2_exports_its_merged_base(tiny_target_dir, tmp_path):
     out = export(loaded, target, "medusa", tmp_path / "out", dtype=torch.float32)
     assert base_path(out) == out / "base"
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["base_model_name_or_path"] == str((out / "base").resolve())
-    assert check_format(out) == [] and "Medusa-2: `base/`" in (out / "README.md").read_text()
+    assert cfg["base_model_name_or_path"] == "base"  # relative: the folder can move (README: serve from inside it)
+    assert check_format(out) == [] and "Medusa-2: `base/`" in assert_portable_readme(out, path)
     base = load_target(TargetConfig(path=str(base_path(out))), device="cpu")
     original = load_target(TargetConfig(path=path), device="cpu")
     ids = torch.tensor([target.tokenizer("Hello! How can I help you today?")["input_ids"]])
@@ -144,6 +145,8 @@ def test_hf_folder_is_a_plain_causal_lm_and_an_exact_assistant(target, tmp_path)
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= names
     assert "drafter_config.json" not in names and check_format(out, "hf") == [] and detect(out) == ("hf", "small")
+    readme = assert_portable_readme(out)
+    assert "--speculative-algorithm STANDALONE --speculative-draft-model-path ." in readme
     draft = AutoModelForCausalLM.from_pretrained(out)
     assert AutoTokenizer.from_pretrained(out).get_vocab() == target.tokenizer.get_vocab()
     ids = torch.tensor([target.tokenizer("The quick brown fox")["input_ids"]])

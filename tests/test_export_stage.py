@@ -19,6 +19,8 @@ from conf.errors import DraftsmithError
 from conf.schema import PROJECT_ROOT, TargetConfig, run_dir
 from drafters.export import run
 from drafters.formats import check_format
+from drafters.formats.common import target_ref
+from tests.export_util import assert_portable_readme
 
 TAPS = "target.feature_layers=[1,2,3]"
 
@@ -65,9 +67,27 @@ def test_custom_out_dir_and_vllm(trained, tmp_path):
     res = run(cfg)
     cfg_json = json.loads((out / "config.json").read_text())
     assert cfg_json["speculators_config"]["proposal_methods"][0]["speculative_tokens"] == 3
-    # a local target is named by absolute path, so the folder serves from any working directory
-    assert cfg_json["speculators_config"]["verifier"]["name_or_path"] == str(Path(cfg.target.path).resolve())
+    # a local target is named by its path relative to the folder (never an absolute path of this machine);
+    # the README's commands run from inside the folder, where that path resolves
+    ref = cfg_json["speculators_config"]["verifier"]["name_or_path"]
+    assert not Path(ref).is_absolute() and (out / ref).resolve() == Path(cfg.target.path).resolve()
+    readme = assert_portable_readme(out, cfg.target.path)
+    assert f"vllm serve {ref} --dtype float32 --speculative-config" in readme
+    assert f"the local folder `{Path(cfg.target.path).name}` the drafter was trained on" in readme
     assert res["decode_check"] == {"skipped": "export.check_prompts=0"}
+
+
+def test_target_ref_prefers_a_hub_id(tmp_path):
+    snap = tmp_path / "hub" / "models--meta-llama--Llama-3.1-8B-Instruct" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    local = tmp_path / "models" / "my-target"
+    local.mkdir(parents=True)
+    out = tmp_path / "runs" / "r" / "export" / "vllm"
+    assert target_ref("meta-llama/Llama-3.1-8B-Instruct", out) == "meta-llama/Llama-3.1-8B-Instruct"
+    assert target_ref(str(snap), out) == "meta-llama/Llama-3.1-8B-Instruct"  # a cached snapshot of a hub model
+    assert target_ref(str(local), out) == "../../../../models/my-target"
+    # sharing only the filesystem root, a relative path would spell out the absolute one: a placeholder
+    assert target_ref(str(local), Path("/elsewhere-on-this-machine/export")) == "<path of my-target>"
 
 
 def test_interrupted_export_leaves_the_previous_one(trained, monkeypatch):
@@ -113,6 +133,10 @@ def test_errors_name_the_problem_and_the_fix(trained, cfg_for, tmp_path):
     (final / "drafter_config.json").write_text(json.dumps({"family": "hydra"}))
     with pytest.raises(DraftsmithError, match="takes eagle1, eagle3 drafters, not hydra: no serving engine loads it"):
         run(hydra)
+    (final / "drafter_config.json").write_text(json.dumps({"family": "eagle1"}))
+    with pytest.raises(DraftsmithError, match=r"export.format=vllm takes eagle3 drafters, not eagle1 \(.*\): export "
+                                              "it with export.format=sglang"):
+        run(cfg_for("stage=export", "export=vllm", f"run.name={hydra.run.name}"))
 
 
 def test_checkpoint_feature_layers_win(trained, cfg_for):

@@ -7,7 +7,7 @@ from typing import Optional
 
 @dataclass
 class ExportConfig:
-    # sglang (eagle1, eagle3) | vllm (eagle1, eagle3: speculators layout) | medusa (medusa) | hf (small)
+    # sglang (eagle1, eagle3) | vllm (eagle3: speculators layout) | medusa (medusa) | hf (small)
     format: str = "sglang"
     out_dir: Optional[str] = None  # None = <run dir>/export/<format>
     dtype: str = "bfloat16"  # float32 | bfloat16 | float16: the exported weights' dtype

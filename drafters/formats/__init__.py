@@ -9,7 +9,7 @@ and load an exported folder back as a decoding drafter.
 | format | families | consumer |
 |---|---|---|
 | sglang | eagle1, eagle3 | SGLang LlamaForCausalLMEagle / LlamaForCausalLMEagle3 (drafters/formats/eagle.py) |
-| vllm | eagle1, eagle3 | speculators layout: vLLM (eagle3), the speculators library (drafters/formats/eagle.py) |
+| vllm | eagle3 | speculators layout: vLLM and the speculators library (drafters/formats/eagle.py) |
 | medusa | medusa | Medusa heads file + config: TGI, TensorRT-LLM, FasterDecoding/Medusa (drafters/formats/medusa.py) |
 | hf | small | a plain transformers causal LM: generate(assistant_model=...) (drafters/formats/hf.py) |
 Hydra heads have no serving format (no engine implements them): evaluate them with stage=eval.
@@ -29,9 +29,14 @@ from drafters.formats.common import (
     Checker,
     ExportContext,
     dtype_name,
+    is_hub_id,
 )
 
-FORMATS = {"sglang": ("eagle1", "eagle3"), "vllm": ("eagle1", "eagle3"), "medusa": ("medusa",), "hf": ("small",)}
+FORMATS = {"sglang": ("eagle1", "eagle3"), "vllm": ("eagle3",), "medusa": ("medusa",), "hf": ("small",)}
+# why a format cannot hold a family whose drafters other formats do serve (named in the refusal)
+WHY_NOT = {("vllm", "eagle1"): "speculators 0.9.0 loads no EAGLE-1 checkpoint (its model types: dflash, dflash2, "
+                               "dspark, eagle3, mtp, peagle, xpress) and vLLM reads only eagle3/peagle speculators "
+                               "folders (its own EAGLE-1 model has no fc bias), so neither would load this folder; SGLang serves EAGLE-1"}
 
 __all__ = ["FORMATS", "ExportContext", "check_family", "check_format", "detect", "load_exported",
            "load_exported_model", "write_export"]
@@ -45,7 +50,9 @@ def check_family(fmt: str, family: str) -> None:
         ok = [f for f, fams in FORMATS.items() if family in fams]
         fix = (f"export it with export.format={' or '.join(ok)}" if ok else
                "no serving engine loads it; evaluate it with stage=eval instead")
-        raise DraftsmithError(f"export.format={fmt} takes {', '.join(FORMATS[fmt])} drafters, not {family}: {fix}")
+        why = f" ({WHY_NOT[(fmt, family)]})" if (fmt, family) in WHY_NOT else ""
+        raise DraftsmithError(f"export.format={fmt} takes {', '.join(FORMATS[fmt])} drafters, not {family}{why}: "
+                              f"{fix}")
 
 
 def write_export(model, target, fmt: str, out: str | Path, ctx: ExportContext) -> Path:
@@ -139,58 +146,79 @@ def load_exported(folder: str | Path, target):
 # --------------------------------------------------------------------------------------------------
 _TITLES = {("sglang", "eagle3"): "EAGLE-3 drafter for SGLang", ("sglang", "eagle1"): "EAGLE-1 drafter for SGLang",
            ("vllm", "eagle3"): "EAGLE-3 speculator for vLLM (speculators format)",
-           ("vllm", "eagle1"): "EAGLE-1 speculator (speculators format)",
            ("medusa", "medusa"): "Medusa heads", ("hf", "small"): "independent draft model (Hugging Face folder)"}
 
 
 def readme(fmt: str, family: str, model, target, out: Path, ctx: ExportContext) -> str:
-    """How to serve this folder, with the command lines filled in."""
-    here, tgt, k = str(Path(ctx.final_dir or out).resolve()), ctx.target_ref, ctx.speculative_tokens
-    dt = dtype_name(ctx.dtype)
+    """How to serve this folder, with the command lines filled in. Commands run from inside the folder and
+    name the target as config.json does (ctx.target_ref): no absolute path of this machine appears."""
+    tgt, k, dt = ctx.target_ref, ctx.speculative_tokens, dtype_name(ctx.dtype)
+    joint = fmt == "medusa" and model.cfg.joint
+    files = "these commands" + ("" if fmt in ("sglang", "hf") else " and config.json")
+    if is_hub_id(tgt):
+        where = "a hub id"
+    elif tgt.startswith("<"):
+        where = (f"a placeholder: the drafter was trained on a local folder that shares no folder with this one; "
+                 f"replace `{tgt}` in {files} with that target's path or hub id")
+    else:
+        where = (f"the local folder `{Path(tgt).name}` the drafter was trained on, as a path relative to this "
+                 f"folder; if you move either folder, set the target's new path or hub id in {files}")
     lines = [f"{README_HEADER}: {_TITLES[(fmt, family)]}", "",
              (f"Base model (verifier): `base/`, the target `{tgt}` trained jointly with the heads (LoRA merged)."
-              if fmt == "medusa" and model.cfg.joint else f"Target (verifier): `{tgt}`.") +
-             f" Weights in {dt}. Written by `python train.py stage=export "
+              if joint else f"Target (verifier): `{tgt}` ({where}).") +
+             f" Weights in {dt}: serve with dtype {dt}. Written by `python train.py stage=export "
              f"export.format={fmt}` on {time.strftime('%Y-%m-%d')}; `config.yaml` here is the run's resolved config.",
-             "", "## Serve", ""]
+             "", "## Serve", "", "Run these from inside this folder (`cd` into it): `.` is this folder, and "
+             "relative paths here and in config.json are relative to it.", ""]
     if fmt == "sglang":
         algo = "EAGLE3" if family == "eagle3" else "EAGLE"
-        lines += ["```bash", f"python -m sglang.launch_server --model-path {tgt} \\",
-                  f"    --speculative-algorithm {algo} --speculative-draft-model-path {here} \\",
+        lines += ["SGLang:", "", "```bash", f"python -m sglang.launch_server --model-path {tgt} --dtype {dt} \\",
+                  f"    --speculative-algorithm {algo} --speculative-draft-model-path . \\",
                   f"    --speculative-num-steps {k} --speculative-eagle-topk {ctx.top_k} "
-                  f"--speculative-num-draft-tokens {ctx.draft_tokens} --dtype {dt}", "```"]
-    elif fmt == "vllm" and family == "eagle3":
-        lines += ["```bash", f"vllm serve {here}    # the speculators config names the target (verifier)",
-                  "# or, naming the target yourself:",
-                  f"vllm serve {tgt} --speculative-config "
-                  f"'{{\"model\": \"{here}\", \"method\": \"eagle3\", \"num_speculative_tokens\": {k}}}'", "```"]
+                  f"--speculative-num-draft-tokens {ctx.draft_tokens}", "```", "",
+                  "vLLM: " + ("export this drafter with `export.format=vllm` (vLLM reads the speculators layout, "
+                              "which numbers the target layers differently)." if family == "eagle3" else
+                              "not supported (vLLM and speculators load no EAGLE-1 drafter with an fc bias); "
+                              "serve this folder with SGLang.")]
     elif fmt == "vllm":
-        lines += ["vLLM registers only `eagle3` speculators checkpoints, and its EAGLE-1 model has no fc bias,",
-                  "so this folder is for the speculators library (serve EAGLE-1 with `export.format=sglang`):",
-                  "", "```python", "from speculators import SpeculatorModel",
-                  f"model = SpeculatorModel.from_pretrained(\"{here}\")", "```"]
+        lines += ["vLLM:", "", "```bash", f"vllm serve . --dtype {dt}    # config.json names the target (verifier)",
+                  "# or, naming the target yourself:",
+                  f"vllm serve {tgt} --dtype {dt} --speculative-config "
+                  f"'{{\"model\": \".\", \"method\": \"eagle3\", \"num_speculative_tokens\": {k}}}'", "```", "",
+                  "The speculators library:", "", "```python", "from speculators import SpeculatorModel",
+                  "model = SpeculatorModel.from_pretrained(\".\")", "```", "",
+                  "SGLang: export this drafter with `export.format=sglang` (SGLang reads the SpecForge layout)."]
     elif fmt == "medusa":
-        lines += ["```bash", f"text-generation-launcher --model-id {here}   # TGI reads config.json + "
-                  "medusa_lm_head.safetensors", "```",
-                  "FasterDecoding/Medusa's own loader reads `medusa_lm_head.pt`: "
-                  "`torch.save(safetensors.torch.load_file('medusa_lm_head.safetensors'), 'medusa_lm_head.pt')`."]
-        if model.cfg.joint:
-            lines += ["", "Medusa-2: `base/` is the jointly trained target (LoRA merged); `base_model_name_or_path`",
-                      "points at it by absolute path, so edit that field if you move this folder."]
+        base = "base" if joint else tgt
+        lines += ["TGI (reads config.json + medusa_lm_head.safetensors, and the base model from "
+                  f"`base_model_name_or_path` = `{base}`):", "", "```bash",
+                  f"text-generation-launcher --model-id . --dtype {dt}", "```", "",
+                  "FasterDecoding/Medusa (`pip install medusa-llm`; reads medusa_lm_head.pt):", "", "```python",
+                  "import torch", "from medusa.model.medusa_model import MedusaModel",
+                  f"model = MedusaModel.from_pretrained(\".\", torch_dtype=torch.{dt})", "```", "",
+                  "vLLM 0.33 has no Medusa model and SGLang serves no Medusa heads: use TGI or FasterDecoding/Medusa."]
+        if model.cfg.num_layers > 1:
+            lines += ["", f"FasterDecoding/Medusa repeats one ResBlock object {model.cfg.num_layers} times per head, "
+                      "so it keeps only the last block's weights: only TGI reads these heads faithfully."]
+        if joint:
+            lines += ["", "Medusa-2: `base/` is the jointly trained target (LoRA merged): the heads were trained on "
+                      "its hidden states, so it is the model to serve them with (`base_model_name_or_path` is `base`)."]
     else:
-        lines += ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-                  f"target = AutoModelForCausalLM.from_pretrained(\"{tgt}\")",
-                  f"draft = AutoModelForCausalLM.from_pretrained(\"{here}\")",
-                  f"tok = AutoTokenizer.from_pretrained(\"{here}\")",
+        lines += ["transformers (assisted generation):", "", "```python", "import torch",
+                  "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                  f"target = AutoModelForCausalLM.from_pretrained(\"{tgt}\", dtype=torch.{dt})",
+                  "draft = AutoModelForCausalLM.from_pretrained(\".\", dtype=\"auto\")",
+                  "tok = AutoTokenizer.from_pretrained(\".\")",
                   "out = target.generate(**tok(\"Hello\", return_tensors=\"pt\"), assistant_model=draft, "
-                  "do_sample=False, max_new_tokens=64)", "```", "", "```bash",
-                  f"python -m sglang.launch_server --model-path {tgt} --speculative-algorithm STANDALONE "
-                  f"--speculative-draft-model-path {here} --speculative-num-steps {k}",
-                  f"vllm serve {tgt} --speculative-config '{{\"model\": \"{here}\", \"method\": \"draft_model\", "
-                  f"\"num_speculative_tokens\": {k}}}'", "```"]
+                  "do_sample=False, max_new_tokens=64)", "```", "", "SGLang and vLLM (standalone draft model):", "",
+                  "```bash", f"python -m sglang.launch_server --model-path {tgt} --dtype {dt} "
+                  f"--speculative-algorithm STANDALONE --speculative-draft-model-path . --speculative-num-steps {k}",
+                  f"vllm serve {tgt} --dtype {dt} --speculative-config '{{\"model\": \".\", \"method\": "
+                  f"\"draft_model\", \"num_speculative_tokens\": {k}}}'", "```"]
     if family == "eagle3":
         lines += ["", "## Target layers", "",
-                  f"The drafter reads the hidden states entering target layers {eagle.engine_layers(target.feature_layers, target.num_layers)} "
-                  "(vLLM's `eagle_aux_hidden_state_layer_ids`; SGLang's `eagle_config` lists each minus one, as "
-                  "SGLang adds one). The target architecture must support EAGLE-3 capture in the engine."]
+                  f"The drafter reads the hidden states entering target layers "
+                  f"{eagle.engine_layers(target.feature_layers, target.num_layers)} (vLLM's "
+                  "`eagle_aux_hidden_state_layer_ids`; SGLang's `eagle_config` lists each minus one, as SGLang "
+                  "adds one). The target architecture must support EAGLE-3 capture in the engine."]
     return "\n".join(lines) + "\n"

@@ -37,19 +37,41 @@ class ExportContext:
     """What a format writer needs beyond the drafter and the target."""
 
     dtype: torch.dtype = torch.bfloat16
-    target_ref: str = ""  # what serving configs name as the target: a hub id, or an absolute local path
+    target_ref: str = ""  # what serving configs name as the target: a hub id, or a path relative to the folder
     speculative_tokens: int = 5  # draft length the serving config proposes (vLLM speculative_tokens)
     top_k: int = 8  # README command lines: tree branching
     draft_tokens: int = 32  # README command lines: verified tokens per step
     final_dir: Path | None = None  # where the folder will live when written elsewhere first (paths in files)
 
 
-def target_ref(path: str) -> str:
-    """A local folder becomes an absolute path (configs outlive the working directory); a hub id stays."""
+def target_ref(path: str, out: Path) -> str:
+    """How an export folder at `out` names its target in config files and README commands.
+
+    A hub id stays a hub id, and so does a local snapshot in the Hugging Face cache
+    (.../models--org--name/snapshots/<rev> -> org/name): that is what a folder that is shared or moved can
+    still resolve. Another local folder becomes its path relative to `out` (consumers resolve it against
+    their working directory, so the README's commands run from inside the export folder), as long as the
+    two share a folder below the filesystem root; otherwise a relative path would spell out the absolute
+    one, and the placeholder `<path of NAME>` stands there for the user to replace (the README says so).
+    Never an absolute path of this machine: it would break the folder on every other one."""
     from conf.schema import project_path
 
     local = project_path(path)
-    return str(Path(local).resolve()) if os.path.isdir(local) else path
+    if not os.path.isdir(local):
+        return path
+    resolved, here = Path(local).resolve(), Path(out).resolve()
+    parts = resolved.parts
+    for i, part in enumerate(parts[:-2]):
+        if part.startswith("models--") and parts[i + 1] == "snapshots" and part.count("--") >= 2:
+            return part.removeprefix("models--").replace("--", "/", 1)
+    if Path(os.path.commonpath([resolved, here])) == Path(resolved.anchor):
+        return f"<path of {resolved.name}>"
+    return os.path.relpath(resolved, here)
+
+
+def is_hub_id(ref: str) -> bool:
+    """True for what target_ref keeps as a hub id (not a relative path, not a placeholder)."""
+    return not ref.startswith((".", "<")) and not os.path.isabs(ref)
 
 
 def cast_tensors(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -12,18 +12,28 @@ SGLang (`export.format=sglang`), checked against sglang/srt/models/llama_eagle3.
            No embed_tokens: SGLang shares the target's.
   EAGLE-1  architectures [LlamaForCausalLMEagle], num_hidden_layers = the drafter's; fc.{weight,bias},
            layers.<i>.* (layer 0 without input_layernorm); embeddings and LM head come from the target.
-vLLM (`export.format=vllm`), the speculators layout (speculators' Eagle3SpeculatorConfig; vLLM's
-transformers_utils/configs/speculators):
-  EAGLE-3  config.json: speculators_model_type eagle3, speculators_config {algorithm, proposal_methods
+vLLM (`export.format=vllm`), EAGLE-3 only: the speculators layout (speculators 0.9.0's
+Eagle3SpeculatorConfig / Eagle3DraftModel; vLLM 0.33.0's transformers_utils/configs/speculators and
+model_executor/models/llama_eagle3.py):
+  config.json: speculators_model_type eagle3, speculators_config {algorithm, proposal_methods
            [{proposal_type greedy, speculative_tokens, ...}], default_proposal_method, verifier
            {name_or_path, architectures}}, transformer_layer_config, draft_vocab_size,
            norm_before_residual false (written explicitly: vLLM defaults a missing one to true, which is
-           not this layer), eagle_aux_hidden_state_layer_ids. Tensors as SGLang's with midlayer.* named
-           layers.0.* (speculators' own name; vLLM accepts both); no embed_tokens (vLLM shares the target's).
-  EAGLE-1  speculators_model_type eagle (speculators' EagleSpeculatorConfig: fusion_bias true, layernorms
-           false); tensors fusion_fc.{weight,bias}, transformer.* (one layer only). vLLM itself registers
-           only eagle3 speculators checkpoints and its EagleLlamaForCausalLM has no fc bias, so this folder
-           is for the speculators library; serve EAGLE-1 with SGLang.
+           not this layer), eagle_aux_hidden_state_layer_ids.
+  model.safetensors: as SGLang's with midlayer.* named layers.0.* (speculators' own name), plus
+           embed_tokens.weight = the target's input embedding. speculators copies the embedding from the
+           verifier only while its own is still NaN after loading (speculators/model.py:168-170), but
+           transformers 5.24 initialises a missing embed_tokens first (all zeros, seen with 0.9.0), so a
+           folder without it drafts from a blank embedding. vLLM loads it and shares the target's
+           instead when the two are equal (v1/spec_decode/llm_base_proposer.py:1437-1470).
+  EAGLE-1 is refused: speculators 0.9.0 registers no `eagle` model type and vLLM 0.33.0 registers only
+  eagle3/peagle speculators configs (transformers_utils/configs/speculators/algos.py) and builds its
+  EAGLE-1 fc without the bias ours has (model_executor/models/llama_eagle.py:110-117).
+Full draft vocabulary (draft_vocab_size == the target's vocab_size): no d2t/t2d in either format. vLLM
+creates draft_id_to_target_id only when the vocabularies differ (llama_eagle3.py:339-345) but renames any
+d2t it is given to that name (llama_eagle3.py:428-429), so a full-vocab d2t fails to load ("no module or
+parameter named 'draft_id_to_target_id'"); SGLang treats a missing d2t as the identity map (hot_token_id
+stays None: sglang/srt/models/llama_eagle3.py:350-353, speculative/eagle_worker_v2.py:365-368).
 
 Feature taps. Engines capture the residual stream *entering* chosen target layers, each layer once, in
 increasing order, and EAGLE-3's fc reads exactly 3 of them. Our checkpoints fuse target.feature_layers in
@@ -54,7 +64,8 @@ from drafters.formats.common import (
 
 ENGINE_TAPS = 3  # SGLang's and vLLM's EAGLE-3 fc reads 3 target layers
 ARCH = {"eagle3": "LlamaForCausalLMEagle3", "eagle1": "LlamaForCausalLMEagle"}
-SPEC_TYPE = {"eagle3": "eagle3", "eagle1": "eagle"}
+SPEC_TYPE = {"eagle3": "eagle3"}
+EMBED = "embed_tokens.weight"
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
 
@@ -127,6 +138,11 @@ def speculators_config(algorithm: str, target, ctx: ExportContext) -> dict:
     }
 
 
+def full_vocab(draft_vocab: int, vocab: int) -> bool:
+    """A draft vocabulary that is the whole target vocabulary: no d2t/t2d maps are written (module doc)."""
+    return draft_vocab == vocab
+
+
 def write(fmt: str, model, target, out: Path, ctx: ExportContext) -> None:
     """Write config.json + model.safetensors of an Eagle1Drafter / Eagle3Drafter in format `fmt`."""
     family, dims = model.family, model.dims
@@ -135,32 +151,23 @@ def write(fmt: str, model, target, out: Path, ctx: ExportContext) -> None:
         layers = engine_layers(target.feature_layers, target.num_layers)
         state["fc.weight"] = remap_fc(state["fc.weight"], dims.hidden_size, list(target.feature_layers), layers)
         vd = int(state["d2t"].shape[0])
+        if full_vocab(vd, dims.vocab_size):
+            del state["d2t"], state["t2d"]
     if fmt == "sglang":
         n_layers = len(model.layers) if family == "eagle1" else 1
         cfg = {"architectures": [ARCH[family]], **layer_config(dims, n_layers, ctx.dtype), **_token_ids(target)}
         if family == "eagle3":
             cfg.update(draft_vocab_size=vd, eagle_config={
                 "eagle_aux_hidden_state_layer_ids": [i - 1 for i in layers], "use_aux_hidden_state": True})
-    elif family == "eagle3":  # vllm
+    else:  # vllm (check_family admits eagle3 only)
         state = {k.replace("midlayer.", "layers.0.", 1): v for k, v in state.items()}
+        state[EMBED] = target.model.get_input_embeddings().weight
         cfg = {"architectures": ["Eagle3DraftModel"], "speculators_model_type": "eagle3",
                "speculators_config": speculators_config("eagle3", target, ctx),
                "transformer_layer_config": layer_config(dims, 1, ctx.dtype, **_token_ids(target)),
                "draft_vocab_size": vd, "norm_before_residual": False, "norm_before_fc": False,
                "target_hidden_size": None, "eagle_aux_hidden_state_layer_ids": layers,
                "embed_requires_grad": False, "tie_word_embeddings": False, "torch_dtype": dtype_name(ctx.dtype)}
-    else:  # vllm, eagle1
-        if len(model.layers) != 1:
-            raise DraftsmithError(
-                f"this eagle1 drafter has {len(model.layers)} decoder layers, but the speculators EAGLE-1 format "
-                "holds exactly one: export it with export.format=sglang, or train drafter.num_layers=1")
-        state = {k.replace("fc.", "fusion_fc.", 1).replace("layers.0.", "transformer.", 1): v
-                 for k, v in state.items()}
-        cfg = {"architectures": ["EagleSpeculator", "LlamaDecoderLayer"], "speculators_model_type": "eagle",
-               "speculators_config": speculators_config("eagle", target, ctx),
-               "transformer_layer_architecture": "LlamaDecoderLayer",
-               "transformer_layer_config": layer_config(dims, 1, ctx.dtype, **_token_ids(target)),
-               "layernorms": False, "fusion_bias": True, "torch_dtype": dtype_name(ctx.dtype)}
     save_tensors(out / WEIGHTS, cast_tensors(state, ctx.dtype))
     write_json(out / CONFIG, cfg)
 
@@ -267,37 +274,41 @@ def check(ck: Checker, cfg: dict, family: str, fmt: str) -> None:
             ck.equal(CONFIG, cfg, "norm_before_fc", False)
             _check_taps(ck, CONFIG, cfg.get("eagle_aux_hidden_state_layer_ids"), "eagle_aux_hidden_state_layer_ids")
             prefix = "layers.0."
-        want = {"fc.weight", "norm.weight", "lm_head.weight", "d2t", "t2d"} | _layer_names(prefix, True, True)
+        V = lc.get("vocab_size") if ok else None
+        want = {"fc.weight", "norm.weight", "lm_head.weight"} | _layer_names(prefix, True, True)
+        if fmt == "vllm":
+            want.add(EMBED)
+        maps = {"d2t", "t2d"}
+        if vd is not None and full_vocab(vd, V):
+            if maps & set(t):
+                ck.fail(WEIGHTS, "d2t/t2d with a full draft vocabulary: vLLM has no draft_id_to_target_id to load "
+                                 "d2t into and fails (SGLang needs no map either): re-export without them")
+            t = {k: v for k, v in t.items() if k not in maps}
+        else:
+            want |= maps
         ck.names(WEIGHTS, t, want)
-        ck.float_dtypes(WEIGHTS, t, skip={"d2t", "t2d"})
+        ck.float_dtypes(WEIGHTS, t, skip=maps)
         if ok:
             H = lc["hidden_size"]
             _layer_shapes(ck, t, prefix, lc, 2 * H)
             ck.shape(WEIGHTS, t, "fc.weight", (H, ENGINE_TAPS * H))
             ck.shape(WEIGHTS, t, "norm.weight", (H,))
+            ck.shape(WEIGHTS, t, EMBED, (V, H))
             if vd is not None:
                 ck.shape(WEIGHTS, t, "lm_head.weight", (vd, H))
-                _check_vocab_maps(ck, t, vd, lc["vocab_size"])
+                _check_vocab_maps(ck, t, vd, V)
         return
-    # eagle1
-    if fmt == "sglang":
-        n = lc.get("num_hidden_layers") if isinstance(lc.get("num_hidden_layers"), int) else 0
-        want = {"fc.weight", "fc.bias"}.union(*(_layer_names(f"layers.{i}.", i > 0, False) for i in range(n)))
-        fc, prefixes = "fc.", [f"layers.{i}." for i in range(n)]
-    else:
-        ck.equal(CONFIG, cfg, "fusion_bias", True)
-        ck.equal(CONFIG, cfg, "layernorms", False)
-        ck.equal(CONFIG, cfg, "transformer_layer_architecture", "LlamaDecoderLayer")
-        want = {"fusion_fc.weight", "fusion_fc.bias"} | _layer_names("transformer.", False, False)
-        fc, prefixes = "fusion_fc.", ["transformer."]
+    # eagle1 (SGLang only)
+    n = lc.get("num_hidden_layers") if isinstance(lc.get("num_hidden_layers"), int) else 0
+    want = {"fc.weight", "fc.bias"}.union(*(_layer_names(f"layers.{i}.", i > 0, False) for i in range(n)))
     ck.names(WEIGHTS, t, want)
     ck.float_dtypes(WEIGHTS, t)
     if ok:
         H = lc["hidden_size"]
-        ck.shape(WEIGHTS, t, f"{fc}weight", (H, 2 * H))
-        ck.shape(WEIGHTS, t, f"{fc}bias", (H,))
-        for p in prefixes:
-            _layer_shapes(ck, t, p, lc, H)
+        ck.shape(WEIGHTS, t, "fc.weight", (H, 2 * H))
+        ck.shape(WEIGHTS, t, "fc.bias", (H,))
+        for i in range(n):
+            _layer_shapes(ck, t, f"layers.{i}.", lc, H)
 
 
 def _check_speculators_config(ck: Checker, sc, algorithm: str) -> None:
@@ -339,8 +350,8 @@ def load(folder: Path, cfg: dict, family: str, fmt: str, target):
         ids = [i + 1 for i in cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"]] if family == "eagle3" else None
     else:
         lc, n_layers, ids = cfg["transformer_layer_config"], 1, cfg.get("eagle_aux_hidden_state_layer_ids")
-        state = {k.replace("layers.0.", "midlayer.", 1).replace("fusion_fc.", "fc.", 1).replace(
-            "transformer.", "layers.0.", 1): v for k, v in state.items()}
+        check_embedding(folder, state.pop(EMBED), target)
+        state = {k.replace("layers.0.", "midlayer.", 1): v for k, v in state.items()}
     dims = dims_from_layer_config(lc, num_taps=target.num_taps)
     for key, want in (("vocab_size", target.vocab_size), ("hidden_size", target.hidden_size)):
         if getattr(dims, key) != want:
@@ -350,6 +361,11 @@ def load(folder: Path, cfg: dict, family: str, fmt: str, target):
     if family == "eagle3":
         state["fc.weight"] = remap_fc(state["fc.weight"], dims.hidden_size, ids, list(target.feature_layers))
         vd = int(cfg["draft_vocab_size"])
+        if full_vocab(vd, dims.vocab_size):  # written without maps: the identity ones
+            from drafters.vocab import maps_from_ids
+
+            full = maps_from_ids(torch.arange(vd), vd, "full")
+            state.update(d2t=full.d2t, t2d=full.t2d)
         model = Eagle3Drafter.from_meta(Eagle3Config(num_layers=1, draft_vocab_size=vd), target, dims,
                                         {"draft_vocab_size": vd, "vocab_source": "export"})
     else:
@@ -357,3 +373,14 @@ def load(folder: Path, cfg: dict, family: str, fmt: str, target):
     model.to(dtype)
     model.load_state_dict({k: v.to(target.device) for k, v in state.items()}, strict=True)
     return model.eval()
+
+
+def check_embedding(folder: Path, embed: torch.Tensor, target) -> None:
+    """The folder's embed_tokens must be `target`'s input embedding (compared in the narrower of the two
+    dtypes, so a bf16 export checks against a float32 target and the other way round): speculators drafts
+    with the folder's copy, our decoder with the target's."""
+    have = target.model.get_input_embeddings().weight.detach().cpu()
+    dt = embed.dtype if embed.element_size() <= have.element_size() else have.dtype
+    if embed.shape != have.shape or not torch.equal(embed.to(dt), have.to(dt)):
+        raise DraftsmithError(f"{folder}/{WEIGHTS}: embed_tokens.weight is not {target.name}'s input embedding: "
+                              "load the target it was exported for, or re-export")

@@ -12,21 +12,19 @@ import copy
 from pathlib import Path
 
 from conf.errors import DraftsmithError
-from drafters.formats.common import CONFIG, WEIGHTS, Checker, ExportContext, cast_tensors
+from drafters.formats.common import CONFIG, WEIGHTS, Checker, ExportContext
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 def write(model, target, out: Path, ctx: ExportContext) -> None:
     """save_pretrained of the drafter's plain causal LM in ctx.dtype, and the target's tokenizer."""
-    hf = model.plain_model()
-    state = cast_tensors(hf.state_dict(), ctx.dtype)
-    # state_dict= writes these tensors (cast copies) and leaves the training model untouched; the config
-    # is rewritten after to say the file's dtype
-    hf.save_pretrained(str(out), state_dict=state)
-    config = copy.deepcopy(hf.config)
-    config.dtype = ctx.dtype
-    config.save_pretrained(str(out))
+    # A cast copy saved as transformers saves any model: its tied parameters stay one tensor, so a tied LM
+    # head is written once (as embed_tokens), as transformers writes and reads it. (A state_dict= of cast
+    # clones would break the tie and write lm_head.weight as a separate, unexpected tensor.)
+    hf = copy.deepcopy(model.plain_model()).to(ctx.dtype)
+    hf.config.dtype = ctx.dtype
+    hf.save_pretrained(str(out))
     target.tokenizer.save_pretrained(str(out))
 
 

@@ -2,19 +2,26 @@
 
     python -m pytest -q tests/test_export_heads.py
 
-Layout (FasterDecoding/Medusa's training script output; also what TGI and TensorRT-LLM read):
+Layout (FasterDecoding/Medusa's training script output; TGI reads the same config + safetensors file):
   config.json                   the target's config fields + medusa_num_heads, medusa_num_layers,
-                                base_model_name_or_path (the model the heads sit on)
-  medusa_lm_head.safetensors    the heads' state dict without a prefix:
+                                base_model_name_or_path (the model the heads sit on), and one dtype
+                                (dtype = torch_dtype = the heads' export dtype)
+  medusa_lm_head.safetensors    the heads' state dict without a prefix (what TGI reads):
                                 {k}.{j}.linear.weight / .bias   ResBlock j of head k
                                 {k}.{num_layers}.weight          head k's Linear(H -> V)
+  medusa_lm_head.pt             the same dict, torch.save'd: FasterDecoding/Medusa's
+                                MedusaModel.from_pretrained torch.loads exactly this file and
+                                load_state_dict(strict=False)s it into its ModuleList of
+                                Sequential(ResBlock..., Linear) (medusa-llm 0.1, medusa/model/medusa_model.py:133-139)
   base/  (Medusa-2 only)        the jointly trained target with its LoRA adapter merged in: a plain HF
-                                causal-LM folder + tokenizer; base_model_name_or_path points at it
-                                (absolute path: edit it if you move the folder). The heads were trained
-                                on *this* model's hidden states, so it is what must serve them.
+                                causal-LM folder + tokenizer. The heads were trained on *this* model's
+                                hidden states, so it is what must serve them.
+base_model_name_or_path: Medusa-2's is `base`; Medusa-1's is the target's hub id when it has one, else the
+target folder's path relative to the export folder. Both loaders resolve it against their working directory
+(MedusaModel.from_pretrained passes it to from_pretrained as is, medusa_model.py:123-126), so the README's
+commands run from inside the folder; an absolute path would break the folder on any other machine.
 Every ResBlock has its own weights here. FasterDecoding/Medusa's own model class repeats one block object
-num_layers times, so with medusa_num_layers > 1 only TGI / TensorRT-LLM (separate blocks) read these
-heads faithfully.
+num_layers times (medusa_model.py:87), so with medusa_num_layers > 1 only TGI reads these heads faithfully.
 """
 from __future__ import annotations
 
@@ -36,6 +43,7 @@ from drafters.formats.common import (
 )
 
 HEADS = "medusa_lm_head.safetensors"
+HEADS_PT = "medusa_lm_head.pt"  # FasterDecoding/Medusa's loader reads only this name
 BASE = "base"
 
 
@@ -49,9 +57,10 @@ def head_names(num_heads: int, num_layers: int) -> set[str]:
 
 
 def write(model, target, out: Path, ctx: ExportContext) -> None:
-    """medusa_lm_head.safetensors + config.json (+ base/ for Medusa-2)."""
-    heads = {k.removeprefix("medusa_head."): v for k, v in model.heads_state_dict().items()}
-    save_tensors(out / HEADS, cast_tensors(heads, ctx.dtype))
+    """medusa_lm_head.safetensors + .pt + config.json (+ base/ for Medusa-2)."""
+    heads = cast_tensors({k.removeprefix("medusa_head."): v for k, v in model.heads_state_dict().items()}, ctx.dtype)
+    save_tensors(out / HEADS, heads)
+    torch.save(heads, out / HEADS_PT)
     base_ref = ctx.target_ref
     if model.cfg.joint:
         base = out / BASE
@@ -63,12 +72,12 @@ def write(model, target, out: Path, ctx: ExportContext) -> None:
         target.model.save_pretrained(str(base), state_dict=state)
         target.tokenizer.save_pretrained(str(base))
         _set_dtype(base / CONFIG, ctx.dtype)
-        base_ref = str((Path(ctx.final_dir or out) / BASE).resolve())
+        base_ref = BASE
     cfg = target.config.to_dict()
     for drop in ("_name_or_path", "transformers_version"):
         cfg.pop(drop, None)
     cfg.update(medusa_num_heads=model.cfg.num_heads, medusa_num_layers=model.cfg.num_layers,
-               base_model_name_or_path=base_ref, torch_dtype=dtype_name(ctx.dtype))
+               base_model_name_or_path=base_ref, dtype=dtype_name(ctx.dtype), torch_dtype=dtype_name(ctx.dtype))
     write_json(out / CONFIG, cfg)
 
 
@@ -84,8 +93,14 @@ def check(ck: Checker, cfg: dict) -> None:
     base = cfg.get("base_model_name_or_path")
     if not isinstance(base, str) or not base:
         ck.fail(CONFIG, "base_model_name_or_path is missing (Medusa loads the base model from it)")
-    elif os.path.isabs(base) and not (Path(base) / CONFIG).is_file():
-        ck.fail(CONFIG, f"base_model_name_or_path {base} is not a model folder (no {CONFIG})")
+    elif os.path.isabs(base):
+        ck.fail(CONFIG, f"base_model_name_or_path {base} is an absolute path: use the target's hub id or a path "
+                        "relative to this folder (it breaks on any other machine)")
+    elif base == BASE and not (ck.folder / BASE / CONFIG).is_file():
+        ck.fail(CONFIG, f"base_model_name_or_path is {BASE!r} but {BASE}/{CONFIG} is missing")
+    dtypes = {cfg.get(k) for k in ("dtype", "torch_dtype") if k in cfg}
+    if len(dtypes) != 1:
+        ck.fail(CONFIG, f"dtype/torch_dtype are {sorted(map(str, dtypes))}, expected one dtype (the heads')")
     if not isinstance(cfg.get("model_type"), str):
         ck.fail(CONFIG, "model_type is missing (the base model's config fields belong in config.json)")
     H = cfg.get("hidden_size", cfg.get("n_embd"))
@@ -97,6 +112,18 @@ def check(ck: Checker, cfg: dict) -> None:
         return
     ck.names(HEADS, t, head_names(K, L))
     ck.float_dtypes(HEADS, t)
+    if t and len(dtypes) == 1 and {str(v.dtype).removeprefix("torch.") for v in t.values()} != dtypes:
+        ck.fail(HEADS, f"tensors are not in the config's dtype {next(iter(dtypes))}")
+    pt = ck.file(HEADS_PT)
+    if pt is not None and t:
+        try:
+            same = torch.load(pt, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is one violation, not a crash
+            ck.fail(HEADS_PT, f"not readable by torch.load ({type(e).__name__}: {e})")
+        else:
+            if not isinstance(same, dict) or set(same) != set(t) or not all(
+                    torch.equal(same[k], t[k]) and same[k].dtype == t[k].dtype for k in t):
+                ck.fail(HEADS_PT, f"does not hold the same tensors as {HEADS}")
     if isinstance(H, int) and isinstance(V, int):
         for k in range(K):
             for j in range(L):
