@@ -183,7 +183,7 @@ def ttt_rows_attend(k0: torch.Tensor, v0: torch.Tensor, prev_k: list[torch.Tenso
     # per sequence: its rows [lo, hi) and the keys up to its last row's position (later ones are masked)
     spans = [(b, e - c, e, p + 1) for b, (c, e, p) in enumerate(zip(*(x.tolist() for x in (counts, ends, last))))
              if c]
-    see = pos[:, None] >= torch.arange(k0.shape[2], device=pos.device)[None]  # [N, n] causal prefix
+    keys = torch.arange(k0.shape[2], device=pos.device)
 
     def attend(q, k, v):
         n = q.shape[1] // k.shape[1]
@@ -192,9 +192,11 @@ def ttt_rows_attend(k0: torch.Tensor, v0: torch.Tensor, prev_k: list[torch.Tenso
         diag = torch.stack([(q * repeat_kv(kj, n)).sum(-1).float() * scale for kj in ks], dim=-1)  # [1,h,N,i]
         outs = []
         for b, lo, hi, L in spans:
-            qb = q[:, :, lo:hi]
-            s0 = torch.matmul(qb, repeat_kv(k0[b:b + 1, :, :L], n).transpose(-1, -2)).float() * scale
-            s0 = s0.masked_fill(~see[lo:hi, :L], float("-inf"))
+            # the causal prefix as an additive mask (0 = seen, -inf = not), added inside the score matmul
+            hide = torch.zeros(hi - lo, L, dtype=q.dtype, device=q.device).masked_fill_(
+                pos[lo:hi, None] < keys[None, :L], float("-inf"))
+            kb = repeat_kv(k0[b:b + 1, :, :L], n)[0].transpose(-1, -2)
+            s0 = torch.baddbmm(hide, q[0, :, lo:hi], kb, alpha=scale).float()[None]  # [1, h, rows, L]
             p = torch.softmax(torch.cat([s0, diag[:, :, lo:hi]], dim=-1), dim=-1).to(q.dtype)
             out = torch.matmul(p[..., :L], repeat_kv(v0[b:b + 1, :, :L], n))
             for j, vj in enumerate(vs):

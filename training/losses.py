@@ -55,17 +55,22 @@ class _LinearSoftCE(torch.autograd.Function):
         top = torch.empty((N, k), dtype=torch.long, device=hidden.device)
         grad_h = torch.empty_like(hidden) if want_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        every = bool((weights > 0).all())  # every row counts (the usual case): no masking pass
         for s in range(0, N, chunk):
             h, w = hidden[s:s + chunk], weights[s:s + chunk]
             z = (h @ weight.t()).float()  # the drafter's logits over these rows
-            top[s:s + chunk] = z.argmax(-1, keepdim=True) if k == 1 else z.topk(k, dim=-1).indices
-            # rows outside the mask may be all -inf (no draft token there): their p is 0, not NaN
-            p = torch.where(w[:, None] > 0, _logp(target_logits[s:s + chunk]).exp(), 0.0)
-            lse = torch.logsumexp(z, -1)
+            zmax, arg = z.max(-1, keepdim=True)
+            top[s:s + chunk] = arg if k == 1 else z.topk(k, dim=-1).indices
+            p = torch.softmax(target_logits[s:s + chunk].float(), -1)
+            if not every:
+                p.masked_fill_(w[:, None] == 0, 0.0)  # unscored rows may be all -inf (no draft token): NaN
+            q = torch.exp(z - zmax)  # in place from here on: every [rows, V] buffer costs page faults on CPU
+            norm = q.sum(-1)
+            lse = zmax.squeeze(-1) + norm.log()
             mass = p.sum(-1)
-            loss += (w * (lse * mass - (p * z).sum(-1))).sum()  # -sum p log q = sum p (lse - z)
+            loss += (w * (lse * mass - torch.linalg.vecdot(p, z))).sum()  # -sum p log q = sum p (lse - z)
             if want_h or want_w:
-                g = (torch.exp(z - lse[:, None]) * (w * mass)[:, None] - p * w[:, None]).to(hidden.dtype)
+                g = q.mul_((w * mass / norm)[:, None]).sub_(p.mul_(w[:, None])).to(hidden.dtype)  # dloss/dz
                 if want_h:
                     grad_h[s:s + chunk] = g @ weight
                 if want_w:
