@@ -64,14 +64,26 @@ def train_worker(args) -> None:
     import torch
 
     import drafters
-    from conf.schema import load_config
+    from conf.schema import load_config, run_dir
+    from data_gen.output import load_dataset_dir
+    from training.data import DataPlan
     from training.stage import train
     from training.tracking import read_metrics
 
-    res = train(load_config(overrides(Path(args.root), args.name, args.steps)))
+    cfg = load_config(overrides(Path(args.root), args.name, args.steps))
+    res = train(cfg)
     logged = [r for r in read_metrics(Path(res["metrics"])) if r["kind"] == "train"]
+    # input tokens of every step (the plan's rows, as collate truncates them), to rate any window of steps
+    t = cfg.train
+    dataset = load_dataset_dir(run_dir(cfg) / "data_gen")
+    lengths = [min(len(x), t.max_length) for x in dataset["input_ids"]]
+    plan = DataPlan(len(lengths), t.eval_rows, cfg.run.seed, t.micro_batch_size, t.grad_accum, 1, 0)
+    per_step = [sum(lengths[r] for rows in plan.micro_batches(k * plan.global_batch) for r in rows)
+                for k in range(res["steps"])]
+    cumulative = [sum(per_step[:k + 1]) for k in range(len(per_step))]
     print(json.dumps({"threads": torch.get_num_threads(), "code": str(Path(drafters.__file__).parent.parent),
                       "tokens_per_s": logged[-1]["tokens_per_s"], "steps": res["steps"],
+                      "log": [(r["step"], r["time"], cumulative[r["step"] - 1]) for r in logged],
                       "input_tokens": res["input_tokens"], "loss_tokens": res["loss_tokens"],
                       "first_loss": logged[0]["loss"], "final_loss": logged[-1]["loss"],
                       "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
@@ -236,6 +248,15 @@ def _result(proc: subprocess.Popen, name: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def window_rate(log: list, start: float, end: float) -> float:
+    """Tokens/s of the steps logged inside [start, end]: (step, wall time, cumulative tokens) records."""
+    inside = [(t, tok) for _, t, tok in log if start <= t <= end]
+    if len(inside) < 2:
+        sys.exit("error: the two runs hardly overlapped: run more --steps")
+    (t0, k0), (t1, k1) = inside[0], inside[-1]
+    return (k1 - k0) / (t1 - t0)
+
+
 def side_by_side(args) -> None:
     root = Path(args.root).resolve()
     sides = {"this": HERE, "baseline": Path(args.baseline).resolve()}
@@ -254,15 +275,21 @@ def side_by_side(args) -> None:
     print(f"EAGLE-3 online training, demo target, {args.steps} steps, both checkouts at once; "
           f"wall {wall:.0f} s; load average (1 min) during the run: mean {sum(loads) / max(len(loads), 1):.1f}, "
           f"max {max(loads, default=0):.1f} on {os.cpu_count()} cores")
-    print("| side | commit | torch threads | tokens | loss tokens | tokens/s | peak RSS GiB | first loss | last loss |")
+    print("| side | commit | torch threads | tokens | loss tokens | tokens/s (whole loop) | peak RSS GiB | first loss | last loss |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, r in res.items():
         print(f"| {name} | {git_commit(sides[name])} | {r['threads']} | {r['input_tokens']} | {r['loss_tokens']} | "
               f"{r['tokens_per_s']:.0f} | {r['peak_rss_kib'] / 2**20:.2f} | {r['first_loss']:.4f} | "
               f"{r['final_loss']:.4f} |")
     a, b = res["this"], res["baseline"]
-    print(f"tokens/s ratio this/baseline: {a['tokens_per_s'] / b['tokens_per_s']:.2f}x; "
-          f"peak RSS ratio: {a['peak_rss_kib'] / b['peak_rss_kib']:.2f}x")
+    start = max(r["log"][0][1] for r in res.values())  # both past their first (warm-up) step ...
+    end = min(r["log"][-1][1] for r in res.values())  # ... and neither finished: the machine was shared alike
+    both = {name: window_rate(r["log"], start, end) for name, r in res.items()}
+    print(f"while both trained ({end - start:.0f} s, steps after the first): "
+          + ", ".join(f"{name} {rate:.0f} tokens/s" for name, rate in both.items())
+          + f"; ratio this/baseline {both['this'] / both['baseline']:.2f}x")
+    print(f"whole loop (each side's own figure; the side that finishes first leaves the other the machine): "
+          f"ratio {a['tokens_per_s'] / b['tokens_per_s']:.2f}x; peak RSS ratio {a['peak_rss_kib'] / b['peak_rss_kib']:.2f}x")
     if (a["input_tokens"], a["loss_tokens"]) != (b["input_tokens"], b["loss_tokens"]):
         print("warning: the two sides trained on different tokens: the comparison is not like for like")
 
