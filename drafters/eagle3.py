@@ -25,6 +25,9 @@ target's distribution renormalised over the draft vocab) on rows whose predicted
 token AND whose target argmax is in the draft vocab; total = sum_i step_decay**i * terms_i. No feature
 regression. Metrics: loss/<name> (decayed sum), loss_step/<depth> (undecayed), acc/<depth>: drafter argmax
 (mapped to target ids) == target argmax over all assistant rows (argmax outside the draft vocab = a miss).
+How it is computed (the same function, cheaper: bench/bench_train_throughput.py): steps >= 1 unroll only
+rows that a later step scores, only scored rows reach the LM head, and soft_ce alone runs fused with the
+head (training.losses.linear_soft_ce), so no [rows x V_d] logits are kept for backward.
 
 Add-ons (`loss(signal, UnrollOptions(...))`, used by objective=hass / objective=griffin): a top-K
 distillation term per step, GRIFFIN's cumulative top-k row mask (metrics keep/<depth>), and HASS's
