@@ -45,7 +45,7 @@ from drafters.layers import (
     Rotary,
     causal_attend,
     masked_attention,
-    ttt_attend,
+    ttt_rows_attend,
 )
 from training import losses as L
 
@@ -173,12 +173,19 @@ class EagleBase(FolderCheckpoint, TrainableDrafter):
     def as_drafter(self, target=None) -> EagleDecoding:
         return EagleDecoding(self, target if target is not None else self.target)
 
-    def unroll(self, input_ids: torch.Tensor, hidden: torch.Tensor, steps: int, detach_context: bool = False):
-        """Yield the core output [B, n, H] of unrolled steps i = 0..steps-1 over rows t = 0..n-1.
+    def unroll(self, input_ids: torch.Tensor, hidden: torch.Tensor, steps: int, detach_context: bool = False,
+               rows: list[torch.Tensor] | None = None):
+        """Yield the core output of unrolled steps i = 0..steps-1 over rows t = 0..n-1: [B, n, H] each.
 
         `hidden` is step 0's hidden input (row t: from the target's feature f_t, see `project`); row t of
         step i reads token x_{t+1+i} at position t + i, and step i >= 1 reads step i-1's output as its
-        hidden input, attending with the training-time-test pattern (drafters.layers.ttt_attend).
+        hidden input, attending with the training-time-test pattern (drafters.layers.ttt_rows_attend).
+
+        `rows` (training): rows[i - 1] lists the rows step i >= 1 computes, as ascending indices into the
+        flattened [B, n] grid, each list inside the previous one (a row's step i needs its step i-1). Step
+        0 always computes every row (all of them are keys for later steps); a row's later steps are read by
+        nothing but that row's own later steps and loss, so rows that no later loss scores can be left
+        out. With `rows`, step 0 yields [B * n, H] and step i yields [len(rows[i - 1]), H].
 
         That pattern already is HASS's "harmonized context alignment": a step-i query sees the target's
         features up to its chain's committed position and the drafter's own features at the i most recent
@@ -187,24 +194,27 @@ class EagleBase(FolderCheckpoint, TrainableDrafter):
         keys/values are still computed by the current weights (they get gradient) but no loss reaches back
         into earlier steps' computation. EAGLE-3's official TTT backpropagates through the whole chain."""
         B, n = hidden.shape[:2]
-        positions = torch.arange(n, device=hidden.device).expand(B, n)
-        first: list = []
+        dev = hidden.device
+        out, first = self._ckpt(self.core, hidden, self.embed(shifted(input_ids, 1, n)),
+                                torch.arange(n, device=dev).expand(B, n), [causal_attend] * self.num_kv_layers)
+        yield out if rows is None else out.flatten(0, 1)
+        out, idx = out.flatten(0, 1), torch.arange(B * n, device=dev)
         prev = [([], []) for _ in range(self.num_kv_layers)]
-        for i in range(steps):
-            if i == 0:
-                attends = [causal_attend] * self.num_kv_layers
-            else:
-                attends = [ttt_attend(k0, v0, pk, pv) for (k0, v0), (pk, pv) in zip(first, prev)]
-            embeds = self.embed(shifted(input_ids, 1 + i, n))
-            out, kvs = self._ckpt(self.core, hidden, embeds, positions + i, attends)
-            if i == 0:
-                first = kvs
-            else:
-                for (pk, pv), (k, v) in zip(prev, kvs):
-                    pk.append(k)
-                    pv.append(v)
-            yield out
+        for i in range(1, steps):
+            if rows is not None:  # keep this step's rows of everything carried along
+                sel = torch.searchsorted(idx, rows[i - 1])
+                idx, out = rows[i - 1], out[sel]
+                prev = [([k[:, :, sel] for k in pk], [v[:, :, sel] for v in pv]) for pk, pv in prev]
+            batch, pos = idx // n, idx % n
+            attends = [ttt_rows_attend(k0, v0, pk, pv, batch, pos) for (k0, v0), (pk, pv) in zip(first, prev)]
             hidden = out.detach() if detach_context else out
+            embeds = self.embed(shifted(input_ids, 1 + i, n).flatten()[idx])
+            out, kvs = self._ckpt(self.core, hidden[None], embeds[None], (pos + i)[None], attends)
+            out = out[0]
+            for (pk, pv), (k, v) in zip(prev, kvs):
+                pk.append(k)
+                pv.append(v)
+            yield out.view(B, n, -1) if rows is None else out
 
     def _check_losses(self, allowed: set[str]) -> None:
         bad = [k for k in self.cfg.losses if k not in allowed]

@@ -25,6 +25,9 @@ target's distribution renormalised over the draft vocab) on rows whose predicted
 token AND whose target argmax is in the draft vocab; total = sum_i step_decay**i * terms_i. No feature
 regression. Metrics: loss/<name> (decayed sum), loss_step/<depth> (undecayed), acc/<depth>: drafter argmax
 (mapped to target ids) == target argmax over all assistant rows (argmax outside the draft vocab = a miss).
+How it is computed (the same function, cheaper: bench/bench_train_throughput.py): steps >= 1 unroll only
+rows that a later step scores, only scored rows reach the LM head, and soft_ce alone runs fused with the
+head (training.losses.linear_soft_ce), so no [rows x V_d] logits are kept for backward.
 
 Add-ons (`loss(signal, UnrollOptions(...))`, used by objective=hass / objective=griffin): a top-K
 distillation term per step, GRIFFIN's cumulative top-k row mask (metrics keep/<depth>), and HASS's
@@ -146,49 +149,72 @@ class Eagle3Drafter(EagleBase):
         ids = signal.input_ids
         B, T = ids.shape
         n, steps = max(T - 1, 1), self.cfg.ttt_steps
-        target_logits = signal.logits
-        target_arg = target_logits.argmax(-1)  # [B, T] over the full target vocab
+        target_logits = signal.logits.flatten(0, 1)  # [B*T, V]; rows are gathered from it, step by step
+        target_arg = target_logits.argmax(-1)  # [B*T] over the full target vocab
         in_vocab = self.t2d[target_arg]
-        target_draft = target_logits[..., self.draft_ids.to(target_logits.device)]  # [B, T, V_d]
+        draft_ids = self.draft_ids.to(target_logits.device)
+        full_vocab = self.draft_vocab_size == target_logits.shape[-1]  # draft ids are then 0..V-1
         t2d_index = torch.cumsum(self.t2d.long(), 0) - 1  # target id -> draft id where t2d
         assistant = (signal.loss_mask > 0) & (signal.attention_mask > 0)
-        total = target_draft.new_zeros(())
+        # step i, row t predicts x_{t+2+i}: scored when that is an assistant token. A row's step i is needed
+        # while some step >= i scores it; only those rows are unrolled (EagleBase.unroll) and only scored
+        # rows (GRIFFIN: every unrolled row, its top-k picks the next step's rows) reach the LM head.
+        scored = torch.stack([shifted(assistant, 2 + i, n).flatten() for i in range(steps)])  # [steps, B*n]
+        needed = scored.flip(0).cummax(0).values.flip(0)
+        rows = [needed[i].nonzero().squeeze(1) for i in range(1, steps)]
+        total = target_logits.new_zeros(())
         metrics: dict[str, torch.Tensor] = {f"loss/{name}": total for name in self.cfg.losses}
         if opts.topk_weight:
             metrics["loss/topk_distill"] = total
-        keep = None  # GRIFFIN: rows still trained at this step
+        keep = None  # GRIFFIN: rows still trained at this step (over the unrolled rows)
+        idx = torch.arange(B * n, device=ids.device)
         hidden = self.project(shifted(signal.features, 0, n))
-        for i, out in enumerate(self.unroll(ids, hidden, steps, opts.detach_context)):
-            # step i, row t predicts x_{t+2+i}: target distribution at t+1+i, loss mask at t+2+i
-            scored = shifted(assistant, 2 + i, n)
-            valid = scored & shifted(in_vocab, 1 + i, n)
-            if keep is not None:
-                valid = valid & keep
-                metrics[f"keep/{i + 1}"] = ratio(keep, scored)
-            tgt = shifted(target_draft, 1 + i, n)
-            tgt = torch.where(valid[..., None], tgt, torch.zeros_like(tgt))  # rows of -inf would give NaN
-            labels = t2d_index[shifted(target_arg, 1 + i, n)].clamp_min(0)
+        for i, out in enumerate(self.unroll(ids, hidden, steps, opts.detach_context, rows)):
+            if i:
+                if keep is not None:
+                    keep = keep[torch.searchsorted(idx, rows[i - 1])]
+                idx = rows[i - 1]
             want_top = opts.keep_topk if i + 1 < steps else 0
-            step_loss, draft_arg, top = self._ckpt(self._step_loss, out, tgt, labels, valid, opts, want_top)
+            at = scored[i][idx] if not want_top else torch.ones_like(idx, dtype=torch.bool)
+            pick = at.nonzero().squeeze(1)  # positions in `out` of the rows that reach the head
+            r = idx[pick]
+            tpos = (r // n) * T + r % n + 1 + i  # the target's distribution for row t: position t+1+i
+            sc = scored[i][r]
+            valid = sc & in_vocab[tpos]
+            if keep is not None:
+                metrics[f"keep/{i + 1}"] = ratio(keep[pick], sc)
+                valid = valid & keep[pick]
+            tgt = target_logits[tpos] if full_vocab else target_logits[tpos[:, None], draft_ids[None]]
+            labels = t2d_index[target_arg[tpos]].clamp_min(0)
+            step_loss, draft_arg, top = self._ckpt(self._step_loss, out[pick], tgt, labels, valid, opts, want_top)
             w = self.cfg.step_decay ** i
             total = total + w * sum(step_loss.values())
             for name, term in step_loss.items():
                 metrics[f"loss/{name}"] = metrics[f"loss/{name}"] + w * term.detach()
             metrics[f"loss_step/{i + 1}"] = sum(step_loss.values()).detach()
-            metrics[f"acc/{i + 1}"] = ratio(draft_arg + self.d2t[draft_arg] == shifted(target_arg, 1 + i, n), scored)
+            hits = draft_ids[draft_arg] == target_arg[tpos]
+            metrics[f"acc/{i + 1}"] = (hits & sc).sum() / scored[i].sum().clamp_min(1)
             if top is not None:
-                keep = topk_keep(self.draft_ids[top], shifted(ids, 2 + i, n), keep)
+                keep = topk_keep(draft_ids[top], shifted(ids, 2 + i, n).flatten()[r], keep)
         return total, floats(metrics)
 
     def _step_loss(self, out, tgt, labels, valid, opts: UnrollOptions | None = None, want_top: int = 0):
-        """Weighted loss terms of one unrolled step, the drafter's argmax (draft ids) and, when asked
-        (GRIFFIN), its top `want_top` draft ids."""
+        """Weighted loss terms of one unrolled step over the rows given (out [N, H], the target's logits
+        over the draft vocab tgt [N, V_d], its argmax's draft id `labels`, the rows that count `valid`),
+        the drafter's argmax (draft ids) and, when asked (GRIFFIN), its top `want_top` draft ids.
+        The default soft_ce alone runs fused (training.losses.linear_soft_ce: no [N, V_d] logits kept for
+        backward); other terms need the logits themselves."""
+        topk_term = opts is not None and opts.topk_weight
+        if set(self.cfg.losses) == {"soft_ce"} and not topk_term:
+            loss, top = L.linear_soft_ce(self.norm(out), self.lm_head.weight, tgt, valid, k=max(1, want_top))
+            return {"soft_ce": self.cfg.losses["soft_ce"] * loss}, top[:, 0], top if want_top else None
         logits = self.draft_logits(out)
+        tgt = torch.where(valid[..., None], tgt, torch.zeros_like(tgt))  # rows of -inf would give NaN
         terms = {}
         for name, w in self.cfg.losses.items():
             fn = L.ce(logits, labels, valid) if name == "ce" else L.DISTRIBUTION_LOSSES[name](logits, tgt, valid)
             terms[name] = w * fn
-        if opts is not None and opts.topk_weight:
+        if topk_term:
             terms["topk_distill"] = opts.topk_weight * L.topk_soft_ce(logits, tgt, valid, opts.topk_k)
         top = logits.detach().topk(want_top, dim=-1).indices if want_top else None
         return terms, logits.argmax(-1), top

@@ -11,7 +11,7 @@ so exports are plain state-dict dumps.
 
 Attention is pluggable: the layer computes q/k/v (RoPE applied) and hands them to an `attend(q, k, v)`
 callable, which decides what the queries see: a causal window (training), a cached prefix plus a 4D
-tree mask (decoding), or EAGLE-3's training-time-test pattern (`ttt_attend`).
+tree mask (decoding), or EAGLE-3's training-time-test pattern (`ttt_attend`, `ttt_rows_attend`).
 
 Checkpoint folders (`FolderCheckpoint` mixin over drafters/folder.py): families implement
 `checkpoint_meta()` and `from_meta()`, and get `save_pretrained(dir)` / `from_pretrained(dir, target)`.
@@ -146,29 +146,63 @@ def masked_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
 
 def ttt_attend(k0: torch.Tensor, v0: torch.Tensor, prev_k: list[torch.Tensor],
                prev_v: list[torch.Tensor]) -> Attend:
-    """EAGLE-3 training-time test, unrolled step i >= 1. Row t of every step is the chain of drafts that
-    starts after committed pair t: its step-i query sees the causal prefix 0..t of step 0's keys (the
-    pairs built from true target features) and the entries at row t of steps 1..i (its own earlier
-    drafts and itself) - exactly the keys a depth-i tree node sees at decode time. Scores of the
-    prefix block and the i "diagonal" columns share one softmax (computed in fp32). Like the official
-    code this materialises [B, heads, T, T] scores per step; gradient checkpointing recomputes them."""
+    """EAGLE-3 training-time test, unrolled step i >= 1, over every row: q/k/v and prev_k/prev_v are
+    [B, heads, T, d] like k0/v0. The pattern is ttt_rows_attend's (this runs it with all B*T rows)."""
+    B, _, T, _ = k0.shape
+    batch = torch.arange(B, device=k0.device).repeat_interleave(T)
+    pos = torch.arange(T, device=k0.device).repeat(B)
+    rows = ttt_rows_attend(k0, v0, [_as_rows(k) for k in prev_k], [_as_rows(v) for v in prev_v], batch, pos)
 
+    def attend(q, k, v):
+        out = rows(_as_rows(q), _as_rows(k), _as_rows(v))  # [1, h, B*T, d]
+        return out[0].unflatten(1, (B, T)).transpose(0, 1)
+    return attend
+
+
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    """[B, h, T, d] -> [1, h, B*T, d], rows in (batch, position) order."""
+    return x.transpose(0, 1).flatten(1, 2)[None]
+
+
+def ttt_rows_attend(k0: torch.Tensor, v0: torch.Tensor, prev_k: list[torch.Tensor], prev_v: list[torch.Tensor],
+                    batch: torch.Tensor, pos: torch.Tensor) -> Attend:
+    """EAGLE-3 training-time test, unrolled step i >= 1, for a subset of rows. Row r (sequence batch[r],
+    position pos[r]; rows sorted by sequence, then position) is the chain of drafts that starts after committed pair
+    pos[r]: its step-i query sees the causal prefix 0..pos[r] of step 0's keys k0/v0 [B, kv, n, d] (the
+    pairs built from true target features) and its own entries of steps 1..i (its earlier drafts and
+    itself) - exactly the keys a depth-i tree node sees at decode time. q/k/v and prev_k/prev_v (steps
+    1..i-1) are [1, heads, N, d] over the rows. Scores of the prefix block and the i "diagonal" columns
+    share one softmax (in fp32). Rows whose drafts are never scored need not be here: nothing else reads
+    them, which is what lets training skip them (EagleBase.unroll). Per sequence the prefix block is
+    [heads, rows, n] (the official code materialises it for every row, as this does for the rows given);
+    gradient checkpointing recomputes it."""
     prev_k, prev_v = list(prev_k), list(prev_v)  # snapshot: checkpoint recomputation reruns this later
+    counts = torch.bincount(batch, minlength=k0.shape[0])
+    ends = torch.cumsum(counts, 0)
+    last = pos[(ends - 1).clamp_min(0)] if len(pos) else ends
+    # per sequence: its rows [lo, hi) and the keys up to its last row's position (later ones are masked)
+    spans = [(b, e - c, e, p + 1) for b, (c, e, p) in enumerate(zip(*(x.tolist() for x in (counts, ends, last))))
+             if c]
+    keys = torch.arange(k0.shape[2], device=pos.device)
 
     def attend(q, k, v):
         n = q.shape[1] // k.shape[1]
-        T = q.shape[2]
         scale = 1.0 / math.sqrt(q.shape[-1])
         ks, vs = [*prev_k, k], [*prev_v, v]
-        s0 = torch.matmul(q, repeat_kv(k0, n).transpose(-1, -2)).float() * scale  # [B, h, T, T]
-        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-        s0 = s0.masked_fill(~causal, float("-inf"))
-        diag = torch.stack([(q * repeat_kv(kj, n)).sum(-1).float() * scale for kj in ks], dim=-1)  # [B,h,T,i]
-        p = torch.softmax(torch.cat([s0, diag], dim=-1), dim=-1).to(q.dtype)
-        out = torch.matmul(p[..., :T], repeat_kv(v0, n))
-        for j, vj in enumerate(vs):
-            out = out + p[..., T + j, None] * repeat_kv(vj, n)
-        return out
+        diag = torch.stack([(q * repeat_kv(kj, n)).sum(-1).float() * scale for kj in ks], dim=-1)  # [1,h,N,i]
+        outs = []
+        for b, lo, hi, L in spans:
+            # the causal prefix as an additive mask (0 = seen, -inf = not), added inside the score matmul
+            hide = torch.zeros(hi - lo, L, dtype=q.dtype, device=q.device).masked_fill_(
+                pos[lo:hi, None] < keys[None, :L], float("-inf"))
+            kb = repeat_kv(k0[b:b + 1, :, :L], n)[0].transpose(-1, -2)
+            s0 = torch.baddbmm(hide, q[0, :, lo:hi], kb, alpha=scale).float()[None]  # [1, h, rows, L]
+            p = torch.softmax(torch.cat([s0, diag[:, :, lo:hi]], dim=-1), dim=-1).to(q.dtype)
+            out = torch.matmul(p[..., :L], repeat_kv(v0[b:b + 1, :, :L], n))
+            for j, vj in enumerate(vs):
+                out = out + p[..., L + j, None] * repeat_kv(vj[:, :, lo:hi], n)
+            outs.append(out)
+        return torch.cat(outs, dim=2) if outs else torch.zeros_like(q)
     return attend
 
 

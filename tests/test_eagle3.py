@@ -9,9 +9,11 @@ import torch
 from conf.errors import DraftsmithError
 from conf.schema.drafter import Eagle1Config, Eagle3Config
 from drafters.base import TargetSignal
+from drafters.eagle1 import shifted
 from drafters.eagle3 import Eagle3Drafter
 from drafters.folder import CONFIG_NAME, WEIGHTS_NAME
 from drafters.tree import DraftTree
+from training import losses as L
 
 SGLANG_NAMES = [
     "fc.weight", "midlayer.input_layernorm.weight", "midlayer.hidden_norm.weight",
@@ -124,6 +126,39 @@ def test_step_losses_match_a_hand_computation(llama):
         assert met[f"loss_step/{i + 1}"] == pytest.approx(torch.stack(terms).mean().item(), abs=1e-5)
         assert met[f"acc/{i + 1}"] == pytest.approx(hits / scored)
     assert skipped > 0  # the test exercised the draft-vocab filter
+
+
+def _dense_reference_loss(m, sig):
+    """EAGLE-3's loss computed the plain way: every row through every step, the head over all rows, the
+    masked training.losses.soft_ce per step (what loss() computed before it skipped rows and fused the head)."""
+    ids, n = sig.input_ids, sig.input_ids.shape[1] - 1
+    tl = sig.logits
+    in_vocab = m.t2d[tl.argmax(-1)]
+    assistant = (sig.loss_mask > 0) & (sig.attention_mask > 0)
+    total = 0.0
+    for i, out in enumerate(m.unroll(ids, m.project(sig.features[:, :n]), m.cfg.ttt_steps)):
+        valid = shifted(assistant, 2 + i, n) & shifted(in_vocab, 1 + i, n)
+        tgt = torch.where(valid[..., None], shifted(tl[..., m.draft_ids], 1 + i, n), torch.zeros(()))
+        total = total + m.cfg.step_decay**i * L.soft_ce(m.draft_logits(out), tgt, valid)
+    return total
+
+
+@pytest.mark.parametrize("vocab", [40, None])  # many target argmaxes outside the draft vocab; the full vocab
+def test_loss_and_gradients_equal_the_dense_reference(llama, vocab):
+    """The optimised loss (scored rows only, later steps only where a later step scores, fused head +
+    soft_ce) is the same function of the batch as the dense formulation, value and gradient of every
+    parameter. Tolerance: float32 sums in another order (chunks, gathered rows), x50-scaled logits."""
+    sig = _batch(llama)
+    results = []
+    for fn in (lambda m: m.loss(sig)[0], lambda m: _dense_reference_loss(m, sig)):
+        m = _model(llama, draft_vocab_size=vocab, ttt_steps=5)
+        loss = fn(m)
+        loss.backward()
+        results.append((loss.item(), {k: p.grad for k, p in m.named_parameters()}))
+    (got, grads), (want, ref) = results
+    assert got == pytest.approx(want, rel=1e-5)
+    for name, g in ref.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_padding_does_not_change_the_loss(llama):

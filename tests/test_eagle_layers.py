@@ -8,7 +8,7 @@ import torch
 
 from conf.errors import DraftsmithError
 from drafters.folder import CONFIG_NAME, read_checkpoint_config
-from drafters.layers import DrafterDims, causal_attend, repeat_kv, ttt_attend
+from drafters.layers import DrafterDims, causal_attend, repeat_kv, ttt_attend, ttt_rows_attend
 
 
 def _dense_ttt(q, ks, vs):
@@ -35,6 +35,31 @@ def test_ttt_attention_equals_dense_masked_attention(kv_heads):
     for i in range(1, steps):
         got = ttt_attend(ks[0], vs[0], ks[1:i], vs[1:i])(q, ks[i], vs[i])
         torch.testing.assert_close(got, _dense_ttt(q, ks[:i + 1], vs[:i + 1]), atol=1e-5, rtol=0)
+
+
+def test_ttt_rows_attend_on_a_subset_equals_those_rows_of_the_full_pattern():
+    """Training unrolls later steps only for rows some later loss scores: each row's output must be the
+    one the full grid gives it (rows see step 0's causal prefix and their own later entries only).
+    Tolerance: float32, the prefix block cut at the sequence's last kept row."""
+    g = torch.Generator().manual_seed(2)
+    B, h, kv, T, d, i = 3, 4, 2, 9, 8, 3
+    ks = [torch.randn(B, kv, T, d, generator=g) for _ in range(i + 1)]
+    vs = [torch.randn(B, kv, T, d, generator=g) for _ in range(i + 1)]
+    q = torch.randn(B, h, T, d, generator=g)
+    full = ttt_attend(ks[0], vs[0], ks[1:i], vs[1:i])(q, ks[i], vs[i])
+    keep = torch.rand(B, T, generator=g) > 0.5
+    keep[1] = False  # a sequence with no rows left
+    idx = keep.flatten().nonzero().squeeze(1)
+    batch, pos = idx // T, idx % T
+
+    def rows(x):
+        return x.transpose(0, 1).flatten(1, 2)[:, idx][None]  # [1, heads, N, d]
+    got = ttt_rows_attend(ks[0], vs[0], [rows(k) for k in ks[1:i]], [rows(v) for v in vs[1:i]], batch, pos)(
+        rows(q), rows(ks[i]), rows(vs[i]))
+    torch.testing.assert_close(got, rows(full), atol=1e-5, rtol=0)
+    empty = torch.zeros(0, dtype=torch.long)
+    none = ttt_rows_attend(ks[0], vs[0], [], [], empty, empty)(q[:1, :, :0], ks[1][:1, :, :0], vs[1][:1, :, :0])
+    assert none.shape == (1, h, 0, d)
 
 
 def test_ttt_attend_snapshots_earlier_steps():

@@ -67,3 +67,34 @@ def test_topk_cache_renormalises_and_gradients_flow():
 def test_smooth_l1_and_step_weights():
     assert L.smooth_l1(torch.zeros(1, 2, 4), torch.full((1, 2, 4), 3.0)).item() == pytest.approx(2.5)
     assert L.step_weights(3, 0.8) == [1.0, 0.8, pytest.approx(0.64)]
+
+
+@pytest.mark.parametrize("chunk_elems", [2**22, 40])  # one chunk; chunks of 4 rows (the last one short)
+def test_linear_soft_ce_equals_soft_ce_of_the_logits(chunk_elems):
+    """The fused head + loss is soft_ce(h W^T, target, mask): the same value, gradients for h and W and
+    argmax/top-k, including masked-out rows whose target is all -inf (no draft token: NaN if used).
+    Tolerance: float32, summed in another order (chunks, and the gradient formed as q - p)."""
+    g = torch.Generator().manual_seed(0)
+    N, H, V = 18, 8, 10
+    h = torch.randn(N, H, generator=g, requires_grad=True)
+    w = torch.randn(V, H, generator=g, requires_grad=True)
+    tgt = torch.randn(N, V, generator=g) * 3
+    tgt[2, 4:] = float("-inf")  # a cached top-k row: no mass outside it
+    mask = torch.rand(N, generator=g) > 0.3
+    mask[2] = True
+    tgt[5] = float("-inf")
+    mask[5] = False
+    ref = L.soft_ce(h @ w.t(), torch.where(mask[:, None], tgt, 0.0), mask)
+    ref.backward()
+    ref_grads = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    got, top = L.linear_soft_ce(h, w, tgt, mask, k=3, chunk_elems=chunk_elems)
+    (2.5 * got).backward()  # an outer weight reaches both gradients
+    assert got.item() == pytest.approx(ref.item(), rel=1e-6)
+    torch.testing.assert_close(h.grad, 2.5 * ref_grads[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w.grad, 2.5 * ref_grads[1], rtol=1e-5, atol=1e-6)
+    assert torch.equal(top, (h @ w.t()).topk(3, dim=-1).indices)
+    _, arg = L.linear_soft_ce(h.detach(), w.detach(), tgt, mask)
+    assert torch.equal(arg[:, 0], (h @ w.t()).argmax(-1))
+    none, _ = L.linear_soft_ce(h, w, tgt, torch.zeros(N, dtype=torch.bool))
+    assert none.item() == 0.0

@@ -42,6 +42,65 @@ def soft_ce(logits: torch.Tensor, target_logits: torch.Tensor, mask: torch.Tenso
     return masked_mean(-(torch.where(p > 0, p * _logp(logits), torch.zeros_like(p))).sum(-1), mask)
 
 
+class _LinearSoftCE(torch.autograd.Function):
+    """linear_soft_ce's work, chunk by chunk over rows. The gradients are made in the forward pass (the
+    chunk's logits are at hand there) and kept until backward scales them by the incoming gradient: only
+    [N, H] + [V, H] survive the call, never [N, V]. The same trade as Liger's fused linear cross-entropy."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, target_logits, weights, k, chunk):
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        N = hidden.shape[0]
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        top = torch.empty((N, k), dtype=torch.long, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        every = bool((weights > 0).all())  # every row counts (the usual case): no masking pass
+        for s in range(0, N, chunk):
+            h, w = hidden[s:s + chunk], weights[s:s + chunk]
+            z = (h @ weight.t()).float()  # the drafter's logits over these rows
+            zmax, arg = z.max(-1, keepdim=True)
+            top[s:s + chunk] = arg if k == 1 else z.topk(k, dim=-1).indices
+            p = torch.softmax(target_logits[s:s + chunk].float(), -1)
+            if not every:
+                p.masked_fill_(w[:, None] == 0, 0.0)  # unscored rows may be all -inf (no draft token): NaN
+            q = torch.exp(z - zmax)  # in place from here on: every [rows, V] buffer costs page faults on CPU
+            norm = q.sum(-1)
+            lse = zmax.squeeze(-1) + norm.log()
+            mass = p.sum(-1)
+            loss += (w * (lse * mass - torch.linalg.vecdot(p, z))).sum()  # -sum p log q = sum p (lse - z)
+            if want_h or want_w:
+                g = q.mul_((w * mass / norm)[:, None]).sub_(p.mul_(w[:, None])).to(hidden.dtype)  # dloss/dz
+                if want_h:
+                    grad_h[s:s + chunk] = g @ weight
+                if want_w:
+                    grad_w += (g.t() @ h).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        ctx.mark_non_differentiable(top)
+        return loss, top
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_top):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype)
+        gw = None if grad_w is None else (grad_w * grad_loss).to(ctx.weight_dtype)
+        return gh, gw, None, None, None, None
+
+
+def linear_soft_ce(hidden: torch.Tensor, weight: torch.Tensor, target_logits: torch.Tensor,
+                   mask: torch.Tensor, k: int = 1, chunk_elems: int = 2**22) -> tuple[torch.Tensor, torch.Tensor]:
+    """soft_ce(hidden @ weight.T, target_logits, mask) without the [N, V] logits, their softmax or their
+    gradient ever existing whole: rows go through in chunks of about chunk_elems logits. hidden [N, H],
+    weight [V, H] (an LM head), target_logits [N, V], mask [N]. Also returns the drafter's top-k ids per
+    row [N, k] (k = 1: the argmax), which callers need for accuracy and would otherwise recompute the
+    logits for. Equal to the unfused soft_ce up to float rounding (tests/test_losses.py)."""
+    m = mask.to(torch.float32)
+    weights = m / m.sum().clamp_min(1.0)  # masked_mean as per-row weights
+    chunk = max(1, chunk_elems // max(1, weight.shape[0]))
+    return _LinearSoftCE.apply(hidden, weight, target_logits, weights, k, chunk)
+
+
 def forward_kl(logits: torch.Tensor, target_logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """KL(p || q): mean-seeking distillation (DistillSpec FKL; Hinton et al. soft targets)."""
     logp = _logp(target_logits)
