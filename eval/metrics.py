@@ -22,6 +22,9 @@ LEVEL = 0.95
 REPS = 2000  # resamples: the interval ends move by well under 1 % of their width between seeds at this count
 SEED = 0
 BOOTSTRAP = {"method": "percentile bootstrap over prompts", "level": LEVEL, "reps": REPS, "seed": SEED}
+# below this many prompts a comparison gives no verdict: the percentile bootstrap's intervals come out too
+# narrow for a handful of units (4 prompts that all moved the same way would read as "outside the noise")
+MIN_VERDICT_PROMPTS = 10
 
 
 @dataclass
@@ -130,7 +133,8 @@ def _spread(took: np.ndarray, tried: np.ndarray) -> bool:
 def paired_difference(a: dict, b: dict, num: str = "cycle_tokens", den: str = "cycles", **kw) -> dict:
     """sum(num)/sum(den) of a minus that of b (per_prompt() columns of two drafters on the same prompts), with
     the interval of the difference from resampling the same prompts for both (prompt-to-prompt difficulty
-    then cancels). `outside_noise`: the interval excludes 0. Different prompt lists are a ValueError."""
+    then cancels). `outside_noise`: the interval excludes 0; None (no verdict) under MIN_VERDICT_PROMPTS
+    prompts. Different prompt lists are a ValueError."""
     if a["prompt_ids"] != b["prompt_ids"]:
         raise ValueError(f"paired_difference needs the same prompts on both sides: {len(a['prompt_ids'])} prompts "
                          f"vs {len(b['prompt_ids'])}, first differing at "
@@ -140,7 +144,8 @@ def paired_difference(a: dict, b: dict, num: str = "cycle_tokens", den: str = "c
         diff = float(_ratio_difference(cols.sum(0)))
     ci = bootstrap(cols, _ratio_difference, **kw)
     return {"diff": diff if np.isfinite(diff) else None, "ci": ci, "prompts": len(a["prompt_ids"]),
-            "outside_noise": None if ci is None else bool(ci[0] > 0 or ci[1] < 0)}
+            "outside_noise": None if ci is None or len(a["prompt_ids"]) < MIN_VERDICT_PROMPTS
+            else bool(ci[0] > 0 or ci[1] < 0)}
 
 
 def summarize(spec: list[list[GenRecord]], ar: list[list[GenRecord]], prompt_ids: list[str] | None = None) -> dict:

@@ -17,6 +17,8 @@ import platform
 from collections.abc import Callable
 from pathlib import Path
 
+from eval.metrics import REPS, SEED
+
 LOSSY = "LOSSY"
 LOSSY_NOTE = "LOSSY: typical acceptance, outputs may differ from the target's own"
 
@@ -69,9 +71,13 @@ Column = tuple[str, Callable[[dict], str]]
 
 
 def md_table(columns: list[Column], rows: list[dict]) -> list[str]:
-    """Markdown lines of a table: one line per row."""
+    """Markdown lines of a table: the header, the rule, one line per row."""
     lines = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
-    return lines + ["| " + " | ".join(cell(r) for _, cell in columns) + " |" for r in rows]
+    return lines + [md_row(columns, r) for r in rows]
+
+
+def md_row(columns: list[Column], row: dict) -> str:
+    return "| " + " | ".join(cell(row) for _, cell in columns) + " |"
 
 
 def decode_columns() -> list[Column]:
@@ -107,9 +113,9 @@ def acceptance_columns() -> list[Column]:
             ("acceptance [95 %]", lambda x: with_interval(x["rate"], x["ci"]))]
 
 
-INTERVAL_NOTE = ("[95 %]: percentile-bootstrap interval over prompts (2000 resamples, fixed seed; the ratio of sums is "
-                 "recomputed on each resample); none with a single prompt. prompts / cycles: the prompts and the "
-                 "speculative cycles (target forwards) behind the figures.")
+INTERVAL_NOTE = (f"[95 %]: percentile-bootstrap interval over prompts ({REPS} resamples, seed {SEED}; the ratio of "
+                 "sums is recomputed on each resample); none with a single prompt. prompts / cycles: the prompts and "
+                 "the speculative cycles (target forwards) behind the figures.")
 
 
 def markdown(report: dict) -> str:

@@ -126,8 +126,11 @@ def test_paired_difference_sees_a_small_consistent_gain_that_unpaired_intervals_
     assert a[1] > b[0]
     same = paired_difference(base, base)
     assert (same["diff"], same["ci"], same["outside_noise"]) == (0.0, (0.0, 0.0), False)
-    mixed = paired_difference(_pp([12, 8, 10, 9], [5, 5, 5, 5]), _pp([10, 10, 9, 10], [5, 5, 5, 5]))
+    mixed = paired_difference(_pp([12, 8, 10, 9] * 3, [5] * 12), _pp([10, 10, 9, 10] * 3, [5] * 12))
     assert mixed["ci"][0] < 0 < mixed["ci"][1] and mixed["outside_noise"] is False
+    # 4 prompts that all moved up: the bootstrap says [+0.2, +0.2], too few prompts for a verdict
+    few = paired_difference(_pp([6, 6, 6, 6], [5] * 4), _pp([5, 5, 5, 5], [5] * 4))
+    assert few["ci"] == (pytest.approx(0.2), pytest.approx(0.2)) and few["outside_noise"] is None
 
 
 def test_paired_difference_needs_the_same_prompts():

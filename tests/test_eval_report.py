@@ -169,3 +169,19 @@ def test_tau_figure_labels_each_bar_with_its_prompts_and_cycles():
     assert [tuple(s[:, 1]) for c in bars for s in c.errorbar.lines[2][0].get_segments()] == [(1.5, 2.5)] * 4
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["T=0", "T=1"] and _outside(fig, ax)
     plt.close(fig)
+
+
+def test_bench_decode_table_is_the_reports_with_drafter_and_tree():
+    import importlib.util
+
+    from conf.schema import PROJECT_ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_decode", PROJECT_ROOT / "bench" / "bench_decode.py")
+    bd = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bd)
+    rows = [{"drafter": "ngram", "tree": "chain:3", **r} for r in _report(temps=(0.0,))["results"][:1]]
+    lines = bd.table(rows).splitlines()
+    assert lines[2] == ("| ngram | chain:3 | 0 | 2 | 8 | 2.00 [1.50, 2.50] | 10.7 | 5.3 | 2.00× [2.00×, 2.00×] | 20 | 60 "
+                        "| 20 | 1/2 |")
+    assert lines[-3:] == ["| ngram | chain:3 | 0 | 1 | 8 | 0.62 [0.50, 0.75] |",
+                          "| ngram | chain:3 | 0 | 2 | 5 | 0.40 [0.00, 0.67] |", "| ngram | chain:3 | 0 | 3 | 2 | 0.50 |"]
