@@ -178,17 +178,27 @@ def comparisons(rows: list[dict]) -> list[dict]:
             continue
         for t in TEMPS:
             k = int(t)
-            out.append({"variant": r["variant"], "control": c["variant"], "temperature": t,
-                        **paired_difference(r[f"per_prompt_t{k}"], c[f"per_prompt_t{k}"])})
+            comp = {"variant": r["variant"], "control": c["variant"], "temperature": t}
+            try:
+                comp.update(paired_difference(r[f"per_prompt_t{k}"], c[f"per_prompt_t{k}"]))
+            except ValueError as e:  # evaluated on different prompts: a row saying so, not a lost hour of runs
+                comp.update(diff=None, ci=None, prompts=len(r[f"per_prompt_t{k}"]["prompt_ids"]), outside_noise=None,
+                            error=str(e))
+            out.append(comp)
     return out
+
+
+def _verdict(c: dict) -> str:
+    if c.get("error"):
+        return "- (not the same prompts)"
+    return {True: "yes", False: "no"}.get(c["outside_noise"], f"- (under {MIN_VERDICT_PROMPTS} prompts)")
 
 
 def comparison_table(comps: list[dict]) -> str:
     cols = [("variant", lambda c: c["variant"]), ("vs", lambda c: c["control"]),
             ("T", lambda c: f"{c['temperature']:g}"), ("prompts", lambda c: str(c["prompts"])),
             ("Δτ [95 %]", lambda c: with_interval(c["diff"], c["ci"], "{:+.2f}")),
-            ("outside the noise", lambda c: {True: "yes", False: "no"}.get(
-                c["outside_noise"], f"- (under {MIN_VERDICT_PROMPTS} prompts)"))]
+            ("outside the noise", _verdict)]
     return "\n".join(md_table(cols, comps))
 
 

@@ -75,6 +75,9 @@ def test_comparisons_pair_each_variant_with_its_control(bd):
     assert lines[4].startswith("| eagle3+gto | eagle3+more | 0 | 10 | +0.00 [-") and lines[4].endswith(" | no |")
     few = bd.comparisons([_row(bd, "eagle3", base[:4]), _row(bd, "eagle3+more", base[:4])])
     assert bd.comparison_table(few).splitlines()[2].endswith("| - (under 10 prompts) |")
+    other = bd.comparisons([_row(bd, "eagle3", base[:4]), _row(bd, "eagle3+more", base[:3])])
+    assert other[0]["error"].startswith("paired_difference needs the same prompts on both sides: 3 prompts vs 4")
+    assert bd.comparison_table(other).splitlines()[2] == "| eagle3+more | eagle3 | 0 | 3 | - | - (not the same prompts) |"
 
 
 def test_controls_name_real_variants(bd):
