@@ -159,7 +159,7 @@ def curves_figure(recs: list[dict]):
 
     train = [r for r in recs if r["kind"] == "train"]
     evals = [r for r in recs if r["kind"] == "eval"]
-    fig, axes = plt.subplots(2, 2, figsize=(13, 7.5), layout="constrained")
+    fig, axes = plt.subplots(2, 2, figsize=(12, 7), layout="constrained")
 
     ax = axes[0][0]
     keys = sorted({k for r in train for k in r if k == "loss" or k.startswith("loss/")})
