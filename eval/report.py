@@ -193,8 +193,8 @@ def acceptance_figure(report: dict):
     ax.set(ylabel="P(accept d | 1..d-1 accepted)", ylim=(0, 1.02))
     ax.set_title(_plot_title(report, "acceptance by depth"), fontsize=9)
     ax.grid(alpha=0.3)
-    cx.set(xlabel="draft depth d", ylabel="cycles reaching d", ylim=(0, None))
-    cx.margins(y=0.25)  # room for the count above the tallest bar
+    most = max((n for r in rows for n in r["depth_attempted"]), default=1)
+    cx.set(xlabel="draft depth d", ylabel="cycles reaching d", ylim=(0, 1.25 * most))  # room for the counts
     if rows:
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)  # off the data
     fig.text(0.01, 0.005, "rate at depth d is conditional on the draft reaching d with 1..d-1 accepted; "

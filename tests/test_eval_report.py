@@ -141,7 +141,7 @@ def test_acceptance_figure_shows_the_cycles_behind_each_conditional_rate():
     fig = acceptance_figure(_report(temps=(0.0,)))
     ax, cx = fig.axes
     assert ax.get_ylabel() == "P(accept d | 1..d-1 accepted)" and ax.get_ylim() == (0, 1.02)
-    assert (cx.get_xlabel(), cx.get_ylabel(), cx.get_ylim()[0]) == ("draft depth d", "cycles reaching d", 0)
+    assert (cx.get_xlabel(), cx.get_ylabel(), cx.get_ylim()) == ("draft depth d", "cycles reaching d", (0, 10))
     # the bottom panel: cycles that reached depths 1, 2, 3, per series, as bars labelled with the count
     assert [p.get_height() for p in cx.patches] == [8, 5, 2, 8, 5, 2]
     assert [t.get_text() for t in cx.texts] == ["8", "5", "2"] * 2
