@@ -146,26 +146,15 @@ def bench(args) -> tuple[list[dict], dict, str]:
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown table of the rows (one per drafter x tree x temperature)."""
-    depth = max((len(r["accept_by_depth"]) for r in rows), default=0)
-    head = (["drafter", "tree", "T", "τ"] + [f"acc@{d}" for d in range(1, depth + 1)]
-            + ["tok/s spec", "tok/s AR", "speedup", "draft %", "verify %", "other %", "= AR"])
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    """Markdown tables of the rows (one per drafter x tree x temperature): the eval report's decoding columns
+    (τ and speedup with 95 % intervals, prompts, cycles) and its acceptance-by-depth table."""
+    from eval.report import INTERVAL_NOTE, acceptance_columns, decode_columns, depth_rows, md_table
 
-    def f(x, fmt="{:.2f}"):
-        return "-" if x is None else fmt.format(x)
-
-    for r in rows:
-        acc = r["accept_by_depth"] + [None] * (depth - len(r["accept_by_depth"]))
-        sp = r["time_split"]
-        same = f"{r['identical_outputs']}/{r['generations']}" if r["temperature"] == 0 else "-"
-        out.append("| " + " | ".join([r["drafter"], r["tree"], f"{r['temperature']:g}", f(r["tau"])]
-                                     + [f(a) for a in acc]
-                                     + [f(r["tok_s_spec"], "{:.1f}"), f(r["tok_s_ar"], "{:.1f}"),
-                                        f(r["speedup"], "{:.2f}×")]
-                                     + [f(sp[k] and 100 * sp[k], "{:.0f}") for k in ("draft", "verify", "other")]
-                                     + [same]) + " |")
-    return "\n".join(out)
+    name = [("drafter", lambda r: r["drafter"]), ("tree", lambda r: r["tree"])]
+    depth = [(h, lambda x, cell=cell: cell(x["of"])) for h, cell in name]
+    return "\n".join(md_table(name + decode_columns(), rows) + ["", INTERVAL_NOTE, "", "Acceptance by depth (of the "
+                      "cycles that reached depth d with 1..d-1 accepted, the share accepting d):", ""]
+                      + md_table(depth + acceptance_columns(), depth_rows(rows)))
 
 
 def section(rows, machine, desc, args, command: str, seconds: float) -> tuple[str, str]:

@@ -26,6 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from eval.metrics import MIN_VERDICT_PROMPTS, paired_difference  # noqa: E402
+from eval.report import md_row, md_table, with_interval  # noqa: E402
+
 # name -> (table, overrides, what it starts from: None = scratch, else the variant whose final drafter it loads)
 VARIANTS = {
     "eagle1": ("drafters", ["drafter=eagle1"], None),
@@ -42,6 +45,12 @@ VARIANTS = {
     "small+on_policy": ("objectives", ["drafter=small", "objective=on_policy"], None),
     "small+adaspec": ("objectives", ["drafter=small", "objective=adaspec"], "small"),
 }
+# name -> the row its τ is compared with, paired on the same prompts: objectives with their baseline or
+# equal-steps control, families with the default recipe
+CONTROL = {"eagle1": "eagle3", "medusa": "eagle3", "medusa2": "eagle3", "hydra": "eagle3", "hydra_pp": "eagle3",
+           "small": "eagle3", "eagle3+hass": "eagle3", "eagle3+griffin": "eagle3", "eagle3+more": "eagle3",
+           "eagle3+gto": "eagle3+more", "small+on_policy": "small", "small+adaspec": "small"}
+TEMPS = (0.0, 1.0)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -107,30 +116,90 @@ def run_variant(name: str, args, common: list[str], root: Path, done: dict) -> d
                                                           f"eval.num_prompts={args.prompts}",
                                                           f"eval.max_new_tokens={args.max_new_tokens}",
                                                           "eval.compare_assistant=false"]))["report"]
-    by_t = {r["temperature"]: r for r in report["results"]}
     origin = f"scratch, reference {start}" if name.startswith("small+adaspec") else start
     return {"variant": name, "table": table, "start": origin, "steps": res["steps"],
             "tokens_per_s": res["tokens_per_s"], "final_loss": res["final_loss"],
             "tau_sim": (res.get("eval") or {}).get("tau_sim"), "final_dir": res["final_dir"],
-            **{f"{k}_t{int(t)}": by_t[t][k] for t in (0.0, 1.0) for k in ("tau", "speedup", "outside_target")},
-            "identical_t0": f"{by_t[0.0]['identical_outputs']}/{by_t[0.0]['generations']}"}
+            **eval_fields(report["results"])}
+
+
+def eval_fields(results: list[dict]) -> dict:
+    """A variant's eval figures at each of TEMPS (eval report rows): τ and speedup with their intervals, the
+    prompts and cycles behind them, and the per-prompt sums that comparisons() pairs."""
+    by_t = {r["temperature"]: r for r in results}
+    out = {"prompts": len(by_t[TEMPS[0]]["per_prompt"]["prompt_ids"]),
+           "identical_t0": f"{by_t[0.0]['identical_outputs']}/{by_t[0.0]['generations']}"}
+    for t in TEMPS:
+        r, k = by_t[t], int(t)
+        out.update({f"tau_t{k}": r["tau"], f"tau_ci_t{k}": r["ci"]["tau"], f"speedup_t{k}": r["speedup"],
+                    f"speedup_ci_t{k}": r["ci"]["speedup"], f"outside_target_t{k}": r["outside_target"],
+                    f"cycles_t{k}": r["target_forwards"], f"per_prompt_t{k}": r["per_prompt"]})
+    return out
+
+
+def _f(x, fmt="{:.2f}"):
+    return "-" if x is None else fmt.format(x)
+
+
+def columns() -> list:
+    """The variants table (eval.report.Column list: one entry per column)."""
+    cols = [("variant", lambda r: r["variant"]), ("from", lambda r: r["start"] or "scratch"),
+            ("steps", lambda r: str(r["steps"])), ("train tok/s", lambda r: _f(r["tokens_per_s"], "{:.0f}")),
+            ("final loss", lambda r: _f(r["final_loss"], "{:.3f}")), ("τ sim", lambda r: _f(r["tau_sim"])),
+            ("prompts", lambda r: str(r["prompts"]))]
+    for t in TEMPS:
+        k = int(t)
+        cols += [(f"cycles T={k}", lambda r, k=k: str(r[f"cycles_t{k}"])),
+                 (f"τ T={k} [95 %]", lambda r, k=k: with_interval(r[f"tau_t{k}"], r[f"tau_ci_t{k}"])),
+                 (f"speedup T={k} [95 %]",
+                  lambda r, k=k: with_interval(r[f"speedup_t{k}"], r[f"speedup_ci_t{k}"], "{:.2f}×"))]
+    return cols + [("= AR (T=0)", lambda r: r["identical_t0"])]
 
 
 def table(rows: list[dict]) -> str:
-    def f(x, fmt="{:.2f}"):
-        return "-" if x is None else fmt.format(x)
-
-    out = ["| variant | from | steps | train tok/s | final loss | τ sim | τ T=0 | speedup T=0 | τ T=1 | speedup T=1 "
-           "| = AR (T=0) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    cols = columns()
+    out = md_table(cols, [])
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['variant']} | {r['start'] or 'scratch'} | failed: {r['error']} |" + " |" * 8)
-            continue
-        out.append(f"| {r['variant']} | {r['start'] or 'scratch'} | {r['steps']} | {f(r['tokens_per_s'], '{:.0f}')} "
-                   f"| {f(r['final_loss'], '{:.3f}')} | {f(r['tau_sim'])} | {f(r['tau_t0'])} "
-                   f"| {f(r['speedup_t0'], '{:.2f}×')} | {f(r['tau_t1'])} | {f(r['speedup_t1'], '{:.2f}×')} "
-                   f"| {r['identical_t0']} |")
+            out.append(f"| {r['variant']} | {r['start'] or 'scratch'} | failed: {r['error']} |" + " |" * (len(cols) - 3))
+        else:
+            out.append(md_row(cols, r))
     return "\n".join(out)
+
+
+def comparisons(rows: list[dict]) -> list[dict]:
+    """Each variant's τ minus its CONTROL's at each temperature, paired over the same eval prompts
+    (eval.metrics.paired_difference), for the variants whose control also ran."""
+    ok = {r["variant"]: r for r in rows if "error" not in r}
+    out = []
+    for r in rows:
+        c = ok.get(CONTROL.get(r["variant"]))
+        if "error" in r or c is None:
+            continue
+        for t in TEMPS:
+            k = int(t)
+            comp = {"variant": r["variant"], "control": c["variant"], "temperature": t}
+            try:
+                comp.update(paired_difference(r[f"per_prompt_t{k}"], c[f"per_prompt_t{k}"]))
+            except ValueError as e:  # evaluated on different prompts: a row saying so, not a lost hour of runs
+                comp.update(diff=None, ci=None, prompts=len(r[f"per_prompt_t{k}"]["prompt_ids"]), outside_noise=None,
+                            error=str(e))
+            out.append(comp)
+    return out
+
+
+def _verdict(c: dict) -> str:
+    if c.get("error"):
+        return "- (not the same prompts)"
+    return {True: "yes", False: "no"}.get(c["outside_noise"], f"- (under {MIN_VERDICT_PROMPTS} prompts)")
+
+
+def comparison_table(comps: list[dict]) -> str:
+    cols = [("variant", lambda c: c["variant"]), ("vs", lambda c: c["control"]),
+            ("T", lambda c: f"{c['temperature']:g}"), ("prompts", lambda c: str(c["prompts"])),
+            ("Δτ [95 %]", lambda c: with_interval(c["diff"], c["ci"], "{:+.2f}")),
+            ("outside the noise", _verdict)]
+    return "\n".join(md_table(cols, comps))
 
 
 def main(argv=None) -> int:
@@ -144,7 +213,7 @@ def main(argv=None) -> int:
     from conf.errors import DraftsmithError
     from conf.schema import load_config
     from data_gen.stage import run as data_gen
-    from eval.report import machine_info
+    from eval.report import INTERVAL_NOTE, machine_info
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -180,6 +249,7 @@ def main(argv=None) -> int:
     target = args.target or "assets/demo-target"
     where = f"{machine['device']} ({machine['device_name']})"
     note = f" — {args.note}" if args.note else ""
+    comps = comparisons(rows)
     for tab in ("drafters", "objectives"):
         sel = [r for r in rows if r["table"] == tab]
         if not sel:
@@ -193,7 +263,10 @@ def main(argv=None) -> int:
             f"- data: {args.conversations} ShareGPT conversations (data_gen, max_length {args.max_length}); "
             f"micro-batch {args.micro_batch}; lr {args.lr} from scratch, {args.finetune_lr} fine-tuning; eval: {args.prompts} sharegpt_heldout "
             f"prompts × {args.max_new_tokens} new tokens, the default dynamic tree", "", table(sel), "",
-            "<!-- /bench_drafters -->"])
+            f"τ of each {tab[:-1]} minus its control's on the same prompts (paired bootstrap: both resampled "
+            "with the same prompts); outside the noise = the 95 % interval of the difference excludes 0:", "",
+            comparison_table([c for c in comps if c["variant"] in {r["variant"] for r in sel}]), "",
+            INTERVAL_NOTE, "", "<!-- /bench_drafters -->"])
         print(text)
         if not args.no_write:
             out = Path(args.out) if args.out else BENCHMARKS_MD

@@ -1,14 +1,30 @@
-"""Aggregation of per-generation decoding records into the eval report's numbers.
+"""Aggregation of per-generation decoding records into the eval report's numbers, with 95 % intervals.
 
     from eval.metrics import GenRecord, summarize
-    row = summarize(spec_records, ar_records)   # tau, accept@d, tok/s, speedup, time split
+    row = summarize(spec_by_prompt, ar_by_prompt)   # tau, accept@d, tok/s, speedup, time split, row["ci"]
 
 Every ratio is a ratio of sums over all generations (tokens / forwards, tokens / seconds), not a mean of
 per-prompt ratios, so a long answer weighs by its tokens as it does in serving.
+
+Intervals: a percentile bootstrap over prompts (the unit that is sampled: an MT-bench prompt's two turns
+stay together). Each resample draws as many prompts as there are, with replacement, and recomputes the same
+ratio of sums over them; the interval is the central 95 % of those values. The seed is fixed, so a report's
+intervals are reproducible from its per-prompt columns (kept in report.json as row["per_prompt"]).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import numpy as np
+
+LEVEL = 0.95
+REPS = 2000  # resamples: between seeds the interval's ends vary by ~1-2 % of its width (sd, 20 prompts)
+SEED = 0
+BOOTSTRAP = {"method": "percentile bootstrap over prompts", "level": LEVEL, "reps": REPS, "seed": SEED}
+# below this many prompts a comparison gives no verdict: the percentile bootstrap's intervals come out too
+# narrow for a handful of units (4 prompts that all moved the same way would read as "outside the noise")
+MIN_VERDICT_PROMPTS = 10
 
 
 @dataclass
@@ -41,8 +57,102 @@ def acceptance_by_depth(records: list[GenRecord]) -> list[float | None]:
     return [a / t if t else None for a, t in zip(took, tried)]
 
 
-def summarize(spec: list[GenRecord], ar: list[GenRecord]) -> dict:
-    """The report's numbers for one benchmark x temperature."""
+def bootstrap(columns, statistic: Callable[[np.ndarray], np.ndarray], *, level: float = LEVEL, reps: int = REPS,
+              seed: int = SEED) -> tuple[float, float] | None:
+    """The `level` percentile-bootstrap interval of statistic(column sums) over rows (prompts).
+
+    columns: [prompts, k] per-prompt numbers; statistic maps sums [..., k] to values [...] (vectorised, e.g.
+    `lambda s: s[..., 0] / s[..., 1]`). None with fewer than 2 prompts: one prompt says nothing about the
+    spread between prompts. Resamples where the statistic is undefined (0 / 0: no resampled prompt reached a
+    depth) are left out."""
+    x = np.asarray(columns, dtype=np.float64)
+    n = x.shape[0]
+    if n < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    counts = rng.multinomial(n, np.full(n, 1.0 / n), size=reps)  # [reps, prompts]: times each prompt is drawn
+    with np.errstate(divide="ignore", invalid="ignore"):
+        values = statistic(counts @ x)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return None
+    lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def _ratio(s):
+    return s[..., 0] / s[..., 1]
+
+
+def _ratio_of_ratios(s):  # speedup: (spec tokens / spec seconds) / (AR tokens / AR seconds)
+    return (s[..., 0] / s[..., 1]) / (s[..., 2] / s[..., 3])
+
+
+def _ratio_difference(s):
+    return s[..., 0] / s[..., 1] - s[..., 2] / s[..., 3]
+
+
+def per_prompt(spec: list[list[GenRecord]], ar: list[list[GenRecord]], prompt_ids: list[str] | None = None) -> dict:
+    """Per-prompt sums (each prompt's turns together), as JSON-ready columns: what the intervals and the
+    paired comparisons between drafters resample."""
+    depth = max((len(r.depth_attempted) for p in spec for r in p), default=0)
+
+    def col(recs, key):
+        return [sum(getattr(r, key) for r in p) for p in recs]
+
+    def depth_col(key):
+        return [[sum(getattr(r, key)[d] for r in p if d < len(getattr(r, key))) for d in range(depth)] for p in spec]
+
+    return {"prompt_ids": list(prompt_ids) if prompt_ids is not None else [str(i) for i in range(len(spec))],
+            "cycle_tokens": col(spec, "forward_tokens"), "cycles": col(spec, "forwards"),
+            "new_tokens_spec": col(spec, "new_tokens"), "wall_s_spec": col(spec, "wall_s"),
+            "new_tokens_ar": col(ar, "new_tokens"), "wall_s_ar": col(ar, "wall_s"),
+            "depth_attempted": depth_col("depth_attempted"), "depth_accepted": depth_col("depth_accepted")}
+
+
+def intervals(pp: dict, **kw) -> dict:
+    """95 % intervals of tau, speedup and acceptance at each depth from per_prompt() columns (None where
+    there are fewer than 2 prompts, and for a depth without spread, see _spread); kw goes to bootstrap()."""
+    tau = bootstrap(np.column_stack([pp["cycle_tokens"], pp["cycles"]]), _ratio, **kw)
+    speedup = bootstrap(np.column_stack([pp["new_tokens_spec"], pp["wall_s_spec"], pp["new_tokens_ar"],
+                                         pp["wall_s_ar"]]), _ratio_of_ratios, **kw)
+    tried, took = np.asarray(pp["depth_attempted"], float), np.asarray(pp["depth_accepted"], float)
+    depth = tried.shape[1] if tried.ndim == 2 else 0
+    acc = [bootstrap(np.column_stack([took[:, d], tried[:, d]]), _ratio, **kw) if _spread(took[:, d], tried[:, d])
+           else None for d in range(depth)]
+    return {"tau": tau, "speedup": speedup, "accept_by_depth": acc}
+
+
+def _spread(took: np.ndarray, tried: np.ndarray) -> bool:
+    """Whether a depth's acceptance has an interval: at least 2 prompts reached it, and its cycles did not all
+    accept or all reject (then every resample gives the same rate: a zero-width interval claiming a
+    certainty that, say, 0 of 7 cycles does not give)."""
+    return int((tried > 0).sum()) >= 2 and 0 < took.sum() < tried.sum()
+
+
+def paired_difference(a: dict, b: dict, num: str = "cycle_tokens", den: str = "cycles", **kw) -> dict:
+    """sum(num)/sum(den) of a minus that of b (per_prompt() columns of two drafters on the same prompts), with
+    the interval of the difference from resampling the same prompts for both (prompt-to-prompt difficulty
+    then cancels). `outside_noise`: the interval excludes 0; None (no verdict) under MIN_VERDICT_PROMPTS
+    prompts. Different prompt lists are a ValueError."""
+    if a["prompt_ids"] != b["prompt_ids"]:
+        raise ValueError(f"paired_difference needs the same prompts on both sides: {len(a['prompt_ids'])} prompts "
+                         f"vs {len(b['prompt_ids'])}, first differing at "
+                         f"{next((i for i, (x, y) in enumerate(zip(a['prompt_ids'], b['prompt_ids'])) if x != y), None)}")
+    cols = np.column_stack([a[num], a[den], b[num], b[den]])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        diff = float(_ratio_difference(cols.sum(0)))
+    ci = bootstrap(cols, _ratio_difference, **kw)
+    return {"diff": diff if np.isfinite(diff) else None, "ci": ci, "prompts": len(a["prompt_ids"]),
+            "outside_noise": None if ci is None or len(a["prompt_ids"]) < MIN_VERDICT_PROMPTS
+            else bool(ci[0] > 0 or ci[1] < 0)}
+
+
+def summarize(spec: list[list[GenRecord]], ar: list[list[GenRecord]], prompt_ids: list[str] | None = None) -> dict:
+    """The report's numbers for one benchmark x temperature; spec[i] / ar[i]: prompt i's turns (the same
+    turns on both sides)."""
+    pp = per_prompt(spec, ar, prompt_ids)
+    spec, ar = [r for p in spec for r in p], [r for p in ar for r in p]
     s_tok = sum(r.new_tokens for r in spec)
     a_tok = sum(r.new_tokens for r in ar)
     s_wall = sum(r.wall_s for r in spec)
@@ -70,4 +180,6 @@ def summarize(spec: list[GenRecord], ar: list[GenRecord]) -> dict:
         # what speculative decoding adds on top of the target: everything but its verification forward
         "outside_target": (draft + other) / cycle if cycle > 0 else None,
         "identical_outputs": sum(s.tokens == a.tokens for s, a in zip(spec, ar)),
+        "depth_attempted": [sum(d) for d in zip(*pp["depth_attempted"])],  # the cycles behind each acceptance rate
+        "ci": intervals(pp), "bootstrap": BOOTSTRAP, "per_prompt": pp,
     }

@@ -14,7 +14,10 @@ import datetime
 import json
 import os
 import platform
+from collections.abc import Callable
 from pathlib import Path
+
+from eval.metrics import REPS, SEED
 
 LOSSY = "LOSSY"
 LOSSY_NOTE = "LOSSY: typical acceptance, outputs may differ from the target's own"
@@ -56,10 +59,69 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.0f}"
 
 
+def with_interval(x, ci, fmt: str = "{:.2f}") -> str:
+    """'2.00 [1.85, 2.14]'; the point alone where there is no interval (fewer than 2 prompts)."""
+    if x is None or ci is None:
+        return _f(x, fmt)
+    return f"{fmt.format(x)} [{fmt.format(ci[0])}, {fmt.format(ci[1])}]"
+
+
+# A table is a list of columns (header, cell of one result row): a new column is one entry in the list.
+Column = tuple[str, Callable[[dict], str]]
+
+
+def md_table(columns: list[Column], rows: list[dict]) -> list[str]:
+    """Markdown lines of a table: the header, the rule, one line per row."""
+    lines = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
+    return lines + [md_row(columns, r) for r in rows]
+
+
+def md_row(columns: list[Column], row: dict) -> str:
+    return "| " + " | ".join(cell(row) for _, cell in columns) + " |"
+
+
+def decode_columns() -> list[Column]:
+    """The decoding table's columns after the row's name (benchmark here, drafter x tree in bench_decode)."""
+    return [
+        ("T", lambda r: f"{r['temperature']:g}"),
+        ("prompts", lambda r: str(r["prompts"])),
+        ("cycles", lambda r: str(r["target_forwards"])),
+        ("τ [95 %]", lambda r: with_interval(r["tau"], r["ci"]["tau"])),
+        ("tok/s spec", lambda r: _f(r["tok_s_spec"], "{:.1f}")),
+        ("tok/s AR", lambda r: _f(r["tok_s_ar"], "{:.1f}")),
+        ("speedup [95 %]", lambda r: with_interval(r["speedup"], r["ci"]["speedup"], "{:.2f}×")),
+        ("draft %", lambda r: _pct(r["time_split"]["draft"])),
+        ("verify %", lambda r: _pct(r["time_split"]["verify"])),
+        ("other %", lambda r: _pct(r["time_split"]["other"])),
+        ("= AR", lambda r: f"{r['identical_outputs']}/{r['generations']}" if r["temperature"] == 0 else "-"),
+    ]
+
+
+def depth_rows(rows: list[dict]) -> list[dict]:
+    """One row per result row x depth reached, for acceptance_columns(); the result row is under "of"."""
+    return [{"of": r, "depth": d, "cycles": n, "rate": a, "ci": ci}
+            for r in rows
+            for d, (a, n, ci) in enumerate(zip(r["accept_by_depth"], r["depth_attempted"], r["ci"]["accept_by_depth"]), 1)
+            if n]
+
+
+def acceptance_columns() -> list[Column]:
+    """The acceptance-by-depth table's columns after the row's name (cells of depth_rows() rows)."""
+    return [("T", lambda x: f"{x['of']['temperature']:g}"),
+            ("depth", lambda x: str(x["depth"])),
+            ("cycles reaching it", lambda x: str(x["cycles"])),
+            ("acceptance [95 %]", lambda x: with_interval(x["rate"], x["ci"]))]
+
+
+INTERVAL_NOTE = (f"[95 %]: percentile-bootstrap interval over prompts ({REPS} resamples, seed {SEED}; the ratio of "
+                 "sums is recomputed on each resample); none with a single prompt. prompts / cycles: the prompts and "
+                 "the speculative cycles (target forwards) behind the figures.")
+
+
 def markdown(report: dict) -> str:
-    """The Markdown report: a heading, the decoding table and, where timed, transformers' assisted peer."""
+    """The Markdown report: a heading, the decoding table, acceptance by depth and, where timed,
+    transformers' assisted peer."""
     rows = report["results"]
-    depth = max((len(r["accept_by_depth"]) for r in rows), default=0)
     lossy = f" {LOSSY}" if report.get("lossy") else ""
     m = report["machine"]
     lines = [f"# {title(report)}", ""]
@@ -75,24 +137,20 @@ def markdown(report: dict) -> str:
     if report.get("command"):
         lines.append(f"command: `{report['command']}`")
     lines.append("")
-    head = (["benchmark", "T", "prompts", "τ"] + [f"acc@{d}" for d in range(1, depth + 1)]
-            + ["tok/s spec", "tok/s AR", "speedup", "draft %", "verify %", "other %", "= AR"])
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        acc = r["accept_by_depth"] + [None] * (depth - len(r["accept_by_depth"]))
-        split = r["time_split"]
-        same = f"{r['identical_outputs']}/{r['generations']}" if r["temperature"] == 0 else "-"
-        cells = ([f"{r['benchmark']}{lossy}", f"{r['temperature']:g}", str(r["prompts"]), _f(r["tau"])]
-                 + [_f(a) for a in acc]
-                 + [_f(r["tok_s_spec"], "{:.1f}"), _f(r["tok_s_ar"], "{:.1f}"), _f(r["speedup"], "{:.2f}×"),
-                    _pct(split["draft"]), _pct(split["verify"]), _pct(split["other"]), same])
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "τ: generated tokens per target forward; acc@d: of the cycles whose draft reached depth d with "
-              "1..d-1 accepted, the share accepting depth d; = AR: turns whose output equals the autoregressive "
-              "baseline's (T=0 only); draft/verify/other: share of the speculative cycle's time."]
+    name: Column = ("benchmark", lambda r: f"{r['benchmark']}{lossy}")
+    lines += md_table([name, *decode_columns()], rows)
+    lines += ["", "τ: generated tokens per target forward; = AR: turns whose output equals the autoregressive "
+              "baseline's (T=0 only); draft/verify/other: share of the speculative cycle's time. " + INTERVAL_NOTE]
     skipped = [(r["benchmark"], r["temperature"], r["skipped"]) for r in rows if r.get("skipped")]
     for b, t, s in skipped:
         lines.append(f"- {b} T={t:g}: skipped " + ", ".join(f"{n} ({why})" for why, n in sorted(s.items())))
+    lines += ["", f"## acceptance by depth{lossy}", "",
+              "Of the cycles whose draft reached depth d with depths 1..d-1 all accepted, the share that accepted "
+              "depth d: a rate conditional on reaching the depth, so deep rates stand on fewer cycles. No interval "
+              "where fewer than 2 prompts reached the depth or its cycles all accepted (or all rejected): every "
+              "resample would then give the same rate.", ""]
+    lines += md_table([("benchmark", lambda x: f"{x['of']['benchmark']}{lossy}"), *acceptance_columns()],
+                      depth_rows(rows))
     peers = [r for r in rows if r.get("peer")]
     if peers:
         lines += ["", f"## transformers generate(assistant_model=...) (greedy){lossy}", "",
@@ -105,47 +163,80 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_acceptance(report: dict, path: Path) -> Path:
-    """Acceptance rate by depth: one line per benchmark x temperature."""
+def _label(r: dict) -> str:
+    return f"{r['benchmark']} T={r['temperature']:g}"
+
+
+def _yerr(points: list[tuple[float, tuple[float, float] | None]]) -> list[list[float]]:
+    """errorbar/bar yerr [[below], [above]] of (value, interval) pairs; 0 where there is no interval."""
+    return [[v - ci[0] if ci else 0.0 for v, ci in points], [ci[1] - v if ci else 0.0 for v, ci in points]]
+
+
+def acceptance_figure(report: dict):
+    """Acceptance rate by depth with 95 % intervals (top) over the cycles that reached each depth (bottom):
+    one series per benchmark x temperature, side by side at each depth."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in report["results"]:
-        xs = [d for d, a in enumerate(r["accept_by_depth"], 1) if a is not None]
-        ys = [a for a in r["accept_by_depth"] if a is not None]
-        ax.plot(xs, ys, marker="o", label=f"{r['benchmark']} T={r['temperature']:g}")
     from matplotlib.ticker import MaxNLocator
 
+    rows = [r for r in report["results"] if any(r["depth_attempted"])]
+    fig, (ax, cx) = plt.subplots(2, 1, figsize=(7.5, 5.5), sharex=True, height_ratios=[3, 1.4], layout="constrained")
+    width = 0.8 / max(len(rows), 1)
+    for j, r in enumerate(rows):
+        pts = [(d, a, ci, n) for d, (a, ci, n) in
+               enumerate(zip(r["accept_by_depth"], r["ci"]["accept_by_depth"], r["depth_attempted"]), 1) if n]
+        shift = (j - (len(rows) - 1) / 2) * width  # side by side: intervals of different rows do not overlap
+        xs = [d + shift for d, *_ in pts]
+        line = ax.errorbar(xs, [a for _, a, _, _ in pts], yerr=_yerr([(a, ci) for _, a, ci, _ in pts]), marker="o",
+                           capsize=3, label=_label(r))
+        bars = cx.bar(xs, [n for *_, n in pts], width=width * 0.9, color=line[0].get_color())
+        cx.bar_label(bars, fontsize=7)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # depths are whole numbers
-    ax.set(xlabel="draft depth", ylabel="acceptance rate", ylim=(0, 1.02))
+    ax.set(ylabel="P(accept d | 1..d-1 accepted)", ylim=(0, 1.02))
     ax.set_title(_plot_title(report, "acceptance by depth"), fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+    most = max((n for r in rows for n in r["depth_attempted"]), default=1)
+    cx.set(xlabel="draft depth d", ylabel="cycles reaching d", ylim=(0, 1.25 * most))  # room for the counts
+    if rows:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)  # off the data
+    fig.text(0.01, 0.005, "rate at depth d is conditional on the draft reaching d with 1..d-1 accepted; "
+             "bars: 95 % bootstrap interval over prompts", fontsize=7, va="bottom")
+    fig.get_layout_engine().set(h_pad=0.15)  # room for that note under the x axis
+    return fig
 
 
-def plot_tau(report: dict, path: Path) -> Path:
-    """τ per benchmark: bars grouped by benchmark, one bar per temperature."""
+def tau_figure(report: dict):
+    """τ per benchmark with 95 % intervals: bars grouped by benchmark, one bar per temperature, each labelled
+    with τ and the prompts / cycles behind it."""
     plt = _pyplot()
     rows = report["results"]
     benches = list(dict.fromkeys(r["benchmark"] for r in rows))
     temps = list(dict.fromkeys(r["temperature"] for r in rows))
     width = 0.8 / max(len(temps), 1)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    top = max((r["tau"] for r in rows if r["tau"] is not None), default=1.0)
+    fig, ax = plt.subplots(figsize=(7.5, 4), layout="constrained")
+    top = 1.0
     for j, t in enumerate(temps):
-        xs, ys = [], []
-        for i, b in enumerate(benches):
-            r = next((r for r in rows if r["benchmark"] == b and r["temperature"] == t), None)
-            if r is not None and r["tau"] is not None:
-                xs.append(i + (j - (len(temps) - 1) / 2) * width)
-                ys.append(r["tau"])
-        bars = ax.bar(xs, ys, width=width, label=f"T={t:g}")
-        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+        sel = [(i, r) for i, b in enumerate(benches) for r in rows
+               if r["benchmark"] == b and r["temperature"] == t and r["tau"] is not None]
+        xs = [i + (j - (len(temps) - 1) / 2) * width for i, _ in sel]
+        pts = [(r["tau"], r["ci"]["tau"]) for _, r in sel]
+        ax.bar(xs, [v for v, _ in pts], width=width, yerr=_yerr(pts), capsize=3, label=f"T={t:g}")
+        for x, (v, ci), (_, r) in zip(xs, pts, sel):  # above the interval, not across it
+            ax.annotate(f"{v:.2f}\n{r['prompts']} prompts\n{r['target_forwards']} cycles", (x, ci[1] if ci else v),
+                        xytext=(0, 3), textcoords="offset points", ha="center", va="bottom", fontsize=7)
+        top = max([top] + [ci[1] if ci else v for v, ci in pts])
     ax.set_xticks(range(len(benches)), benches)
-    ax.set(ylabel="τ (tokens per target forward)", ylim=(0, top * 1.15))  # room for the bar labels
-    ax.set_title(_plot_title(report, "τ per benchmark"), fontsize=9)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+    ax.set(ylabel="τ (tokens per target forward)", ylim=(0, top * 1.35))  # from 0; room for the bar labels
+    ax.set_title(_plot_title(report, "τ per benchmark (95 % interval over prompts)"), fontsize=9)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
+    return fig
+
+
+def plot_acceptance(report: dict, path: Path) -> Path:
+    return _save(acceptance_figure(report), path)
+
+
+def plot_tau(report: dict, path: Path) -> Path:
+    return _save(tau_figure(report), path)
 
 
 def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
@@ -175,7 +266,6 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
     fig.savefig(path, dpi=120)
     _pyplot().close(fig)
     return path

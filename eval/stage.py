@@ -28,7 +28,7 @@ from data_gen.sources import SourceReport
 from drafters.tree import check_tree_config
 from eval.benchmarks import BenchPrompt, check_benchmarks, load_benchmark, render_prompt
 from eval.metrics import GenRecord, summarize
-from eval.report import LOSSY, machine_info, markdown, write_report
+from eval.report import LOSSY, machine_info, markdown, with_interval, write_report
 from eval.verify import ACCEPTANCE
 
 
@@ -283,17 +283,18 @@ def evaluate(cfg: Config, target, drafter, assistant=None, progress: bool = True
                 g = torch.Generator(device=target.device).manual_seed(ev.seed)
                 spec_generate(dec, first, min(ev.max_new_tokens, 16), eos, g)
                 ar_generate(dec, first, min(ev.max_new_tokens, 16), eos, g)
-            spec_recs, ar_recs, turn_ids = [], [], []
+            spec_recs, ar_recs, turn_ids = [], [], []  # [prompt][turn]: the intervals resample prompts
             sk: Counter = Counter(skipped)
             bar = tqdm(prompts, desc=f"{bench} T={temp:g}{flag}", unit="prompt", disable=not progress)
             for i, p in enumerate(bar):  # interleaved: machine noise hits both decoders alike
                 s = converse(spec, p, target, limit, ev.seed + i, sk, turn_ids)
                 a = converse(ar, p, target, limit, ev.seed + i, Counter())
                 n = min(len(s), len(a))  # the same turns on both sides (T > 0 answers differ in length)
-                spec_recs += s[:n]
-                ar_recs += a[:n]
+                spec_recs.append(s[:n])
+                ar_recs.append(a[:n])
             row = {"benchmark": bench, "temperature": float(temp), "prompts": len(prompts),
-                   "source": source.summary(), "skipped": dict(sk), **summarize(spec_recs, ar_recs), "peer": None}
+                   "source": source.summary(), "skipped": dict(sk),
+                   **summarize(spec_recs, ar_recs, [p.id for p in prompts]), "peer": None}
             if temp == 0 and assistant is not None and ev.compare_assistant:
                 row["peer"] = time_assisted(target, assistant, turn_ids, ev.max_new_tokens, ev.warmup)
             results.append(row)
@@ -339,8 +340,8 @@ def _run(cfg: Config) -> dict:
 
 
 def _line(r: dict, flag: str) -> str:
-    tau = "-" if r["tau"] is None else f"{r['tau']:.2f}"
-    sp = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"
+    tau = with_interval(r["tau"], r["ci"]["tau"])
+    sp = with_interval(r["speedup"], r["ci"]["speedup"], "{:.2f}x")
     out = "-" if r["outside_target"] is None else f"{100 * r['outside_target']:.0f}%"
-    return (f"eval{flag}: {r['benchmark']} T={r['temperature']:g} tau {tau} speedup {sp}, {out} of the cycle outside "
-            f"the target's verification ({r['prompts']} prompts)")
+    return (f"eval{flag}: {r['benchmark']} T={r['temperature']:g} tau {tau} speedup {sp} (95% intervals), {out} of "
+            f"the cycle outside the target's verification ({r['prompts']} prompts, {r['target_forwards']} cycles)")

@@ -31,12 +31,18 @@ def test_train_py_stage_eval_prints_the_table(tiny_target_dir, tmp_path):
                   f"run.root={tmp_path}", "run.device=cpu", *FAST)
     assert p.returncode == 0, p.stderr[-3000:]
     out = p.stdout
-    assert "| benchmark | T | prompts | τ | acc@1 | acc@2 | acc@3 | tok/s spec | tok/s AR | speedup |" in out
+    assert "| benchmark | T | prompts | cycles | τ [95 %] | tok/s spec | tok/s AR | speedup [95 %] |" in out
+    assert "| benchmark | T | depth | cycles reaching it | acceptance [95 %] |" in out
     row = next(ln for ln in out.splitlines() if ln.startswith("| sharegpt_heldout | 0 | 1 |"))
     assert row.endswith("| 1/1 |")  # lossless: greedy speculative output == greedy autoregressive output
     d = tmp_path / "smoke" / "eval" / "ngram"
     rep = json.loads((d / "report.json").read_text())
-    assert rep["results"][0]["identical_outputs"] == rep["results"][0]["generations"] == 1
+    r = rep["results"][0]
+    assert r["identical_outputs"] == r["generations"] == 1
+    # one prompt: its sums are kept, and there is no interval to give
+    assert len(r["per_prompt"]["prompt_ids"]) == 1 and r["per_prompt"]["cycles"] == [r["target_forwards"]]
+    assert r["ci"]["tau"] is None and r["ci"]["speedup"] is None
+    assert f"(1 prompts, {r['target_forwards']} cycles)" in out
     assert rep["machine"]["device"] == "cpu" and rep["config"]["drafter"]["name"] == "ngram"
     assert (d / "report.md").read_text() in out
     for f in ("acceptance_by_depth.png", "tau.png", "config.yaml"):

@@ -125,44 +125,96 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
 
 
-def plot_metrics(jsonl: Path, png: Path) -> Path | None:
-    """Training loss, learning rate, per-depth accuracy (train and held-out) and tau_sim against step."""
-    recs = read_metrics(jsonl)
-    if not recs:
-        return None
+def distinct_series(series: list[tuple[str, list, list]]) -> list[tuple[str, list, list]]:
+    """(label, steps, values) series with exactly the same points merged into one, labelled with every name
+    ("loss = loss/soft_ce (identical)"): a one-term objective logs its total and its term as the same number,
+    and two lines drawn on top of each other read as one line with a mislabelled legend."""
+    merged: dict[tuple, tuple[list[str], list, list]] = {}
+    for label, xs, ys in series:
+        merged.setdefault((tuple(xs), tuple(ys)), ([], xs, ys))[0].append(label)
+    return [(" = ".join(names) + (" (identical)" if len(names) > 1 else ""), xs, ys)
+            for names, xs, ys in merged.values()]
+
+
+def _series(rs: list[dict], key: str) -> tuple[list, list]:
+    pts = [(r["step"], r[key]) for r in rs if key in r]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _legend_outside(ax) -> None:
+    """The legend right of the axes, where it cannot cover a curve."""
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
+
+
+def curves_figure(recs: list[dict]):
+    """The train stage's curves against optimizer step: loss (train terms and held-out), learning rate,
+    per-depth accuracy (train and held-out) and tau_sim. Axis ranges: step, loss and learning rate from 0,
+    accuracy 0..1, tau_sim from 1 (no draft token accepted) to at least 2, so a small change is not
+    stretched across the whole panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
 
     train = [r for r in recs if r["kind"] == "train"]
     evals = [r for r in recs if r["kind"] == "eval"]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
-
-    def series(rs, key):
-        pts = [(r["step"], r[key]) for r in rs if key in r]
-        return ([p[0] for p in pts], [p[1] for p in pts])
+    fig, axes = plt.subplots(2, 2, figsize=(12, 7), layout="constrained")
 
     ax = axes[0][0]
-    for key in sorted({k for r in train for k in r if k == "loss" or k.startswith("loss/")}):
-        ax.plot(*series(train, key), label=key)
-    ax.plot(*series(evals, "loss"), "o-", label="held-out loss")
-    ax.set(title="loss", xlabel="step")
-    ax.legend(fontsize=7)
+    keys = sorted({k for r in train for k in r if k == "loss" or k.startswith("loss/")})
+    for label, xs, ys in distinct_series([(f"train {k}", *_series(train, k)) for k in keys]):
+        ax.plot(xs, ys, label=label)
+    if any("loss" in r for r in evals):
+        ax.plot(*_series(evals, "loss"), "o--", label="held-out loss")
+    ax.set(title="loss", xlabel="optimizer step", ylabel="loss (lower is better)")
+    ax.set_ylim(0, 1.05 * max([y for line in ax.get_lines() for y in line.get_ydata()], default=1.0))
+    _legend_outside(ax)
+
     ax = axes[0][1]
-    ax.plot(*series(train, "lr"))
-    ax.set(title="learning rate", xlabel="step")
+    ax.plot(*_series(train, "lr"))
+    ax.set(title="learning rate", xlabel="optimizer step", ylabel="learning rate")
+    ax.set_ylim(bottom=0)
+
     ax = axes[1][0]
-    for key in sorted({k for r in recs for k in r if k.startswith("acc/")}, key=lambda k: int(k.split("/")[1])):
-        ax.plot(*series(train, key), label=f"train {key}")
+    depths = sorted({k for r in recs for k in r if k.startswith("acc/")}, key=lambda k: int(k.split("/")[1]))
+    colors = plt.get_cmap("viridis")([i / max(len(depths) - 1, 1) for i in range(len(depths))])
+    for key, c in zip(depths, colors):  # one colour per depth; train solid, held-out dashed with markers
+        ax.plot(*_series(train, key), color=c, label=f"depth {key.split('/')[1]}")
         if any(key in r for r in evals):
-            ax.plot(*series(evals, key), "o--", label=f"held-out {key}")
-    ax.set(title="per-depth accuracy (argmax = target argmax)", xlabel="step", ylim=(0, 1))
-    ax.legend(fontsize=7)
+            ax.plot(*_series(evals, key), "o--", color=c)
+    handles, _ = ax.get_legend_handles_labels()
+    handles += [Line2D([], [], color="gray", label="train"),
+                Line2D([], [], color="gray", ls="--", marker="o", label="held-out")]
+    ax.set(title="per-depth accuracy (drafter argmax = target argmax)", xlabel="optimizer step",
+           ylabel="accuracy", ylim=(0, 1))
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
+
     ax = axes[1][1]
-    ax.plot(*series(evals, "tau_sim"), "o-")
-    ax.set(title="simulated acceptance length (held-out)", xlabel="step")
-    fig.tight_layout()
+    xs, ys = _series(evals, "tau_sim")
+    ax.set(title="simulated acceptance length (held-out)", xlabel="optimizer step",
+           ylabel="τ_sim (tokens per target forward)", ylim=(1, max([2.0] + [1.1 * y for y in ys])))
+    if xs:
+        ax.plot(xs, ys, "o-")
+    else:
+        ax.text(0.5, 0.5, "no held-out evaluation in this run\n(train.eval_every=0)", ha="center", va="center",
+                transform=ax.transAxes, color="gray")
+    for ax in axes.flat:
+        ax.set_xlim(left=0)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # optimizer steps are whole numbers
+        ax.grid(alpha=0.3)
+    return fig
+
+
+def plot_metrics(jsonl: Path, png: Path) -> Path | None:
+    """Draw curves_figure() of a metrics.jsonl into png; None when nothing was logged."""
+    recs = read_metrics(jsonl)
+    if not recs:
+        return None
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(recs)
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=100)
     plt.close(fig)
