@@ -1,0 +1,175 @@
+"""Preallocated KV caches for decoding: one transformers StaticCache per model, compacted in place after every
+verification, fed from per-query-length preallocated input buffers, optionally replayed as CUDA graphs.
+
+    from drafters.kvcache import StaticRunner
+    run = StaticRunner(lambda ids, mask, pos, cache: model_forward(model, cache, input_ids=ids,
+                       attention_mask=mask, position_ids=pos).logits, model.config, device, dtype)
+    run.reset(capacity=prompt_len + 200)
+    logits = run(ids, rel_pos, visible)   # writes Q entries after the committed ones
+    run.keep([0, 2, 3])                    # commit three of them (rows of that call), in place
+
+Layout of the cache: [committed entries (`length`) | `pending` entries written since the last keep | stale].
+A call writes its Q tokens after the pending ones; every row sees all committed entries plus the columns
+marked in `visible` [Q, pending + Q] (a causal prefix, a tree's ancestors, ...); stale columns are masked.
+Masks are additive 4D tensors over the whole capacity (what transformers passes through unchanged), kept per
+query length and updated incrementally: only the columns around the committed boundary change per call.
+
+Nothing here synchronises with the device: offsets are host integers the caller already knows.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from conf.errors import DraftsmithError
+
+# transformers 5.x renames the forward argument to `cache` (the old name warns until 5.40); the project still
+# supports 4.x, where only the old name exists. Every decoding forward passes its cache through here.
+CACHE_KWARG = "past_key_values"
+
+
+def model_forward(model, cache, **kw):
+    """`model(**kw)` reading and extending `cache` (the one place that names the cache argument)."""
+    return model(**kw, use_cache=True, **{CACHE_KWARG: cache})
+
+
+def round_capacity(n: int, step: int = 256) -> int:
+    """Cache capacities grow in steps, so a slightly longer prompt does not re-allocate (and re-capture)."""
+    return -(-n // step) * step
+
+
+def _static_cache(config, capacity: int):
+    from transformers import StaticCache
+
+    cache = StaticCache(config=config, max_cache_len=capacity)
+    for layer in cache.layers:
+        if getattr(layer, "is_sliding", False):
+            raise DraftsmithError(
+                "sliding-window KV caches cannot keep arbitrary tree positions: load the model with "
+                "use_sliding_window=False (or a non-sliding attention implementation)")
+        if not hasattr(layer, "cumulative_length"):
+            raise DraftsmithError("this transformers version's StaticCache has no per-layer write offset "
+                                  "(cumulative_length): the decoder needs transformers >= 5 (pip install -U transformers)")
+    return cache
+
+
+class _Buffers:
+    """Input buffers for one query length Q: ids, positions and the additive mask over the whole capacity."""
+
+    def __init__(self, Q: int, capacity: int, dtype: torch.dtype, device: torch.device):
+        self.ids = torch.zeros(1, Q, dtype=torch.long, device=device)
+        self.pos = torch.zeros(1, Q, dtype=torch.long, device=device)
+        self.mask = torch.full((1, 1, Q, capacity), float("-inf"), dtype=dtype, device=device)
+        self.zero_upto = 0  # columns [0, zero_upto) are visible to every row
+        self.block_end = 0  # columns past this are all masked
+        self.graph = None  # (torch.cuda.CUDAGraph, its output) once captured
+        self.calls = 0
+
+
+class StaticRunner:
+    """One model over one preallocated StaticCache (batch 1). `fn(ids, mask, pos, cache)` is the forward
+    (returning a tensor or a tuple of tensors). With `graphs=True` (CUDA only) the forward at each query
+    length is captured once into a CUDA graph (after `warm` eager calls) and replayed from then on."""
+
+    def __init__(self, fn: Callable, config, device: torch.device, dtype: torch.dtype, graphs: bool = False,
+                 warm: int = 2):
+        self.fn, self.config, self.device, self.dtype = fn, config, torch.device(device), dtype
+        self.graphs = bool(graphs) and self.device.type == "cuda"
+        self.warm = warm
+        self.capacity = 0
+        self.cache = None
+        self.buffers: dict[int, _Buffers] = {}
+        self.length = 0  # committed entries
+        self.pending = 0  # entries written after them since the last keep
+        self._pool = None
+
+    # --- lifetime ------------------------------------------------------------------------------------
+    def reset(self, capacity: int) -> None:
+        """Start a new sequence with room for `capacity` entries; buffers (and graphs) are kept unless the
+        capacity has to grow."""
+        if capacity > self.capacity or self.cache is None:
+            self.capacity = round_capacity(max(capacity, self.capacity))
+            self.cache = _static_cache(self.config, self.capacity)
+            self.buffers = {}
+            self._pool = None
+        self.length = self.pending = 0
+        self._set_offset(0)
+        for b in self.buffers.values():
+            b.mask[..., :max(b.zero_upto, b.block_end)].fill_(float("-inf"))
+            b.zero_upto = b.block_end = 0
+
+    def room(self) -> int:
+        return self.capacity - self.length - self.pending
+
+    def _set_offset(self, n: int) -> None:
+        for layer in self.cache.layers:
+            layer.cumulative_length.fill_(n)
+
+    # --- one forward -----------------------------------------------------------------------------------
+    def __call__(self, ids: torch.Tensor, rel_pos: torch.Tensor, visible: torch.Tensor):
+        """Run ids [1, Q] at positions length + rel_pos [1, Q]; row i also sees the columns after the
+        committed ones marked in visible [Q, pending + Q]. Writes Q entries; nothing is committed."""
+        Q = ids.shape[1]
+        start, W = self.length, self.pending + Q
+        if start + W > self.capacity:
+            raise RuntimeError(f"StaticRunner: {start + W} entries exceed the capacity {self.capacity}")
+        b = self.buffers.get(Q)
+        if b is None:
+            b = self.buffers[Q] = _Buffers(Q, self.capacity, self.dtype, self.device)
+        if b.zero_upto < start:
+            b.mask[..., b.zero_upto:start].zero_()
+        elif b.zero_upto > start:  # a shorter sequence than this buffer last saw (cannot happen after reset)
+            b.mask[..., start:b.zero_upto].fill_(float("-inf"))
+        b.zero_upto = start
+        if b.block_end > start + W:
+            b.mask[..., start + W:b.block_end].fill_(float("-inf"))
+        b.block_end = start + W
+        zero = torch.zeros((), dtype=self.dtype, device=self.device)
+        b.mask[0, 0, :, start:start + W] = torch.where(visible.to(self.device), zero, float("-inf"))
+        b.ids.copy_(ids)
+        torch.add(rel_pos, start, out=b.pos)
+        self._set_offset(start + self.pending)
+        out = self._forward(b)
+        self.pending += Q
+        return out
+
+    def _forward(self, b: _Buffers):
+        if not self.graphs:
+            return self.fn(b.ids, b.mask, b.pos, self.cache)
+        if b.graph is not None:
+            b.graph[0].replay()
+            return b.graph[1]
+        b.calls += 1
+        if b.calls <= self.warm:  # eager warm-up calls (also what cuBLAS / allocator need before capture)
+            return self.fn(b.ids, b.mask, b.pos, self.cache)
+        offset = self.length + self.pending
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self._pool):  # recorded only: the cache is not written here
+            out = self.fn(b.ids, b.mask, b.pos, self.cache)
+        self._set_offset(offset)
+        b.graph = (g, out)
+        g.replay()
+        return out
+
+    # --- commit ----------------------------------------------------------------------------------------
+    def keep(self, rows: list[int], index: torch.Tensor | None = None) -> None:
+        """Commit the pending entries at `rows` (host ints, in order) and drop the other pending ones.
+        `index` may give the same rows as a device tensor (no host-to-device copy then)."""
+        n, start = len(rows), self.length
+        if rows != list(range(n)):  # a prefix stays where it is
+            idx = index if index is not None else torch.tensor(rows, device=self.device)
+            idx = idx.to(self.device) + start
+            for layer in self.cache.layers:
+                # index_select gathers into a new tensor first, so the in-place write cannot read itself
+                layer.keys[:, :, start:start + n] = layer.keys.index_select(2, idx)
+                layer.values[:, :, start:start + n] = layer.values.index_select(2, idx)
+        self.length += n
+        self.pending = 0
+        self._set_offset(self.length)
+
+    def discard(self) -> None:
+        """Drop every pending entry."""
+        self.keep([])
