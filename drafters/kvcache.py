@@ -2,11 +2,12 @@
 verification, fed from per-query-length preallocated input buffers, optionally replayed as CUDA graphs.
 
     from drafters.kvcache import StaticRunner
-    run = StaticRunner(lambda ids, mask, pos, cache: model_forward(model, cache, input_ids=ids,
-                       attention_mask=mask, position_ids=pos).logits, model.config, device, dtype)
+    step = lambda ids, mask, pos, cache: model_forward(model, cache, input_ids=ids, attention_mask=mask,
+                                                       position_ids=pos).logits
+    run = StaticRunner({"step": step}, model.config, device, dtype)
     run.reset(capacity=prompt_len + 200)
-    logits = run(ids, rel_pos, visible)   # writes Q entries after the committed ones
-    run.keep([0, 2, 3])                    # commit three of them (rows of that call), in place
+    logits = run(ids, rel_pos, visible, "step")   # writes Q entries after the committed ones
+    run.keep([0, 2, 3])                            # commit three of them (rows of that call), in place
 
 Layout of the cache: [committed entries (`length`) | `pending` entries written since the last keep | stale].
 A call writes its Q tokens after the pending ones; every row sees all committed entries plus the columns
@@ -55,7 +56,8 @@ def _static_cache(config, capacity: int):
 
 
 class _Buffers:
-    """Input buffers for one query length Q: ids, positions and the additive mask over the whole capacity."""
+    """Input buffers for one query length Q and forward: ids, positions and the additive mask over the whole
+    capacity (and the CUDA graph reading them)."""
 
     def __init__(self, Q: int, capacity: int, dtype: torch.dtype, device: torch.device):
         self.ids = torch.zeros(1, Q, dtype=torch.long, device=device)
@@ -68,18 +70,19 @@ class _Buffers:
 
 
 class StaticRunner:
-    """One model over one preallocated StaticCache (batch 1). `fn(ids, mask, pos, cache)` is the forward
-    (returning a tensor or a tuple of tensors). With `graphs=True` (CUDA only) the forward at each query
-    length is captured once into a CUDA graph (after `warm` eager calls) and replayed from then on."""
+    """One model over one preallocated StaticCache (batch 1). `fns` names its forwards, each
+    `fn(ids, mask, pos, cache)` returning a tensor or a tuple of tensors (e.g. "verify" with every row's
+    logits, "ar" with the last row's). With `graphs=True` (CUDA only) each forward at each query length is
+    captured once into a CUDA graph (after `warm` eager calls) and replayed from then on."""
 
-    def __init__(self, fn: Callable, config, device: torch.device, dtype: torch.dtype, graphs: bool = False,
-                 warm: int = 2):
-        self.fn, self.config, self.device, self.dtype = fn, config, torch.device(device), dtype
+    def __init__(self, fns: dict[str, Callable], config, device: torch.device, dtype: torch.dtype,
+                 graphs: bool = False, warm: int = 2):
+        self.fns, self.config, self.device, self.dtype = fns, config, torch.device(device), dtype
         self.graphs = bool(graphs) and self.device.type == "cuda"
         self.warm = warm
         self.capacity = 0
         self.cache = None
-        self.buffers: dict[int, _Buffers] = {}
+        self.buffers: dict[tuple[int, str], _Buffers] = {}
         self.length = 0  # committed entries
         self.pending = 0  # entries written after them since the last keep
         self._pool = None
@@ -102,53 +105,79 @@ class StaticRunner:
     def room(self) -> int:
         return self.capacity - self.length - self.pending
 
+    def grow(self, capacity: int) -> None:
+        """Make room for `capacity` entries keeping every written one (a rare re-allocation: buffers and
+        graphs are rebuilt)."""
+        if capacity <= self.capacity:
+            return
+        old, used = self.cache, self.length + self.pending
+        self.capacity = round_capacity(capacity)
+        self.cache = _static_cache(self.config, self.capacity)
+        for new, layer in zip(self.cache.layers, old.layers):
+            if getattr(layer, "is_initialized", False):
+                new.lazy_initialization(layer.keys[:, :, :0], layer.values[:, :, :0])
+                new.keys[:, :, :used] = layer.keys[:, :, :used]
+                new.values[:, :, :used] = layer.values[:, :, :used]
+        self.buffers = {}
+        self._pool = None
+        self._set_offset(self.length)
+
     def _set_offset(self, n: int) -> None:
         for layer in self.cache.layers:
             layer.cumulative_length.fill_(n)
 
     # --- one forward -----------------------------------------------------------------------------------
-    def __call__(self, ids: torch.Tensor, rel_pos: torch.Tensor, visible: torch.Tensor):
-        """Run ids [1, Q] at positions length + rel_pos [1, Q]; row i also sees the columns after the
-        committed ones marked in visible [Q, pending + Q]. Writes Q entries; nothing is committed."""
+    def __call__(self, ids: torch.Tensor, rel_pos: torch.Tensor, visible: torch.Tensor, fn: str,
+                 graph: bool = True):
+        """Run forward `fn` on ids [1, Q] at positions length + rel_pos [1, Q]; row i also sees the columns
+        after the committed ones marked in visible [Q, pending + Q]. Writes Q entries, commits none.
+        graph=False: a one-off shape (a prompt): temporary buffers, never captured."""
         Q = ids.shape[1]
         start, W = self.length, self.pending + Q
         if start + W > self.capacity:
             raise RuntimeError(f"StaticRunner: {start + W} entries exceed the capacity {self.capacity}")
-        b = self.buffers.get(Q)
-        if b is None:
-            b = self.buffers[Q] = _Buffers(Q, self.capacity, self.dtype, self.device)
-        if b.zero_upto < start:
-            b.mask[..., b.zero_upto:start].zero_()
-        elif b.zero_upto > start:  # a shorter sequence than this buffer last saw (cannot happen after reset)
-            b.mask[..., start:b.zero_upto].fill_(float("-inf"))
-        b.zero_upto = start
-        if b.block_end > start + W:
-            b.mask[..., start + W:b.block_end].fill_(float("-inf"))
-        b.block_end = start + W
         zero = torch.zeros((), dtype=self.dtype, device=self.device)
-        b.mask[0, 0, :, start:start + W] = torch.where(visible.to(self.device), zero, float("-inf"))
+        block = torch.where(visible.to(self.device), zero, float("-inf"))
+        if not graph:
+            b = _Buffers(Q, self.capacity, self.dtype, self.device)
+            b.mask[..., :start] = 0
+        else:
+            b = self.buffers.get((Q, fn))
+            if b is None:
+                b = self.buffers[(Q, fn)] = _Buffers(Q, self.capacity, self.dtype, self.device)
+            # only the columns around the committed boundary change between calls
+            if b.zero_upto < start:
+                b.mask[..., b.zero_upto:start].zero_()
+            elif b.zero_upto > start:  # cannot happen within one sequence (reset clears), kept for safety
+                b.mask[..., start:b.zero_upto].fill_(float("-inf"))
+            b.zero_upto = start
+            if b.block_end > start + W:
+                b.mask[..., start + W:b.block_end].fill_(float("-inf"))
+            b.block_end = start + W
+        b.mask[0, 0, :, start:start + W] = block
         b.ids.copy_(ids)
         torch.add(rel_pos, start, out=b.pos)
         self._set_offset(start + self.pending)
-        out = self._forward(b)
+        out = self._forward(b, fn, graph)
         self.pending += Q
         return out
 
-    def _forward(self, b: _Buffers):
-        if not self.graphs:
-            return self.fn(b.ids, b.mask, b.pos, self.cache)
+    def _forward(self, b: _Buffers, name: str, graph: bool):
+        fn = self.fns[name]
+        if not (self.graphs and graph):
+            return fn(b.ids, b.mask, b.pos, self.cache)
         if b.graph is not None:
             b.graph[0].replay()
             return b.graph[1]
         b.calls += 1
         if b.calls <= self.warm:  # eager warm-up calls (also what cuBLAS / allocator need before capture)
-            return self.fn(b.ids, b.mask, b.pos, self.cache)
+            return fn(b.ids, b.mask, b.pos, self.cache)
         offset = self.length + self.pending
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=self._pool):  # recorded only: the cache is not written here
-            out = self.fn(b.ids, b.mask, b.pos, self.cache)
+            out = fn(b.ids, b.mask, b.pos, self.cache)
         self._set_offset(offset)
         b.graph = (g, out)
         g.replay()

@@ -78,7 +78,7 @@ def tree_inputs(tree: DraftTree, root: torch.Tensor, past_len: int, dtype: torch
     (a DynamicCache: the mask spans exactly the cache)."""
     ids, pos, _, anc = tree_block(tree, root)
     mask = tree_attention_mask(anc, past_len, dtype, prefix=1)
-    return ids, past_len + pos, mask, anc
+    return ids, mask, past_len + pos, anc
 
 
 def accept(tree: DraftTree, logits: torch.Tensor, rule: SamplingRule, generator: torch.Generator | None = None,
