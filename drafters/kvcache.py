@@ -89,10 +89,12 @@ class StaticRunner:
 
     # --- lifetime ------------------------------------------------------------------------------------
     def reset(self, capacity: int) -> None:
-        """Start a new sequence with room for `capacity` entries; buffers (and graphs) are kept unless the
-        capacity has to grow."""
-        if capacity > self.capacity or self.cache is None:
-            self.capacity = round_capacity(max(capacity, self.capacity))
+        """Start a new sequence with room for `capacity` entries. With graphs the cache only grows (in coarse
+        steps: a new cache means new buffers and re-captured graphs); without, it is sized to the sequence,
+        since attention reads every allocated column and a CPU pays for each one."""
+        want = round_capacity(capacity, 256 if self.graphs else 32)
+        if self.cache is None or want > self.capacity or (not self.graphs and want != self.capacity):
+            self.capacity = max(want, self.capacity) if self.graphs else want
             self.cache = _static_cache(self.config, self.capacity)
             self.buffers = {}
             self._pool = None

@@ -23,7 +23,7 @@ from drafters.base import Drafter
 from drafters.kvcache import StaticRunner, model_forward
 from drafters.tree import DraftTree, check_tree_attention
 
-HEADROOM = 512  # cache entries allocated beyond the prompt; the cache grows (rarely) when a sequence needs more
+HEADROOM = 512  # cache entries beyond the prompt when the decoder gave no `prepare` hint; the cache grows if needed
 
 
 class LMTreeDrafter(Drafter):
@@ -38,6 +38,7 @@ class LMTreeDrafter(Drafter):
         self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         check_tree_attention(model, f"drafter {self.name}")
         self.cuda_graphs = True
+        self.room = HEADROOM
         self.run: StaticRunner | None = None
         self.pending: torch.Tensor | None = None
 
@@ -50,10 +51,10 @@ class LMTreeDrafter(Drafter):
         """Committed tokens whose KV entries are in the cache."""
         return self.run.length if self.run is not None else 0
 
-    def set_cuda_graphs(self, enabled: bool) -> None:
-        """The decoder's eval.cuda_graphs (CUDA only): replay this model's fixed-shape steps as graphs."""
-        if enabled != self.cuda_graphs:
-            self.cuda_graphs, self.run = bool(enabled), None
+    def prepare(self, room: int, cuda_graphs: bool = False) -> None:
+        self.room = room
+        if bool(cuda_graphs) != self.cuda_graphs:  # CUDA only: replay this model's fixed-shape steps as graphs
+            self.cuda_graphs, self.run = bool(cuda_graphs), None
 
     def _check_ids(self, ids: torch.Tensor) -> None:
         if ids.numel() and int(ids.max()) >= self.model_vocab:
@@ -76,7 +77,7 @@ class LMTreeDrafter(Drafter):
         self._check_ids(input_ids)
         if self.run is None:
             self.run = self._runner()
-        self.run.reset(input_ids.shape[1] + HEADROOM)
+        self.run.reset(input_ids.shape[1] + self.room)
         self.pending = input_ids.to(self.device)  # committed tokens not read yet (always holds the root)
         self.first = True  # the first read is the prompt: a one-off shape, never graphed
         self.slots = torch.zeros(1, 0, dtype=torch.long, device=self.device)  # node held by each tree entry
@@ -93,7 +94,7 @@ class LMTreeDrafter(Drafter):
 
     def _room(self, n: int) -> None:
         if self.run.room() < n:
-            self.run.grow(self.run.capacity + max(n, HEADROOM))
+            self.run.grow(self.run.capacity + max(n, self.room))
 
     @torch.no_grad()
     def expand(self, tree: DraftTree, frontier: torch.Tensor) -> torch.Tensor:

@@ -226,8 +226,6 @@ class SpeculativeDecoder:
         self.verifier = float32_target(target) if exact else target
         self.feature_source = getattr(drafter, "feature_source", "features") if drafter.uses_features else None
         self._run: StaticRunner | None = None
-        if hasattr(drafter, "set_cuda_graphs"):  # drafters with their own static cache (drafters/lm_drafter.py)
-            drafter.set_cuda_graphs(self.cuda_graphs)
 
     @classmethod
     def from_config(cls, target, drafter, eval_cfg, temperature: float) -> SpeculativeDecoder:
@@ -260,8 +258,10 @@ class SpeculativeDecoder:
             return torch.zeros(0, dtype=torch.long), st
         t_begin = clock.wall()
         run = self.runner
-        logits, feats = _prefill(run, ids, ids.shape[1] + max_new_tokens + tree_nodes(self.tree_cfg) + 1)
+        room = max_new_tokens + tree_nodes(self.tree_cfg) + 1
+        logits, feats = _prefill(run, ids, ids.shape[1] + room)
         root = rule.next_token(logits, generator)  # [1], stays on the device
+        drafter.prepare(room, self.cuda_graphs)
         drafter.start(torch.cat([ids, root[:, None]], 1), self._for_drafter(feats))
         tokens = [int(root)]
         done = tokens[0] in eos or max_new_tokens <= 1
