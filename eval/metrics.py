@@ -41,6 +41,15 @@ def acceptance_by_depth(records: list[GenRecord]) -> list[float | None]:
     return [a / t if t else None for a, t in zip(took, tried)]
 
 
+def first_divergence(a: list[int], b: list[int]) -> int | None:
+    """Index of the first position where two generations differ (a shorter one that is a prefix of the
+    other differs where it ends); None when they are equal."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
 def summarize(spec: list[GenRecord], ar: list[GenRecord]) -> dict:
     """The report's numbers for one benchmark x temperature."""
     s_tok = sum(r.new_tokens for r in spec)
@@ -70,4 +79,11 @@ def summarize(spec: list[GenRecord], ar: list[GenRecord]) -> dict:
         # what speculative decoding adds on top of the target: everything but its verification forward
         "outside_target": (draft + other) / cycle if cycle > 0 else None,
         "identical_outputs": sum(s.tokens == a.tokens for s, a in zip(spec, ar)),
+        # where the outputs part (meaningful at T = 0): the mean over the generations that differ at all
+        "first_divergence_mean": _mean([d for s, a in zip(spec, ar)
+                                        if (d := first_divergence(s.tokens, a.tokens)) is not None]),
     }
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None

@@ -18,6 +18,11 @@ from pathlib import Path
 
 LOSSY = "LOSSY"
 LOSSY_NOTE = "LOSSY: typical acceptance, outputs may differ from the target's own"
+BF16_NOTE = ("Outputs that differ at T=0 are rounding, not loss: in bf16/fp16 a (1+N)-token verification forward "
+             "and N+1 one-token forwards sum in different orders, so a near-tie can go the other way and the two "
+             "continuations part there. eval.exact=true verifies and decodes in float32, where they agree.")
+FLOAT32_NOTE = ("The target verified in float32 and outputs still differ at T=0: a float32 near-tie (two logits "
+                "within ~1e-6) or a decoder bug; drafter=target with eval.exact=true must give τ = depth + 1.")
 
 
 def machine_info(device) -> dict:
@@ -68,27 +73,33 @@ def markdown(report: dict) -> str:
     tree = report.get("tree") or {}
     lines += [f"acceptance: {report['acceptance']}{lossy}; tree: {tree.get('kind')} depth {tree.get('depth')}, "
               f"top_k {tree.get('top_k')}, total_tokens {tree.get('total_tokens')}; "
-              f"max_new_tokens {report.get('max_new_tokens')}",
+              f"max_new_tokens {report.get('max_new_tokens')}"
+              + (f"; target verifies in {report['verify_dtype']}" + (" (eval.exact)" if report.get("exact") else "")
+                 if report.get("verify_dtype") else ""),
               f"machine: {m['device']} ({m['device_name']}), torch {m['torch']}, transformers {m['transformers']}, "
               f"{m['date']}"]
     if report.get("command"):
         lines.append(f"command: `{report['command']}`")
     lines.append("")
     head = (["benchmark", "T", "prompts", "τ"] + [f"acc@{d}" for d in range(1, depth + 1)]
-            + ["tok/s spec", "tok/s AR", "speedup", "draft %", "verify %", "other %", "= AR"])
+            + ["tok/s spec", "tok/s AR", "speedup", "draft %", "verify %", "other %", "= AR", "1st diff"])
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         acc = r["accept_by_depth"] + [None] * (depth - len(r["accept_by_depth"]))
         split = r["time_split"]
         same = f"{r['identical_outputs']}/{r['generations']}" if r["temperature"] == 0 else "-"
+        diff = _f(r.get("first_divergence_mean"), "{:.1f}") if r["temperature"] == 0 else "-"
         cells = ([f"{r['benchmark']}{lossy}", f"{r['temperature']:g}", str(r["prompts"]), _f(r["tau"])]
                  + [_f(a) for a in acc]
                  + [_f(r["tok_s_spec"], "{:.1f}"), _f(r["tok_s_ar"], "{:.1f}"), _f(r["speedup"], "{:.2f}×"),
-                    _pct(split["draft"]), _pct(split["verify"]), _pct(split["other"]), same])
+                    _pct(split["draft"]), _pct(split["verify"]), _pct(split["other"]), same, diff])
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "τ: generated tokens per target forward; acc@d: of the cycles whose draft reached depth d with "
               "1..d-1 accepted, the share accepting depth d; = AR: turns whose output equals the autoregressive "
-              "baseline's (T=0 only); draft/verify/other: share of the speculative cycle's time."]
+              "baseline's (T=0 only); 1st diff: mean position of the first differing token over the turns that "
+              "differ; draft/verify/other: share of the speculative cycle's time."]
+    if any(r["temperature"] == 0 and r["identical_outputs"] < r["generations"] for r in rows):
+        lines.append(FLOAT32_NOTE if report.get("verify_dtype", "float32") == "float32" else BF16_NOTE)
     skipped = [(r["benchmark"], r["temperature"], r["skipped"]) for r in rows if r.get("skipped")]
     for b, t, s in skipped:
         lines.append(f"- {b} T={t:g}: skipped " + ", ".join(f"{n} ({why})" for why, n in sorted(s.items())))
