@@ -6,7 +6,8 @@ verification, fed from per-query-length preallocated input buffers, optionally r
                                                        position_ids=pos).logits
     run = StaticRunner({"step": step}, model.config, device, dtype)
     run.reset(capacity=prompt_len + 200)
-    logits = run(ids, rel_pos, visible, "step")   # writes Q entries after the committed ones
+    logits = run(ids, rel_pos, visible, "step")   # writes Q entries after the committed ones (with graphs, the
+                                                   # output is overwritten by the next replay: use it first)
     run.keep([0, 2, 3])                            # commit three of them (rows of that call), in place
 
 Layout of the cache: [committed entries (`length`) | `pending` entries written since the last keep | stale].
@@ -85,7 +86,6 @@ class StaticRunner:
         self.buffers: dict[tuple[int, str], _Buffers] = {}
         self.length = 0  # committed entries
         self.pending = 0  # entries written after them since the last keep
-        self._pool = None
 
     # --- lifetime ------------------------------------------------------------------------------------
     def reset(self, capacity: int) -> None:
@@ -97,7 +97,6 @@ class StaticRunner:
             self.capacity = max(want, self.capacity) if self.graphs else want
             self.cache = _static_cache(self.config, self.capacity)
             self.buffers = {}
-            self._pool = None
         self.length = self.pending = 0
         self._set_offset(0)
         for b in self.buffers.values():
@@ -121,7 +120,6 @@ class StaticRunner:
                 new.keys[:, :, :used] = layer.keys[:, :, :used]
                 new.values[:, :, :used] = layer.values[:, :, :used]
         self.buffers = {}
-        self._pool = None
         self._set_offset(self.length)
 
     def _set_offset(self, n: int) -> None:
@@ -175,10 +173,10 @@ class StaticRunner:
         if b.calls <= self.warm:  # eager warm-up calls (also what cuBLAS / allocator need before capture)
             return fn(b.ids, b.mask, b.pos, self.cache)
         offset = self.length + self.pending
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self._pool):  # recorded only: the cache is not written here
+        # a private memory pool per graph: graphs here replay in any order, and a shared pool is only safe
+        # when they replay in capture order
+        with torch.cuda.graph(g):  # recorded only: the cache is not written here
             out = fn(b.ids, b.mask, b.pos, self.cache)
         self._set_offset(offset)
         b.graph = (g, out)

@@ -126,7 +126,7 @@ class LMTreeDrafter(Drafter):
             vis = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
             logits = self.run(self.pending, pos, vis, "read", graph=not self.first)
             self.run.keep(list(range(n)))
-            self.root_logits = self._to_vocab(logits[:, -1:].float())
+            self.root_logits = self._to_vocab(logits[:, -1:].float()).clone()  # kept past later (graph) calls
             self.pending, self.first = self.pending[:, :0], False
         return self.root_logits
 
