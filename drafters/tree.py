@@ -316,24 +316,39 @@ def _chain(drafter, depth, B, device, sample, warp, generator) -> DraftTree:
     return replace(tree, chain=True)
 
 
+_STATIC_PLANS: dict = {}
+
+
+def _static_plan(paths, device) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]:
+    """Per depth (frontier node ids [F], rows into the frontier [n_d], sibling ranks [n_d], kmax) of a static
+    tree, built once per paths and device: host-to-device copies in the hot loop would each be a sync."""
+    key = (tuple(paths), str(device))
+    plan = _STATIC_PLANS.get(key)
+    if plan is None:
+        index = {p: i for i, p in enumerate(paths)}
+        plan = []
+        for d in range(1, max(len(p) for p in paths) + 1):
+            level = [p for p in paths if len(p) == d]
+            parent_ids = sorted({index[p[:-1]] if d > 1 else -1 for p in level})
+            fpos = {n: i for i, n in enumerate(parent_ids)}
+            plan.append((torch.tensor(parent_ids, dtype=torch.long, device=device),
+                         torch.tensor([fpos[index[p[:-1]] if d > 1 else -1] for p in level], device=device),
+                         torch.tensor([p[-1] for p in level], device=device), max(p[-1] for p in level) + 1))
+        _STATIC_PLANS[key] = plan
+    return plan
+
+
 def _static(drafter, paths, B, device, sample, warp, generator) -> DraftTree:
-    index = {p: i for i, p in enumerate(paths)}
     tree = DraftTree.empty(B, device)
     q_full = None
-    for d in range(1, max(len(p) for p in paths) + 1):
-        level = [p for p in paths if len(p) == d]
-        parent_ids = sorted({index[p[:-1]] if d > 1 else -1 for p in level})
-        fpos = {n: i for i, n in enumerate(parent_ids)}
-        frontier = torch.tensor(parent_ids, dtype=torch.long, device=device).expand(B, -1)
+    for frontier, rows, ranks, kmax in _static_plan(paths, device):
+        frontier = frontier.expand(B, -1)
         logits = _expand(drafter, tree, frontier)  # [B, F, V]
         dev = logits.device
-        frontier = frontier.to(dev)
-        kmax = max(p[-1] for p in level) + 1
+        frontier, rows, ranks = frontier.to(dev), rows.to(dev), ranks.to(dev)
         if kmax > logits.shape[-1]:
             raise DraftsmithError(f"eval.tree.paths asks for the rank-{kmax - 1} child but the vocabulary has "
                                   f"only {logits.shape[-1]} tokens: use smaller ranks")
-        rows = torch.tensor([fpos[index[p[:-1]] if d > 1 else -1] for p in level], device=dev)
-        ranks = torch.tensor([p[-1] for p in level], device=dev)
         if sample:
             q = warp_probs(logits, *warp)  # [B, F, V]
             F_, V = q.shape[1:]

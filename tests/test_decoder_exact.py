@@ -14,15 +14,9 @@ from conf.schema.eval import TreeConfig
 from drafters.kvcache import StaticRunner, model_forward
 from drafters.reference import NgramDrafter, TargetDrafter
 from eval.decoder import SpeculativeDecoder, autoregressive_generate, float32_target
-from tests.test_decoder import TREES, hf_greedy, make_drafter, random_prompt, small_target
+from tests.test_decoder import TREES, hf_greedy, make_drafter, one_thread, random_prompt, small_target  # noqa: F401
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# one_thread: test_decoder's autouse fixture, active here too because it is imported
 
 
 def _runner(model):
