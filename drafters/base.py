@@ -6,6 +6,8 @@ x_n (the last token: the target's own sample from the previous verification) has
 target yet. So there is always exactly one more committed token than committed features.
 
 Calls, in order:
+  prepare(room, cuda_graphs)                     optional hints: at most `room` more tokens follow the prompt
+                                                 (size caches once); whether CUDA graphs are wanted
   start(ids [1, n+1], feats [1, n, D] | None)   after the target's prefill of the prompt and its first token
   expand(tree, frontier) -> logits [B, F, V]     repeatedly, while drafters/tree.py builds a draft tree
   commit(new_ids [1, k+1], new_feats [1, k+1, D] | None)
@@ -43,6 +45,10 @@ class Drafter(ABC):
     uses_features: bool = False
     feature_source: str = "features"  # "features" | "last_hidden": which TargetOutput field start/commit get
     vocab_size: int
+
+    def prepare(self, room: int, cuda_graphs: bool = False) -> None:  # noqa: B027 - optional hook
+        """Before `start`: the sequence grows by at most `room` tokens after the prompt (drafters with a
+        preallocated cache size it from this); `cuda_graphs`: the decoder's eval.cuda_graphs."""
 
     @abstractmethod
     def start(self, input_ids: torch.Tensor, features: torch.Tensor | None) -> None:

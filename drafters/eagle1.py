@@ -348,7 +348,7 @@ class EagleDecoding(Drafter):
 
     # --- committed sequence -------------------------------------------------------------------------
     def close(self) -> None:
-        self.kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer [1, kv_heads, cap, head_dim]
         self.n_pairs = 0
         self.root_hidden: torch.Tensor | None = None
         self._tree: dict | None = None
@@ -363,17 +363,37 @@ class EagleDecoding(Drafter):
                              f"got {list(features.shape)}")
         return features
 
+    def prepare(self, room: int, cuda_graphs: bool = False) -> None:
+        self.room = room
+
     @torch.no_grad()
     def start(self, input_ids: torch.Tensor, features: torch.Tensor | None) -> None:
         n = input_ids.shape[1] - 1
         if input_ids.shape[0] != 1 or n < 1:
             raise ValueError(f"start expects ids [1, n+1] with n >= 1, got {list(input_ids.shape)}")
         self.close()
-        dev = self.model.fc.weight.device
-        kv_shape = (1, self.model.dims.num_key_value_heads, 0, self.model.dims.head_dim)
-        empty = torch.zeros(kv_shape, dtype=self.model.param_dtype, device=dev)
-        self.kv = [(empty, empty) for _ in range(self.model.num_kv_layers)]
+        self._reserve(n + getattr(self, "room", 256))
         self._append(self._check_features(features, n), input_ids[:, 1:])
+
+    def _reserve(self, capacity: int) -> None:
+        """Committed keys/values live in preallocated buffers (grown by doubling, copied once), so a commit
+        writes in place instead of concatenating the whole history every cycle."""
+        if self.kv is not None and self.kv[0][0].shape[2] >= capacity:
+            return
+        if self.kv is not None:
+            capacity = max(capacity, 2 * self.kv[0][0].shape[2])
+        dev, d = self.model.fc.weight.device, self.model.dims
+        shape = (1, d.num_key_value_heads, capacity, d.head_dim)
+        new = [(torch.zeros(shape, dtype=self.model.param_dtype, device=dev),
+                torch.zeros(shape, dtype=self.model.param_dtype, device=dev)) for _ in range(self.model.num_kv_layers)]
+        for (k, v), (k0, v0) in zip(new, self.kv or []):
+            k[:, :, :self.n_pairs] = k0[:, :, :self.n_pairs]
+            v[:, :, :self.n_pairs] = v0[:, :, :self.n_pairs]
+        self.kv = new
+
+    def _committed(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.kv[layer]
+        return k[:, :, :self.n_pairs], v[:, :, :self.n_pairs]
 
     @torch.no_grad()
     def commit(self, new_ids: torch.Tensor, new_features: torch.Tensor | None) -> None:
@@ -384,22 +404,25 @@ class EagleDecoding(Drafter):
     def _append(self, features: torch.Tensor, next_ids: torch.Tensor) -> None:
         """Run new committed pairs (features[:, j], next_ids[:, j]) causally over the cached ones."""
         m, n0 = next_ids.shape[1], self.n_pairs
+        self._reserve(n0 + m)
         dev = self.model.fc.weight.device
         hidden = self.model.project(features.to(dev))
         positions = torch.arange(n0, n0 + m, device=dev)[None]
         vis = torch.cat([torch.ones(m, n0, dtype=torch.bool, device=dev),
                          torch.ones(m, m, dtype=torch.bool, device=dev).tril()], dim=1)[None, None]
         attends = [self._cached_attend(layer, vis) for layer in range(self.model.num_kv_layers)]
-        out, kvs = self.model.core(hidden, self.model.embed(next_ids.to(dev)), positions, attends)
-        self.kv = [(torch.cat([k0, k], 2), torch.cat([v0, v], 2)) for (k0, v0), (k, v) in zip(self.kv, kvs)]
+        out, _ = self.model.core(hidden, self.model.embed(next_ids.to(dev)), positions, attends)
         self.n_pairs += m
         self.root_hidden = out[:, -1]  # [1, H]
         self._tree = None  # every tree node state is stale now
 
     def _cached_attend(self, layer: int, vis: torch.Tensor):
-        def attend(q, k, v):
-            k0, v0 = self.kv[layer]
-            return masked_attention(q, torch.cat([k0, k], 2), torch.cat([v0, v], 2), vis)
+        def attend(q, k, v):  # write the new pairs in place, attend over everything committed up to them
+            K, V = self.kv[layer]
+            n0, m = self.n_pairs, k.shape[2]
+            K[:, :, n0:n0 + m] = k
+            V[:, :, n0:n0 + m] = v
+            return masked_attention(q, K[:, :, :n0 + m], V[:, :, :n0 + m], vis)
         return attend
 
     # --- draft tree ---------------------------------------------------------------------------------
@@ -478,7 +501,7 @@ class EagleDecoding(Drafter):
             def attend(q, k, v):
                 st["k"][layer][b].index_copy_(1, idx, k[0])
                 st["v"][layer][b].index_copy_(1, idx, v[0])
-                k0, v0 = self.kv[layer]
+                k0, v0 = self._committed(layer)
                 keys = torch.cat([k0, st["k"][layer][b:b + 1, :, :N]], 2)
                 vals = torch.cat([v0, st["v"][layer][b:b + 1, :, :N]], 2)
                 return masked_attention(q, keys, vals, vis)

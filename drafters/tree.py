@@ -40,6 +40,10 @@ class DraftTree:
     depths: torch.Tensor
     logq: torch.Tensor
     q: torch.Tensor | None = None
+    # Host-side facts the builder knows, so the decoder's hot loop needs no device sync to learn them:
+    # an upper bound on the depth (None = read it from `depths`) and "this is a chain".
+    depth_bound: int | None = None
+    chain: bool = False
 
     @property
     def batch_size(self) -> int:
@@ -53,10 +57,16 @@ class DraftTree:
     def max_depth(self) -> int:
         return int(self.depths.max()) if self.num_nodes else 0
 
+    @property
+    def depth_limit(self) -> int:
+        """An upper bound on max_depth known without a device sync when the builder set depth_bound."""
+        return self.max_depth if self.depth_bound is None else self.depth_bound
+
     @classmethod
     def empty(cls, batch: int, device: torch.device | str = "cpu") -> DraftTree:
         z = torch.zeros(batch, 0, dtype=torch.long, device=device)
-        return cls(tokens=z, parents=z.clone(), depths=z.clone(), logq=torch.zeros(batch, 0, device=device))
+        return cls(tokens=z, parents=z.clone(), depths=z.clone(), logq=torch.zeros(batch, 0, device=device),
+                   depth_bound=0)
 
     def extend(self, tokens: torch.Tensor, parents: torch.Tensor, logq: torch.Tensor) -> DraftTree:
         """A new tree with F nodes [B, F] appended (parents index existing nodes or -1). `q` is not
@@ -64,9 +74,10 @@ class DraftTree:
         has = parents >= 0
         pdepth = self.depths.gather(1, parents.clamp(min=0)) if self.num_nodes else torch.zeros_like(parents)
         depths = torch.where(has, pdepth, 0) + 1
+        bound = None if self.depth_bound is None else self.depth_bound + (tokens.shape[1] > 0)
         return DraftTree(tokens=torch.cat([self.tokens, tokens], 1), parents=torch.cat([self.parents, parents], 1),
                          depths=torch.cat([self.depths, depths], 1),
-                         logq=torch.cat([self.logq, logq.to(self.logq.dtype)], 1))
+                         logq=torch.cat([self.logq, logq.to(self.logq.dtype)], 1), depth_bound=bound)
 
     def ancestor_mask(self) -> torch.Tensor:
         """[B, N, N] bool: mask[b, i, j] = node j is node i or one of its ancestors."""
@@ -77,7 +88,7 @@ class DraftTree:
         idx = torch.arange(N, device=dev).expand(B, N)
         mask.scatter_(2, idx.unsqueeze(-1), True)
         cur = self.parents
-        for _ in range(self.max_depth - 1):  # pointer jumping: one step up per iteration
+        for _ in range(self.depth_limit - 1):  # pointer jumping: one step up per iteration
             ok = cur >= 0
             mask.scatter_(2, torch.where(ok, cur, N).unsqueeze(-1), True)
             cur = torch.where(ok, self.parents.gather(1, cur.clamp(min=0)), -1)
@@ -96,11 +107,12 @@ class DraftTree:
         has_child.scatter_(1, self.parents + 1, True)
         return ~has_child[:, 1:]
 
-    def path_nodes(self, ancestors: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, N, D] long: the nodes on the path root -> node i in depth order, -1 padded (D = max depth)."""
+    def path_nodes(self, ancestors: torch.Tensor | None = None, depth: int | None = None) -> torch.Tensor:
+        """[B, N, D] long: the nodes on the path root -> node i in depth order, -1 padded (D = `depth`, by
+        default the max depth)."""
         anc = self.ancestor_mask() if ancestors is None else ancestors
         B, N = self.tokens.shape
-        D = self.max_depth
+        D = self.max_depth if depth is None else depth
         slot = torch.where(anc, self.depths[:, None, :] - 1, D)  # column D absorbs non-ancestors
         out = torch.full((B, N, D + 1), -1, dtype=torch.long, device=self.tokens.device)
         out.scatter_(2, slot, torch.arange(N, device=self.tokens.device).expand(B, N, N))
@@ -112,6 +124,8 @@ class DraftTree:
 
     def is_chain(self) -> bool:
         """True when every tree is a single path (node i's parent is node i-1)."""
+        if self.chain:
+            return True
         want = torch.arange(-1, self.num_nodes - 1, device=self.parents.device)
         return bool((self.parents == want).all())
 
@@ -228,6 +242,15 @@ def check_tree_config(tree_cfg) -> None:
         _static_paths(tree_cfg.paths)
 
 
+def tree_nodes(tree_cfg) -> int:
+    """The most nodes a tree of this config holds (the verification forward reads 1 + this many tokens)."""
+    if tree_cfg.kind == "chain":
+        return tree_cfg.depth
+    if tree_cfg.kind == "static":
+        return len(tree_cfg.paths or [])
+    return tree_cfg.total_tokens
+
+
 def _static_paths(paths) -> list[tuple[int, ...]]:
     """Validated static paths sorted into node order (by depth, then lexicographically)."""
     if not paths:
@@ -308,27 +331,42 @@ def _chain(drafter, depth, B, device, sample, warp, generator) -> DraftTree:
     if sample:
         q_rows.append(torch.zeros_like(q_rows[-1]))  # the last node has no children
         tree = replace(tree, q=torch.stack(q_rows, 1))
-    return tree
+    return replace(tree, chain=True)
+
+
+_STATIC_PLANS: dict = {}
+
+
+def _static_plan(paths, device) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]:
+    """Per depth (frontier node ids [F], rows into the frontier [n_d], sibling ranks [n_d], kmax) of a static
+    tree, built once per paths and device: host-to-device copies in the hot loop would each be a sync."""
+    key = (tuple(paths), str(device))
+    plan = _STATIC_PLANS.get(key)
+    if plan is None:
+        index = {p: i for i, p in enumerate(paths)}
+        plan = []
+        for d in range(1, max(len(p) for p in paths) + 1):
+            level = [p for p in paths if len(p) == d]
+            parent_ids = sorted({index[p[:-1]] if d > 1 else -1 for p in level})
+            fpos = {n: i for i, n in enumerate(parent_ids)}
+            plan.append((torch.tensor(parent_ids, dtype=torch.long, device=device),
+                         torch.tensor([fpos[index[p[:-1]] if d > 1 else -1] for p in level], device=device),
+                         torch.tensor([p[-1] for p in level], device=device), max(p[-1] for p in level) + 1))
+        _STATIC_PLANS[key] = plan
+    return plan
 
 
 def _static(drafter, paths, B, device, sample, warp, generator) -> DraftTree:
-    index = {p: i for i, p in enumerate(paths)}
     tree = DraftTree.empty(B, device)
     q_full = None
-    for d in range(1, max(len(p) for p in paths) + 1):
-        level = [p for p in paths if len(p) == d]
-        parent_ids = sorted({index[p[:-1]] if d > 1 else -1 for p in level})
-        fpos = {n: i for i, n in enumerate(parent_ids)}
-        frontier = torch.tensor(parent_ids, dtype=torch.long, device=device).expand(B, -1)
+    for frontier, rows, ranks, kmax in _static_plan(paths, device):
+        frontier = frontier.expand(B, -1)
         logits = _expand(drafter, tree, frontier)  # [B, F, V]
         dev = logits.device
-        frontier = frontier.to(dev)
-        kmax = max(p[-1] for p in level) + 1
+        frontier, rows, ranks = frontier.to(dev), rows.to(dev), ranks.to(dev)
         if kmax > logits.shape[-1]:
             raise DraftsmithError(f"eval.tree.paths asks for the rank-{kmax - 1} child but the vocabulary has "
                                   f"only {logits.shape[-1]} tokens: use smaller ranks")
-        rows = torch.tensor([fpos[index[p[:-1]] if d > 1 else -1] for p in level], device=dev)
-        ranks = torch.tensor([p[-1] for p in level], device=dev)
         if sample:
             q = warp_probs(logits, *warp)  # [B, F, V]
             F_, V = q.shape[1:]
@@ -378,4 +416,4 @@ def _dynamic(drafter, depth, k, total_tokens, B, device) -> DraftTree:
     old_par = tree.parents.gather(1, keep)
     parents = torch.where(old_par >= 0, new_of_old.gather(1, old_par.clamp(min=0)), -1)
     return DraftTree(tokens=tree.tokens.gather(1, keep), parents=parents, depths=tree.depths.gather(1, keep),
-                     logq=tree.logq.gather(1, keep))
+                     logq=tree.logq.gather(1, keep), depth_bound=tree.depth_bound)

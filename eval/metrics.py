@@ -148,6 +148,15 @@ def paired_difference(a: dict, b: dict, num: str = "cycle_tokens", den: str = "c
             else bool(ci[0] > 0 or ci[1] < 0)}
 
 
+def first_divergence(a: list[int], b: list[int]) -> int | None:
+    """Index of the first position where two generations differ (a shorter one that is a prefix of the
+    other differs where it ends); None when they are equal."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
 def summarize(spec: list[list[GenRecord]], ar: list[list[GenRecord]], prompt_ids: list[str] | None = None) -> dict:
     """The report's numbers for one benchmark x temperature; spec[i] / ar[i]: prompt i's turns (the same
     turns on both sides)."""
@@ -182,4 +191,11 @@ def summarize(spec: list[list[GenRecord]], ar: list[list[GenRecord]], prompt_ids
         "identical_outputs": sum(s.tokens == a.tokens for s, a in zip(spec, ar)),
         "depth_attempted": [sum(d) for d in zip(*pp["depth_attempted"])],  # the cycles behind each acceptance rate
         "ci": intervals(pp), "bootstrap": BOOTSTRAP, "per_prompt": pp,
+        # where the outputs part (meaningful at T = 0): the mean over the generations that differ at all
+        "first_divergence_mean": _mean([d for s, a in zip(spec, ar)
+                                        if (d := first_divergence(s.tokens, a.tokens)) is not None]),
     }
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None

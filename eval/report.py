@@ -21,6 +21,11 @@ from eval.metrics import REPS, SEED
 
 LOSSY = "LOSSY"
 LOSSY_NOTE = "LOSSY: typical acceptance, outputs may differ from the target's own"
+BF16_NOTE = ("Outputs that differ at T=0 are rounding, not loss: in bf16/fp16 a (1+N)-token verification forward "
+             "and N+1 one-token forwards sum in different orders, so a near-tie can go the other way and the two "
+             "continuations part there. eval.exact=true verifies and decodes in float32, where they agree.")
+FLOAT32_NOTE = ("The target verified in float32 and outputs still differ at T=0: a float32 near-tie (two logits "
+                "within ~1e-6) or a decoder bug; drafter=target with eval.exact=true must give τ = depth + 1.")
 
 
 def machine_info(device) -> dict:
@@ -94,6 +99,7 @@ def decode_columns() -> list[Column]:
         ("verify %", lambda r: _pct(r["time_split"]["verify"])),
         ("other %", lambda r: _pct(r["time_split"]["other"])),
         ("= AR", lambda r: f"{r['identical_outputs']}/{r['generations']}" if r["temperature"] == 0 else "-"),
+        ("1st diff", lambda r: _f(r.get("first_divergence_mean"), "{:.1f}") if r["temperature"] == 0 else "-"),
     ]
 
 
@@ -130,7 +136,9 @@ def markdown(report: dict) -> str:
     tree = report.get("tree") or {}
     lines += [f"acceptance: {report['acceptance']}{lossy}; tree: {tree.get('kind')} depth {tree.get('depth')}, "
               f"top_k {tree.get('top_k')}, total_tokens {tree.get('total_tokens')}; "
-              f"max_new_tokens {report.get('max_new_tokens')}",
+              f"max_new_tokens {report.get('max_new_tokens')}"
+              + (f"; target verifies in {report['verify_dtype']}" + (" (eval.exact)" if report.get("exact") else "")
+                 if report.get("verify_dtype") else ""),
               f"machine: {m['device']} ({m['device_name']}), {m.get('torch_threads')} CPU threads (run.threads), "
               f"torch {m['torch']}, transformers {m['transformers']}, "
               f"{m['date']}"]
@@ -140,7 +148,10 @@ def markdown(report: dict) -> str:
     name: Column = ("benchmark", lambda r: f"{r['benchmark']}{lossy}")
     lines += md_table([name, *decode_columns()], rows)
     lines += ["", "τ: generated tokens per target forward; = AR: turns whose output equals the autoregressive "
-              "baseline's (T=0 only); draft/verify/other: share of the speculative cycle's time. " + INTERVAL_NOTE]
+              "baseline's (T=0 only); 1st diff: mean position of the first differing token over the turns that "
+              "differ; draft/verify/other: share of the speculative cycle's time. " + INTERVAL_NOTE]
+    if any(r["temperature"] == 0 and r["identical_outputs"] < r["generations"] for r in rows):
+        lines.append(FLOAT32_NOTE if report.get("verify_dtype", "float32") == "float32" else BF16_NOTE)
     skipped = [(r["benchmark"], r["temperature"], r["skipped"]) for r in rows if r.get("skipped")]
     for b, t, s in skipped:
         lines.append(f"- {b} T={t:g}: skipped " + ", ".join(f"{n} ({why})" for why, n in sorted(s.items())))

@@ -25,7 +25,7 @@ from conf.errors import DraftsmithError
 from conf.rundir import stage_session
 from conf.schema import Config, project_path, run_dir, save_config
 from data_gen.sources import SourceReport
-from drafters.tree import check_tree_config
+from drafters.tree import check_tree_config, tree_nodes
 from eval.benchmarks import BenchPrompt, check_benchmarks, load_benchmark, render_prompt
 from eval.metrics import GenRecord, summarize
 from eval.report import LOSSY, machine_info, markdown, with_interval, write_report
@@ -78,6 +78,10 @@ def build_drafter(cfg: Config, target):
 
     name = cfg.drafter.name
     if name in REFERENCE:  # need no training: built straight from the config
+        if name == "target" and cfg.eval.exact:  # drafts with the model that verifies: tau = depth + 1
+            from eval.decoder import float32_target
+
+            target = float32_target(target)
         return drafter_class(name).from_config(cfg.drafter, target), None
     d = trained_drafter_dir(cfg)  # before importing the family: the missing folder is the likelier mistake
     trainable = drafter_class(name).from_pretrained(str(d), target)
@@ -190,9 +194,7 @@ def prompt_limit(cfg: Config, target) -> int:
     max_pos = getattr(hf, "max_position_embeddings", None) or getattr(hf, "n_positions", None)
     limit = cfg.eval.max_prompt_tokens
     if max_pos:
-        tree = cfg.eval.tree
-        nodes = {"chain": tree.depth, "dynamic": tree.total_tokens}.get(tree.kind) or sum(map(len, tree.paths or []))
-        room = int(max_pos) - cfg.eval.max_new_tokens - nodes - 1
+        room = int(max_pos) - cfg.eval.max_new_tokens - tree_nodes(cfg.eval.tree) - 1
         if room < 1:
             raise DraftsmithError(
                 f"eval.max_new_tokens={cfg.eval.max_new_tokens} plus the draft tree leaves no room for a prompt in "
@@ -310,6 +312,7 @@ def build_report(cfg: Config, target, results: list[dict]) -> dict:
     return {"drafter": {"name": cfg.drafter.name, "checkpoint": cfg.drafter.checkpoint},
             "target": cfg.target.path, "acceptance": ev.acceptance, "lossy": ev.acceptance == "typical",
             "tree": OmegaConf.to_container(OmegaConf.structured(ev.tree)), "max_new_tokens": ev.max_new_tokens,
+            "exact": ev.exact, "verify_dtype": str(torch.float32 if ev.exact else target.dtype).removeprefix("torch."),
             "machine": machine_info(target.device), "command": " ".join(sys.argv),
             "config": OmegaConf.to_container(OmegaConf.structured(cfg)), "results": results}
 

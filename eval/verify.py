@@ -57,21 +57,42 @@ class Accepted:
     bonus: int  # the target's own token after the last accepted node
 
 
+def tree_block(tree: DraftTree, root: torch.Tensor, ancestors: torch.Tensor | None = None):
+    """(input_ids [B, 1+N], relative positions [B, 1+N], visible [B, 1+N, 1+N], ancestors [B, N, N]) of one
+    verification forward over [root, nodes]: row i sees column j of the block when j is the root or an
+    ancestor-or-self of i. A node at depth d sits d positions after the root, as in the plain sequence."""
+    anc = tree.ancestor_mask() if ancestors is None else ancestors
+    dev = tree.tokens.device
+    B, N = tree.tokens.shape
+    ids = torch.cat([root.view(-1, 1).to(dev), tree.tokens], 1)
+    pos = torch.cat([torch.zeros_like(tree.depths[:, :1]), tree.depths], 1)
+    vis = torch.zeros(B, 1 + N, 1 + N, dtype=torch.bool, device=dev)
+    vis[:, :, 0] = True
+    vis[:, 1:, 1:] = anc
+    return ids, pos, vis, anc
+
+
 def tree_inputs(tree: DraftTree, root: torch.Tensor, past_len: int, dtype: torch.dtype):
     """(input_ids [B, 1+N], additive 4D mask [B, 1, 1+N, past_len+1+N], position_ids [B, 1+N], ancestors
-    [B, N, N]) for one target forward over the root and every node on top of `past_len` cached tokens.
-    A node at depth d sits at position past_len + d, as it would in the plain sequence."""
-    anc = tree.ancestor_mask()
-    dev = tree.tokens.device
-    ids = torch.cat([root.view(-1, 1).to(dev), tree.tokens], 1)
+    [B, N, N]) for one target forward over the root and every node on top of `past_len` cached tokens
+    (a DynamicCache: the mask spans exactly the cache)."""
+    ids, pos, _, anc = tree_block(tree, root)
     mask = tree_attention_mask(anc, past_len, dtype, prefix=1)
-    pos = past_len + torch.cat([torch.zeros_like(tree.depths[:, :1]), tree.depths], 1)
-    return ids, mask, pos, anc
+    return ids, mask, past_len + pos, anc
 
 
 def accept(tree: DraftTree, logits: torch.Tensor, rule: SamplingRule, generator: torch.Generator | None = None,
            ancestors: torch.Tensor | None = None) -> list[Accepted]:
     """Apply `rule` to the target logits [B, 1+N, V] (row 0 = after the root, row i+1 = after node i)."""
+    path, bonus = accept_paths(tree, logits, rule, generator, ancestors)
+    return [Accepted([i for i in row if i >= 0], int(b)) for row, b in zip(path.tolist(), bonus.tolist())]
+
+
+def accept_paths(tree: DraftTree, logits: torch.Tensor, rule: SamplingRule, generator: torch.Generator | None = None,
+                 ancestors: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`accept` as tensors, for the decoder's hot loop: (path [B, D] accepted node indices root -> leaf, -1
+    padded, D = tree.depth_limit; bonus [B]). No host sync for greedy, deterministic, typical and sampled
+    chains (sampled trees loop over depth and sibling rank on the host)."""
     if ancestors is None:
         ancestors = tree.ancestor_mask()
     parent_rows = tree.parents + 1
@@ -87,26 +108,30 @@ def accept(tree: DraftTree, logits: torch.Tensor, rule: SamplingRule, generator:
         y = torch.multinomial(probs.view(-1, V), 1, generator=generator).view(B, R)
         return _deepest(tree, tree.tokens == y.gather(1, parent_rows), y, ancestors)
     if tree.is_chain():
-        return _chain_rule(tree, probs, generator)
-    return _sampled_tree(tree, probs, generator)
+        path, bonus = _chain_rule(tree, probs, generator)
+    else:
+        path, bonus = _sampled_tree(tree, probs, generator)
+    D = tree.depth_limit
+    if path.shape[1] < D:
+        path = torch.cat([path, path.new_full((B, D - path.shape[1]), -1)], 1)
+    return path, bonus
 
 
-def _deepest(tree: DraftTree, node_ok: torch.Tensor, y: torch.Tensor, anc: torch.Tensor) -> list[Accepted]:
+def _deepest(tree: DraftTree, node_ok: torch.Tensor, y: torch.Tensor, anc: torch.Tensor):
     """Deepest node whose whole path (itself and every ancestor) is ok; ties go to the first stored
     (higher-ranked) sibling. bonus = y at the row after that node (row 0 when nothing is accepted)."""
     B, N = tree.tokens.shape
+    D = tree.depth_limit
     if N == 0:
-        return [Accepted([], int(t)) for t in y[:, 0].tolist()]
+        return torch.full((B, D), -1, dtype=torch.long, device=y.device), y[:, 0]
     valid = ~(anc & ~node_ok[:, None, :]).any(-1)  # [B, N]
     key = torch.where(valid, tree.depths, 0)
     best = key.argmax(1)
-    has = key.gather(1, best[:, None]).squeeze(1) > 0
-    on_path = anc[torch.arange(B, device=anc.device), best] & has[:, None]
-    bonus = y.gather(1, torch.where(has, best + 1, 0)[:, None]).squeeze(1)
-    out = []
-    for row, b in zip(on_path.tolist(), bonus.tolist()):
-        out.append(Accepted([i for i, v in enumerate(row) if v], int(b)))  # index order = depth order
-    return out
+    has = key.gather(1, best[:, None]) > 0  # [B, 1]
+    ar = torch.arange(B, device=anc.device)
+    path = torch.where(has, tree.path_nodes(anc, D)[ar, best], -1)
+    bonus = y.gather(1, torch.where(has, best[:, None] + 1, 0)).squeeze(1)
+    return path, bonus
 
 
 def _typical_ok(tree: DraftTree, probs: torch.Tensor, rule: SamplingRule) -> torch.Tensor:
@@ -126,7 +151,7 @@ def _residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.where(s > 0, r / s.clamp(min=1e-30), p)
 
 
-def _chain_rule(tree: DraftTree, probs: torch.Tensor, generator) -> list[Accepted]:
+def _chain_rule(tree: DraftTree, probs: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Leviathan/Chen speculative sampling for sampled chains, vectorised over depth: node i's parent is
     node i-1, so the row its token was drawn from is row i."""
     B, N = tree.tokens.shape
@@ -140,10 +165,11 @@ def _chain_rule(tree: DraftTree, probs: torch.Tensor, generator) -> list[Accepte
     # rejected at n < N: residual of row n; all accepted: q's row N is zero (a leaf), so this is p
     resid = _residual(probs[ar, n], tree.q[ar, n])
     bonus = torch.multinomial(resid, 1, generator=generator).squeeze(-1)
-    return [Accepted(list(range(k)), int(t)) for k, t in zip(n.tolist(), bonus.tolist())]
+    steps = torch.arange(N, device=probs.device)
+    return torch.where(steps < n[:, None], steps, -1), bonus
 
 
-def _sampled_tree(tree: DraftTree, probs: torch.Tensor, generator) -> list[Accepted]:
+def _sampled_tree(tree: DraftTree, probs: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Tensor]:
     """SpecInfer multi-round speculative sampling down trees whose siblings were drawn i.i.d. from q,
     vectorised over B: the only loops are over depth and sibling rank."""
     B, N = tree.tokens.shape
@@ -179,4 +205,4 @@ def _sampled_tree(tree: DraftTree, probs: torch.Tensor, generator) -> list[Accep
         if bool(done.all()):
             break
     bonus = torch.multinomial(resid, 1, generator=generator).squeeze(-1)
-    return [Accepted([i for i in row if i >= 0], int(t)) for row, t in zip(path.tolist(), bonus.tolist())]
+    return path, bonus

@@ -163,8 +163,9 @@ def test_target_cache_after_partial_acceptance(tiny_target):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_lm_drafter_state_equals_fresh_forwards(arch):
-    """LMTreeDrafter's logits for tree nodes, and for the root after a commit that keeps two tree entries
-    out of four, equal a plain forward of its model over the same context."""
+    """LMTreeDrafter's logits for tree nodes, and for the root after a commit of two of the four tree nodes
+    (re-read causally with the bonus token, the tree entries dropped), equal a plain forward of its model
+    over the same context."""
     from tests.conftest import build_tiny_model
 
     model = build_tiny_model(arch, 50, seed=3, num_layers=2)
@@ -189,8 +190,9 @@ def test_lm_drafter_state_equals_fresh_forwards(arch):
     torch.testing.assert_close(l2[0, 0, :50], fresh(12, 14), atol=1e-5, rtol=0)
     torch.testing.assert_close(l2[0, 1, :50], fresh(11, 13), atol=1e-5, rtol=0)
     d.commit(torch.tensor([[12, 14, 30]]), None)  # accepted 12 -> 14 (tree entries 2 and 4), bonus 30
-    assert d.past == ids.shape[1] + 2 and d.pending.tolist() == [[30]]
+    assert d.past == ids.shape[1] and d.pending.tolist() == [[12, 14, 30]]
     l3 = d.expand(DraftTree.empty(1), torch.tensor([[-1]]))
+    assert d.past == ids.shape[1] + 3 and d.run.pending == 0  # read, and the four tree entries dropped
     torch.testing.assert_close(l3[0, 0, :50], fresh(12, 14, 30), atol=1e-5, rtol=0)
     d.commit(torch.tensor([[7, 8]]), None)  # a draft never read by the drafter: both stay pending
     torch.testing.assert_close(d.expand(DraftTree.empty(1), torch.tensor([[-1]]))[0, 0, :50],

@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from eval.metrics import GenRecord, acceptance_by_depth, summarize
-from eval.report import LOSSY, LOSSY_NOTE, _plot_title, markdown, write_report
+from eval.metrics import GenRecord, acceptance_by_depth, first_divergence, summarize
+from eval.report import BF16_NOTE, FLOAT32_NOTE, LOSSY, LOSSY_NOTE, _plot_title, markdown, write_report
 
 
 def _records():
@@ -39,6 +39,20 @@ def test_summarize_uses_ratios_of_sums():
     assert s["time_split"] == {"draft": pytest.approx(0.2), "verify": pytest.approx(0.6), "other": pytest.approx(0.2)}
     assert s["outside_target"] == pytest.approx(0.4)
     assert (s["identical_outputs"], s["generations"], s["target_forwards"]) == (1, 2, 8)
+    assert s["first_divergence_mean"] == 1.0  # [4, 5] vs [4, 6]; the equal pair does not count
+
+
+def test_first_divergence_on_hand_made_sequences():
+    assert first_divergence([1, 2, 3], [1, 2, 3]) is None
+    assert first_divergence([], []) is None
+    assert first_divergence([7, 2, 3], [1, 2, 3]) == 0
+    assert first_divergence([1, 2, 3, 4], [1, 2, 9, 4]) == 2
+    assert first_divergence([1, 2], [1, 2, 3]) == 2  # one stopped (EOS) where the other went on
+    assert first_divergence([1, 2, 3], [1]) == 1
+    spec = [GenRecord(3, 1.0, 1, 3, tokens=t) for t in ([1, 2, 3], [1, 9, 3], [5, 6, 7, 8])]
+    ar = [GenRecord(3, 1.0, 3, 3, tokens=t) for t in ([1, 2, 3], [1, 2, 3], [5, 6, 7, 0])]
+    assert summarize([[s] for s in spec], [[a] for a in ar])["first_divergence_mean"] == pytest.approx((1 + 3) / 2)
+    assert summarize([spec[:1]], [ar[:1]])["first_divergence_mean"] is None
 
 
 def _report(lossy=False, temps=(0.0, 1.0)):
@@ -58,10 +72,11 @@ def test_markdown_table_rows():
     lines = md.splitlines()
     assert lines[0] == "# draftsmith eval: drafter ngram on /tmp/tiny-llama"
     assert ("| benchmark | T | prompts | cycles | τ [95 %] | tok/s spec | tok/s AR | speedup [95 %] | draft % | "
-            "verify % | other % | = AR |") in lines
+            "verify % | other % | = AR | 1st diff |") in lines
     # two prompts: τ 2.5 and 1.5 alone, 2.0 pooled; both prompts have speedup exactly 2, so every resample does
-    assert "| mtbench | 0 | 2 | 8 | 2.00 [1.50, 2.50] | 10.7 | 5.3 | 2.00× [2.00×, 2.00×] | 20 | 60 | 20 | 1/2 |" in lines
-    assert "| gsm8k | 1 | 2 | 8 | 2.00 [1.50, 2.50] | 10.7 | 5.3 | 2.00× [2.00×, 2.00×] | 20 | 60 | 20 | - |" in lines
+    assert ("| mtbench | 0 | 2 | 8 | 2.00 [1.50, 2.50] | 10.7 | 5.3 | 2.00× [2.00×, 2.00×] | 20 | 60 | 20 | 1/2 "
+            "| 1.0 |") in lines
+    assert "| gsm8k | 1 | 2 | 8 | 2.00 [1.50, 2.50] | 10.7 | 5.3 | 2.00× [2.00×, 2.00×] | 20 | 60 | 20 | - | - |" in lines
     assert "- gsm8k T=0: skipped 1 (prompt over 100 tokens)" in lines
     assert "| mtbench | 30.0 | 20.0 | 1.50× | 2/2 |" in lines
     # acceptance by depth, one line per depth with the cycles behind it: depth 1 is 3/4 and 2/4 (resamples
@@ -79,7 +94,19 @@ def test_report_columns_are_a_list_to_extend():
     rows = _report()["results"][:1]
     cols = [("benchmark", lambda r: r["benchmark"]), *decode_columns(), ("new", lambda r: "x")]
     head, rule, line = md_table(cols, rows)
-    assert head.endswith("| = AR | new |") and rule == "|" + "---|" * 13 and line.endswith("| 1/2 | x |")
+    assert head.endswith("| = AR | 1st diff | new |") and rule == "|" + "---|" * 14 and line.endswith("| 1/2 | 1.0 | x |")
+
+
+def test_differing_greedy_outputs_are_explained_by_the_verify_dtype():
+    """A T=0 row whose outputs differ gets one line saying why: bf16 summation order, or (float32) a near-tie."""
+    rep = _report()
+    assert FLOAT32_NOTE in markdown(rep) and BF16_NOTE not in markdown(rep)  # no dtype recorded: float32
+    rep["verify_dtype"] = "bfloat16"
+    md = markdown(rep)
+    assert BF16_NOTE in md and FLOAT32_NOTE not in md and "target verifies in bfloat16" in md
+    for r in rep["results"]:
+        r["identical_outputs"] = r["generations"]
+    assert BF16_NOTE not in markdown(rep)
 
 
 def test_typical_acceptance_is_flagged_lossy_everywhere(tmp_path):
@@ -182,6 +209,6 @@ def test_bench_decode_table_is_the_reports_with_drafter_and_tree():
     rows = [{"drafter": "ngram", "tree": "chain:3", **r} for r in _report(temps=(0.0,))["results"][:1]]
     lines = bd.table(rows).splitlines()
     assert lines[2] == ("| ngram | chain:3 | 0 | 2 | 8 | 2.00 [1.50, 2.50] | 10.7 | 5.3 | 2.00× [2.00×, 2.00×] | 20 | 60 "
-                        "| 20 | 1/2 |")
+                        "| 20 | 1/2 | 1.0 |")
     assert lines[-3:] == ["| ngram | chain:3 | 0 | 1 | 8 | 0.62 [0.50, 0.75] |",
                           "| ngram | chain:3 | 0 | 2 | 5 | 0.40 [0.00, 0.67] |", "| ngram | chain:3 | 0 | 3 | 2 | 0.50 |"]

@@ -34,7 +34,7 @@ def test_train_py_stage_eval_prints_the_table(tiny_target_dir, tmp_path):
     assert "| benchmark | T | prompts | cycles | τ [95 %] | tok/s spec | tok/s AR | speedup [95 %] |" in out
     assert "| benchmark | T | depth | cycles reaching it | acceptance [95 %] |" in out
     row = next(ln for ln in out.splitlines() if ln.startswith("| sharegpt_heldout | 0 | 1 |"))
-    assert row.endswith("| 1/1 |")  # lossless: greedy speculative output == greedy autoregressive output
+    assert row.endswith("| 1/1 | - |")  # lossless: greedy speculative output == greedy autoregressive output
     d = tmp_path / "smoke" / "eval" / "ngram"
     rep = json.loads((d / "report.json").read_text())
     r = rep["results"][0]
@@ -65,6 +65,18 @@ def test_self_drafting_target_has_exact_tau(cfg_for):
     r = rep["results"][0]
     assert r["tau"] == 4.0  # a depth-3 chain of the target's own argmax: every draft accepted
     assert r["accept_by_depth"] == [1.0, 1.0, 1.0] and r["identical_outputs"] == r["generations"] == 1
+
+
+def test_exact_mode_on_a_bf16_target(cfg_for):
+    """eval.exact=true with a bf16 target: verification, baseline and the self-drafting target run on its
+    float32 copy (tau = depth + 1, = AR), and the report says so."""
+    from eval.stage import run
+
+    res = run(cfg_for("drafter=target", "target.dtype=bfloat16", "eval.exact=true", *FAST))
+    rep, r = res["report"], res["report"]["results"][0]
+    assert (rep["exact"], rep["verify_dtype"]) == (True, "float32")
+    assert r["tau"] == 4.0 and r["identical_outputs"] == r["generations"] == 1
+    assert "target verifies in float32 (eval.exact)" in res["paths"]["md"].read_text()
 
 
 def test_typical_acceptance_is_flagged_lossy_in_every_output(cfg_for, capsys, tmp_path):

@@ -35,6 +35,14 @@ class EvalConfig:
     gsm8k_path: Optional[str] = None
     compare_assistant: bool = True  # small drafters: also time transformers' generate(assistant_model=...)
     warmup: int = 1  # untimed generations (spec and AR each) before timing: kernels, caches, allocator
+    # Exact mode: the target verifies and the autoregressive baseline decodes in float32 (a float32 copy of a
+    # bf16/fp16 target; drafter=target drafts with it too), so greedy output equals the baseline's token for
+    # token and the target drafting for itself reaches tau = depth + 1. Off: the target's own dtype (what
+    # serving runs), where a (1+N)-token forward and 1-token forwards round differently and can part ways.
+    exact: bool = False
+    # CUDA only: replay the target's verification / autoregressive forwards (and LM drafters' steps) at
+    # their fixed shapes as CUDA graphs. Ignored on the CPU.
+    cuda_graphs: bool = True
     # Longer rendered prompts are skipped (and counted); also capped so prompt + max_new_tokens + the
     # draft tree fit the target's max_position_embeddings.
     max_prompt_tokens: int = 1024
