@@ -19,6 +19,7 @@ import sys
 import hydra
 from omegaconf import OmegaConf
 
+from conf.device import resolve_device
 from conf.errors import DraftsmithError
 from conf.schema import STAGES, Config
 
@@ -43,7 +44,8 @@ def stage_fn(name: str):
 def run_stages(cfg: Config) -> dict:
     """Run `cfg.stage` alone, or every stage of `cfg.stages` in order, in this process."""
     names = [cfg.stage] if cfg.stage else list(cfg.stages)
-    fns = [stage_fn(n) for n in names]  # fail on a misspelt stage before any work starts
+    fns = [stage_fn(n) for n in names]  # fail on a misspelt stage or device before any work starts
+    resolve_device(cfg.run.device)
     return {name: fn(cfg) for name, fn in zip(names, fns)}
 
 
