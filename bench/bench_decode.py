@@ -58,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-peers", action="store_true", help="skip transformers' generate peers")
     ap.add_argument("--hf-compile", choices=("auto", "off"), default="auto",
                     help="let transformers compile its static-cache generate (auto: on CUDA)")
+    ap.add_argument("--hf-compile-limit", type=int, default=0, metavar="S",
+                    help="run transformers eager when its compiling warm-up takes over S seconds (0 = wait)")
     ap.add_argument("--bandwidth", type=float, default=None,
                     help="memory bandwidth in GB/s for the floor (default: the GPU's datasheet, H100 3350, H200 4800)")
     ap.add_argument("--json", default=None, help="append one JSON record per measured row to this file")
@@ -194,8 +196,9 @@ def bench(args) -> tuple[list[dict], dict, dict, str, list[dict]]:
             for r in evaluate(cfg, target, drafter, assistant):
                 rec.add({"row": "spec", "drafter": label, "tree": tree, **r})
     rows = list(rec.rows)
+    rec.add(ar_baselines(rows, [], target, machine, args.bandwidth))  # kept if the peers outlast a time limit
     peers = [] if args.no_peers else [rec.add(hf_greedy(target, bench_prompts(cfg0, target), args.max_new_tokens,
-                                                        "static", args.hf_compile))]
+                                                        "static", args.hf_compile, args.hf_compile_limit))]
     for name, assistant in assistants.items():
         peers.append(rec.add(hf_assisted(target, assistant, bench_prompts(cfg0, target), args.max_new_tokens,
                                          peers[0]["outputs"] if peers else None) | {"assistant": name}))

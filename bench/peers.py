@@ -9,6 +9,8 @@ decoding available, so bench_decode divides by the faster of ours and this one.
 """
 from __future__ import annotations
 
+import contextlib
+import signal
 import time
 
 import torch
@@ -36,6 +38,25 @@ def _run(model, ids: list[int], device, **kw) -> tuple[list[int], float]:
     return out[0, x.shape[1]:].tolist(), time.perf_counter() - t0
 
 
+@contextlib.contextmanager
+def _time_limit(seconds: int):
+    """Raise TimeoutError in this (main) thread after `seconds` (0 = no limit)."""
+    if seconds <= 0:
+        yield
+        return
+
+    def _raise(*_):
+        raise TimeoutError(f"warm-up with compile took over {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, _raise)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def _summary(name: str, walls: list[float], outputs: list[list[int]], **extra) -> dict:
     tokens = sum(map(len, outputs))
     wall = sum(walls)
@@ -45,11 +66,12 @@ def _summary(name: str, walls: list[float], outputs: list[list[int]], **extra) -
 
 
 def hf_greedy(target, prompts: list[list[int]], max_new_tokens: int, cache: str = "static",
-              compile: str = "auto") -> dict:
+              compile: str = "auto", compile_limit_s: int = 0) -> dict:
     """Greedy generate over the prompts, timed per call (prefill included, like ours). With a static cache
     the warm-up runs the LONGEST prompt first: transformers keeps the largest cache length it has seen, so
     every timed call then reuses one cache size and one compiled graph. compile='auto' lets transformers
-    compile where it does (CUDA); if compiling fails the error's first line is kept and it runs eager."""
+    compile where it does (CUDA); if compiling fails, or the warm-up outlasts compile_limit_s (0 = no
+    limit; a bounded GPU suite cannot wait for every compile), the reason is kept and it runs eager."""
     model, dev = target.model, target.device
     kw = _kwargs(target, max_new_tokens)
     if cache == "static":
@@ -64,7 +86,8 @@ def hf_greedy(target, prompts: list[list[int]], max_new_tokens: int, cache: str 
     t0 = time.perf_counter()
     try:
         try:
-            _run(model, max(prompts, key=len), dev, **kw)  # warm-up: cache size, compile, kernels
+            with _time_limit(compile_limit_s if not gc.disable_compile else 0):
+                _run(model, max(prompts, key=len), dev, **kw)  # warm-up: cache size, compile, kernels
         except Exception as e:  # noqa: BLE001 - any compile failure: say it, time the eager path instead
             if gc.disable_compile:
                 raise
