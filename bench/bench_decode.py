@@ -54,6 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="--random-llama: pad the vocabulary to this size (128256 = Llama-3's LM head)")
     ap.add_argument("--random-drafter", action="append", default=[], metavar="FAMILY",
                     help="a randomly initialised trainable drafter (eagle3, small, ...) for speed only (repeatable)")
+    ap.add_argument("--dtype", default="auto", help="target dtype: auto (bf16 on GPU, fp32 on CPU), bfloat16, float32")
     ap.add_argument("--exact", action="store_true", help="float32 verification and baseline (T=0 output = AR)")
     ap.add_argument("--no-peers", action="store_true", help="skip transformers' generate peers")
     ap.add_argument("--hf-compile", choices=("auto", "off"), default="auto",
@@ -163,7 +164,8 @@ def bench(args) -> tuple[list[dict], dict, dict, str, list[dict]]:
     base = [f"target.path={args.target}", f"run.device={args.device}", f"eval.benchmarks=[{args.benchmark}]",
             f"eval.temperatures=[{','.join(str(t) for t in args.temperatures)}]", f"eval.num_prompts={args.prompts}",
             f"eval.max_new_tokens={args.max_new_tokens}", f"eval.max_prompt_tokens={args.max_prompt_tokens}",
-            "eval.compare_assistant=false", "run.root=" + tempfile.gettempdir(), *exact]  # peers: below, once
+            "eval.compare_assistant=false", "run.root=" + tempfile.gettempdir(), f"target.dtype={args.dtype}",
+            *exact]  # peers: below, once; exact's float32 (when it is a dtype) wins over --dtype
     drafters = [(name, [], False) for name in args.reference] + [(name, [], True) for name in args.random_drafter]
     for spec in args.drafter:
         family, sep, folder = spec.partition("=")
