@@ -97,3 +97,18 @@ def test_train_py_bad_device_is_one_error_line_before_any_stage(tmp_path):
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines() == ["error: run.device='cuda:x' is not a device: use auto, cpu, cuda or cuda:N"]
     assert [p.name for p in (tmp_path / "demo").iterdir()] == ["hydra"]  # Hydra's log only: no stage started
+
+
+@pytest.mark.parametrize("stage", ["target_pretrain", "data_gen", "train", "eval", "export"])
+def test_every_stage_checks_the_device_before_it_starts(stage, tmp_path):
+    """run_stages resolves run.device once, up front: on this CPU-only machine `cuda` is one clear error
+    for every stage, never a torch traceback halfway through."""
+    from conf.schema import load_config
+    from train import run_stages
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the no-GPU message")
+    cfg = load_config([f"stage={stage}", "run.device=cuda", f"run.root={tmp_path}"])
+    with pytest.raises(DraftsmithError, match=r"^run\.device=cuda but torch sees no CUDA GPU"):
+        run_stages(cfg)
+    assert not (tmp_path / "demo").exists()
