@@ -19,6 +19,7 @@ import sys
 import hydra
 from omegaconf import OmegaConf
 
+from conf.device import resolve_device
 from conf.errors import DraftsmithError
 from conf.schema import STAGES, Config
 
@@ -47,7 +48,8 @@ def run_stages(cfg: Config) -> dict:
     from conf.rundir import stage_session
 
     names = [cfg.stage] if cfg.stage else list(cfg.stages)
-    fns = [stage_fn(n) for n in names]  # fail on a misspelt stage before any work starts
+    fns = [stage_fn(n) for n in names]  # fail on a misspelt stage or device before any work starts
+    resolve_device(cfg.run.device)
     with stage_session(cfg, ",".join(names)):
         for name in names:
             check = getattr(importlib.import_module(STAGE_FUNCS[name].split(":")[0]), "preflight", None)

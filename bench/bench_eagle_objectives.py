@@ -36,7 +36,8 @@ def make_target(args):
                       num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 64),
                       num_key_value_heads=max(1, args.hidden // 128), vocab_size=args.vocab,
                       max_position_embeddings=max(512, 2 * args.seq), tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg).to(args.device).eval()
+    with torch.device(args.device):  # allocated and initialised there: an 8B shape built on the CPU took minutes
+        model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(args.peak)
     return Target(model, tokenizer=None, name="random-demo-shape")

@@ -26,6 +26,7 @@ import torch
 
 from conf.errors import DraftsmithError
 
+
 def model_forward(model, cache, **kw):
     """`model(**kw)` reading and extending `cache` (transformers' `cache=`, which replaced `past_key_values`)."""
     return model(**kw, use_cache=True, cache=cache)

@@ -22,20 +22,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from conf.device import resolve_device
 from conf.errors import DraftsmithError
 from conf.schema import TargetConfig, project_path
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """`auto` = this rank's GPU (LOCAL_RANK) when CUDA is present, else the CPU."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

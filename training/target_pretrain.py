@@ -409,7 +409,8 @@ def run(cfg: Config) -> dict:
 
 
 def _run(cfg: Config, out: Path) -> dict:
-    from drafters.target import load_target, resolve_device
+    from conf.device import resolve_device
+    from drafters.target import load_target
 
     pc = cfg.pretrain
     t_start = time.perf_counter()
