@@ -19,9 +19,9 @@ import sys
 import hydra
 from omegaconf import OmegaConf
 
-from conf.device import resolve_device
 from conf.errors import DraftsmithError
 from conf.schema import STAGES, Config
+from runtime.device import resolve_device
 
 # stage name -> "module:function"; imported lazily so `--help` and one stage stay quick
 STAGE_FUNCS = {
@@ -29,7 +29,7 @@ STAGE_FUNCS = {
     "data_gen": "data_gen.stage:run",
     "train": "training.stage:run",
     "eval": "eval.stage:run",
-    "export": "drafters.export:run",
+    "export": "export.stage:run",
 }
 assert tuple(STAGE_FUNCS) == STAGES
 
@@ -43,9 +43,9 @@ def stage_fn(name: str):
 
 def run_stages(cfg: Config) -> dict:
     """Run `cfg.stage` alone, or every stage of `cfg.stages` in order, in this process, holding the run
-    directory's lock throughout (conf/rundir.py). Every stage's `preflight(cfg)` (the checks that need no
+    directory's lock throughout (runtime/rundir.py). Every stage's `preflight(cfg)` (the checks that need no
     model: folders it would refuse to replace, bad settings) runs first, so a refusal costs no earlier stage."""
-    from conf.rundir import stage_session
+    from runtime.rundir import stage_session
 
     names = [cfg.stage] if cfg.stage else list(cfg.stages)
     fns = [stage_fn(n) for n in names]  # fail on a misspelt stage or device before any work starts

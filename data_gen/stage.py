@@ -31,12 +31,12 @@ from pathlib import Path
 import numpy as np
 
 from conf.errors import DraftsmithError
-from conf.rundir import stage_session
 from conf.schema import Config, run_dir, save_config
 from data_gen.output import read_meta, target_identity, token_counts, write_json
 from data_gen.render import NOT_PREFIX_STABLE
 from data_gen.shard import ShardWriter, kill_hook
 from data_gen.sources import SOURCES, SourceReport, iter_source
+from runtime.rundir import stage_session
 
 # DataConfig fields that change the rows; anything else (batch_size, shard_rows) only changes speed
 ROW_FIELDS = ("source", "path", "hf_config", "split", "max_conversations", "max_length", "regenerate",

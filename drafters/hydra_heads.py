@@ -32,15 +32,15 @@ from torch.utils.checkpoint import checkpoint
 from conf.errors import DraftsmithError
 from conf.schema.drafter import HydraConfig
 from drafters.base import Drafter, TargetSignal, TrainableDrafter
-from drafters.folder import load_tensors, read_folder, save_folder, saved_config, target_fingerprint
-from drafters.medusa import (
-    ResBlock,
+from drafters.common import (
     Shared,
     floats,
     require_last_hidden,
     target_positions,
     token_objective,
 )
+from drafters.folder import load_tensors, read_folder, save_folder, saved_config, target_fingerprint
+from drafters.medusa import ResBlock
 
 
 def prefix_layer_config(target_cfg):

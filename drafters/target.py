@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from conf.device import resolve_device
 from conf.errors import DraftsmithError
 from conf.schema import TargetConfig, project_path
+from runtime.device import resolve_device
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}

@@ -22,14 +22,14 @@ from pathlib import Path
 import torch
 
 from conf.errors import DraftsmithError
-from conf.rundir import stage_session
 from conf.schema import Config, project_path, run_dir, save_config
 from data_gen.sources import SourceReport
-from drafters.tree import check_tree_config, tree_nodes
+from decoding.tree import check_tree_config, tree_nodes
+from decoding.verify import ACCEPTANCE
 from eval.benchmarks import BenchPrompt, check_benchmarks, load_benchmark, render_prompt
 from eval.metrics import GenRecord, summarize
 from eval.report import LOSSY, machine_info, markdown, with_interval, write_report
-from eval.verify import ACCEPTANCE
+from runtime.rundir import stage_session
 
 
 # --------------------------------------------------------------------------------------------------
@@ -79,7 +79,7 @@ def build_drafter(cfg: Config, target):
     name = cfg.drafter.name
     if name in REFERENCE:  # need no training: built straight from the config
         if name == "target" and cfg.eval.exact:  # drafts with the model that verifies: tau = depth + 1
-            from eval.decoder import float32_target
+            from decoding.decoder import float32_target
 
             target = float32_target(target)
         return drafter_class(name).from_config(cfg.drafter, target), None
@@ -119,7 +119,7 @@ def fit_tree(cfg: Config, drafter) -> None:
 
 def make_decoder(cfg: Config, target, drafter, temperature: float):
     """The speculative decoder at one of eval.temperatures (a vocab mismatch is its one-line error)."""
-    from eval.decoder import SpeculativeDecoder
+    from decoding.decoder import SpeculativeDecoder
 
     return SpeculativeDecoder.from_config(target, drafter, cfg.eval, temperature)
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from conf.errors import DraftsmithError
+from drafters import losses as L
 from drafters.base import TargetSignal
 from tests import test_train_fixtures as fx
 from tests.test_train_fixtures import (
@@ -28,7 +29,6 @@ from tests.test_train_fixtures import (
     read_metrics,
     write_data_gen,
 )
-from training import losses as L
 from training.adaspec import AdaSPECObjective, load_reference, select_learnable, token_forward_kl
 
 llama_target, one_thread = fx.llama_target, fx.one_thread  # fixtures

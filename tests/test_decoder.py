@@ -12,11 +12,11 @@ import torch
 
 from conf.errors import DraftsmithError
 from conf.schema.eval import TreeConfig
+from decoding.decoder import DecodeStats, SpeculativeDecoder, autoregressive_generate
+from decoding.tree import DraftTree, keep_cache_entries
+from decoding.verify import SamplingRule, accept, tree_inputs
 from drafters.lm_drafter import LMTreeDrafter
 from drafters.reference import NgramDrafter, TargetDrafter
-from drafters.tree import DraftTree, keep_cache_entries
-from eval.decoder import DecodeStats, SpeculativeDecoder, autoregressive_generate
-from eval.verify import SamplingRule, accept, tree_inputs
 
 TREES = {
     "chain": TreeConfig(kind="chain", depth=4),

@@ -8,10 +8,10 @@ import torch
 
 from conf.errors import DraftsmithError
 from conf.schema.drafter import Eagle1Config
+from decoding.tree import DraftTree
 from drafters.base import TargetSignal
 from drafters.eagle1 import Eagle1Drafter
 from drafters.folder import CONFIG_NAME
-from drafters.tree import DraftTree
 
 LAYER = ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
          "post_attention_layernorm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"]

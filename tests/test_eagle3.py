@@ -8,12 +8,12 @@ import torch
 
 from conf.errors import DraftsmithError
 from conf.schema.drafter import Eagle1Config, Eagle3Config
+from decoding.tree import DraftTree
+from drafters import losses as L
 from drafters.base import TargetSignal
-from drafters.eagle1 import shifted
+from drafters.common import shifted
 from drafters.eagle3 import Eagle3Drafter
 from drafters.folder import CONFIG_NAME, WEIGHTS_NAME
-from drafters.tree import DraftTree
-from training import losses as L
 
 SGLANG_NAMES = [
     "fc.weight", "midlayer.input_layernorm.weight", "midlayer.hidden_norm.weight",
@@ -130,7 +130,7 @@ def test_step_losses_match_a_hand_computation(llama):
 
 def _dense_reference_loss(m, sig):
     """EAGLE-3's loss computed the plain way: every row through every step, the head over all rows, the
-    masked training.losses.soft_ce per step (what loss() computed before it skipped rows and fused the head)."""
+    masked drafters.losses.soft_ce per step (what loss() computed before it skipped rows and fused the head)."""
     ids, n = sig.input_ids, sig.input_ids.shape[1] - 1
     tl = sig.logits
     in_vocab = m.t2d[tl.argmax(-1)]

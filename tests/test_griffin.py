@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conf.errors import DraftsmithError
-from drafters.eagle1 import UnrollOptions, topk_keep
+from drafters.eagle_base import UnrollOptions, topk_keep
 from tests.test_eagle1 import _batch as _batch1
 from tests.test_eagle1 import _model as _model1
 from tests.test_eagle3 import _model

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from conf.errors import DraftsmithError
-from drafters.eagle1 import UnrollOptions
+from drafters import losses as L
+from drafters.eagle_base import UnrollOptions
 from drafters.layers import causal_attend, ttt_attend
 from tests.test_eagle1 import _batch as _batch1
 from tests.test_eagle1 import _model as _model1
 from tests.test_eagle3 import _batch, _model
-from training import losses as L
 from training.objectives import build_objective
 
 

@@ -10,10 +10,10 @@ import torch
 from conf.errors import DraftsmithError
 from conf.schema import TargetConfig
 from conf.schema.drafter import MedusaConfig
+from decoding.tree import DraftTree
 from drafters.base import TargetSignal
 from drafters.medusa import MedusaDecodeDrafter, MedusaDrafter
 from drafters.target import load_target
-from drafters.tree import DraftTree
 
 
 # --- helpers shared by test_hydra.py and test_small.py ---------------------------------------------------
@@ -326,7 +326,7 @@ def test_load_for_a_different_target_is_a_clear_error(llama, tmp_path, tiny_toke
 
 def greedy_signal(target, n_prompts: int = 4, new_tokens: int = 40):
     """Self-distillation data: the target's own greedy continuations of random 5-token prompts."""
-    from eval.decoder import autoregressive_generate
+    from decoding.decoder import autoregressive_generate
 
     prompts = [torch.randint(3, target.vocab_size, (5,), generator=torch.Generator().manual_seed(s))
                for s in range(n_prompts)]
@@ -337,11 +337,11 @@ def greedy_signal(target, n_prompts: int = 4, new_tokens: int = 40):
 
 
 def test_speculative_decoding_accepts_and_is_lossless(tiny_target_dir):
-    """End to end through eval/decoder.py, which hands over the target output feature_source names
+    """End to end through decoding/decoder.py, which hands over the target output feature_source names
     (last_hidden, not the taps). Heads trained on the target's greedy continuations get most drafts
     accepted (tau 3.2 of at most 4 when written)."""
     from conf.schema.eval import TreeConfig
-    from eval.decoder import SpeculativeDecoder
+    from decoding.decoder import SpeculativeDecoder
 
     target = load_target(TargetConfig(path=tiny_target_dir("llama")), device="cpu")
     prompts, sig = greedy_signal(target)

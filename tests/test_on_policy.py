@@ -10,10 +10,10 @@ import torch
 
 from conf.errors import DraftsmithError
 from conf.schema.drafter import SmallConfig
+from drafters import losses as L
 from drafters.small_lm import SmallDrafter
 from drafters.target import load_target
 from tests import test_train_fixtures as fx
-from training import losses as L
 from training.on_policy import (
     Cycle,
     divergence_fn,
@@ -139,7 +139,7 @@ def test_replay_rows_hold_the_rejected_branches():
 def test_speculative_rollout_records_every_cycle(llama_target, one_thread):
     """Greedy target-assisted rollout: the text is the target's own greedy text; each cycle's accepted drafts
     are the text's next tokens and a rejected draft differs from the token the target wrote there."""
-    from eval.decoder import autoregressive_generate
+    from decoding.decoder import autoregressive_generate
 
     lm = small(llama_target).as_drafter(llama_target)
     prompt = [5, 6, 7, 8]

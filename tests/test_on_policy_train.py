@@ -176,7 +176,7 @@ def test_speculative_rollouts_train_on_committed_text_and_replayed_rejections(ru
         real = out["attention_mask"].bool()
         assert torch.equal(out["input_ids"][real], want["input_ids"][real])
     # greedy target-assisted text is the target's greedy text, whatever the drafter proposes
-    from eval.decoder import autoregressive_generate
+    from decoding.decoder import autoregressive_generate
 
     rec = spy[0]["records"][0]
     text, _ = autoregressive_generate(llama_target, torch.tensor([rec.prompt]), 12)

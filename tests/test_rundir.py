@@ -1,4 +1,4 @@
-"""What the project may do to a run directory (conf/rundir.py): one process at a time (a killed holder
+"""What the project may do to a run directory (runtime/rundir.py): one process at a time (a killed holder
 never blocks the rerun), no folder replaced unless ours, nothing written before a rerun is validated, file
 modes, threads, and one `error:` line for each refusal.
 
@@ -24,12 +24,12 @@ llama_target, one_thread, trainer = fx.llama_target, fx.one_thread, fx.trainer  
 
 HOLD = """
 import sys, time
-from conf.rundir import run_lock
+from runtime.rundir import run_lock
 with run_lock(sys.argv[1], "train"):
     print("held", flush=True)
     time.sleep(600)
 """
-# (conf.rundir is imported inside the tests that call it directly, so the scenario tests run, and fail for
+# (runtime.rundir is imported inside the tests that call it directly, so the scenario tests run, and fail for
 # what they check, on a checkout without it)
 
 
@@ -41,7 +41,7 @@ def _holder(run: str) -> subprocess.Popen:
 
 
 def test_second_process_is_refused_naming_the_holder_and_a_killed_holder_blocks_nothing(tmp_path):
-    from conf.rundir import run_lock
+    from runtime.rundir import run_lock
 
     run = tmp_path / "runs" / "r"
     p = _holder(str(run))
@@ -85,7 +85,7 @@ def test_concurrent_training_is_refused_while_the_first_one_runs(trainer, tmp_pa
 
 
 def test_foreign_files_and_the_projects_marks(tmp_path):
-    from conf.rundir import check_replaceable, foreign_files
+    from runtime.rundir import check_replaceable, foreign_files
 
     d = tmp_path / "d"
     assert foreign_files(d) == []  # missing
@@ -172,7 +172,7 @@ def test_final_weights_are_0644_and_throughput_excludes_eval_and_checkpoints(tra
 
 
 def test_threads_come_from_run_threads_and_are_restored():
-    from conf.rundir import torch_threads
+    from runtime.rundir import torch_threads
 
     before = torch.get_num_threads()
     with torch_threads(1) as n:

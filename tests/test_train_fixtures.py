@@ -17,8 +17,8 @@ import pytest
 import torch
 from torch import nn
 
+from drafters import losses as L
 from drafters.base import Drafter, TargetSignal, TrainableDrafter
-from training import losses as L
 
 
 class HeadDrafter(TrainableDrafter):
@@ -154,12 +154,8 @@ def write_data_gen(run_dir: Path, target, n_rows: int = 24, seed: int = 0, min_l
     for x, m in zip(ids, masks):
         np.add.at(counts, np.asarray(x)[np.asarray(m, bool)], 1)
     np.save(out / "token_counts.npy", counts)
-    try:  # the data helper's identity record (with its fingerprint) once data_gen is on the branch
-        from data_gen.output import target_identity
-    except ImportError:
-        def target_identity(t):
-            return {"path": str(t.name), "vocab_size": t.vocab_size, "hidden_size": t.hidden_size,
-                    "num_layers": t.num_layers, "feature_layers": list(t.feature_layers)}
+    from data_gen.output import target_identity
+
     meta = {"target": target_identity(target), "rows": n_rows, "cache": None}
     if cache == "data_gen":  # the data helper's own writer (bf16, one padded forward for all rows)
         from data_gen.cache import compute_cache, write_cache_file

@@ -141,7 +141,8 @@ def test_offline_training_equals_online_training(trainer):
 
 def test_bf16_cache_from_data_gen_is_close_to_online(tmp_path, llama_target):
     """data_gen's own cache writer (bf16): the offline loss is within bf16 rounding of the online one."""
-    cache = pytest.importorskip("data_gen.cache", reason="data_gen.cache is not on this branch yet")
+    from data_gen import cache
+
     write_data_gen(tmp_path, llama_target, n_rows=4, cache="data_gen", topk=8)
     data = load_data_gen(tmp_path / "data_gen", llama_target, need_cache=True)
     assert type(data.cache) is cache.CachedFeatures

@@ -12,14 +12,14 @@ import torch
 
 from conf.errors import DraftsmithError
 from conf.schema.eval import TreeConfig
-from drafters.base import Drafter
-from drafters.tree import (
+from decoding.tree import (
     DraftTree,
     build_tree,
     keep_cache_entries,
     tree_attention_mask,
     warp_probs,
 )
+from drafters.base import Drafter
 
 
 @pytest.fixture(autouse=True)

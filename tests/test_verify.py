@@ -14,10 +14,10 @@ import torch
 from scipy import stats
 
 from conf.schema.eval import TreeConfig
+from decoding import verify
+from decoding.tree import DraftTree, build_tree, warp_probs
+from decoding.verify import SamplingRule, accept
 from drafters.base import Drafter
-from drafters.tree import DraftTree, build_tree, warp_probs
-from eval import verify
-from eval.verify import SamplingRule, accept
 
 V, ROOT = 4, 0
 

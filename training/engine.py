@@ -58,9 +58,9 @@ def _free_port() -> int:
 def setup_distributed(device: str = "auto") -> DistEnv:
     """Read RANK / WORLD_SIZE / LOCAL_RANK (set by torchrun or the deepspeed launcher; a plain `python`
     run is rank 0 of 1) and initialise the process group: nccl on GPU, gloo on CPU. Idempotent.
-    `device` is run.device (conf.device): a bare `cuda` becomes cuda:<LOCAL_RANK>, since
+    `device` is run.device (runtime.device): a bare `cuda` becomes cuda:<LOCAL_RANK>, since
     torch.cuda.set_device and NCCL need an index."""
-    from conf.device import resolve_device
+    from runtime.device import resolve_device
 
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")

@@ -12,7 +12,7 @@ train stage calls `prepare`, which replaces each of the step's micro-batches, wi
 made with the drafter's CURRENT weights from the prompts of those data rows (each row's tokens before its first
 assistant token). The target then scores every rollout with one forward, the ordinary online
 signal, and the loss is the chosen divergence D(p || q) (forward_kl | reverse_kl | jsd[beta] | tvd, from
-training/losses.py) between the target's and the drafter's next-token distributions. Micro-batches that are
+drafters/losses.py) between the target's and the drafter's next-token distributions. Micro-batches that are
 not replaced keep data_gen's rows and get the same divergence on their assistant tokens (and so does eval).
 
 What is trained on, exactly (loss_mask = 1 on token slot t means: the state tokens[:t] predicts slot t):
@@ -54,9 +54,9 @@ from functools import partial
 import torch
 
 from conf.errors import DraftsmithError
+from drafters import losses as L
+from drafters.common import floats, reference_rows, target_positions
 from drafters.lm_drafter import LMTreeDrafter
-from drafters.medusa import floats, reference_rows, target_positions
-from training import losses as L
 
 ROLLOUTS = ("drafter", "speculative")
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
@@ -167,7 +167,7 @@ def speculative_rollout(target, lm_drafter, prompt: list[int], cap: int, depth: 
     """Target-assisted rollout: the built-in SpeculativeDecoder with a chain of `depth` drafts; returns the
     decoded tokens and every cycle's drafted chain with its accepted length."""
     from conf.schema.eval import TreeConfig
-    from eval.decoder import SpeculativeDecoder
+    from decoding.decoder import SpeculativeDecoder
 
     if cap <= 0:
         return [], []

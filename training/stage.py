@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 from conf.errors import DraftsmithError
-from conf.rundir import check_replaceable, stage_session
 from conf.schema import Config, run_dir, save_config
+from runtime.rundir import check_replaceable, stage_session
 from training.checkpoint import CheckpointManager, TrainState, seal
 from training.data import DataPlan, collate, load_data_gen, require_data_gen
 from training.engine import (

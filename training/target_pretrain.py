@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 
 from conf.errors import DraftsmithError
-from conf.rundir import check_replaceable, normalise_modes, stage_session
 from conf.schema import Config, TargetConfig, run_dir, save_config
 from conf.schema.pretrain import PretrainConfig
 from data_gen.sources import Conversation, SourceReport, is_heldout, iter_sharegpt
+from runtime.rundir import check_replaceable, normalise_modes, stage_session
 from training.tokenizer import IM_END, PAD, SPECIAL_TOKENS, token_byte_lengths, train_tokenizer
 
 MAX_FP32_BYTES = 25 * 2**20  # save_dtype=auto keeps fp32 weights below this, so the folder stays <= 30 MB
@@ -409,8 +409,8 @@ def run(cfg: Config) -> dict:
 
 
 def _run(cfg: Config, out: Path) -> dict:
-    from conf.device import resolve_device
     from drafters.target import load_target
+    from runtime.device import resolve_device
 
     pc = cfg.pretrain
     t_start = time.perf_counter()

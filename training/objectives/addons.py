@@ -21,7 +21,7 @@ Metrics add loss/topk_distill and, for GRIFFIN, keep/<depth> (fraction of assist
 from __future__ import annotations
 
 from conf.errors import DraftsmithError
-from drafters.eagle1 import UnrollOptions
+from drafters.eagle_base import UnrollOptions
 
 FAMILIES = ("eagle1", "eagle3")  # drafters whose loss unrolls steps and takes UnrollOptions
 

@@ -25,8 +25,8 @@ from __future__ import annotations
 import torch
 
 from conf.errors import DraftsmithError
-from drafters.eagle1 import shifted
-from drafters.tree import build_tree, check_tree_config
+from decoding.tree import build_tree, check_tree_config
+from drafters.common import shifted
 from training.objectives.tree_reward import (
     BatchedTreeDrafter,
     accepted_paths,

@@ -8,15 +8,15 @@
 Reads the drafter folder the train stage wrote (<run>/train/final, or drafter.checkpoint); its family comes
 from the folder's drafter_config.json. Writes export.out_dir (default <run>/export/<format>/) atomically:
 built beside it, then swapped in, so a crash never leaves half a folder; an existing out_dir is replaced
-only when it is empty or an earlier draftsmith export (conf/rundir.py). Then every export is checked, and a broken one
+only when it is empty or an earlier draftsmith export (runtime/rundir.py). Then every export is checked, and a broken one
 fails with a one-line error:
   1. check_format: file names, config fields, exact tensor names, shapes and dtypes vs the consumer's spec;
   2. reload: the importer rebuilds the drafter from the folder alone; every weight must equal the
      trained one cast to export.dtype (and a copied target weight, vLLM's embed_tokens or Medusa-2's base/,
      the target's);
-  3. decode: the reloaded drafter drives the built-in speculative decoder (eval.decoder); greedy output
+  3. decode: the reloaded drafter drives the built-in speculative decoder (decoding.decoder); greedy output
      must equal the target's own greedy output on export.check_prompts prompts.
-Formats, families and layouts: drafters/formats/__init__.py.
+Formats, families and layouts: export/formats/__init__.py.
 """
 from __future__ import annotations
 
@@ -27,15 +27,16 @@ from pathlib import Path
 import torch
 
 from conf.errors import DraftsmithError
-from conf.rundir import check_replaceable, normalise_modes, stage_session, swap_in
 from conf.schema import Config, project_path, run_dir, save_config
-from drafters.formats import FORMATS, check_family, check_format, load_exported_model, write_export
-from drafters.formats.common import (
+from decoding.decoder import SpeculativeDecoder
+from export.formats import FORMATS, check_family, check_format, load_exported_model, write_export
+from export.formats.common import (
     ExportContext,
     check_writable,
     export_dtype,
     target_ref,
 )
+from runtime.rundir import check_replaceable, normalise_modes, stage_session, swap_in
 
 # prompts of the decode check (rendered with the target's chat template when it has one)
 CHECK_PROMPTS = ["Write a short poem about the sea.", "Explain what a hash table is, with an example.",
@@ -151,7 +152,7 @@ def publish(out: Path, build) -> Path:
 def expected_weights(model, dtype: torch.dtype, target) -> dict[str, torch.Tensor]:
     """What the reloaded drafter's weights must be: the trained ones cast to `dtype`, with EAGLE-3's fc
     taken through the same exact tap remapping export and import apply."""
-    from drafters.formats.common import cast_tensors
+    from export.formats.common import cast_tensors
 
     if model.family == "small":
         return cast_tensors(model.plain_model().state_dict(), dtype)
@@ -159,7 +160,7 @@ def expected_weights(model, dtype: torch.dtype, target) -> dict[str, torch.Tenso
         return cast_tensors(model.heads_state_dict(), dtype)
     state = cast_tensors(model.state_dict(), dtype)
     if model.family == "eagle3":
-        from drafters.formats.eagle import engine_layers, remap_fc
+        from export.formats.eagle import engine_layers, remap_fc
 
         taps, H = list(target.feature_layers), model.dims.hidden_size
         layers = engine_layers(taps, target.num_layers)
@@ -204,7 +205,7 @@ def check_base_weights(out: Path, target, dtype: torch.dtype) -> int:
     number of tensors compared (0 without base/)."""
     from safetensors import safe_open
 
-    from drafters.formats.medusa import base_path
+    from export.formats.medusa import base_path
 
     base = base_path(out)
     if base is None:
@@ -258,10 +259,6 @@ def decode_check(target, drafter, tree_cfg, prompts: int, max_new_tokens: int) -
     """Greedy speculative decoding with `drafter` must reproduce the target's greedy output exactly."""
     if prompts == 0:
         return {"skipped": "export.check_prompts=0"}
-    try:
-        from eval.decoder import SpeculativeDecoder
-    except ImportError:  # the decoder lands on its own branch; the format and reload checks still ran
-        return {"skipped": "eval.decoder (the built-in speculative decoder) is not installed"}
     dec = SpeculativeDecoder(target, drafter, tree_cfg, temperature=0.0)
     cycles = produced = 0
     for i, ids in enumerate(check_prompt_ids(target, prompts)):

@@ -1,7 +1,7 @@
 """Draft trees: the data structure shared by the speculative decoder and tree-reward training, and the
 three ways of building one (chain, Medusa-style static paths, EAGLE-2 dynamic).
 
-    from drafters.tree import build_tree
+    from decoding.tree import build_tree
     tree = build_tree(drafter, TreeConfig(kind="dynamic", depth=5, top_k=8, total_tokens=60), batch=1)
 
 A tree hangs off a root (the last committed token, not stored as a node). Nodes are stored in
