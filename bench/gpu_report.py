@@ -68,7 +68,7 @@ def decode_block(rows: list[dict]) -> list[str]:
 
 
 def ar_summary(decode_steps: list[tuple[str, list[dict]]]) -> list[str]:
-    """One line per target: ours vs transformers vs the floor, the issue's first figure."""
+    """One line per target: ours vs transformers vs the floor."""
     head = ["step", "target", "ours ms/token", "transformers generate ms/token", "best", "memory floor ms/token",
             "ours / floor"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

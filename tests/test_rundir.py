@@ -69,7 +69,7 @@ def test_second_process_is_refused_naming_the_holder_and_a_killed_holder_blocks_
 
 
 def test_concurrent_training_is_refused_while_the_first_one_runs(trainer, tmp_path, monkeypatch):
-    """The issue's scenario in one process: while a train run holds the directory, a second train of the same
+    """The scenario in one process: while a train run holds the directory, a second train of the same
     run stops with one error and writes nothing (no config.yaml, no checkpoint)."""
     run = tmp_path / "runs" / "t"
     trainer("train.max_steps=1")  # data_gen output + a first finished run
