@@ -270,7 +270,7 @@ class SpeculativeDecoder:
         while not done:
             t0 = clock.mark()
             tree = build_tree(drafter, self.tree_cfg, 1, rule.temperature, rule.top_p, rule.top_k, generator,
-                              self.sample, device=ids.device)
+                              self.sample, device=ids.device, checked=True)
             t1 = clock.mark()
             in_ids, pos, vis, anc = tree_block(tree, root)
             logits, feats = run(in_ids, pos, vis[0], "verify")

@@ -1,7 +1,7 @@
 """Drafter checkpoint folders, shared by every family: model.safetensors + drafter_config.json.
 
 drafter_config.json = {family, config (the drafter's conf dataclass), dims (derived sizes), target
-(fingerprint of the target it was trained for), family extras}. Loading checks the family and the target
+(drafters.target.target_identity of the target it was trained for), family extras}. Loading checks the family and the target
 before any weight is read, so a wrong folder fails with one line naming it and the fix.
 """
 from __future__ import annotations
@@ -15,22 +15,20 @@ import torch
 from torch import nn
 
 from conf.errors import DraftsmithError
+from drafters.target import target_identity
+from runtime.files import write_json
 
 CONFIG_NAME = "drafter_config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
-def target_fingerprint(target) -> dict:
-    """What a drafter checkpoint records about the target it was trained against."""
-    return {"path": str(target.name), "vocab_size": int(target.vocab_size), "hidden_size": int(target.hidden_size),
-            "feature_layers": [int(i) for i in target.feature_layers]}
-
-
 def check_target(saved: dict, target, folder, uses_taps: bool = False) -> None:
-    """Refuse a target of another shape, and (for drafters reading the tapped features) other taps."""
-    now = target_fingerprint(target)
-    for key in ("vocab_size", "hidden_size"):
-        if saved[key] != now[key]:
+    """Refuse another target: one of another shape, then (by the fingerprint of tokenizer and config,
+    drafters.target.target_identity) one of the same shape; and, for drafters reading the tapped features,
+    other taps. A folder recorded without a fingerprint is checked on its sizes."""
+    now = target_identity(target)
+    for key in ("vocab_size", "hidden_size", "fingerprint"):
+        if key in saved and saved[key] != now[key]:
             raise DraftsmithError(
                 f"drafter {folder} was trained for target {saved['path']} ({key} {saved[key]}), but the "
                 f"loaded target {now['path']} has {key} {now[key]}: load the matching target")
@@ -62,7 +60,7 @@ def save_folder(folder: str | os.PathLike, family: str, cfg, dims: dict, target_
         save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()},
                   str(folder / WEIGHTS_NAME), metadata={"format": "pt", "family": family})
     meta = {"family": family, "config": dataclasses.asdict(cfg), "dims": dims, "target": target_fp, **(extra or {})}
-    (folder / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    write_json(folder / CONFIG_NAME, meta)
     return folder
 
 

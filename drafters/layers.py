@@ -35,8 +35,8 @@ from drafters.folder import (
     read_folder,
     save_folder,
     saved_config,
-    target_fingerprint,
 )
+from drafters.target import target_identity
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -277,7 +277,7 @@ class FolderCheckpoint:
 
     def save_pretrained(self, directory: str | Path, target=None) -> Path:
         """Write model.safetensors + drafter_config.json into `directory` (created)."""
-        fp = target_fingerprint(target if target is not None else self.target)
+        fp = target_identity(target if target is not None else self.target)
         return save_folder(directory, self.family, self.cfg, self.dims.to_dict(), fp, self.state_dict(),
                            extra=self.checkpoint_meta())
 

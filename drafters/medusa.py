@@ -29,8 +29,8 @@ Decoding (`MedusaDecodeDrafter`) reads the target's *last hidden state* at the l
 position (`feature_source = "last_hidden"`, not the EAGLE-3 taps); head k's distribution is the depth-k
 distribution whatever the parent token is.
 
-The helpers in the first section (ResBlock, the per-depth token objective, the folder format) are shared
-with drafters/hydra_heads.py and drafters/small_lm.py.
+ResBlock is shared with drafters/hydra_heads.py; the per-depth token objective and the other pieces
+several families use are in drafters/common.py.
 """
 from __future__ import annotations
 
@@ -50,8 +50,9 @@ from drafters.common import (
     target_positions,
     token_objective,
 )
-from drafters.folder import load_tensors, read_folder, save_folder, saved_config, target_fingerprint
+from drafters.folder import load_tensors, read_folder, save_folder, saved_config
 from drafters.losses import ce, forward_kl
+from drafters.target import target_identity
 
 # ---------------------------------------------------------------------------------------------------
 # ResBlock (Hydra builds its heads from it too)
@@ -110,7 +111,7 @@ class MedusaDrafter(TrainableDrafter):
             w = target.model.get_output_embeddings().weight
             for head in model.medusa_head:
                 head[-1].weight.copy_(w.float())
-        model._target_fp = target_fingerprint(target)
+        model._target_fp = target_identity(target)
         if cfg.joint:
             model._attach_lora(target)
         return model

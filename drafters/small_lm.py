@@ -39,7 +39,8 @@ from drafters.common import (
     target_positions,
     token_objective,
 )
-from drafters.folder import read_folder, save_folder, saved_config, target_fingerprint
+from drafters.folder import read_folder, save_folder, saved_config
+from drafters.target import target_identity
 
 
 def _key(cfg, name: str) -> str:
@@ -105,7 +106,7 @@ class SmallDrafter(TrainableDrafter):
         self.cfg = cfg
         self.model = model
         self.vocab_size = int(target.vocab_size)
-        self._target_fp = target_fingerprint(target)
+        self._target_fp = target_identity(target)
         self._tokenizer = Shared(target.tokenizer)
 
     # --- construction ------------------------------------------------------------------------------

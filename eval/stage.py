@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from conf.errors import DraftsmithError
-from conf.schema import Config, project_path, run_dir, save_config
+from conf.schema import Config, run_dir, save_config, trained_drafter_dir
 from data_gen.sources import SourceReport
-from decoding.tree import check_tree_config, tree_nodes
+from decoding.tree import check_tree_config, fit_depth, tree_nodes
 from decoding.verify import ACCEPTANCE
 from eval.benchmarks import BenchPrompt, check_benchmarks, load_benchmark, render_prompt
 from eval.metrics import GenRecord, summarize
@@ -62,14 +62,6 @@ def validate(cfg: Config) -> None:
         raise DraftsmithError(f"unknown drafter {cfg.drafter.name!r}: choose from {', '.join([*TRAINABLE, *REFERENCE])}")
     if cfg.drafter.name in TRAINABLE:
         trained_drafter_dir(cfg)
-
-
-def trained_drafter_dir(cfg: Config) -> Path:
-    """drafter.checkpoint, else the run's final train checkpoint; a clear error when it is missing."""
-    d = Path(project_path(cfg.drafter.checkpoint)) if cfg.drafter.checkpoint else run_dir(cfg) / "train" / "final"
-    if not d.is_dir():
-        raise DraftsmithError(f"no trained drafter at {d}: run stage=train first or set drafter.checkpoint=...")
-    return d
 
 
 def build_drafter(cfg: Config, target):
@@ -110,11 +102,12 @@ def fit_tree(cfg: Config, drafter) -> None:
     """Heads draft at most num_heads tokens deep: cap a deeper chain or dynamic tree there (said in one line,
     and the report shows the tree used) instead of failing after training. Static paths are the user's own
     and still fail clearly when too deep."""
-    tree, cap = cfg.eval.tree, getattr(drafter, "max_depth", None)
-    if cap is not None and tree.kind != "static" and tree.depth > cap:
-        print(f"eval: drafter {cfg.drafter.name} has {cap} heads, so it drafts at most {cap} tokens deep: "
-              f"eval.tree.depth {tree.depth} -> {cap}", flush=True)
-        tree.depth = cap
+    tree = cfg.eval.tree
+    fitted = fit_depth(tree, getattr(drafter, "max_depth", None))
+    if fitted is not tree:
+        print(f"eval: drafter {cfg.drafter.name} has {fitted.depth} heads, so it drafts at most {fitted.depth} "
+              f"tokens deep: eval.tree.depth {tree.depth} -> {fitted.depth}", flush=True)
+        tree.depth = fitted.depth
 
 
 def make_decoder(cfg: Config, target, drafter, temperature: float):

@@ -27,8 +27,9 @@ from pathlib import Path
 import torch
 
 from conf.errors import DraftsmithError
-from conf.schema import Config, project_path, run_dir, save_config
+from conf.schema import Config, run_dir, save_config, trained_drafter_dir
 from decoding.decoder import SpeculativeDecoder
+from decoding.tree import fit_depth
 from export.formats import FORMATS, check_family, check_format, load_exported_model, write_export
 from export.formats.common import (
     ExportContext,
@@ -41,15 +42,6 @@ from runtime.rundir import check_replaceable, normalise_modes, stage_session, sw
 # prompts of the decode check (rendered with the target's chat template when it has one)
 CHECK_PROMPTS = ["Write a short poem about the sea.", "Explain what a hash table is, with an example.",
                  "List three fruits and say which one you like best.", "def fibonacci(n):"]
-
-
-def checkpoint_dir(cfg: Config) -> Path:
-    """drafter.checkpoint, else the run's final train folder; a clear error when it is not there."""
-    d = Path(project_path(cfg.drafter.checkpoint)) if cfg.drafter.checkpoint else run_dir(cfg) / "train" / "final"
-    if not d.is_dir():
-        raise DraftsmithError(f"no trained drafter at {d}: run stage=train first (it writes <run>/train/final) "
-                              "or set drafter.checkpoint=<a drafter folder>")
-    return d
 
 
 def out_dir(cfg: Config) -> Path:
@@ -78,7 +70,7 @@ def _run(cfg: Config) -> dict:
         raise DraftsmithError(f"export.format={ex.format!r} is not a format: choose from {', '.join(FORMATS)}")
     if ex.check_prompts < 0 or ex.check_max_new_tokens < 1:
         raise DraftsmithError("export.check_prompts must be >= 0 and export.check_max_new_tokens >= 1")
-    ckpt = checkpoint_dir(cfg)
+    ckpt = trained_drafter_dir(cfg)
     meta = read_checkpoint_config(ckpt)
     family = meta.get("family")
     check_family(ex.format, family)  # before loading anything: the likelier mistakes fail in milliseconds
@@ -193,7 +185,9 @@ def verify_export(model, target, out: Path, fmt: str, dtype: torch.dtype, tree_c
         raise DraftsmithError(f"reloading {out} changed {len(diff)} weights (first: {diff[0]}): the exported "
                               "tensors do not round-trip; re-export, and report it if it persists")
     n_base = check_base_weights(out, target, dtype) + (fmt == "vllm")  # vllm: embed_tokens, checked on reload
-    decode = decode_check(target, reloaded.as_drafter(target), _check_tree(tree_cfg, model), prompts, max_new_tokens)
+    drafter = reloaded.as_drafter(target)
+    decode = decode_check(target, drafter, fit_depth(tree_cfg, getattr(drafter, "max_depth", None)), prompts,
+                          max_new_tokens)
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     return {"format": fmt, "family": model.family, "out_dir": str(out), "files": files, "violations": [],
             "tensors_checked": len(want) + n_base, "decode_check": decode}
@@ -227,15 +221,6 @@ def check_base_weights(out: Path, target, dtype: torch.dtype) -> int:
     if missing:
         raise DraftsmithError(f"{base} lacks {len(missing)} weights of the target (first: {missing[0]}): re-export")
     return len(seen)
-
-
-def _check_tree(tree_cfg, model):
-    """The eval tree, no deeper than a head drafter can draft (Medusa head k drafts depth k only)."""
-    k = getattr(getattr(model, "cfg", None), "num_heads", None)
-    if model.family != "medusa" or k is None or tree_cfg.depth <= k:
-        return tree_cfg
-    paths = [p for p in tree_cfg.paths if len(p) <= k] if tree_cfg.paths else tree_cfg.paths
-    return dataclasses.replace(tree_cfg, depth=k, paths=paths)
 
 
 def check_prompt_ids(target, n: int) -> list[list[int]]:

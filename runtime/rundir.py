@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from conf.errors import DraftsmithError
+from runtime.distributed import is_main_rank
 
 LOCK_NAME = ".lock"
 MANIFEST = "COMPLETE.json"  # written last into a sealed folder: {"files": {relative path: size}}
@@ -42,10 +43,6 @@ _held: dict[str, list] = {}  # real path of a lock file -> [fd, depth], locks th
 # --------------------------------------------------------------------------------------------------
 # The run-directory lock
 # --------------------------------------------------------------------------------------------------
-def _is_main_rank() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def writable_dir(folder: Path, what: str = "run directory") -> Path:
     """Create `folder` (and parents) or stop with one line saying it cannot be written."""
     try:
@@ -76,7 +73,7 @@ def run_lock(folder: Path | str, stage: str):
     import fcntl
 
     folder = Path(folder)
-    if not _is_main_rank():
+    if not is_main_rank():
         yield
         return
     writable_dir(folder)

@@ -14,6 +14,7 @@ from drafters.base import TargetSignal
 from drafters.common import shifted
 from drafters.eagle3 import Eagle3Drafter
 from drafters.folder import CONFIG_NAME, WEIGHTS_NAME
+from drafters.target import target_identity
 
 SGLANG_NAMES = [
     "fc.weight", "midlayer.input_layernorm.weight", "midlayer.hidden_norm.weight",
@@ -288,8 +289,8 @@ def test_save_load_round_trip(llama, tmp_path):
     m.save_pretrained(tmp_path / "ck")
     meta = json.loads((tmp_path / "ck" / CONFIG_NAME).read_text())
     assert meta["family"] == "eagle3" and meta["draft_vocab_size"] == 160 and meta["vocab_source"] == "token_counts"
-    assert meta["target"] == {"path": llama.name, "vocab_size": llama.vocab_size, "hidden_size": 32,
-                              "feature_layers": llama.feature_layers}
+    assert meta["target"] == target_identity(llama)  # the fingerprint data_gen records too
+    assert meta["target"]["feature_layers"] == llama.feature_layers and meta["target"]["hidden_size"] == 32
     assert meta["config"]["ttt_steps"] == 3 and meta["dims"]["num_key_value_heads"] == 2
     from safetensors.torch import load_file
 

@@ -13,7 +13,7 @@ from conf.schema.drafter import MedusaConfig
 from decoding.tree import DraftTree
 from drafters.base import TargetSignal
 from drafters.medusa import MedusaDecodeDrafter, MedusaDrafter
-from drafters.target import load_target
+from drafters.target import load_target, target_identity
 
 
 # --- helpers shared by test_hydra.py and test_small.py ---------------------------------------------------
@@ -295,8 +295,11 @@ def test_save_load_round_trip(llama, tmp_path):
     m.save_pretrained(tmp_path / "m")
     meta = json.loads((tmp_path / "m" / "drafter_config.json").read_text())
     assert meta["family"] == "medusa" and meta["config"]["num_layers"] == 2
-    assert meta["target"] == {"path": llama.name, "vocab_size": 320, "hidden_size": 32,
+    fingerprint = meta["target"].pop("fingerprint")
+    assert meta["target"] == {"path": llama.name, "vocab_size": 320, "hidden_size": 32, "num_layers": 4,
                               "feature_layers": llama.feature_layers}
+    assert fingerprint == target_identity(llama)["fingerprint"] and len(fingerprint) == 16
+    meta["target"]["fingerprint"] = fingerprint
     assert meta["dims"] == {"hidden_size": 32, "vocab_size": 320, "num_heads": 2, "num_layers": 2}
     loaded = MedusaDrafter.from_pretrained(tmp_path / "m", llama)
     assert loaded.state_dict().keys() == m.state_dict().keys()
@@ -322,6 +325,22 @@ def test_load_for_a_different_target_is_a_clear_error(llama, tmp_path, tiny_toke
         from drafters.hydra_heads import HydraDrafter
 
         HydraDrafter.from_pretrained(tmp_path / "m", llama)
+
+
+def test_a_same_shape_target_of_another_config_is_refused(llama, tmp_path, tiny_target_dir):
+    """Same vocabulary, width and depth but another model config (as Llama-3-8B vs Llama-3.1-8B): the
+    fingerprint data_gen records (drafters.target.target_identity) tells them apart; another set of
+    weights with the same tokenizer and config is the same target to it, and loads."""
+    MedusaDrafter.from_target(MedusaConfig(num_heads=1), llama).save_pretrained(tmp_path / "m")
+    saved = target_identity(llama)["fingerprint"]
+    other = load_target(TargetConfig(path=tiny_target_dir("llama", seed=1)), device="cpu")
+    assert MedusaDrafter.from_pretrained(tmp_path / "m", other).family == "medusa"
+    other.config.max_position_embeddings = 1024
+    now = target_identity(other)["fingerprint"]
+    assert now != saved
+    with pytest.raises(DraftsmithError, match=f"trained for target .* \\(fingerprint {saved}\\), but the loaded "
+                                              f"target .* has fingerprint {now}: load the matching target"):
+        MedusaDrafter.from_pretrained(tmp_path / "m", other)
 
 
 def greedy_signal(target, n_prompts: int = 4, new_tokens: int = 40):

@@ -154,7 +154,7 @@ def write_data_gen(run_dir: Path, target, n_rows: int = 24, seed: int = 0, min_l
     for x, m in zip(ids, masks):
         np.add.at(counts, np.asarray(x)[np.asarray(m, bool)], 1)
     np.save(out / "token_counts.npy", counts)
-    from data_gen.output import target_identity
+    from drafters.target import target_identity
 
     meta = {"target": target_identity(target), "rows": n_rows, "cache": None}
     if cache == "data_gen":  # the data helper's own writer (bf16, one padded forward for all rows)

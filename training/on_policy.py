@@ -118,42 +118,13 @@ def prompt_of(ids: torch.Tensor, loss_mask: torch.Tensor, attention_mask: torch.
     return ids[:max(first, 1)].tolist()
 
 
-@torch.no_grad()
 def sample(model, prompts: list[list[int]], caps: list[int], seeds: list[int], temperature: float,
            eos_ids: list[int], pad_id: int) -> list[list[int]]:
-    """The drafter LM's own samples: left-padded batched `generate`, each row drawn with its own
-    torch.Generator(seed) at `temperature` (0 = greedy), cut at its cap and after its first EOS. A row's
-    tokens depend only on (weights, prompt, seed), never on the batch it shares."""
-    from transformers import GenerationConfig, LogitsProcessorList
-
-    from data_gen.regenerate import PerRowSampler
+    """The drafter LM's own samples (data_gen.regenerate.generate_rows at `temperature`, no nucleus cut)."""
+    from data_gen.regenerate import generate_rows
 
     dev = model.get_input_embeddings().weight.device
-    L_ = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), L_), pad_id, dtype=torch.long)
-    att = torch.zeros((len(prompts), L_), dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, L_ - len(p):] = torch.tensor(p)
-        att[b, L_ - len(p):] = 1
-    out = [[] for _ in prompts]
-    if max(caps) <= 0:
-        return out
-    # neutral settings: the model's generation_config (repetition penalty, n-gram bans...) must not bend the
-    # samples away from q, which is what the loss is about
-    gc = GenerationConfig(do_sample=False, max_new_tokens=max(caps), eos_token_id=list(eos_ids) or None,
-                          pad_token_id=pad_id, temperature=1.0, top_p=1.0, repetition_penalty=1.0,
-                          no_repeat_ngram_size=0, min_new_tokens=0)
-    procs = LogitsProcessorList()
-    if temperature > 0:
-        procs.append(PerRowSampler([torch.Generator(device=dev).manual_seed(s) for s in seeds], temperature, 1.0))
-    gen = model.generate(input_ids=ids.to(dev), attention_mask=att.to(dev), generation_config=gc,
-                         logits_processor=procs)
-    eos = set(eos_ids)
-    for b, cap in enumerate(caps):
-        new = gen[b, L_:L_ + max(cap, 0)].tolist()
-        stop = next((j for j, t in enumerate(new) if t in eos), None)
-        out[b] = new[:stop + 1] if stop is not None else new
-    return out
+    return generate_rows(model, prompts, caps, seeds, temperature, 1.0, eos_ids, pad_id, dev)
 
 
 @dataclass

@@ -95,10 +95,6 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
-
-
 def rope_fields(rope: dict) -> dict:
     """RoPE settings in both spellings: transformers v5 `rope_parameters`, and the v4 `rope_theta` +
     `rope_scaling` that SGLang and vLLM read (without them they fall back to theta 10000)."""

@@ -59,8 +59,8 @@ from export.formats.common import (
     layer_config,
     load_tensors,
     save_tensors,
-    write_json,
 )
+from runtime.files import write_json
 
 ENGINE_TAPS = 3  # SGLang's and vLLM's EAGLE-3 fc reads 3 target layers
 ARCH = {"eagle3": "LlamaForCausalLMEagle3", "eagle1": "LlamaForCausalLMEagle"}

@@ -39,8 +39,8 @@ from export.formats.common import (
     cast_tensors,
     dtype_name,
     save_tensors,
-    write_json,
 )
+from runtime.files import write_json
 
 HEADS = "medusa_lm_head.safetensors"
 HEADS_PT = "medusa_lm_head.pt"  # FasterDecoding/Medusa's loader reads only this name

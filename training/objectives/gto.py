@@ -142,9 +142,9 @@ class GTOObjective:
             rows = rows.flatten()
             P = rows.shape[0]
             tree = build_tree(BatchedTreeDrafter(drafter, states[s], rows), self.tree_cfg, P, sample=False,
-                              device=ids.device)
+                              device=ids.device, checked=True)
             ref_tree = build_tree(BatchedTreeDrafter(ref, ref_states[s], rows), self.tree_cfg, P, sample=False,
-                                  device=ids.device)
+                                  device=ids.device, checked=True)
             (lp, greedy), (lp_ref, _) = target_node_logprobs(self.target, ids[s], rows, [tree, ref_tree], c.group_size)
             anc = tree.ancestor_mask()
             r = tree_reward(lp, tree, c.eta, anc)[0]
