@@ -19,9 +19,9 @@ from torch.utils.checkpoint import checkpoint
 from conf.errors import DraftsmithError
 from drafters.base import Drafter, TargetSignal, TrainableDrafter
 from drafters.common import Shared, shifted
+from drafters.folder import FolderCheckpoint
 from drafters.layers import (
     DrafterDims,
-    FolderCheckpoint,
     Rotary,
     causal_attend,
     masked_attention,

@@ -33,11 +33,10 @@ from decoding.tree import fit_depth
 from export.formats import FORMATS, check_family, check_format, load_exported_model, write_export
 from export.formats.common import (
     ExportContext,
-    check_writable,
     export_dtype,
     target_ref,
 )
-from runtime.rundir import check_replaceable, normalise_modes, stage_session, swap_in
+from runtime.rundir import check_replaceable, normalise_modes, stage_session, swap_in, writable_dir
 
 # prompts of the decode check (rendered with the target's chat template when it has one)
 CHECK_PROMPTS = ["Write a short poem about the sea.", "Explain what a hash table is, with an example.",
@@ -76,7 +75,7 @@ def _run(cfg: Config) -> dict:
     check_family(ex.format, family)  # before loading anything: the likelier mistakes fail in milliseconds
     out = out_dir(cfg)
     _check_replaceable(out)
-    check_writable(out.parent)
+    writable_dir(out.parent, "export.out_dir", "choose a writable export.out_dir")
 
     target = load_target(_target_config(cfg, meta, ckpt), device=cfg.run.device)
     model = drafter_class(family).from_pretrained(str(ckpt), target).eval()
@@ -128,7 +127,7 @@ def publish(out: Path, build) -> Path:
     _check_replaceable(out)
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    check_writable(tmp)
+    writable_dir(tmp, "export.out_dir", "choose a writable export.out_dir")
     try:
         build(tmp)
         normalise_modes(tmp)

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # bottom first; a package may import packages of strictly lower layers (and itself)
 LAYERS: list[tuple[str, ...]] = [
     ("conf",),                          # typed config schemas and errors: imports nothing of ours
-    ("runtime",),                       # device choice, run-directory lock, threads, safe folder swaps
+    ("runtime",),                       # device, launcher ranks, run-directory lock, atomic writes
     ("decoding",),                      # draft trees, verification rules, static KV cache, the decoder
     ("drafters",),                      # the target wrapper, losses, drafter families, checkpoint folders
     ("data_gen",),                      # prompts, templating, regeneration, caches

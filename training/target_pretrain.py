@@ -37,7 +37,7 @@ from conf.schema import Config, TargetConfig, run_dir, save_config
 from conf.schema.pretrain import PretrainConfig
 from data_gen.sources import Conversation, SourceReport, is_heldout, iter_sharegpt
 from runtime.files import write_json
-from runtime.rundir import check_replaceable, normalise_modes, stage_session
+from runtime.rundir import check_replaceable, normalise_modes, stage_session, writable_dir
 from training.engine import decay_factor
 from training.tokenizer import IM_END, PAD, SPECIAL_TOKENS, token_byte_lengths, train_tokenizer
 
@@ -117,16 +117,7 @@ def prepare_out_dir(cfg: Config) -> Path:
     """The output folder, created and proven writable up front (not after half an hour of training). Its
     files are overwritten, so it must be empty or an earlier target_pretrain folder."""
     preflight(cfg)
-    out = pretrain_out_dir(cfg)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise DraftsmithError(f"pretrain.out_dir {str(out)!r} is not writable ({e.strerror or e}): "
-                              "choose a folder you can write to") from None
-    return out
+    return writable_dir(pretrain_out_dir(cfg), "pretrain.out_dir", "choose a folder you can write to")
 
 
 def read_corpus(pc: PretrainConfig) -> tuple[list[Conversation], list[Conversation], SourceReport]:

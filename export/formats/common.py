@@ -235,16 +235,3 @@ class Checker:
             self.fail(where, f"{k} is {tensors[k].dtype}, expected a floating dtype")
         if len(kinds) > 1 and not bad:
             self.fail(where, f"weights mix dtypes {sorted(kinds)}: export them in one dtype")
-
-
-def check_writable(out: Path) -> None:
-    """Create `out` (and parents) and prove we can write there, with a one-line error otherwise."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-probe"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise DraftsmithError(
-            f"export.out_dir {out} is not writable ({type(e).__name__}: {e.strerror or e}): choose a "
-            "writable export.out_dir") from None
