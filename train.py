@@ -60,8 +60,8 @@ def run_stages(cfg: Config) -> dict:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(dcfg) -> None:
-    cfg: Config = OmegaConf.to_object(dcfg)
     try:
+        cfg: Config = OmegaConf.to_object(dcfg)  # the schema checks its own ranges here (__post_init__)
         run_stages(cfg)
     except DraftsmithError as e:
         print(f"error: {e}", file=sys.stderr)

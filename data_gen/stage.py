@@ -59,14 +59,7 @@ class DataGenResult:
 def _validate(data) -> None:
     if data.source not in SOURCES:
         raise DraftsmithError(f"data.source={data.source!r} is not a prompt source: use one of {', '.join(SOURCES)}")
-    for name in ("max_length", "batch_size", "shard_rows", "gen_max_new_tokens"):
-        if getattr(data, name) <= 0:
-            raise DraftsmithError(f"data.{name}={getattr(data, name)} must be a positive number")
-    if data.cache_topk < 0:
-        raise DraftsmithError(f"data.cache_topk={data.cache_topk}: use 0 (no logits cache) or a positive k")
-    if data.gen_temperature < 0 or not 0 < data.gen_top_p <= 1:
-        raise DraftsmithError(f"data.gen_temperature={data.gen_temperature} / data.gen_top_p={data.gen_top_p}: "
-                              "temperature must be >= 0 (0 = greedy) and top_p in (0, 1]")
+    data.check()  # the schema's own ranges (conf/schema/data.py)
 
 
 def _prepare(out: Path, settings: dict, cfg: Config) -> None:

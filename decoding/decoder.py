@@ -35,9 +35,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from conf.errors import DraftsmithError
+from conf.schema.eval import ACCEPTANCE
 from decoding.kvcache import StaticRunner, model_forward
 from decoding.tree import build_tree, check_tree_attention, check_tree_config, tree_nodes
-from decoding.verify import ACCEPTANCE, Accepted, SamplingRule, accept_paths, tree_block
+from decoding.verify import Accepted, SamplingRule, accept_paths, tree_block
 
 
 @dataclass

@@ -23,8 +23,6 @@ import torch
 
 from decoding.tree import DraftTree, tree_attention_mask, warp_probs
 
-ACCEPTANCE = ("lossless", "typical")
-
 
 @dataclass
 class SamplingRule:

@@ -25,7 +25,6 @@ from conf.errors import DraftsmithError
 from conf.schema import Config, run_dir, save_config, trained_drafter_dir
 from data_gen.sources import SourceReport
 from decoding.tree import check_tree_config, fit_depth, tree_nodes
-from decoding.verify import ACCEPTANCE
 from eval.benchmarks import BenchPrompt, check_benchmarks, load_benchmark, render_prompt
 from eval.metrics import GenRecord, summarize
 from eval.report import LOSSY, machine_info, markdown, with_interval, write_report
@@ -39,22 +38,7 @@ def validate(cfg: Config) -> None:
     """Every eval setting a user can get wrong, checked before a model is loaded."""
     ev = cfg.eval
     check_benchmarks(list(ev.benchmarks))
-    if not ev.temperatures:
-        raise DraftsmithError("eval.temperatures is empty: give at least one, e.g. eval.temperatures=[0]")
-    for t in ev.temperatures:
-        if t < 0:
-            raise DraftsmithError(f"eval.temperatures has {t}: temperatures must be >= 0 (0 = greedy)")
-    if ev.acceptance not in ACCEPTANCE:
-        raise DraftsmithError(f"eval.acceptance={ev.acceptance!r}: choose lossless or typical (Medusa's, lossy)")
-    if not 0 < ev.top_p <= 1:
-        raise DraftsmithError(f"eval.top_p={ev.top_p}: must be in (0, 1] (1 = off)")
-    if ev.top_k < 0:
-        raise DraftsmithError(f"eval.top_k={ev.top_k}: must be >= 0 (0 = off)")
-    for key in ("num_prompts", "max_new_tokens", "max_prompt_tokens"):
-        if getattr(ev, key) < 1:
-            raise DraftsmithError(f"eval.{key}={getattr(ev, key)}: must be at least 1")
-    if ev.warmup < 0:
-        raise DraftsmithError(f"eval.warmup={ev.warmup}: must be >= 0")
+    ev.check()  # the schema's own ranges (conf/schema/eval.py), again in case code changed them
     check_tree_config(ev.tree)
     from drafters.registry import REFERENCE, TRAINABLE
 

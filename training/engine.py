@@ -28,11 +28,9 @@ import torch
 from torch import nn
 
 from conf.errors import DraftsmithError
+from conf.schema.training import PRECISIONS, SCHEDULES
 from runtime.distributed import launcher_ranks
 from runtime.files import write_json
-
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-SCHEDULES = ("constant", "linear", "cosine")
 
 
 # --------------------------------------------------------------------------------------------------

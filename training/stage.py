@@ -45,7 +45,7 @@ from training.engine import (
     write_ds_config,
 )
 from training.objectives import build_objective
-from training.signal import MODES, make_signal
+from training.signal import make_signal
 from training.tracking import Tracker, tau_sim
 
 FINAL_FIX = "use another run.name"
@@ -98,9 +98,7 @@ def seed_all(seed: int) -> None:
 
 def preflight(cfg: Config) -> None:
     """Checks that need no model, run before anything is written (train.py runs them for every stage first)."""
-    if cfg.train.mode not in MODES:
-        raise DraftsmithError(f"train.mode={cfg.train.mode!r}: use online (target runs in the step) or offline "
-                              "(data_gen's cache)")
+    cfg.train.check()
     check_replaceable(final_drafter_dir(cfg), "train/final", FINAL_FIX)
 
 
