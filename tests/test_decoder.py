@@ -25,13 +25,6 @@ TREES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Single-token forwards of tiny models: extra threads only add contention on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def small_target(arch: str, vocab_size: int = 320, seed: int = 0):

@@ -26,12 +26,6 @@ PROMPT = torch.tensor([[1, 3, 0, 2, 3]])
 N = 200  # samples per case: the negative control below still fails at p < 1e-20 with this many
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_llama(seed: int, scale: float):

@@ -7,9 +7,7 @@ import torch
 
 from conf.errors import DraftsmithError
 from drafters.eagle_base import UnrollOptions, topk_keep
-from tests.test_eagle1 import _batch as _batch1
-from tests.test_eagle1 import _model as _model1
-from tests.test_eagle3 import _model
+from tests.eagle_util import eagle1_model, eagle3_model, online_batch
 from training.objectives import build_objective
 
 
@@ -85,7 +83,7 @@ def _hand_masked_losses(m, sig, k):
 
 
 def test_mask_in_the_eagle3_loss(llama):
-    m = _model(llama, draft_vocab_size=60).eval()
+    m = eagle3_model(llama, draft_vocab_size=60).eval()
     sig = _greedy_batch(llama)
     opt = torch.optim.AdamW(m.parameters(), lr=2e-2)
     for _ in range(10):  # train a little so the mask keeps some rows and drops others
@@ -100,7 +98,7 @@ def test_mask_in_the_eagle3_loss(llama):
         assert met[f"loss_step/{i + 1}"] == pytest.approx(per_step[i], abs=1e-5)
     assert [met[f"keep/{d}"] for d in (2, 3)] == pytest.approx(kept[1:])
     assert 0 < kept[2] < 1  # the test saw both kept and dropped rows
-    whole = _model(llama, draft_vocab_size=None).eval()
+    whole = eagle3_model(llama, draft_vocab_size=None).eval()
     with torch.no_grad():  # top-V of the whole vocabulary holds every true token: the plain loss
         full, fmet = whole.loss(sig, UnrollOptions(keep_topk=whole.draft_vocab_size))
         plain, pmet = whole.loss(sig)
@@ -109,8 +107,8 @@ def test_mask_in_the_eagle3_loss(llama):
 
 def test_mask_in_the_eagle1_loss(llama):
     """EAGLE-1 under GRIFFIN: step 2 counts only rows whose true token x_{t+2} is in step 1's top-3."""
-    m = _model1(llama, feature_noise=0.0, losses={"soft_ce": 1.0}).eval()
-    sig = _batch1(llama)
+    m = eagle1_model(llama, feature_noise=0.0, losses={"soft_ce": 1.0}).eval()
+    sig = online_batch(llama)
     with torch.no_grad():
         _, met = m.loss(sig, UnrollOptions(keep_topk=3, steps=2))
         ids, T = sig.input_ids, sig.input_ids.shape[1]
@@ -135,7 +133,7 @@ def test_griffin_objective_trains(cfg_for, llama):
     cfg = cfg_for("drafter=eagle3", "objective=griffin", "drafter.draft_vocab_size=64")
     objective = build_objective(cfg, llama)
     assert objective.options == UnrollOptions(topk_weight=0.5, topk_k=10, keep_topk=3, detach_context=True, steps=3)
-    m = _model(llama, draft_vocab_size=64)
+    m = eagle3_model(llama, draft_vocab_size=64)
     sig = _greedy_batch(llama)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
     losses, kept = [], []
@@ -163,7 +161,7 @@ def test_addons_under_gradient_checkpointing(llama):
     opts = UnrollOptions(topk_weight=0.5, keep_topk=3, detach_context=True)
     grads = []
     for gc in (False, True):
-        m = _model(llama, draft_vocab_size=64)
+        m = eagle3_model(llama, draft_vocab_size=64)
         m.train()
         m.set_gradient_checkpointing(gc)
         loss, met = m.loss(sig, opts)

@@ -11,9 +11,7 @@ from conf.errors import DraftsmithError
 from drafters import losses as L
 from drafters.eagle_base import UnrollOptions
 from drafters.layers import causal_attend, ttt_attend
-from tests.test_eagle1 import _batch as _batch1
-from tests.test_eagle1 import _model as _model1
-from tests.test_eagle3 import _batch, _model
+from tests.eagle_util import eagle1_model, eagle3_model, online_batch
 from training.objectives import build_objective
 
 
@@ -39,7 +37,7 @@ def _loss_and_grads(m, sig, options=None):
 def test_addons_off_are_bit_identical(llama, family):
     """No options, all-off options, and a HASS config with every add-on zeroed run the same operations:
     equal loss, metrics and every gradient, bit for bit (the golden numbers in test_eagle*.py hold)."""
-    make, batch = (_model, _batch) if family == "eagle3" else (_model1, _batch1)
+    make, batch = (eagle3_model, online_batch) if family == "eagle3" else (eagle1_model, online_batch)
     sig = batch(llama)
     m = make(llama).eval()  # eval: EAGLE-1's feature noise off
     base = _loss_and_grads(m, sig)
@@ -69,8 +67,8 @@ def test_topk_term_hand_built():
 def test_hass_topk_term_in_the_eagle3_loss(llama):
     """loss/topk_distill = weight * sum_i 0.8^i * mean over valid rows of -sum_{top-10 of p} p log q, with p the
     target's distribution over the draft vocab at t+1+i; the total grows by exactly that."""
-    m = _model(llama, draft_vocab_size=40).eval()
-    sig = _batch(llama)
+    m = eagle3_model(llama, draft_vocab_size=40).eval()
+    sig = online_batch(llama)
     with torch.no_grad():
         base, _ = m.loss(sig)
         loss, met = m.loss(sig, UnrollOptions(topk_weight=0.7, topk_k=10))
@@ -129,8 +127,8 @@ def _hand_detached_grads(m, sig):
 def test_context_alignment_is_hass_stop_gradient(llama):
     """Same forward (TTT's attention already is HASS's aligned context), different gradient: exactly the
     gradient of the summed step losses with the fed-back features held constant."""
-    m = _model(llama).eval()
-    sig = _batch(llama)
+    m = eagle3_model(llama).eval()
+    sig = online_batch(llama)
     ttt = _loss_and_grads(m, sig)
     hass = _loss_and_grads(m, sig, UnrollOptions(detach_context=True))
     assert hass[0].item() == pytest.approx(ttt[0].item(), abs=1e-6) and hass[1] == pytest.approx(ttt[1], abs=1e-6)
@@ -144,8 +142,8 @@ def test_context_alignment_is_hass_stop_gradient(llama):
 def test_eagle1_unrolls_aligned_steps(llama):
     """EAGLE-1 under HASS unrolls align_steps steps: step i regresses f_{t+1+i} from the fed-back feature
     and reports acc/1..3; step 0 alone is the plain EAGLE-1 loss."""
-    m = _model1(llama).eval()
-    sig = _batch1(llama)
+    m = eagle1_model(llama).eval()
+    sig = online_batch(llama)
     with torch.no_grad():
         plain, pmet = m.loss(sig)
         loss, met = m.loss(sig, UnrollOptions(steps=3, detach_context=True))
@@ -170,7 +168,7 @@ def test_hass_objective_trains(cfg_for, llama, family):
     cfg = cfg_for(f"drafter={family}", "objective=hass", *(["drafter.draft_vocab_size=64"] if family == "eagle3" else []))
     objective = build_objective(cfg, llama)
     assert objective.options == UnrollOptions(topk_weight=1.0, topk_k=10, detach_context=True, steps=3)
-    make, batch = (_model, _batch) if family == "eagle3" else (_model1, _batch1)
+    make, batch = (eagle3_model, online_batch) if family == "eagle3" else (eagle1_model, online_batch)
     m = make(llama, **({"draft_vocab_size": 64} if family == "eagle3" else {"feature_noise": 0.0}))
     sig = batch(llama)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2)

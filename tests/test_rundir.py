@@ -17,10 +17,8 @@ import pytest
 import torch
 
 from conf.errors import DraftsmithError
-from tests import test_train_fixtures as fx
-from tests.test_train_fixtures import ROOT, child_env
-
-llama_target, one_thread, trainer = fx.llama_target, fx.one_thread, fx.trainer  # fixtures
+from tests import train_fixtures as fx
+from tests.train_fixtures import ROOT, child_env
 
 HOLD = """
 import sys, time
@@ -131,7 +129,7 @@ def test_refused_rerun_leaves_the_saved_config_alone(trainer, tmp_path, llama_ta
     still describe the run that trained."""
     from conf.schema import load_config
     from tests.conftest import build_tiny_model
-    from tests.test_train_fixtures import base_overrides
+    from tests.train_fixtures import base_overrides
     from training.stage import train
 
     trainer("train.max_steps=1")

@@ -22,14 +22,6 @@ from decoding.tree import (
 from drafters.base import Drafter
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Thousands of tiny tensor ops: threads only add contention on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 class PathDrafter(Drafter):
     """Logits = fn(b, path tokens from the root); records every frontier it was asked to expand."""
 

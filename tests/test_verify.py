@@ -23,13 +23,6 @@ V, ROOT = 4, 0
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Thousands of tiny tensor ops: threads only add contention on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 class BigramDrafter(Drafter):
     """logits = table[last token on the path] (the root token at the root), vectorised over B."""

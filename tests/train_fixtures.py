@@ -1,8 +1,8 @@
 """Helpers for the engine/checkpoint/train tests (no tests here): a tiny TrainableDrafter, a minimal
 data_gen output writer (the data helper's on-disk layout), and a child entry for subprocess runs.
 
-    python -m tests.test_train_fixtures <factory> <override>...             # one training run (subprocess)
-    torchrun --nproc_per_node 2 -m tests.test_train_fixtures hidden run.device=cpu ...   # two ranks
+    python -m tests.train_fixtures <factory> <override>...             # one training run (subprocess)
+    torchrun --nproc_per_node 2 -m tests.train_fixtures hidden run.device=cpu ...   # two ranks
 """
 from __future__ import annotations
 
@@ -200,27 +200,12 @@ def _write_cache(out: Path, target, ids, masks, dtype, topk: int) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
-# pytest fixtures (import them into a test module by name)
+# the `trainer` fixture (registered for every test module by conftest.py)
 # --------------------------------------------------------------------------------------------------
-@pytest.fixture(autouse=False)
-def one_thread():
-    """The machine's cores are shared: one intra-op thread is several times faster than two here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="session")
-def llama_target(tiny_target_dir):
-    from conf.schema import TargetConfig
-    from drafters.target import load_target
-
-    return load_target(TargetConfig(path=tiny_target_dir("llama")), device="cpu")
 
 
 @pytest.fixture
-def trainer(tmp_path, tiny_target_dir, llama_target, one_thread):
+def trainer(tmp_path, tiny_target_dir, llama_target):
     """trainer(*overrides, factory="hidden", name="t", data={...}) -> train()'s result, in this process, on
     the tiny Llama with a data_gen output written once per run name."""
 
@@ -276,7 +261,7 @@ def final_weights(train_result_or_dir) -> dict[str, torch.Tensor]:
 
 
 def child_main(argv: list[str]) -> None:
-    """Subprocess entry: `python -m tests.test_train_fixtures <factory> <overrides...>`; prints the result
+    """Subprocess entry: `python -m tests.train_fixtures <factory> <overrides...>`; prints the result
     as one JSON line (rank 0)."""
     from conf.errors import DraftsmithError
     from conf.schema import load_config
