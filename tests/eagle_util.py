@@ -16,9 +16,15 @@ def pseudo_counts(target):
 
 
 def online_batch(target, B=2, T=16):
-    """Online TargetSignal: row 0 full, row 1 right-padded after 11 tokens; assistant tokens from 5 on."""
+    """Online TargetSignal of random tokens (signal_for)."""
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, target.vocab_size, (B, T), generator=g)
+    return signal_for(target, torch.randint(3, target.vocab_size, (B, T), generator=g))
+
+
+def signal_for(target, ids):
+    """Online TargetSignal over ids [B, T]: row 0 full, row 1 right-padded after 11 tokens; assistant
+    tokens from 5 on."""
+    B, T = ids.shape
     am = torch.ones(B, T, dtype=torch.long)
     am[1, 11:] = 0
     ids[1, 11:] = 0
