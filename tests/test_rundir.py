@@ -163,7 +163,10 @@ def test_final_weights_are_0644_and_throughput_excludes_eval_and_checkpoints(tra
     modes = {p.name: oct(p.stat().st_mode & 0o777) for p in final.iterdir()}
     assert set(modes) >= {"model.safetensors", "COMPLETE.json"} and set(modes.values()) == {oct(0o666 & ~umask)}
     assert r["checkpoint_seconds"] >= 3.0 and r["step_seconds"] < r["checkpoint_seconds"]
-    assert r["step_tokens_per_s"] == pytest.approx(r["input_tokens"] / r["step_seconds"], rel=0.01)
+    # step_seconds is rounded to the millisecond: on a fast machine 3 tiny steps take ~40 ms, so the ratio can
+    # be off by up to 0.5 ms / (the true step time), not a fixed 1 %
+    assert r["step_tokens_per_s"] == pytest.approx(r["input_tokens"] / r["step_seconds"],
+                                                   rel=0.0005 / max(r["step_seconds"] - 0.0005, 1e-3) + 1e-6)
     assert r["tokens_per_s"] < r["input_tokens"] / 3.0 < r["step_tokens_per_s"]
     logged = [json.loads(ln) for ln in (final.parent / "metrics.jsonl").read_text().splitlines()]
     assert all(rec["step_tokens_per_s"] > rec["tokens_per_s"] for rec in logged if rec["kind"] == "train")
