@@ -19,9 +19,9 @@ import sys
 import hydra
 from omegaconf import OmegaConf
 
-from conf.device import resolve_device
 from conf.errors import DraftsmithError
 from conf.schema import STAGES, Config
+from runtime.device import resolve_device
 
 # stage name -> "module:function"; imported lazily so `--help` and one stage stay quick
 STAGE_FUNCS = {
@@ -29,7 +29,7 @@ STAGE_FUNCS = {
     "data_gen": "data_gen.stage:run",
     "train": "training.stage:run",
     "eval": "eval.stage:run",
-    "export": "drafters.export:run",
+    "export": "export.stage:run",
 }
 assert tuple(STAGE_FUNCS) == STAGES
 
@@ -43,9 +43,9 @@ def stage_fn(name: str):
 
 def run_stages(cfg: Config) -> dict:
     """Run `cfg.stage` alone, or every stage of `cfg.stages` in order, in this process, holding the run
-    directory's lock throughout (conf/rundir.py). Every stage's `preflight(cfg)` (the checks that need no
+    directory's lock throughout (runtime/rundir.py). Every stage's `preflight(cfg)` (the checks that need no
     model: folders it would refuse to replace, bad settings) runs first, so a refusal costs no earlier stage."""
-    from conf.rundir import stage_session
+    from runtime.rundir import stage_session
 
     names = [cfg.stage] if cfg.stage else list(cfg.stages)
     fns = [stage_fn(n) for n in names]  # fail on a misspelt stage or device before any work starts
@@ -60,8 +60,8 @@ def run_stages(cfg: Config) -> dict:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(dcfg) -> None:
-    cfg: Config = OmegaConf.to_object(dcfg)
     try:
+        cfg: Config = OmegaConf.to_object(dcfg)  # the schema checks its own ranges here (__post_init__)
         run_stages(cfg)
     except DraftsmithError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -8,7 +8,7 @@ then measure tau and speedup with the built-in speculative decoder at T=0 and T=
 
 One data_gen run (the bundled ShareGPT, rendered on the target's chat template) feeds every variant; each
 variant is a real `train` stage run (ZeRO-0, one process) into its own run directory, then the real `eval`
-stage on sharegpt_heldout (prompts never seen in training). Families (issue table "drafters") train from
+stage on sharegpt_heldout (prompts never seen in training). Families (table "drafters") train from
 scratch for --steps optimizer steps. Objectives (table "objectives"): hass, griffin, on_policy and adaspec
 train from scratch with the same --steps as their baseline; gto fine-tunes the trained eagle3 for
 --finetune-steps, and `eagle3+more` continues the same eagle3 for the same --finetune-steps with its plain

@@ -60,7 +60,7 @@ def eagle3_flops(target, drafter, loss_mask: torch.Tensor) -> dict:
     (drafters/eagle3.py): step 0 unrolls all T rows, step i >= 1 only the N_i rows some step >= i scores,
     and only the R_i scored rows reach the LM head (with a draft vocab smaller than the target's, the
     rows whose target argmax falls outside it are left out too: R_i is then an upper bound)."""
-    from drafters.eagle1 import shifted
+    from drafters.common import shifted
 
     cfg = target.config
     B, S = loss_mask.shape

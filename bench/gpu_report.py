@@ -68,7 +68,7 @@ def decode_block(rows: list[dict]) -> list[str]:
 
 
 def ar_summary(decode_steps: list[tuple[str, list[dict]]]) -> list[str]:
-    """One line per target: ours vs transformers vs the floor, the issue's first figure."""
+    """One line per target: ours vs transformers vs the floor."""
     head = ["step", "target", "ours ms/token", "transformers generate ms/token", "best", "memory floor ms/token",
             "ours / floor"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -146,8 +146,8 @@ def main(argv=None) -> int:
     ap.add_argument("--wall", type=float, default=0.0, help="the suite's wall time, seconds")
     ap.add_argument("--benchmarks", default=None, help="BENCHMARKS.md to update (default: none)")
     args = ap.parse_args(argv)
-    from conf.device import resolve_device
     from eval.report import machine_info
+    from runtime.device import resolve_device
 
     res = Path(args.results)
     key, block = build(res, machine_info(resolve_device(args.device)), args.command, args.wall)

@@ -70,8 +70,8 @@ def random_llama_target(shape: str, tokenizer_path: str, device: str, vocab: int
     """A drafters.target.Target around random_llama (bf16 on GPU, fp32 on CPU, unless `dtype`), with the
     tokenizer and chat template of tokenizer_path. `vocab` > the tokenizer's pads the embedding and LM head
     to a real model's size (ids past the tokenizer decode to nothing)."""
-    from conf.device import resolve_device
     from drafters.target import Target, resolve_dtype
+    from runtime.device import resolve_device
 
     tok = bench_tokenizer(tokenizer_path)
     dev = resolve_device(device)

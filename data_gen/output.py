@@ -17,44 +17,14 @@ Layout of <run_dir>/data_gen/:
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from conf.errors import DraftsmithError
-
-# config keys that say how a model was loaded, not what it is
-_VOLATILE = {"transformers_version", "dtype", "torch_dtype", "use_cache", "output_hidden_states",
-             "output_attentions", "return_dict", "attn_implementation"}
-
-
-def target_identity(target) -> dict:
-    """Path, sizes and a fingerprint of tokenizer (vocab, merges, specials, chat template) + model config."""
-    h = hashlib.sha256()
-    tok = target.tokenizer
-    backend = getattr(tok, "backend_tokenizer", None)
-    h.update(backend.to_str().encode() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True).encode())
-    try:
-        template = target.chat_template
-    except DraftsmithError:  # no template: identity is still defined (data_gen itself refuses such a target)
-        template = ""
-    h.update(template.encode())
-    cfg = {k: v for k, v in target.config.to_dict().items() if not k.startswith("_") and k not in _VOLATILE}
-    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-    return {"path": str(target.name), "vocab_size": int(target.vocab_size), "hidden_size": int(target.hidden_size),
-            "num_layers": int(target.num_layers), "feature_layers": list(target.feature_layers),
-            "fingerprint": h.hexdigest()[:16]}
-
-
-def write_json(path: Path, obj) -> None:
-    """Atomic JSON write: a kill leaves the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+from drafters.target import target_identity
 
 
 def data_dir_of(path: str | Path) -> Path:

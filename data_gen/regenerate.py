@@ -58,34 +58,44 @@ class RegenStats:
 
 
 def _generate(target, prompts: list[list[int]], caps: list[int], seeds: list[int], data) -> list[list[int]]:
-    """Left-padded batched generation; returns each row's new tokens (eos included when produced)."""
+    """The target's answers to `prompts` at data_gen's sampling settings (generate_rows)."""
+    eos = target.eos_token_ids
+    pad = target.tokenizer.pad_token_id if target.tokenizer.pad_token_id is not None else eos[0]
+    return generate_rows(target.model, prompts, caps, seeds, data.gen_temperature, data.gen_top_p, eos, pad,
+                         target.device)
+
+
+@torch.no_grad()
+def generate_rows(model, prompts: list[list[int]], caps: list[int], seeds: list[int], temperature: float,
+                  top_p: float, eos_ids: list[int], pad_id: int, device) -> list[list[int]]:
+    """Left-padded batched `generate`: row b is drawn with its own torch.Generator(seeds[b]) at `temperature`
+    (0 = greedy) and nucleus `top_p`, then cut at caps[b] new tokens and after its first EOS (kept). A row's
+    tokens depend only on (weights, prompt, seed), never on the batch it shares."""
     from transformers import GenerationConfig, LogitsProcessorList
 
-    tok = target.tokenizer
-    eos = target.eos_token_ids
-    pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
     L = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), L), pad, dtype=torch.long)
+    ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
     att = torch.zeros((len(prompts), L), dtype=torch.long)
     for b, p in enumerate(prompts):
         ids[b, L - len(p):] = torch.tensor(p)
         att[b, L - len(p):] = 1
+    if max(caps) <= 0:
+        return [[] for _ in prompts]
     # Explicit neutral values: transformers fills unset fields from the model's generation_config, whose
-    # repetition penalty or n-gram bans would make the "target's answer" differ from its distribution (which
-    # is what the drafter must match at decode time). Sampling, when asked for, is PerRowSampler's job.
-    gc = GenerationConfig(do_sample=False, max_new_tokens=max(caps), eos_token_id=eos, pad_token_id=pad,
-                          temperature=1.0, top_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
-                          min_new_tokens=0)
+    # repetition penalty or n-gram bans would bend the samples away from the model's distribution (which is
+    # what a drafter is trained to match). Sampling, when asked for, is PerRowSampler's job.
+    gc = GenerationConfig(do_sample=False, max_new_tokens=max(caps), eos_token_id=list(eos_ids) or None,
+                          pad_token_id=pad_id, temperature=1.0, top_p=1.0, repetition_penalty=1.0,
+                          no_repeat_ngram_size=0, min_new_tokens=0)
     procs = LogitsProcessorList()
-    if data.gen_temperature > 0:
-        gens = [torch.Generator(device=target.device).manual_seed(s) for s in seeds]
-        procs.append(PerRowSampler(gens, data.gen_temperature, data.gen_top_p))
-    with torch.no_grad():
-        out = target.model.generate(input_ids=ids.to(target.device), attention_mask=att.to(target.device),
-                                    generation_config=gc, logits_processor=procs)
-    result = []
+    if temperature > 0:
+        procs.append(PerRowSampler([torch.Generator(device=device).manual_seed(s) for s in seeds], temperature,
+                                   top_p))
+    out = model.generate(input_ids=ids.to(device), attention_mask=att.to(device), generation_config=gc,
+                         logits_processor=procs)
+    eos, result = set(eos_ids), []
     for b, cap in enumerate(caps):
-        new = out[b, L:L + cap].tolist()
+        new = out[b, L:L + max(cap, 0)].tolist()
         stop = next((j for j, t in enumerate(new) if t in eos), None)
         result.append(new[:stop + 1] if stop is not None else new)
     return result

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from conf.errors import DraftsmithError
 from data_gen.cache import compute_cache, write_cache_file
-from data_gen.output import write_json
 from data_gen.regenerate import regenerate
 from data_gen.render import render_conversation
+from runtime.files import write_json
 
 _hook_counts: Counter = Counter()
 
@@ -107,7 +107,7 @@ class ShardWriter:
         Dataset.from_dict(cols, features=row_features()).save_to_disk(str(tmp / "rows"))
         write_json(tmp / "accounting.json", {
             "indices": [i for i, _ in chunk], "written": len(rows), "skipped": skipped,
-            "truncated": sum(r["truncated"] for r in ordered), "cache_files": cache_files, "cache": cache_of})
+            "truncated": sum(r["truncated"] for r in ordered), "cache_files": cache_files, "cache": cache_of}, sort_keys=True)
         kill_hook("shard_written")
         os.replace(tmp, final)
         return final

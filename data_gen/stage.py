@@ -25,18 +25,20 @@ import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 
 from conf.errors import DraftsmithError
-from conf.rundir import stage_session
 from conf.schema import Config, run_dir, save_config
-from data_gen.output import read_meta, target_identity, token_counts, write_json
+from data_gen.output import read_meta, token_counts
 from data_gen.render import NOT_PREFIX_STABLE
 from data_gen.shard import ShardWriter, kill_hook
 from data_gen.sources import SOURCES, SourceReport, iter_source
+from drafters.target import target_identity
+from runtime.distributed import GlooGroup
+from runtime.files import save_npy, write_json
+from runtime.rundir import stage_session
 
 # DataConfig fields that change the rows; anything else (batch_size, shard_rows) only changes speed
 ROW_FIELDS = ("source", "path", "hf_config", "split", "max_conversations", "max_length", "regenerate",
@@ -54,59 +56,10 @@ class DataGenResult:
     cache_bytes_per_token: float | None = None
 
 
-class _Dist:
-    """Rank/world from the launcher's environment; a gloo group only when there is more than one rank."""
-
-    def __init__(self):
-        self.rank = int(os.environ.get("RANK", 0))
-        self.world = int(os.environ.get("WORLD_SIZE", 1))
-        self.created, self.group = False, None
-        if self.world > 1:
-            import torch.distributed as dist
-
-            if not dist.is_initialized():
-                # long timeout: ranks legitimately wait for each other for as long as data_gen takes
-                dist.init_process_group("gloo", timeout=timedelta(hours=48))
-                self.created = True
-            elif dist.get_backend() != "gloo":
-                self.group = dist.new_group(backend="gloo")
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier(group=self.group)
-
-    def sum_max(self, values: list[float], maxed: float) -> tuple[list[float], float]:
-        if self.world == 1:
-            return values, maxed
-        import torch
-        import torch.distributed as dist
-
-        t = torch.tensor(values, dtype=torch.float64)
-        m = torch.tensor([maxed], dtype=torch.float64)
-        dist.all_reduce(t, group=self.group)
-        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=self.group)
-        return t.tolist(), float(m)
-
-    def close(self) -> None:
-        if self.created:  # leave no group behind for a later stage (DeepSpeed wants its own)
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-
-
 def _validate(data) -> None:
     if data.source not in SOURCES:
         raise DraftsmithError(f"data.source={data.source!r} is not a prompt source: use one of {', '.join(SOURCES)}")
-    for name in ("max_length", "batch_size", "shard_rows", "gen_max_new_tokens"):
-        if getattr(data, name) <= 0:
-            raise DraftsmithError(f"data.{name}={getattr(data, name)} must be a positive number")
-    if data.cache_topk < 0:
-        raise DraftsmithError(f"data.cache_topk={data.cache_topk}: use 0 (no logits cache) or a positive k")
-    if data.gen_temperature < 0 or not 0 < data.gen_top_p <= 1:
-        raise DraftsmithError(f"data.gen_temperature={data.gen_temperature} / data.gen_top_p={data.gen_top_p}: "
-                              "temperature must be >= 0 (0 = greedy) and top_p in (0, 1]")
+    data.check()  # the schema's own ranges (conf/schema/data.py)
 
 
 def _prepare(out: Path, settings: dict, cfg: Config) -> None:
@@ -126,7 +79,7 @@ def _prepare(out: Path, settings: dict, cfg: Config) -> None:
     shards.mkdir(parents=True, exist_ok=True)
     for p in [*shards.glob(".tmp-*"), *out.glob(".dataset.tmp-*")]:
         shutil.rmtree(p, ignore_errors=True)
-    write_json(saved, settings)
+    write_json(saved, settings, sort_keys=True)
     save_config(cfg, out)
 
 
@@ -163,7 +116,7 @@ def run(cfg: Config) -> DataGenResult:
     import datasets
 
     with stage_session(cfg, "data_gen"):
-        dist = _Dist()
+        dist = GlooGroup()
         bars = datasets.is_progress_bar_enabled()
         datasets.disable_progress_bars()  # one bar (ours) instead of one per shard save
         try:
@@ -174,7 +127,7 @@ def run(cfg: Config) -> DataGenResult:
                 datasets.enable_progress_bars()
 
 
-def _run(cfg: Config, out: Path, dist: _Dist) -> DataGenResult:
+def _run(cfg: Config, out: Path, dist: GlooGroup) -> DataGenResult:
     from tqdm.auto import tqdm
 
     from drafters.target import load_target
@@ -284,14 +237,14 @@ def _assemble(out: Path, total: int, report: SourceReport, settings: dict, this_
     ds = datasets.load_from_disk(str(final))
     vocab = settings["target"]["vocab_size"]
     counts = token_counts(ds, vocab)
-    _save_npy(out / "token_counts.npy", counts)
+    save_npy(out / "token_counts.npy", counts)
     tokens = int(pc.sum(pc.list_value_length(ds.data.column("input_ids"))).as_py())
     cache = None
     if cache_files:
         index = np.array([cache_of[int(i)] for i in ds.data.column("conv_index").to_numpy()],
                          dtype=np.int64).reshape(-1, 2)
-        _save_npy(out / "cache_index.npy", index)
-        write_json(out / "cache_files.json", cache_files)
+        save_npy(out / "cache_index.npy", index)
+        write_json(out / "cache_files.json", cache_files, sort_keys=True)
         cache = {"files": len(cache_files), "bytes": cache_bytes, "bytes_per_token": round(cache_bytes / tokens, 1),
                  "features": settings["data"]["cache_features"], "topk": settings["data"]["cache_topk"],
                  "dtype": "bfloat16", "feature_layers": settings["target"]["feature_layers"]}
@@ -299,18 +252,13 @@ def _assemble(out: Path, total: int, report: SourceReport, settings: dict, this_
                   "heldout_excluded": report.heldout, "source_cut_at_byte": report.truncated_at,
                   "truncated_rows": truncated, "notes": report.notes, "this_run": this_run}
     assert accounting["read"] == written + sum(skipped.values()), accounting
-    write_json(out / "accounting.json", accounting)
+    write_json(out / "accounting.json", accounting, sort_keys=True)
     kill_hook("assembled")
     meta = {"target": settings["target"], "data": settings["data"], "rows": written, "tokens": tokens,
             "assistant_tokens": int(counts.sum()), "cache": cache, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    write_json(out / "meta.json", meta)
+    write_json(out / "meta.json", meta, sort_keys=True)
     _print_summary(out, accounting, meta)
 
-
-def _save_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npy")
-    np.save(tmp, arr)
-    os.replace(tmp, path)
 
 
 def _print_summary(out: Path, acc: dict, meta: dict) -> None:

@@ -9,7 +9,7 @@ Calls, in order:
   prepare(room, cuda_graphs)                     optional hints: at most `room` more tokens follow the prompt
                                                  (size caches once); whether CUDA graphs are wanted
   start(ids [1, n+1], feats [1, n, D] | None)   after the target's prefill of the prompt and its first token
-  expand(tree, frontier) -> logits [B, F, V]     repeatedly, while drafters/tree.py builds a draft tree
+  expand(tree, frontier) -> logits [B, F, V]     repeatedly, while decoding/tree.py builds a draft tree
   commit(new_ids [1, k+1], new_feats [1, k+1, D] | None)
       after verification: new_ids = the k accepted draft tokens + the target's bonus token;
       new_feats = the target's features at [old last token, accepted tokens...], i.e. exactly the
@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from drafters.tree import DraftTree
+    from decoding.tree import DraftTree
 
 
 class Drafter(ABC):

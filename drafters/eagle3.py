@@ -27,7 +27,7 @@ regression. Metrics: loss/<name> (decayed sum), loss_step/<depth> (undecayed), a
 (mapped to target ids) == target argmax over all assistant rows (argmax outside the draft vocab = a miss).
 How it is computed (the same function, cheaper: bench/bench_train_throughput.py): steps >= 1 unroll only
 rows that a later step scores, only scored rows reach the LM head, and soft_ce alone runs fused with the
-head (training.losses.linear_soft_ce), so no [rows x V_d] logits are kept for backward.
+head (drafters.losses.linear_soft_ce), so no [rows x V_d] logits are kept for backward.
 
 Add-ons (`loss(signal, UnrollOptions(...))`, used by objective=hass / objective=griffin): a top-K
 distillation term per step, GRIFFIN's cumulative top-k row mask (metrics keep/<depth>), and HASS's
@@ -40,11 +40,12 @@ import torch
 from torch import nn
 
 from conf.errors import DraftsmithError
+from drafters import losses as L
 from drafters.base import TargetSignal
-from drafters.eagle1 import EagleBase, UnrollOptions, floats, ratio, shifted, topk_keep
+from drafters.common import floats, ratio, shifted
+from drafters.eagle_base import EagleBase, UnrollOptions, topk_keep
 from drafters.layers import DecoderLayer, DrafterDims
 from drafters.vocab import DraftVocab, build_draft_vocab
-from training import losses as L
 
 
 class Eagle3Drafter(EagleBase):
@@ -202,7 +203,7 @@ class Eagle3Drafter(EagleBase):
         """Weighted loss terms of one unrolled step over the rows given (out [N, H], the target's logits
         over the draft vocab tgt [N, V_d], its argmax's draft id `labels`, the rows that count `valid`),
         the drafter's argmax (draft ids) and, when asked (GRIFFIN), its top `want_top` draft ids.
-        The default soft_ce alone runs fused (training.losses.linear_soft_ce: no [N, V_d] logits kept for
+        The default soft_ce alone runs fused (drafters.losses.linear_soft_ce: no [N, V_d] logits kept for
         backward); other terms need the logits themselves."""
         topk_term = opts is not None and opts.topk_weight
         if set(self.cfg.losses) == {"soft_ce"} and not topk_term:

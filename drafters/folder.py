@@ -1,8 +1,12 @@
 """Drafter checkpoint folders, shared by every family: model.safetensors + drafter_config.json.
 
 drafter_config.json = {family, config (the drafter's conf dataclass), dims (derived sizes), target
-(fingerprint of the target it was trained for), family extras}. Loading checks the family and the target
-before any weight is read, so a wrong folder fails with one line naming it and the fix.
+(drafters.target.target_identity of the target it was trained for), family extras}. Loading checks the
+family and the target before any weight is read, so a wrong folder fails with one line naming it and the fix.
+
+Families with their own decoder layers (EAGLE-1/3) get save_pretrained / from_pretrained from the
+`FolderCheckpoint` mixin by implementing `checkpoint_meta()` and `from_meta()`; Medusa, Hydra and the
+small LM call save_folder / read_folder themselves (they also write a LoRA adapter or a plain HF folder).
 """
 from __future__ import annotations
 
@@ -15,22 +19,21 @@ import torch
 from torch import nn
 
 from conf.errors import DraftsmithError
+from drafters.layers import DrafterDims
+from drafters.target import target_identity
+from runtime.files import write_json
 
 CONFIG_NAME = "drafter_config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
-def target_fingerprint(target) -> dict:
-    """What a drafter checkpoint records about the target it was trained against."""
-    return {"path": str(target.name), "vocab_size": int(target.vocab_size), "hidden_size": int(target.hidden_size),
-            "feature_layers": [int(i) for i in target.feature_layers]}
-
-
 def check_target(saved: dict, target, folder, uses_taps: bool = False) -> None:
-    """Refuse a target of another shape, and (for drafters reading the tapped features) other taps."""
-    now = target_fingerprint(target)
-    for key in ("vocab_size", "hidden_size"):
-        if saved[key] != now[key]:
+    """Refuse another target: one of another shape, then (by the fingerprint of tokenizer and config,
+    drafters.target.target_identity) one of the same shape; and, for drafters reading the tapped features,
+    other taps. A folder recorded without a fingerprint is checked on its sizes."""
+    now = target_identity(target)
+    for key in ("vocab_size", "hidden_size", "fingerprint"):
+        if key in saved and saved[key] != now[key]:
             raise DraftsmithError(
                 f"drafter {folder} was trained for target {saved['path']} ({key} {saved[key]}), but the "
                 f"loaded target {now['path']} has {key} {now[key]}: load the matching target")
@@ -62,7 +65,7 @@ def save_folder(folder: str | os.PathLike, family: str, cfg, dims: dict, target_
         save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()},
                   str(folder / WEIGHTS_NAME), metadata={"format": "pt", "family": family})
     meta = {"family": family, "config": dataclasses.asdict(cfg), "dims": dims, "target": target_fp, **(extra or {})}
-    (folder / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    write_json(folder / CONFIG_NAME, meta)
     return folder
 
 
@@ -99,3 +102,38 @@ def load_tensors(module: nn.Module, tensors: dict[str, torch.Tensor], folder) ->
         what = f"lacks {missing[0]}" if missing else f"has an unexpected {unexpected[0]}"
         raise DraftsmithError(
             f"{folder}/{WEIGHTS_NAME} {what}: it does not match its {CONFIG_NAME}; re-save the checkpoint")
+
+
+class FolderCheckpoint:
+    """Mixin for TrainableDrafter families: `save_pretrained(dir)` / `from_pretrained(dir, target)`.
+
+    Families define `family`, `self.cfg` (their conf.schema.drafter dataclass), `self.dims`,
+    `checkpoint_meta()` (extra JSON) and the classmethod `from_meta(cfg, target, dims, meta)` that rebuilds
+    an untrained module of the saved shapes; the weights then load strictly."""
+
+    family: str = ""
+
+    def checkpoint_meta(self) -> dict:
+        return {}
+
+    @classmethod
+    def from_meta(cls, cfg, target, dims: DrafterDims, meta: dict):
+        raise NotImplementedError
+
+    def save_pretrained(self, directory: str | Path, target=None) -> Path:
+        """Write model.safetensors + drafter_config.json into `directory` (created)."""
+        fp = target_identity(target if target is not None else self.target)
+        return save_folder(directory, self.family, self.cfg, self.dims.to_dict(), fp, self.state_dict(),
+                           extra=self.checkpoint_meta())
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, target):
+        """Rebuild from a folder written by save_pretrained, checking it was trained for this target."""
+        from conf.schema.drafter import DRAFTER_SCHEMAS
+
+        meta, state = read_folder(directory, cls.family, target, uses_taps=getattr(cls, "feature_source", None)
+                                  == "features", device=target.device)
+        cfg = saved_config(DRAFTER_SCHEMAS[cls.family], meta, directory)
+        model = cls.from_meta(cfg, target, DrafterDims(**meta["dims"]), meta)
+        load_tensors(model, state, directory)
+        return model

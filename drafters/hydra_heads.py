@@ -32,15 +32,16 @@ from torch.utils.checkpoint import checkpoint
 from conf.errors import DraftsmithError
 from conf.schema.drafter import HydraConfig
 from drafters.base import Drafter, TargetSignal, TrainableDrafter
-from drafters.folder import load_tensors, read_folder, save_folder, saved_config, target_fingerprint
-from drafters.medusa import (
-    ResBlock,
+from drafters.common import (
     Shared,
     floats,
     require_last_hidden,
     target_positions,
     token_objective,
 )
+from drafters.folder import load_tensors, read_folder, save_folder, saved_config
+from drafters.medusa import ResBlock
+from drafters.target import target_identity
 
 
 def prefix_layer_config(target_cfg):
@@ -123,7 +124,7 @@ class HydraDrafter(TrainableDrafter):
         return model
 
     def _bind(self, target) -> None:
-        self._target_fp = target_fingerprint(target)
+        self._target_fp = target_identity(target)
         self._embed_ref = Shared(target.model.get_input_embeddings())
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:

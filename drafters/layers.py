@@ -1,4 +1,4 @@
-"""Building blocks shared by drafters that run their own decoder layers, and their checkpoint folders.
+"""Building blocks shared by drafters that run their own decoder layers.
 
     dims = DrafterDims.from_target(target)                 # every size comes from target.config
     layer = DecoderLayer(dims, attn_in=2 * dims.hidden_size, input_layernorm=True, hidden_norm=True)
@@ -12,9 +12,6 @@ so exports are plain state-dict dumps.
 Attention is pluggable: the layer computes q/k/v (RoPE applied) and hands them to an `attend(q, k, v)`
 callable, which decides what the queries see: a causal window (training), a cached prefix plus a 4D
 tree mask (decoding), or EAGLE-3's training-time-test pattern (`ttt_attend`, `ttt_rows_attend`).
-
-Checkpoint folders (`FolderCheckpoint` mixin over drafters/folder.py): families implement
-`checkpoint_meta()` and `from_meta()`, and get `save_pretrained(dir)` / `from_pretrained(dir, target)`.
 """
 from __future__ import annotations
 
@@ -23,20 +20,12 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from conf.errors import DraftsmithError
-from drafters.folder import (
-    load_tensors,
-    read_folder,
-    save_folder,
-    saved_config,
-    target_fingerprint,
-)
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -254,41 +243,3 @@ class DecoderLayer(nn.Module):
         a, k, v = self.self_attn(attn_in, cos, sin, attend)
         h = residual + a
         return h + self.mlp(self.post_attention_layernorm(h)), k, v
-
-
-# --------------------------------------------------------------------------------------------------
-# Checkpoint folders
-# --------------------------------------------------------------------------------------------------
-class FolderCheckpoint:
-    """Mixin for TrainableDrafter families: `save_pretrained(dir)` / `from_pretrained(dir, target)`.
-
-    Families define `family`, `self.cfg` (their conf.schema.drafter dataclass), `self.dims`,
-    `checkpoint_meta()` (extra JSON) and the classmethod `from_meta(cfg, target, dims, meta)` that rebuilds
-    an untrained module of the saved shapes; the weights then load strictly."""
-
-    family: str = ""
-
-    def checkpoint_meta(self) -> dict:
-        return {}
-
-    @classmethod
-    def from_meta(cls, cfg, target, dims: DrafterDims, meta: dict):
-        raise NotImplementedError
-
-    def save_pretrained(self, directory: str | Path, target=None) -> Path:
-        """Write model.safetensors + drafter_config.json into `directory` (created)."""
-        fp = target_fingerprint(target if target is not None else self.target)
-        return save_folder(directory, self.family, self.cfg, self.dims.to_dict(), fp, self.state_dict(),
-                           extra=self.checkpoint_meta())
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, target):
-        """Rebuild from a folder written by save_pretrained, checking it was trained for this target."""
-        from conf.schema.drafter import DRAFTER_SCHEMAS
-
-        meta, state = read_folder(directory, cls.family, target, uses_taps=getattr(cls, "feature_source", None)
-                                  == "features", device=target.device)
-        cfg = saved_config(DRAFTER_SCHEMAS[cls.family], meta, directory)
-        model = cls.from_meta(cfg, target, DrafterDims(**meta["dims"]), meta)
-        load_tensors(model, state, directory)
-        return model

@@ -5,7 +5,7 @@ the target drafting for itself).
     drafter = LMTreeDrafter(small_model, vocab_size=target.vocab_size)
     tokens, stats = SpeculativeDecoder(target, drafter, TreeConfig(kind="chain", depth=4)).generate(ids, 64)
 
-Cache layout (a preallocated static cache, drafters/kvcache.py): [committed tokens already read | tree entries
+Cache layout (a preallocated static cache, decoding/kvcache.py): [committed tokens already read | tree entries
 of the current cycle]. `expand` on the root drops the tree entries and reads the committed tokens not read
 yet (the accepted drafts and the target's bonus token) causally, so the cache holds exactly what a plain
 left-to-right reading would; `expand` on tree nodes reads the frontier nodes with a tree mask (each node sees
@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 
 from conf.errors import DraftsmithError
+from decoding.kvcache import StaticRunner, model_forward
+from decoding.tree import DraftTree, check_tree_attention
 from drafters.base import Drafter
-from drafters.kvcache import StaticRunner, model_forward
-from drafters.tree import DraftTree, check_tree_attention
 
 HEADROOM = 512  # cache entries beyond the prompt when the decoder gave no `prepare` hint; the cache grows if needed
 

@@ -15,7 +15,7 @@ Parameter names follow the Medusa checkpoint format, so export is a dump of `med
     medusa_head.{k}.{num_layers}.weight            the head's final Linear(H -> V), no bias
 
 Medusa-1 (`joint: false`): frozen target, loss = sum_k CE_k with `losses` (`ce` on the data tokens, or any
-distribution loss of training/losses.py against the target's distribution for the same token).
+distribution loss of drafters/losses.py against the target's distribution for the same token).
 Medusa-2 (`joint: true`): the target is trained jointly through a peft LoRA adapter, wrapped *in place*
 around `target.model` (so the Target wrapper, and the speculative decoder verifying with it, sees the
 adapted model); this family runs the target forward itself inside `loss` (online mode only).
@@ -29,8 +29,8 @@ Decoding (`MedusaDecodeDrafter`) reads the target's *last hidden state* at the l
 position (`feature_source = "last_hidden"`, not the EAGLE-3 taps); head k's distribution is the depth-k
 distribution whatever the parent token is.
 
-The helpers in the first section (ResBlock, the per-depth token objective, the folder format) are shared
-with drafters/hydra_heads.py and drafters/small_lm.py.
+ResBlock is shared with drafters/hydra_heads.py; the per-depth token objective and the other pieces
+several families use are in drafters/common.py.
 """
 from __future__ import annotations
 
@@ -42,12 +42,20 @@ from torch import nn
 
 from conf.errors import DraftsmithError
 from conf.schema.drafter import MedusaConfig
-from drafters.base import Drafter, TargetSignal, TrainableDrafter, topk_to_logits
-from drafters.folder import load_tensors, read_folder, save_folder, saved_config, target_fingerprint
-from training.losses import DISTRIBUTION_LOSSES, ce, forward_kl
+from drafters.base import Drafter, TargetSignal, TrainableDrafter
+from drafters.common import (
+    floats,
+    require_last_hidden,
+    set_hf_checkpointing,
+    target_positions,
+    token_objective,
+)
+from drafters.folder import load_tensors, read_folder, save_folder, saved_config
+from drafters.losses import ce, forward_kl
+from drafters.target import target_identity
 
 # ---------------------------------------------------------------------------------------------------
-# Shared pieces: ResBlock, per-depth token objective, folder format
+# ResBlock (Hydra builds its heads from it too)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -70,104 +78,6 @@ class ResBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         res = self.res_connection(x) if hasattr(self, "res_connection") else x
         return res + self.act(self.linear(x))
-
-
-class Shared:
-    """Holds a piece of the frozen target (its embedding, its tokenizer) outside the module tree: not in
-    the state dict, not partitioned by ZeRO, and shared rather than duplicated by copy.deepcopy."""
-
-    def __init__(self, obj):
-        self.obj = obj
-
-    def __deepcopy__(self, memo):
-        return self
-
-
-def floats(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
-    """0-d metric tensors -> floats with one device sync."""
-    if not metrics:
-        return {}
-    values = torch.stack([torch.as_tensor(v).detach().float().reshape(()) for v in metrics.values()]).tolist()
-    return dict(zip(metrics, values))
-
-
-def require_last_hidden(signal: TargetSignal, family: str) -> torch.Tensor:
-    if signal.last_hidden is None:
-        raise DraftsmithError(
-            f"{family} trains on the target's last hidden state, but this batch has none: use "
-            "train.mode=online, or an offline cache written with the target's last hidden state")
-    return signal.last_hidden
-
-
-def target_positions(signal: TargetSignal, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(b, t) of every position whose drafter output predicts token t+shift and that token is a
-    training target (assistant token, not padding)."""
-    m = signal.loss_mask[:, shift:].bool() & signal.attention_mask[:, shift:].bool()
-    return m.nonzero(as_tuple=True)
-
-
-def reference_rows(signal: TargetSignal, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor | None:
-    """The target's next-token logits [N, V] at positions (b, t), computing only those rows; None when
-    the signal carries no target distribution."""
-    if signal._logits is not None:
-        return signal._logits[b, t]
-    if signal.last_hidden is not None and signal.lm_head is not None:
-        with torch.no_grad():
-            return signal.lm_head(signal.last_hidden[b, t]).float()
-    if signal.topk_values is not None:
-        return topk_to_logits(signal.topk_values[b, t], signal.topk_indices[b, t], signal.vocab_size)
-    return None
-
-
-def token_objective(logits: torch.Tensor, signal: TargetSignal, b: torch.Tensor, t: torch.Tensor,
-                    shift: int, losses: dict[str, float], reference: torch.Tensor | None = None,
-                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-    """Weighted sum of `losses` for drafter logits [N, V] made at positions (b, t) for token t+shift.
-
-    `ce` compares with the data token x_{t+shift}; a distribution loss (training/losses.py) with the
-    target's distribution for the same token, i.e. its logits at t+shift-1 (`reference` [N, V] when the
-    caller has them, else from the signal). Returns (total, {name: term}, accuracy) where accuracy is the
-    fraction of rows whose argmax equals the target's argmax (the data token when the signal has no
-    target distribution). Vocabularies of different widths are compared over the shared prefix."""
-    labels = signal.input_ids[b, t + shift]
-    if reference is None:
-        reference = reference_rows(signal, b, t + shift - 1)
-    width = logits.shape[-1] if reference is None else min(logits.shape[-1], reference.shape[-1])
-    total = logits.new_zeros((), dtype=torch.float32)
-    terms: dict[str, torch.Tensor] = {}
-    for name, weight in losses.items():
-        if name == "ce":
-            value = ce(logits, labels)
-        elif name in DISTRIBUTION_LOSSES:
-            if reference is None:
-                raise DraftsmithError(
-                    f"loss {name!r} needs the target's distribution, but this batch has neither the last "
-                    "hidden state nor cached top-k logits: use `ce`, or train.mode=online")
-            value = DISTRIBUTION_LOSSES[name](logits[..., :width], reference[..., :width])
-        else:
-            raise DraftsmithError(
-                f"unknown loss {name!r} in drafter.losses: use ce or one of {', '.join(DISTRIBUTION_LOSSES)}")
-        terms[name] = value
-        total = total + weight * value
-    want = labels if reference is None else reference[..., :width].argmax(-1)
-    pred = logits[..., :width].argmax(-1)
-    acc = (pred == want).float().mean() if len(want) else logits.new_zeros(())
-    return total, terms, acc.detach()
-
-
-def set_hf_checkpointing(model, enabled: bool) -> None:
-    """Layer-wise activation checkpointing of a transformers model (v5 name; v4's gradient_checkpointing_*
-    otherwise), non-reentrant so that frozen embeddings (no input requiring grad) still work. transformers
-    only checkpoints in train mode."""
-    if hasattr(model, "activation_checkpointing_enable"):
-        if enabled:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.activation_checkpointing_disable()
-    elif enabled:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_disable()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -201,7 +111,7 @@ class MedusaDrafter(TrainableDrafter):
             w = target.model.get_output_embeddings().weight
             for head in model.medusa_head:
                 head[-1].weight.copy_(w.float())
-        model._target_fp = target_fingerprint(target)
+        model._target_fp = target_identity(target)
         if cfg.joint:
             model._attach_lora(target)
         return model

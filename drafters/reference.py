@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 
 from conf.errors import DraftsmithError
+from decoding.tree import DraftTree
 from drafters.base import Drafter
 from drafters.lm_drafter import LMTreeDrafter
-from drafters.tree import DraftTree
 
 
 class TargetDrafter(LMTreeDrafter):

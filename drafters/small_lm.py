@@ -12,7 +12,7 @@ the target's tokenizer has tokens; models padded to a different number of rows a
 compared over the shared id range). `lora_r > 0` trains a peft LoRA adapter on such a checkpoint instead
 of all its weights.
 
-Loss: `losses` (default forward_kl; any name of training/losses.py DISTRIBUTION_LOSSES, or `ce` on the data
+Loss: `losses` (default forward_kl; any name of drafters/losses.py DISTRIBUTION_LOSSES, or `ce` on the data
 tokens) between the drafter's and the target's next-token distributions on assistant positions;
 `acc/1` = next-token argmax agreement.
 
@@ -32,14 +32,15 @@ from conf.errors import DraftsmithError
 from conf.schema import project_path
 from conf.schema.drafter import SmallConfig
 from drafters.base import TargetSignal, TrainableDrafter
-from drafters.folder import read_folder, save_folder, saved_config, target_fingerprint
-from drafters.medusa import (
+from drafters.common import (
     Shared,
     floats,
     set_hf_checkpointing,
     target_positions,
     token_objective,
 )
+from drafters.folder import read_folder, save_folder, saved_config
+from drafters.target import target_identity
 
 
 def _key(cfg, name: str) -> str:
@@ -105,7 +106,7 @@ class SmallDrafter(TrainableDrafter):
         self.cfg = cfg
         self.model = model
         self.vocab_size = int(target.vocab_size)
-        self._target_fp = target_fingerprint(target)
+        self._target_fp = target_identity(target)
         self._tokenizer = Shared(target.tokenizer)
 
     # --- construction ------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ GPT-2-shaped models.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -22,9 +23,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from conf.device import resolve_device
 from conf.errors import DraftsmithError
 from conf.schema import TargetConfig, project_path
+from runtime.device import resolve_device
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -154,6 +155,31 @@ class Target(nn.Module):
         feats = torch.cat([hs[i] for i in self.feature_layers], dim=-1)
         return TargetOutput(logits=out.logits, features=feats, last_hidden=last,
                             cache=out.cache if use_cache else None)
+
+
+# config keys that say how a model was loaded, not what it is
+_VOLATILE = {"transformers_version", "dtype", "torch_dtype", "use_cache", "output_hidden_states",
+             "output_attentions", "return_dict", "attn_implementation"}
+
+
+def target_identity(target) -> dict:
+    """Path, sizes and a fingerprint of tokenizer (vocab, merges, specials, chat template) + model config:
+    what data_gen records in meta.json and a drafter folder in drafter_config.json, so data and drafters
+    both refuse another target, also one of the same shape (another tokenizer or config)."""
+    h = hashlib.sha256()
+    tok = target.tokenizer
+    backend = getattr(tok, "backend_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True).encode())
+    try:
+        template = target.chat_template
+    except DraftsmithError:  # no template: identity is still defined (data_gen itself refuses such a target)
+        template = ""
+    h.update(template.encode())
+    cfg = {k: v for k, v in target.config.to_dict().items() if not k.startswith("_") and k not in _VOLATILE}
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    return {"path": str(target.name), "vocab_size": int(target.vocab_size), "hidden_size": int(target.hidden_size),
+            "num_layers": int(target.num_layers), "feature_layers": list(target.feature_layers),
+            "fingerprint": h.hexdigest()[:16]}
 
 
 def _is_local(path: str) -> bool:

@@ -1,1 +1,1 @@
-"""The speculative decoder (chain, static and dynamic trees), benchmarks, metrics, reports and plots."""
+"""The eval stage: benchmarks, metrics, reports and plots over the speculative decoder (decoding/)."""

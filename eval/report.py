@@ -11,13 +11,13 @@ every table row, every title and every plot says LOSSY.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 from collections.abc import Callable
 from pathlib import Path
 
 from eval.metrics import REPS, SEED
+from runtime.files import write_json
 
 LOSSY = "LOSSY"
 LOSSY_NOTE = "LOSSY: typical acceptance, outputs may differ from the target's own"
@@ -255,7 +255,7 @@ def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "report.json", "md": out / "report.md"}
-    paths["json"].write_text(json.dumps(report, indent=2, default=str) + "\n")
+    write_json(paths["json"], report)
     paths["md"].write_text(markdown(report))
     paths["acceptance_png"] = plot_acceptance(report, out / "acceptance_by_depth.png")
     paths["tau_png"] = plot_tau(report, out / "tau.png")

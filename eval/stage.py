@@ -22,14 +22,13 @@ from pathlib import Path
 import torch
 
 from conf.errors import DraftsmithError
-from conf.rundir import stage_session
-from conf.schema import Config, project_path, run_dir, save_config
+from conf.schema import Config, run_dir, save_config, trained_drafter_dir
 from data_gen.sources import SourceReport
-from drafters.tree import check_tree_config, tree_nodes
+from decoding.tree import check_tree_config, fit_depth, tree_nodes
 from eval.benchmarks import BenchPrompt, check_benchmarks, load_benchmark, render_prompt
 from eval.metrics import GenRecord, summarize
 from eval.report import LOSSY, machine_info, markdown, with_interval, write_report
-from eval.verify import ACCEPTANCE
+from runtime.rundir import stage_session
 
 
 # --------------------------------------------------------------------------------------------------
@@ -39,22 +38,7 @@ def validate(cfg: Config) -> None:
     """Every eval setting a user can get wrong, checked before a model is loaded."""
     ev = cfg.eval
     check_benchmarks(list(ev.benchmarks))
-    if not ev.temperatures:
-        raise DraftsmithError("eval.temperatures is empty: give at least one, e.g. eval.temperatures=[0]")
-    for t in ev.temperatures:
-        if t < 0:
-            raise DraftsmithError(f"eval.temperatures has {t}: temperatures must be >= 0 (0 = greedy)")
-    if ev.acceptance not in ACCEPTANCE:
-        raise DraftsmithError(f"eval.acceptance={ev.acceptance!r}: choose lossless or typical (Medusa's, lossy)")
-    if not 0 < ev.top_p <= 1:
-        raise DraftsmithError(f"eval.top_p={ev.top_p}: must be in (0, 1] (1 = off)")
-    if ev.top_k < 0:
-        raise DraftsmithError(f"eval.top_k={ev.top_k}: must be >= 0 (0 = off)")
-    for key in ("num_prompts", "max_new_tokens", "max_prompt_tokens"):
-        if getattr(ev, key) < 1:
-            raise DraftsmithError(f"eval.{key}={getattr(ev, key)}: must be at least 1")
-    if ev.warmup < 0:
-        raise DraftsmithError(f"eval.warmup={ev.warmup}: must be >= 0")
+    ev.check()  # the schema's own ranges (conf/schema/eval.py), again in case code changed them
     check_tree_config(ev.tree)
     from drafters.registry import REFERENCE, TRAINABLE
 
@@ -64,14 +48,6 @@ def validate(cfg: Config) -> None:
         trained_drafter_dir(cfg)
 
 
-def trained_drafter_dir(cfg: Config) -> Path:
-    """drafter.checkpoint, else the run's final train checkpoint; a clear error when it is missing."""
-    d = Path(project_path(cfg.drafter.checkpoint)) if cfg.drafter.checkpoint else run_dir(cfg) / "train" / "final"
-    if not d.is_dir():
-        raise DraftsmithError(f"no trained drafter at {d}: run stage=train first or set drafter.checkpoint=...")
-    return d
-
-
 def build_drafter(cfg: Config, target):
     """(decoding Drafter, HF model of an independent drafter or None) for cfg.drafter."""
     from drafters.registry import REFERENCE, drafter_class
@@ -79,7 +55,7 @@ def build_drafter(cfg: Config, target):
     name = cfg.drafter.name
     if name in REFERENCE:  # need no training: built straight from the config
         if name == "target" and cfg.eval.exact:  # drafts with the model that verifies: tau = depth + 1
-            from eval.decoder import float32_target
+            from decoding.decoder import float32_target
 
             target = float32_target(target)
         return drafter_class(name).from_config(cfg.drafter, target), None
@@ -110,16 +86,17 @@ def fit_tree(cfg: Config, drafter) -> None:
     """Heads draft at most num_heads tokens deep: cap a deeper chain or dynamic tree there (said in one line,
     and the report shows the tree used) instead of failing after training. Static paths are the user's own
     and still fail clearly when too deep."""
-    tree, cap = cfg.eval.tree, getattr(drafter, "max_depth", None)
-    if cap is not None and tree.kind != "static" and tree.depth > cap:
-        print(f"eval: drafter {cfg.drafter.name} has {cap} heads, so it drafts at most {cap} tokens deep: "
-              f"eval.tree.depth {tree.depth} -> {cap}", flush=True)
-        tree.depth = cap
+    tree = cfg.eval.tree
+    fitted = fit_depth(tree, getattr(drafter, "max_depth", None))
+    if fitted is not tree:
+        print(f"eval: drafter {cfg.drafter.name} has {fitted.depth} heads, so it drafts at most {fitted.depth} "
+              f"tokens deep: eval.tree.depth {tree.depth} -> {fitted.depth}", flush=True)
+        tree.depth = fitted.depth
 
 
 def make_decoder(cfg: Config, target, drafter, temperature: float):
     """The speculative decoder at one of eval.temperatures (a vocab mismatch is its one-line error)."""
-    from eval.decoder import SpeculativeDecoder
+    from decoding.decoder import SpeculativeDecoder
 
     return SpeculativeDecoder.from_config(target, drafter, cfg.eval, temperature)
 

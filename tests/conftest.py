@@ -114,3 +114,29 @@ def cfg_for(tmp_path, tiny_target_dir):
                             "run.device=cpu", "experiment=smoke", *overrides])
 
     return make
+
+
+@pytest.fixture(scope="module")
+def llama_target(tiny_target_dir):
+    """The tiny Llama as a Target, loaded once per test module (a test may change it in place, e.g. wrap
+    LoRA around it, so modules do not share one)."""
+    from conf.schema import TargetConfig
+    from drafters.target import load_target
+
+    return load_target(TargetConfig(path=tiny_target_dir("llama")), device="cpu")
+
+
+@pytest.fixture
+def peaked_llama(tiny_target_dir):
+    """The tiny Llama with its LM head scaled x50: a random tiny target is nearly uniform, a peaked one is a
+    real teacher (the EAGLE-family tests train against it)."""
+    from conf.schema import TargetConfig
+    from drafters.target import load_target
+
+    t = load_target(TargetConfig(path=tiny_target_dir("llama")), device="cpu")
+    with torch.no_grad():
+        t.model.lm_head.weight.mul_(50)
+    return t
+
+
+from tests.train_fixtures import trainer  # noqa: E402,F401 - a fixture: train() on the tiny Llama, in this process

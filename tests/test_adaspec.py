@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from conf.errors import DraftsmithError
+from drafters import losses as L
 from drafters.base import TargetSignal
-from tests import test_train_fixtures as fx
-from tests.test_train_fixtures import (
+from tests.train_fixtures import (
     ROOT,
     base_overrides,
     child_env,
@@ -28,10 +28,7 @@ from tests.test_train_fixtures import (
     read_metrics,
     write_data_gen,
 )
-from training import losses as L
 from training.adaspec import AdaSPECObjective, load_reference, select_learnable, token_forward_kl
-
-llama_target, one_thread = fx.llama_target, fx.one_thread  # fixtures
 
 
 # --------------------------------------------------------------------------------------------------
@@ -163,7 +160,7 @@ def test_yaml_default_is_the_papers_fraction(cfg_for):
 # Training through the stage
 # --------------------------------------------------------------------------------------------------
 @pytest.fixture
-def reference(tmp_path, tiny_target_dir, llama_target, one_thread):
+def reference(tmp_path, tiny_target_dir, llama_target):
     """A reference drafter: 6 steps of objective=token (forward KL) on the tiny Llama; its train/final folder."""
     from conf.schema import load_config
     from training.stage import train

@@ -19,12 +19,9 @@ import pytest
 import torch
 
 from conf.errors import DraftsmithError
-from tests import test_train_fixtures as fx
-from tests.test_train_fixtures import ROOT, base_overrides, child_env, final_weights, write_data_gen
+from tests.train_fixtures import ROOT, base_overrides, child_env, final_weights, write_data_gen
 from training.checkpoint import MARKER, check_compatible, rng_state, seal, set_rng_state, validate
 from training.tracking import read_metrics
-
-llama_target, one_thread, trainer = fx.llama_target, fx.one_thread, fx.trainer  # fixtures
 
 
 def _ckpts(tmp_path, name="t") -> list[str]:
@@ -178,7 +175,7 @@ def test_sigkill_mid_run_then_rerun_is_bit_identical(trainer, tmp_path, tiny_tar
             "train.micro_batch_size=2", "train.grad_accum=2", "train.schedule=cosine", "train.warmup_steps=2"]
     ref = trainer(*args, factory="noisy", name="ref")
     write_data_gen(tmp_path / "runs" / "k", llama_target)
-    cmd = [sys.executable, "-m", "tests.test_train_fixtures", "noisy",
+    cmd = [sys.executable, "-m", "tests.train_fixtures", "noisy",
            *base_overrides(tiny_target_dir("llama"), tmp_path / "runs", "k"), *args]
     ck = tmp_path / "runs" / "k" / "train" / "checkpoints"
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**child_env(), "DRAFTSMITH_TEST_SLEEP": "0.25"},

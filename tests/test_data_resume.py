@@ -18,12 +18,6 @@ from tests.test_data_stage import CONVS, write_jsonl
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def train_py(args: list[str], kill_at: str | None = None, launcher: list[str] | None = None):

@@ -26,13 +26,6 @@ CONVS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models on a loaded 2-core machine: a second thread only adds contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def write_jsonl(path, convs=CONVS):

@@ -12,11 +12,11 @@ import torch
 
 from conf.errors import DraftsmithError
 from conf.schema.eval import TreeConfig
+from decoding.decoder import DecodeStats, SpeculativeDecoder, autoregressive_generate
+from decoding.tree import DraftTree, keep_cache_entries
+from decoding.verify import SamplingRule, accept, tree_inputs
 from drafters.lm_drafter import LMTreeDrafter
 from drafters.reference import NgramDrafter, TargetDrafter
-from drafters.tree import DraftTree, keep_cache_entries
-from eval.decoder import DecodeStats, SpeculativeDecoder, autoregressive_generate
-from eval.verify import SamplingRule, accept, tree_inputs
 
 TREES = {
     "chain": TreeConfig(kind="chain", depth=4),
@@ -25,13 +25,6 @@ TREES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Single-token forwards of tiny models: extra threads only add contention on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def small_target(arch: str, vocab_size: int = 320, seed: int = 0):

@@ -11,12 +11,10 @@ import pytest
 import torch
 
 from conf.schema.eval import TreeConfig
-from drafters.kvcache import StaticRunner, model_forward
+from decoding.decoder import SpeculativeDecoder, autoregressive_generate, float32_target
+from decoding.kvcache import StaticRunner, model_forward
 from drafters.reference import NgramDrafter, TargetDrafter
-from eval.decoder import SpeculativeDecoder, autoregressive_generate, float32_target
-from tests.test_decoder import TREES, hf_greedy, make_drafter, one_thread, random_prompt, small_target  # noqa: F401
-
-# one_thread: test_decoder's autouse fixture, active here too because it is imported
+from tests.test_decoder import TREES, hf_greedy, make_drafter, random_prompt, small_target
 
 
 def _runner(model):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conf.schema import load_config
+from decoding.decoder import SpeculativeDecoder
 from drafters.registry import drafter_class
-from eval.decoder import SpeculativeDecoder
 
 OPTIONS = ["eagle1", "eagle3", "medusa", "medusa2", "hydra", "hydra_pp", "small"]  # conf/drafter/<option>.yaml
 

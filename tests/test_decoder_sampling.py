@@ -13,25 +13,19 @@ import torch
 from scipy import stats
 
 from conf.schema.eval import TreeConfig
+from decoding import verify
+from decoding.decoder import SpeculativeDecoder, autoregressive_generate
+from decoding.tree import warp_probs
+from decoding.verify import SamplingRule
 from drafters.base import Drafter
 from drafters.reference import NgramDrafter
 from drafters.target import Target
-from drafters.tree import warp_probs
-from eval import verify
-from eval.decoder import SpeculativeDecoder, autoregressive_generate
-from eval.verify import SamplingRule
 
 V = 5
 PROMPT = torch.tensor([[1, 3, 0, 2, 3]])
 N = 200  # samples per case: the negative control below still fails at p < 1e-20 with this many
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_llama(seed: int, scale: float):

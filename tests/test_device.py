@@ -1,4 +1,4 @@
-"""run.device parsing (conf.device), shared by every stage: cpu, auto, cuda, cuda:N and one clear error
+"""run.device parsing (runtime.device), shared by every stage: cpu, auto, cuda, cuda:N and one clear error
 for anything else. GPU presence is passed in (`gpus=`), so the CUDA cases run on a CPU machine.
 
     python -m pytest -q tests/test_device.py
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conf.device import parse_device, resolve_device
 from conf.errors import DraftsmithError
+from runtime.device import parse_device, resolve_device
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -7,48 +7,17 @@ import pytest
 import torch
 
 from conf.errors import DraftsmithError
-from conf.schema.drafter import Eagle1Config
-from drafters.base import TargetSignal
+from decoding.tree import DraftTree
 from drafters.eagle1 import Eagle1Drafter
 from drafters.folder import CONFIG_NAME
-from drafters.tree import DraftTree
+from tests.eagle_util import eagle1_model, online_batch
 
 LAYER = ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
          "post_attention_layernorm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"]
 
 
-@pytest.fixture
-def llama(tiny_target_dir):
-    from conf.schema import TargetConfig
-    from drafters.target import load_target
-
-    t = load_target(TargetConfig(path=tiny_target_dir("llama")), device="cpu")
-    with torch.no_grad():  # a random tiny target is nearly uniform; a peaked one is a real teacher
-        t.model.lm_head.weight.mul_(50)
-    return t
-
-
-def _batch(target, B=2, T=16):
-    """Online TargetSignal: row 0 full, row 1 right-padded after 11 tokens; assistant tokens from 5 on."""
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, target.vocab_size, (B, T), generator=g)
-    am = torch.ones(B, T, dtype=torch.long)
-    am[1, 11:] = 0
-    ids[1, 11:] = 0
-    lm = am.clone()
-    lm[:, :5] = 0
-    out = target(ids, attention_mask=am)
-    return TargetSignal(input_ids=ids, attention_mask=am, loss_mask=lm, features=out.features,
-                        last_hidden=out.last_hidden, lm_head=target.lm_head)
-
-
-def _model(target, seed=0, **kw):
-    torch.manual_seed(seed)
-    return Eagle1Drafter.from_target(Eagle1Config(**kw), target)
-
-
-def test_names_follow_sglang_eagle(llama):
-    m = _model(llama, num_layers=2)
+def test_names_follow_sglang_eagle(peaked_llama):
+    m = eagle1_model(peaked_llama, num_layers=2)
     # the first layer reads the fc output directly (no input norm), as in the official EAGLE-1 code
     want = ["fc.weight", "fc.bias"] + [f"layers.0.{n}" for n in LAYER] + [f"layers.1.{n}" for n in LAYER] + [
         "layers.1.input_layernorm.weight"]
@@ -57,10 +26,10 @@ def test_names_follow_sglang_eagle(llama):
     assert m.feature_source == "last_hidden" and m.as_drafter().feature_source == "last_hidden"
 
 
-def test_golden_first_loss(llama):
-    m = _model(llama)
+def test_golden_first_loss(peaked_llama):
+    m = eagle1_model(peaked_llama)
     m.eval()  # no feature noise: the golden number is exact
-    loss, met = m.loss(_batch(llama))
+    loss, met = m.loss(online_batch(peaked_llama))
     assert loss.item() == pytest.approx(GOLDEN_LOSS, abs=1e-4)
     assert (met["loss/smooth_l1"], met["loss/soft_ce"]) == pytest.approx(GOLDEN_TERMS, abs=1e-4)
     assert set(met) == {"loss/smooth_l1", "loss/soft_ce", "acc/1"}
@@ -70,15 +39,15 @@ GOLDEN_LOSS = 1.431148  # seed 0 init, the batch above; changes only with a deli
 GOLDEN_TERMS = (0.503920, 0.927228)
 
 
-def test_loss_matches_a_hand_computation(llama):
+def test_loss_matches_a_hand_computation(peaked_llama):
     """Row t (f_t, x_{t+1}) regresses f_{t+1} and matches the target's distribution at t+1, counted
     where token t+2 is an assistant token."""
-    m = _model(llama, losses={"smooth_l1": 1.0, "soft_ce": 0.1, "ce": 0.5}).eval()
-    sig = _batch(llama)
+    m = eagle1_model(peaked_llama, losses={"smooth_l1": 1.0, "soft_ce": 0.1, "ce": 0.5}).eval()
+    sig = online_batch(peaked_llama)
     _, met = m.loss(sig)
     ids, f, T = sig.input_ids, sig.last_hidden, sig.input_ids.shape[1]
     out = next(m.unroll(ids, f[:, :T - 1], 1))
-    logq = torch.log_softmax(llama.lm_head(out), -1)
+    logq = torch.log_softmax(peaked_llama.lm_head(out), -1)
     reg, soft, hard, hits = [], [], [], []
     for b in range(ids.shape[0]):
         for t in range(T - 2):
@@ -96,18 +65,18 @@ def test_loss_matches_a_hand_computation(llama):
     assert met["acc/1"] == pytest.approx(mean(hits))
 
 
-def test_target_stays_outside_the_module(llama):
+def test_target_stays_outside_the_module(peaked_llama):
     import copy
 
-    m = _model(llama)
+    m = eagle1_model(peaked_llama)
     assert not any(n.startswith(("model.", "target.")) for n, _ in m.named_parameters())
     twin = copy.deepcopy(m)  # e.g. GTO's frozen reference drafter
-    assert twin.target is llama and twin.fc.weight is not m.fc.weight
+    assert twin.target is peaked_llama and twin.fc.weight is not m.fc.weight
 
 
-def test_feature_noise_only_in_training(llama):
-    sig = _batch(llama)
-    m = _model(llama)
+def test_feature_noise_only_in_training(peaked_llama):
+    sig = online_batch(peaked_llama)
+    m = eagle1_model(peaked_llama)
     m.eval()
     a, b = m.loss(sig)[0].item(), m.loss(sig)[0].item()
     assert a == b
@@ -119,9 +88,9 @@ def test_feature_noise_only_in_training(llama):
     assert m.loss(sig)[0].item() == a
 
 
-def test_loss_falls(llama):
-    m = _model(llama, feature_noise=0.0)
-    sig = _batch(llama)
+def test_loss_falls(peaked_llama):
+    m = eagle1_model(peaked_llama, feature_noise=0.0)
+    sig = online_batch(peaked_llama)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
     losses = []
     for _ in range(8):
@@ -133,11 +102,11 @@ def test_loss_falls(llama):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
-def test_every_parameter_gets_the_same_gradient_with_checkpointing(llama):
-    sig = _batch(llama)
+def test_every_parameter_gets_the_same_gradient_with_checkpointing(peaked_llama):
+    sig = online_batch(peaked_llama)
     grads = []
     for gc in (False, True):
-        m = _model(llama, num_layers=2)
+        m = eagle1_model(peaked_llama, num_layers=2)
         m.train()
         m.set_gradient_checkpointing(gc)
         torch.manual_seed(5)  # same feature noise in both runs
@@ -154,12 +123,12 @@ def _root_logits(d):
     return d.expand(DraftTree.empty(1), torch.tensor([[-1]]))[0, 0]
 
 
-def test_decoding_equals_the_training_forward(llama):
+def test_decoding_equals_the_training_forward(peaked_llama):
     """Committed pairs: root logits == training row; a chain of tree nodes (predicted features fed
     back) == the unrolled forward, whose later steps use the same attention as decoding."""
-    m = _model(llama, num_layers=2).eval()
-    ids = torch.randint(3, llama.vocab_size, (1, 12), generator=torch.Generator().manual_seed(5))
-    f = llama(ids).last_hidden
+    m = eagle1_model(peaked_llama, num_layers=2).eval()
+    ids = torch.randint(3, peaked_llama.vocab_size, (1, 12), generator=torch.Generator().manual_seed(5))
+    f = peaked_llama(ids).last_hidden
     with torch.no_grad():
         steps = [m.target_vocab_logits(o)[0] for o in m.unroll(ids, f[:, :11], 3)]
     d = m.as_drafter()
@@ -175,26 +144,26 @@ def test_decoding_equals_the_training_forward(llama):
     d.commit(ids[:, 7:8], f[:, 6:7])
     torch.testing.assert_close(_root_logits(d), steps[0][6], atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match=r"eagle1 expects features \[1, 1, 32\] \(target last_hidden\)"):
-        d.commit(ids[:, 8:9], llama(ids).features[:, 7:8])
+        d.commit(ids[:, 8:9], peaked_llama(ids).features[:, 7:8])
 
 
-def test_save_load_round_trip(llama, tmp_path):
-    m = _model(llama, num_layers=2)
+def test_save_load_round_trip(peaked_llama, tmp_path):
+    m = eagle1_model(peaked_llama, num_layers=2)
     m.save_pretrained(tmp_path)
     meta = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert meta["family"] == "eagle1" and meta["config"]["num_layers"] == 2 and meta["dims"]["hidden_size"] == 32
     torch.manual_seed(9)
-    r = Eagle1Drafter.from_pretrained(tmp_path, llama).eval()
+    r = Eagle1Drafter.from_pretrained(tmp_path, peaked_llama).eval()
     m.eval()
-    sig = _batch(llama)
+    sig = online_batch(peaked_llama)
     assert r.loss(sig)[0].item() == m.loss(sig)[0].item()
     for a, b in zip(r.state_dict().values(), m.state_dict().values()):
         assert torch.equal(a, b)
 
 
 def test_each_target_shape(tiny_target):
-    m = _model(tiny_target)
-    loss, _ = m.loss(_batch(tiny_target))
+    m = eagle1_model(tiny_target)
+    loss, _ = m.loss(online_batch(tiny_target))
     loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None for p in m.parameters())
     ids = torch.randint(3, tiny_target.vocab_size, (1, 6))
@@ -203,12 +172,12 @@ def test_each_target_shape(tiny_target):
     assert d.expand(DraftTree.empty(1), torch.tensor([[-1]])).shape == (1, 1, tiny_target.vocab_size)
 
 
-def test_bad_configs_and_batches(llama):
+def test_bad_configs_and_batches(peaked_llama):
     with pytest.raises(DraftsmithError, match="drafter.num_layers=0: eagle1 needs at least 1 decoder layer"):
-        _model(llama, num_layers=0)
+        eagle1_model(peaked_llama, num_layers=0)
     with pytest.raises(DraftsmithError, match=r"drafter.losses=\{'kl': 1.0\} for eagle1: use one or more of ce, "):
-        _model(llama, losses={"kl": 1.0})
-    sig = _batch(llama)
+        eagle1_model(peaked_llama, losses={"kl": 1.0})
+    sig = online_batch(peaked_llama)
     sig.last_hidden = None
     with pytest.raises(DraftsmithError, match="eagle1 trains on the target's last hidden state, but this batch"):
-        _model(llama).loss(sig)
+        eagle1_model(peaked_llama).loss(sig)

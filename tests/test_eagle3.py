@@ -7,13 +7,15 @@ import pytest
 import torch
 
 from conf.errors import DraftsmithError
-from conf.schema.drafter import Eagle1Config, Eagle3Config
+from conf.schema.drafter import Eagle1Config
+from decoding.tree import DraftTree
+from drafters import losses as L
 from drafters.base import TargetSignal
-from drafters.eagle1 import shifted
+from drafters.common import shifted
 from drafters.eagle3 import Eagle3Drafter
 from drafters.folder import CONFIG_NAME, WEIGHTS_NAME
-from drafters.tree import DraftTree
-from training import losses as L
+from drafters.target import target_identity
+from tests.eagle_util import eagle3_model, online_batch, pseudo_counts
 
 SGLANG_NAMES = [
     "fc.weight", "midlayer.input_layernorm.weight", "midlayer.hidden_norm.weight",
@@ -24,47 +26,11 @@ SGLANG_NAMES = [
 ]
 
 
-def _counts(target):
-    """Deterministic pseudo-counts over the whole vocabulary (a stand-in for data_gen's)."""
-    return torch.randint(0, 1000, (target.vocab_size,), generator=torch.Generator().manual_seed(3))
-
-
-def _batch(target, B=2, T=16):
-    """Online TargetSignal: row 0 full, row 1 right-padded after 11 tokens; assistant tokens from 5 on."""
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, target.vocab_size, (B, T), generator=g)
-    am = torch.ones(B, T, dtype=torch.long)
-    am[1, 11:] = 0
-    ids[1, 11:] = 0
-    lm = am.clone()
-    lm[:, :5] = 0
-    out = target(ids, attention_mask=am)
-    return TargetSignal(input_ids=ids, attention_mask=am, loss_mask=lm, features=out.features,
-                        last_hidden=out.last_hidden, lm_head=target.lm_head)
-
-
-def _model(target, seed=0, **kw):
-    torch.manual_seed(seed)
-    cfg = Eagle3Config(**{"draft_vocab_size": 160, "ttt_steps": 3, **kw})
-    return Eagle3Drafter.from_target(cfg, target, token_counts=_counts(target))
-
-
-@pytest.fixture
-def llama(tiny_target_dir):
-    from conf.schema import TargetConfig
-    from drafters.target import load_target
-
-    t = load_target(TargetConfig(path=tiny_target_dir("llama")), device="cpu")
-    with torch.no_grad():  # a random tiny target is nearly uniform; a peaked one is a real teacher
-        t.model.lm_head.weight.mul_(50)
-    return t
-
-
-def test_sglang_names_and_shapes(llama):
-    m = _model(llama)
+def test_sglang_names_and_shapes(peaked_llama):
+    m = eagle3_model(peaked_llama)
     sd = m.state_dict()
     assert sorted(sd) == sorted(SGLANG_NAMES)  # no embed_tokens, no rotary tables
-    H, V = 32, llama.vocab_size
+    H, V = 32, peaked_llama.vocab_size
     shapes = {k: tuple(v.shape) for k, v in sd.items()}
     assert shapes["fc.weight"] == (H, 3 * H)
     assert shapes["midlayer.self_attn.q_proj.weight"] == (4 * 8, 2 * H)
@@ -76,15 +42,15 @@ def test_sglang_names_and_shapes(llama):
     ids = m.draft_ids
     assert torch.equal(ids, sd["t2d"].nonzero().flatten())
     # the kept tokens are the most frequent ones, and lm_head starts from the target's rows for them
-    c = _counts(llama)
+    c = pseudo_counts(peaked_llama)
     assert c[sd["t2d"]].min() >= c[~sd["t2d"]].max()
-    torch.testing.assert_close(m.lm_head.weight, llama.model.get_output_embeddings().weight[ids])
-    assert all(p.requires_grad for p in m.parameters()) and not any(p.requires_grad for p in llama.parameters())
+    torch.testing.assert_close(m.lm_head.weight, peaked_llama.model.get_output_embeddings().weight[ids])
+    assert all(p.requires_grad for p in m.parameters()) and not any(p.requires_grad for p in peaked_llama.parameters())
 
 
-def test_golden_first_loss(llama):
-    m = _model(llama)
-    loss, met = m.loss(_batch(llama))
+def test_golden_first_loss(peaked_llama):
+    m = eagle3_model(peaked_llama)
+    loss, met = m.loss(online_batch(peaked_llama))
     assert loss.item() == pytest.approx(GOLDEN_LOSS, abs=1e-4)
     assert met["loss/soft_ce"] == pytest.approx(GOLDEN_LOSS, abs=1e-4)
     assert [met[f"loss_step/{i}"] for i in (1, 2, 3)] == pytest.approx(GOLDEN_STEPS, abs=1e-4)
@@ -96,11 +62,11 @@ GOLDEN_LOSS = 39.334320  # seed 0 init, the batch above; changes only with a del
 GOLDEN_STEPS = [17.165272, 15.420236, 15.363842]
 
 
-def test_step_losses_match_a_hand_computation(llama):
+def test_step_losses_match_a_hand_computation(peaked_llama):
     """Row t of step i predicts token t+2+i from the target's distribution at t+1+i; counted only where
     token t+2+i is an assistant token and the target's argmax there is a draft token."""
-    m = _model(llama, draft_vocab_size=40)  # small: many target argmaxes fall outside the draft vocab
-    sig = _batch(llama)
+    m = eagle3_model(peaked_llama, draft_vocab_size=40)  # small: many target argmaxes fall outside the draft vocab
+    sig = online_batch(peaked_llama)
     _, met = m.loss(sig)
     ids, T = sig.input_ids, sig.input_ids.shape[1]
     draft = m.draft_ids
@@ -130,7 +96,7 @@ def test_step_losses_match_a_hand_computation(llama):
 
 def _dense_reference_loss(m, sig):
     """EAGLE-3's loss computed the plain way: every row through every step, the head over all rows, the
-    masked training.losses.soft_ce per step (what loss() computed before it skipped rows and fused the head)."""
+    masked drafters.losses.soft_ce per step (what loss() computed before it skipped rows and fused the head)."""
     ids, n = sig.input_ids, sig.input_ids.shape[1] - 1
     tl = sig.logits
     in_vocab = m.t2d[tl.argmax(-1)]
@@ -144,14 +110,14 @@ def _dense_reference_loss(m, sig):
 
 
 @pytest.mark.parametrize("vocab", [40, None])  # many target argmaxes outside the draft vocab; the full vocab
-def test_loss_and_gradients_equal_the_dense_reference(llama, vocab):
+def test_loss_and_gradients_equal_the_dense_reference(peaked_llama, vocab):
     """The optimised loss (scored rows only, later steps only where a later step scores, fused head +
     soft_ce) is the same function of the batch as the dense formulation, value and gradient of every
     parameter. Tolerance: float32 sums in another order (chunks, gathered rows), x50-scaled logits."""
-    sig = _batch(llama)
+    sig = online_batch(peaked_llama)
     results = []
     for fn in (lambda m: m.loss(sig)[0], lambda m: _dense_reference_loss(m, sig)):
-        m = _model(llama, draft_vocab_size=vocab, ttt_steps=5)
+        m = eagle3_model(peaked_llama, draft_vocab_size=vocab, ttt_steps=5)
         loss = fn(m)
         loss.backward()
         results.append((loss.item(), {k: p.grad for k, p in m.named_parameters()}))
@@ -161,22 +127,22 @@ def test_loss_and_gradients_equal_the_dense_reference(llama, vocab):
         torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_padding_does_not_change_the_loss(llama):
-    m = _model(llama)
-    sig = _batch(llama)
+def test_padding_does_not_change_the_loss(peaked_llama):
+    m = eagle3_model(peaked_llama)
+    sig = online_batch(peaked_llama)
     loss, met = m.loss(sig)
     ids = sig.input_ids.clone()
     ids[1, 11:] = 7  # different padding content, same attention/loss masks
-    out = llama(ids, attention_mask=sig.attention_mask)
+    out = peaked_llama(ids, attention_mask=sig.attention_mask)
     sig2 = TargetSignal(input_ids=ids, attention_mask=sig.attention_mask, loss_mask=sig.loss_mask,
-                        features=out.features, last_hidden=out.last_hidden, lm_head=llama.lm_head)
+                        features=out.features, last_hidden=out.last_hidden, lm_head=peaked_llama.lm_head)
     loss2, met2 = m.loss(sig2)
     assert loss2.item() == pytest.approx(loss.item(), abs=1e-6) and met2 == pytest.approx(met, abs=1e-6)
 
 
-def test_loss_falls(llama):
-    m = _model(llama)
-    sig = _batch(llama)
+def test_loss_falls(peaked_llama):
+    m = eagle3_model(peaked_llama)
+    sig = online_batch(peaked_llama)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
     losses, accs = [], []
     for _ in range(8):
@@ -190,11 +156,11 @@ def test_loss_falls(llama):
     assert accs[-1] > accs[0], accs
 
 
-def test_every_parameter_gets_the_same_gradient_with_checkpointing(llama):
-    sig = _batch(llama)
+def test_every_parameter_gets_the_same_gradient_with_checkpointing(peaked_llama):
+    sig = online_batch(peaked_llama)
     grads = []
     for gc in (False, True):
-        m = _model(llama)
+        m = eagle3_model(peaked_llama)
         m.train()
         m.set_gradient_checkpointing(gc)
         loss, _ = m.loss(sig)
@@ -210,16 +176,16 @@ def _root_logits(drafter):
     return drafter.expand(DraftTree.empty(1), torch.tensor([[-1]]))[0, 0]
 
 
-def test_commit_path_equals_training_step0(llama):
+def test_commit_path_equals_training_step0(peaked_llama):
     """start + commit over a sequence gives, at every committed length, the root logits that the
     training forward (step 0) gives at that row; rejected tree nodes leave no trace."""
-    m = _model(llama).eval()
-    ids = torch.randint(3, llama.vocab_size, (1, 14), generator=torch.Generator().manual_seed(5))
-    feats = llama(ids).features
+    m = eagle3_model(peaked_llama).eval()
+    ids = torch.randint(3, peaked_llama.vocab_size, (1, 14), generator=torch.Generator().manual_seed(5))
+    feats = peaked_llama(ids).features
     with torch.no_grad():
         rows = m.target_vocab_logits(next(m.unroll(ids, m.project(feats[:, :13]), 1)))[0]
     d = m.as_drafter()
-    assert (d.name, d.uses_features, d.feature_source, d.vocab_size) == ("eagle3", True, "features", llama.vocab_size)
+    assert (d.name, d.uses_features, d.feature_source, d.vocab_size) == ("eagle3", True, "features", peaked_llama.vocab_size)
     d.start(ids[:, :3], feats[:, :2])
     got = _root_logits(d)
     torch.testing.assert_close(got, rows[1], atol=3e-5, rtol=0)  # float32 rounding of x50-scaled logits
@@ -241,10 +207,10 @@ def _chain(tokens):
 
 
 @pytest.mark.parametrize("incremental", [False, True])
-def test_ttt_step_i_equals_drafting_a_chain_of_depth_i(llama, incremental):
-    m = _model(llama, ttt_steps=4).eval()
-    ids = torch.randint(3, llama.vocab_size, (1, 12), generator=torch.Generator().manual_seed(6))
-    feats = llama(ids).features
+def test_ttt_step_i_equals_drafting_a_chain_of_depth_i(peaked_llama, incremental):
+    m = eagle3_model(peaked_llama, ttt_steps=4).eval()
+    ids = torch.randint(3, peaked_llama.vocab_size, (1, 12), generator=torch.Generator().manual_seed(6))
+    feats = peaked_llama(ids).features
     with torch.no_grad():
         steps = [m.target_vocab_logits(o)[0] for o in m.unroll(ids, m.project(feats[:, :11]), 4)]
     d = m.as_drafter()
@@ -260,10 +226,10 @@ def test_ttt_step_i_equals_drafting_a_chain_of_depth_i(llama, incremental):
             torch.testing.assert_close(g, steps[i][t], atol=1e-5, rtol=0)
 
 
-def test_branches_see_only_their_ancestors(llama):
-    m = _model(llama).eval()
-    ids = torch.randint(3, llama.vocab_size, (1, 8), generator=torch.Generator().manual_seed(7))
-    feats = llama(ids).features
+def test_branches_see_only_their_ancestors(peaked_llama):
+    m = eagle3_model(peaked_llama).eval()
+    ids = torch.randint(3, peaked_llama.vocab_size, (1, 8), generator=torch.Generator().manual_seed(7))
+    feats = peaked_llama(ids).features
     d = m.as_drafter()
     d.start(ids, feats[:, :7])
     alone = d.expand(_chain([11, 12]), torch.tensor([[0, 1]]))
@@ -283,29 +249,29 @@ def test_branches_see_only_their_ancestors(llama):
         d.expand(tree, torch.tensor([[0]]))
 
 
-def test_save_load_round_trip(llama, tmp_path):
-    m = _model(llama)
+def test_save_load_round_trip(peaked_llama, tmp_path):
+    m = eagle3_model(peaked_llama)
     m.save_pretrained(tmp_path / "ck")
     meta = json.loads((tmp_path / "ck" / CONFIG_NAME).read_text())
     assert meta["family"] == "eagle3" and meta["draft_vocab_size"] == 160 and meta["vocab_source"] == "token_counts"
-    assert meta["target"] == {"path": llama.name, "vocab_size": llama.vocab_size, "hidden_size": 32,
-                              "feature_layers": llama.feature_layers}
+    assert meta["target"] == target_identity(peaked_llama)  # the fingerprint data_gen records too
+    assert meta["target"]["feature_layers"] == peaked_llama.feature_layers and meta["target"]["hidden_size"] == 32
     assert meta["config"]["ttt_steps"] == 3 and meta["dims"]["num_key_value_heads"] == 2
     from safetensors.torch import load_file
 
     assert sorted(load_file(str(tmp_path / "ck" / WEIGHTS_NAME))) == sorted(SGLANG_NAMES)
     torch.manual_seed(123)  # a different init: everything must come from the folder
-    r = Eagle3Drafter.from_pretrained(tmp_path / "ck", llama)
-    sig = _batch(llama)
+    r = Eagle3Drafter.from_pretrained(tmp_path / "ck", peaked_llama)
+    sig = online_batch(peaked_llama)
     assert r.loss(sig)[0].item() == m.loss(sig)[0].item()
     assert torch.equal(r.d2t, m.d2t) and torch.equal(r.t2d, m.t2d)
-    llama.feature_layers = [0, 1, 2]  # a target tapped elsewhere must not silently feed this drafter
+    peaked_llama.feature_layers = [0, 1, 2]  # a target tapped elsewhere must not silently feed this drafter
     try:
         with pytest.raises(DraftsmithError, match=r"trained on target features of layers \[.*\], but the loaded "
                                                    r"target taps \[0, 1, 2\]: set target.feature_layers="):
-            Eagle3Drafter.from_pretrained(tmp_path / "ck", llama)
+            Eagle3Drafter.from_pretrained(tmp_path / "ck", peaked_llama)
     finally:
-        llama.feature_layers = meta["target"]["feature_layers"]
+        peaked_llama.feature_layers = meta["target"]["feature_layers"]
     feats = sig.features[:1, :10]
     a, b = m.as_drafter(), r.as_drafter()
     a.start(sig.input_ids[:1, :11], feats)
@@ -313,32 +279,32 @@ def test_save_load_round_trip(llama, tmp_path):
     assert torch.equal(_root_logits(a), _root_logits(b))
 
 
-def test_load_checks_family_and_target(llama, tmp_path, tiny_target_dir):
+def test_load_checks_family_and_target(peaked_llama, tmp_path, tiny_target_dir):
     from conf.schema import TargetConfig
     from drafters.eagle1 import Eagle1Drafter
     from drafters.target import load_target
     from tests.conftest import build_tiny_model
 
-    _model(llama).save_pretrained(tmp_path / "ck")
+    eagle3_model(peaked_llama).save_pretrained(tmp_path / "ck")
     with pytest.raises(DraftsmithError, match="holds a 'eagle3' drafter, not 'eagle1': set drafter=eagle3"):
-        Eagle1Drafter.from_pretrained(tmp_path / "ck", llama)
-    build_tiny_model("llama", vocab_size=llama.vocab_size + 5).save_pretrained(tmp_path / "big")
-    llama.tokenizer.save_pretrained(tmp_path / "big")
+        Eagle1Drafter.from_pretrained(tmp_path / "ck", peaked_llama)
+    build_tiny_model("llama", vocab_size=peaked_llama.vocab_size + 5).save_pretrained(tmp_path / "big")
+    peaked_llama.tokenizer.save_pretrained(tmp_path / "big")
     other = load_target(TargetConfig(path=str(tmp_path / "big")), device="cpu")
-    with pytest.raises(DraftsmithError, match=f"has vocab_size {llama.vocab_size + 5}: load the matching target"):
+    with pytest.raises(DraftsmithError, match=f"has vocab_size {peaked_llama.vocab_size + 5}: load the matching target"):
         Eagle3Drafter.from_pretrained(tmp_path / "ck", other)
     (tmp_path / "ck" / WEIGHTS_NAME).unlink()
     with pytest.raises(DraftsmithError, match="no model.safetensors: the save was interrupted"):
-        Eagle3Drafter.from_pretrained(tmp_path / "ck", llama)
+        Eagle3Drafter.from_pretrained(tmp_path / "ck", peaked_llama)
     assert Eagle1Config().name == "eagle1"
 
 
 def test_each_target_shape(tiny_target):
     """from_target on Llama-, Qwen2- and GPT-2-shaped targets: trains a step and drafts."""
-    m = _model(tiny_target)
+    m = eagle3_model(tiny_target)
     assert m.fc.in_features == 3 * 32 and m.midlayer.self_attn.k_proj.out_features == (
         m.dims.num_key_value_heads * 8)
-    loss, met = m.loss(_batch(tiny_target))
+    loss, met = m.loss(online_batch(tiny_target))
     loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None for p in m.parameters())
     ids = torch.randint(3, tiny_target.vocab_size, (1, 6))
@@ -347,48 +313,48 @@ def test_each_target_shape(tiny_target):
     assert d.expand(_chain([5, 6]), torch.tensor([[-1, 0, 1]])).shape == (1, 3, tiny_target.vocab_size)
 
 
-def test_bad_configs_and_batches(llama):
+def test_bad_configs_and_batches(peaked_llama):
     with pytest.raises(DraftsmithError, match="drafter.num_layers=2: eagle3 has exactly one decoder layer"):
-        _model(llama, num_layers=2)
+        eagle3_model(peaked_llama, num_layers=2)
     with pytest.raises(DraftsmithError, match=r"drafter.losses=\{'smooth_l1': 1.0\} for eagle3: use one or more of"):
-        _model(llama, losses={"smooth_l1": 1.0})
+        eagle3_model(peaked_llama, losses={"smooth_l1": 1.0})
     with pytest.raises(DraftsmithError, match="drafter.ttt_steps=0"):
-        _model(llama, ttt_steps=0)
-    sig = _batch(llama)
+        eagle3_model(peaked_llama, ttt_steps=0)
+    sig = online_batch(peaked_llama)
     sig.features = None
     with pytest.raises(DraftsmithError, match="eagle3 trains on the target's tapped features, but this batch has none"):
-        _model(llama).loss(sig)
+        eagle3_model(peaked_llama).loss(sig)
     sig.features = torch.zeros(2, 16, 64)
     with pytest.raises(DraftsmithError, match="built for 3 feature taps \\(96 wide\\) but the batch has features 64"):
-        _model(llama).loss(sig)
+        eagle3_model(peaked_llama).loss(sig)
     with pytest.raises(DraftsmithError, match="eagle3 drafts from target features: pass them"):
-        _model(llama).as_drafter().start(torch.tensor([[1, 2]]), None)
+        eagle3_model(peaked_llama).as_drafter().start(torch.tensor([[1, 2]]), None)
 
 
-def test_full_vocab_and_offline_topk_signal(llama):
+def test_full_vocab_and_offline_topk_signal(peaked_llama):
     """draft_vocab_size=null keeps every token; a cached top-k target (offline data) trains without NaNs."""
-    m = _model(llama, draft_vocab_size=None)
-    assert m.draft_vocab_size == llama.vocab_size and m.d2t.abs().sum() == 0
-    sig = _batch(llama)
+    m = eagle3_model(peaked_llama, draft_vocab_size=None)
+    assert m.draft_vocab_size == peaked_llama.vocab_size and m.d2t.abs().sum() == 0
+    sig = online_batch(peaked_llama)
     top = sig.logits.topk(5, dim=-1)
     off = TargetSignal(input_ids=sig.input_ids, attention_mask=sig.attention_mask, loss_mask=sig.loss_mask,
                        features=sig.features, topk_values=top.values, topk_indices=top.indices,
-                       vocab_size=llama.vocab_size)
-    small = _model(llama, draft_vocab_size=40)
+                       vocab_size=peaked_llama.vocab_size)
+    small = eagle3_model(peaked_llama, draft_vocab_size=40)
     loss, met = small.loss(off)
     assert torch.isfinite(loss) and loss.item() > 0
     loss.backward()
 
 
 @pytest.mark.parametrize("name", ["eagle1", "eagle3"])
-def test_registry_and_composed_config(cfg_for, llama, name):
+def test_registry_and_composed_config(cfg_for, peaked_llama, name):
     """The names in conf/drafter/*.yaml reach these classes, and Hydra-composed configs build them."""
     from drafters.registry import drafter_class
 
     cfg = cfg_for(f"drafter={name}", "drafter.draft_vocab_size=64" if name == "eagle3" else "drafter.num_layers=2")
     cls = drafter_class(name)
     assert cls.family == name
-    m = cls.from_target(cfg.drafter, llama, token_counts=_counts(llama))
+    m = cls.from_target(cfg.drafter, peaked_llama, token_counts=pseudo_counts(peaked_llama))
     assert (m.draft_vocab_size == 64) if name == "eagle3" else (len(m.layers) == 2)
-    loss, _ = m.loss(_batch(llama))
+    loss, _ = m.loss(online_batch(peaked_llama))
     assert torch.isfinite(loss)

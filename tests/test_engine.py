@@ -16,12 +16,9 @@ import torch
 
 from conf.errors import DraftsmithError
 from conf.schema import load_config
-from tests import test_train_fixtures as fx
-from tests.test_train_fixtures import ROOT, base_overrides, child_env, final_weights, write_data_gen
+from tests.train_fixtures import ROOT, base_overrides, child_env, final_weights, write_data_gen
 from training.engine import build_ds_config, lr_factor
 from training.tracking import read_metrics, tau_sim
-
-llama_target, one_thread, trainer = fx.llama_target, fx.one_thread, fx.trainer  # fixtures
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -129,7 +126,7 @@ def test_two_processes_zero2_match_one_process(trainer, tmp_path, tiny_target_di
     overrides = base_overrides(tiny_target_dir("llama"), tmp_path / "runs", "two") + [
         "deepspeed=zero2", "train.micro_batch_size=2", "train.grad_accum=1"]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "-m", "tests.test_train_fixtures", "hidden", *overrides], cwd=ROOT, env=child_env(),
+                        "-m", "tests.train_fixtures", "hidden", *overrides], cwd=ROOT, env=child_env(),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(re.search(r"^RESULT (.*)$", r.stdout, re.M).group(1))

@@ -44,7 +44,8 @@ def test_missing_trained_drafter_says_run_train_first(cfg_for, tmp_path):
     with pytest.raises(DraftsmithError) as e:
         validate(cfg)
     assert str(e.value) == (f"no trained drafter at {tmp_path / 'runs' / 'x' / 'train' / 'final'}: "
-                            "run stage=train first or set drafter.checkpoint=...")
+                            "run stage=train first (it writes <run>/train/final) or set "
+                            "drafter.checkpoint=<a drafter folder>")
     with pytest.raises(DraftsmithError, match=r"no trained drafter at .*/nowhere: run stage=train first"):
         validate(cfg_for("drafter=medusa", f"drafter.checkpoint={tmp_path / 'nowhere'}"))
 

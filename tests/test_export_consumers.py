@@ -5,7 +5,7 @@
     medusa-llm 0.1      FasterDecoding/Medusa's MedusaModel.from_pretrained on the Medusa folder; its heads
     transformers        generate(assistant_model=<the hf folder>) on a tied-embedding small drafter
 
-Each must draft the same first tokens as our decoder's drafter (drafters.formats.load_exported) on real
+Each must draft the same first tokens as our decoder's drafter (export.formats.load_exported) on real
 positions (chat prompts + the target's greedy continuation). SGLang and vLLM are GPU servers that do not
 install here: their loaders are replayed from their released source (file:line cited) as layout tests,
 which matter most for SGLang, since it ignores tensor names it does not know (a misnamed tensor would
@@ -25,9 +25,9 @@ from safetensors.torch import load_file, save_file
 
 from conf.schema import PROJECT_ROOT, TargetConfig, run_dir
 from conf.schema.drafter import Eagle1Config, Eagle3Config, MedusaConfig, SmallConfig
-from drafters.formats import ExportContext, check_format, load_exported, load_exported_model, write_export
-from drafters.formats.common import target_ref
 from drafters.target import load_target
+from export.formats import ExportContext, check_format, load_exported, load_exported_model, write_export
+from export.formats.common import target_ref
 from tests.export_util import assert_portable_readme, noisy
 
 # The consumers' own code still passes transformers' deprecated `past_key_values` (pyproject turns that
@@ -53,7 +53,7 @@ def demo(demo_dir):
 @pytest.fixture(scope="module")
 def sequences(demo):
     """Real positions: the export check's chat prompts, each with the target's greedy continuation."""
-    from drafters.export import check_prompt_ids
+    from export.stage import check_prompt_ids
 
     out = []
     for ids in check_prompt_ids(demo, 4):
@@ -83,7 +83,7 @@ def export(model, target, fmt, out, dtype=torch.float32):
 def our_first_drafts(folder, target, ids) -> torch.Tensor:
     """Our decoder's drafter over the exported folder: its root draft (greedy) after every prefix
     ids[:, :t+2], i.e. the token it proposes for position t+2 (drafters/base.py's start/expand)."""
-    from drafters.tree import DraftTree
+    from decoding.tree import DraftTree
 
     drafter = load_exported(folder, target)
     feats = target(ids)
@@ -358,8 +358,8 @@ def test_tied_small_drafter_exports_and_assists_exactly(demo, demo_dir, sequence
     checks pass and transformers' assisted generation with the published folder equals greedy output."""
     from transformers import AutoModelForCausalLM
 
-    from drafters.export import run
     from drafters.small_lm import SmallDrafter
+    from export.stage import run
 
     cfg = cfg_for("stage=export", "export=hf", f"target.path={demo_dir}", "drafter=small", "export.check_prompts=2",
                   "export.check_max_new_tokens=12")

@@ -14,9 +14,9 @@ from safetensors.torch import load_file, save_file
 from conf.errors import DraftsmithError
 from conf.schema import TargetConfig
 from conf.schema.drafter import Eagle1Config, Eagle3Config
-from drafters.formats import ExportContext, check_format, detect, load_exported_model, write_export
-from drafters.formats.eagle import engine_layers, remap_fc
 from drafters.target import load_target
+from export.formats import ExportContext, check_format, detect, load_exported_model, write_export
+from export.formats.eagle import engine_layers, remap_fc
 from tests.export_util import assert_portable_readme
 
 LAYER = {"self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
@@ -64,7 +64,7 @@ def export(model, target, fmt, folder, dtype=torch.bfloat16):
 
 def draft_logits(model, target, ids):
     """Root draft logits after start() on a real prefix: what the decoder asks the drafter first."""
-    from drafters.tree import DraftTree
+    from decoding.tree import DraftTree
 
     out = target(ids)
     feats = out.features if model.feature_source == "features" else out.last_hidden
@@ -155,7 +155,7 @@ def test_eagle1_layouts(target, tmp_path):
 
 def test_full_draft_vocab_writes_no_vocab_maps(target, tmp_path):
     """draft vocab = target vocab: vLLM builds no draft_id_to_target_id and fails on a d2t, SGLang reads no
-    d2t as the identity (drafters/formats/eagle.py cites both loaders); the importer restores identity maps."""
+    d2t as the identity (export/formats/eagle.py cites both loaders); the importer restores identity maps."""
     torch.manual_seed(0)
     from drafters.eagle3 import Eagle3Drafter
 
@@ -362,10 +362,9 @@ def test_reload_refuses_an_embedding_that_is_not_the_targets(target, tmp_path):
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family,fmt", [("eagle3", "sglang"), ("eagle3", "vllm"), ("eagle1", "sglang")])
 def test_exported_drafter_decodes_losslessly(family, fmt, target, tmp_path):
-    pytest.importorskip("eval.decoder", reason="the speculative decoder (decoder branch) is not merged yet")
     from conf.schema.eval import TreeConfig
-    from drafters.export import decode_check
-    from drafters.formats import load_exported
+    from export.formats import load_exported
+    from export.stage import decode_check
 
     out = export(make(family, target), target, fmt, tmp_path)
     res = decode_check(target, load_exported(out, target), TreeConfig(kind="dynamic", depth=3, top_k=4,
@@ -376,7 +375,7 @@ def test_exported_drafter_decodes_losslessly(family, fmt, target, tmp_path):
 def test_verify_export_accepts_a_remapped_bfloat16_export(target_default_taps, tmp_path):
     """The stage's reload check predicts the reloaded fc exactly, also through tap rewriting + a bf16 cast."""
     from conf.schema.eval import TreeConfig
-    from drafters.export import verify_export
+    from export.stage import verify_export
 
     tgt = target_default_taps
     model = make("eagle3", tgt)

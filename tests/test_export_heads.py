@@ -14,14 +14,12 @@ from safetensors.torch import load_file, save_file
 from conf.errors import DraftsmithError
 from conf.schema import TargetConfig, run_dir
 from conf.schema.drafter import MedusaConfig, SmallConfig
-from drafters.formats import ExportContext, check_format, detect, load_exported_model, write_export
-from drafters.formats.medusa import base_path, head_names
+from drafters.medusa import MedusaDrafter
+from drafters.small_lm import SmallDrafter
 from drafters.target import load_target
+from export.formats import ExportContext, check_format, detect, load_exported_model, write_export
+from export.formats.medusa import base_path, head_names
 from tests.export_util import assert_portable_readme, noisy
-
-REASON = "the Medusa/small families (heads branch) are not merged yet"
-MedusaDrafter = pytest.importorskip("drafters.medusa", reason=REASON).MedusaDrafter
-SmallDrafter = pytest.importorskip("drafters.small_lm", reason=REASON).SmallDrafter
 
 REF = "org/tiny-target"
 
@@ -122,7 +120,7 @@ def test_medusa2_exports_its_merged_base(tiny_target_dir, tmp_path):
     back = load_exported_model(out, base)
     assert all(torch.equal(back.heads_state_dict()[k], v) for k, v in loaded.heads_state_dict().items())
     # the stage's reload check covers base/ too, and notices a base that is not the merged target
-    from drafters.export import check_base_weights
+    from export.stage import check_base_weights
 
     assert check_base_weights(out, target, torch.float32) == len(target.model.state_dict())
     with pytest.raises(DraftsmithError, match=r"base: tensor model\.layers\.\d+\.\S+ is not the merged target.s: re-export"):
@@ -180,7 +178,7 @@ def test_hf_bfloat16_and_violations(target, tmp_path):
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family,fmt", [("medusa", "medusa"), ("small", "hf")])
 def test_stage_exports_head_families(family, fmt, cfg_for, target):
-    from drafters.export import run
+    from export.stage import run
 
     cfg = cfg_for("stage=export", f"export={fmt}", "export.check_max_new_tokens=8")
     (medusa(target, num_heads=3) if family == "medusa" else small(target)).save_pretrained(
@@ -194,10 +192,9 @@ def test_stage_exports_head_families(family, fmt, cfg_for, target):
 
 
 def test_exported_heads_decode_losslessly(target, tmp_path):
-    pytest.importorskip("eval.decoder", reason="the speculative decoder (decoder branch) is not merged yet")
     from conf.schema.eval import TreeConfig
-    from drafters.export import decode_check
-    from drafters.formats import load_exported
+    from export.formats import load_exported
+    from export.stage import decode_check
 
     tree = TreeConfig(kind="dynamic", depth=3, top_k=4, total_tokens=12)
     for m, fmt in ((medusa(target, num_heads=3), "medusa"), (small(target), "hf")):

@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 
 from conf.errors import DraftsmithError
 from conf.schema import PROJECT_ROOT, TargetConfig, run_dir
-from drafters.export import run
-from drafters.formats import check_format
-from drafters.formats.common import target_ref
+from export.formats import check_format
+from export.formats.common import target_ref
+from export.stage import run
 from tests.export_util import assert_portable_readme
 
 TAPS = "target.feature_layers=[1,2,3]"
@@ -98,7 +98,7 @@ def test_interrupted_export_leaves_the_previous_one(trained, monkeypatch):
 
     def boom(*a, **k):
         raise RuntimeError("killed mid-write")
-    monkeypatch.setattr("drafters.export.write_export", boom)
+    monkeypatch.setattr("export.stage.write_export", boom)
     with pytest.raises(RuntimeError, match="killed"):
         run(cfg)
     assert (out / "model.safetensors").read_bytes() == before and check_format(out) == []

@@ -6,42 +6,20 @@ import pytest
 import torch
 
 from conf.errors import DraftsmithError
-from drafters.eagle1 import UnrollOptions, topk_keep
-from tests.test_eagle1 import _batch as _batch1
-from tests.test_eagle1 import _model as _model1
-from tests.test_eagle3 import _model
+from drafters.eagle_base import UnrollOptions, topk_keep
+from tests.eagle_util import eagle1_model, eagle3_model, online_batch, signal_for
 from training.objectives import build_objective
-
-
-@pytest.fixture
-def llama(tiny_target_dir):
-    from conf.schema import TargetConfig
-    from drafters.target import load_target
-
-    t = load_target(TargetConfig(path=tiny_target_dir("llama")), device="cpu")
-    with torch.no_grad():  # a peaked target is a real teacher
-        t.model.lm_head.weight.mul_(50)
-    return t
 
 
 def _greedy_batch(target, B=2, T=16):
     """Like test_eagle3's batch, but tokens after the first 5 are the target's greedy continuation (what
     data_gen's regeneration gives): true tokens a good drafter has in its top-3."""
-    from drafters.base import TargetSignal
-
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, target.vocab_size, (B, 5), generator=g)
     with torch.no_grad():
         for _ in range(T - 5):
             ids = torch.cat([ids, target(ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
-    am = torch.ones(B, T, dtype=torch.long)
-    am[1, 11:] = 0
-    ids[1, 11:] = 0
-    lm = am.clone()
-    lm[:, :5] = 0
-    out = target(ids, attention_mask=am)
-    return TargetSignal(input_ids=ids, attention_mask=am, loss_mask=lm, features=out.features,
-                        last_hidden=out.last_hidden, lm_head=target.lm_head)
+    return signal_for(target, ids)
 
 
 def test_mask_hand_built():
@@ -84,9 +62,9 @@ def _hand_masked_losses(m, sig, k):
     return per_step, kept_frac
 
 
-def test_mask_in_the_eagle3_loss(llama):
-    m = _model(llama, draft_vocab_size=60).eval()
-    sig = _greedy_batch(llama)
+def test_mask_in_the_eagle3_loss(peaked_llama):
+    m = eagle3_model(peaked_llama, draft_vocab_size=60).eval()
+    sig = _greedy_batch(peaked_llama)
     opt = torch.optim.AdamW(m.parameters(), lr=2e-2)
     for _ in range(10):  # train a little so the mask keeps some rows and drops others
         loss, _ = m.loss(sig)
@@ -100,17 +78,17 @@ def test_mask_in_the_eagle3_loss(llama):
         assert met[f"loss_step/{i + 1}"] == pytest.approx(per_step[i], abs=1e-5)
     assert [met[f"keep/{d}"] for d in (2, 3)] == pytest.approx(kept[1:])
     assert 0 < kept[2] < 1  # the test saw both kept and dropped rows
-    whole = _model(llama, draft_vocab_size=None).eval()
+    whole = eagle3_model(peaked_llama, draft_vocab_size=None).eval()
     with torch.no_grad():  # top-V of the whole vocabulary holds every true token: the plain loss
         full, fmet = whole.loss(sig, UnrollOptions(keep_topk=whole.draft_vocab_size))
         plain, pmet = whole.loss(sig)
     assert full.item() == pytest.approx(plain.item(), abs=1e-6) and fmet["keep/3"] == 1.0
 
 
-def test_mask_in_the_eagle1_loss(llama):
+def test_mask_in_the_eagle1_loss(peaked_llama):
     """EAGLE-1 under GRIFFIN: step 2 counts only rows whose true token x_{t+2} is in step 1's top-3."""
-    m = _model1(llama, feature_noise=0.0, losses={"soft_ce": 1.0}).eval()
-    sig = _batch1(llama)
+    m = eagle1_model(peaked_llama, feature_noise=0.0, losses={"soft_ce": 1.0}).eval()
+    sig = online_batch(peaked_llama)
     with torch.no_grad():
         _, met = m.loss(sig, UnrollOptions(keep_topk=3, steps=2))
         ids, T = sig.input_ids, sig.input_ids.shape[1]
@@ -131,12 +109,12 @@ def test_mask_in_the_eagle1_loss(llama):
     assert met["loss/soft_ce"] == pytest.approx(want, abs=1e-5)
 
 
-def test_griffin_objective_trains(cfg_for, llama):
+def test_griffin_objective_trains(cfg_for, peaked_llama):
     cfg = cfg_for("drafter=eagle3", "objective=griffin", "drafter.draft_vocab_size=64")
-    objective = build_objective(cfg, llama)
+    objective = build_objective(cfg, peaked_llama)
     assert objective.options == UnrollOptions(topk_weight=0.5, topk_k=10, keep_topk=3, detach_context=True, steps=3)
-    m = _model(llama, draft_vocab_size=64)
-    sig = _greedy_batch(llama)
+    m = eagle3_model(peaked_llama, draft_vocab_size=64)
+    sig = _greedy_batch(peaked_llama)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
     losses, kept = [], []
     for _ in range(6):
@@ -150,20 +128,20 @@ def test_griffin_objective_trains(cfg_for, llama):
     assert kept[-1] > kept[0], kept  # a better drafter keeps more rows in its top-3
 
 
-def test_griffin_config_errors(cfg_for, llama):
+def test_griffin_config_errors(cfg_for, peaked_llama):
     with pytest.raises(DraftsmithError, match=r"objective.keep_topk=0: GRIFFIN keeps rows whose true token is in"):
-        build_objective(cfg_for("objective=griffin", "objective.keep_topk=0"), llama)
+        build_objective(cfg_for("objective=griffin", "objective.keep_topk=0"), peaked_llama)
     with pytest.raises(DraftsmithError, match="not drafter=hydra: use drafter=eagle3 or drafter=eagle1"):
-        build_objective(cfg_for("drafter=hydra", "objective=griffin"), llama)
+        build_objective(cfg_for("drafter=hydra", "objective=griffin"), peaked_llama)
 
 
-def test_addons_under_gradient_checkpointing(llama):
+def test_addons_under_gradient_checkpointing(peaked_llama):
     """The add-ons pass through the checkpointed per-step loss: same loss, metrics and gradients."""
-    sig = _greedy_batch(llama)
+    sig = _greedy_batch(peaked_llama)
     opts = UnrollOptions(topk_weight=0.5, keep_topk=3, detach_context=True)
     grads = []
     for gc in (False, True):
-        m = _model(llama, draft_vocab_size=64)
+        m = eagle3_model(peaked_llama, draft_vocab_size=64)
         m.train()
         m.set_gradient_checkpointing(gc)
         loss, met = m.loss(sig, opts)

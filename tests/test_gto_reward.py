@@ -10,10 +10,10 @@ import torch
 
 from conf.schema.drafter import Eagle1Config, Eagle3Config
 from conf.schema.eval import TreeConfig
+from decoding.tree import build_tree
 from drafters.eagle1 import Eagle1Drafter
 from drafters.eagle3 import Eagle3Drafter
 from drafters.target import Target
-from drafters.tree import build_tree
 from tests.conftest import build_tiny_model
 from training.objectives.tree_reward import (
     BatchedTreeDrafter,
@@ -179,7 +179,7 @@ def test_one_target_forward_per_group_of_trees(small_target, monkeypatch):
 
 def test_reward_of_a_hand_built_tree():
     """Two branches a-b and c: L = p_a + p_a p_b and p_c; r = log(e^L1 + e^L2)."""
-    from drafters.tree import DraftTree
+    from decoding.tree import DraftTree
 
     tree = DraftTree(tokens=torch.tensor([[5, 6, 7]]), parents=torch.tensor([[-1, -1, 0]]),
                      depths=torch.tensor([[1, 1, 2]]), logq=torch.zeros(1, 3))

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests import test_train_fixtures as fx
-from tests.test_train_fixtures import (
+from tests.train_fixtures import (
     ROOT,
     base_overrides,
     child_env,
@@ -24,8 +23,6 @@ from tests.test_train_fixtures import (
     write_data_gen,
 )
 from training.checkpoint import MARKER
-
-llama_target, one_thread = fx.llama_target, fx.one_thread  # fixtures
 
 GTO = ["drafter=eagle3", "drafter.ttt_steps=2", "objective=gto", "objective.group_size=4", "objective.groups=2",
        "eval.tree.depth=3", "eval.tree.top_k=3", "eval.tree.total_tokens=8"]
@@ -42,7 +39,7 @@ def _train(tmp_path, tiny_target_dir, target, name, *overrides):
 
 
 @pytest.fixture
-def base_ckpt(tmp_path, tiny_target_dir, llama_target, one_thread):
+def base_ckpt(tmp_path, tiny_target_dir, llama_target):
     """A token-trained EAGLE-3 folder (3 steps): the converged drafter GTO fine-tunes."""
     return _train(tmp_path, tiny_target_dir, llama_target, "base", "drafter=eagle3", "drafter.ttt_steps=2")["final_dir"]
 
@@ -79,7 +76,7 @@ def test_gto_moves_the_drafter_and_resumes_exactly(tmp_path, tiny_target_dir, ll
 
 
 @pytest.mark.parametrize("objective", ["hass", "griffin"])
-def test_addon_objectives_train_through_the_stage(tmp_path, tiny_target_dir, llama_target, one_thread, objective):
+def test_addon_objectives_train_through_the_stage(tmp_path, tiny_target_dir, llama_target, objective):
     res = _train(tmp_path, tiny_target_dir, llama_target, objective, "drafter=eagle3", "drafter.ttt_steps=2",
                  f"objective={objective}")
     assert res["steps"] == 3 and res["train_metrics"]["loss/topk_distill"] > 0

@@ -8,24 +8,11 @@ import pytest
 import torch
 
 from conf.errors import DraftsmithError
-from drafters.eagle1 import UnrollOptions
+from drafters import losses as L
+from drafters.eagle_base import UnrollOptions
 from drafters.layers import causal_attend, ttt_attend
-from tests.test_eagle1 import _batch as _batch1
-from tests.test_eagle1 import _model as _model1
-from tests.test_eagle3 import _batch, _model
-from training import losses as L
+from tests.eagle_util import eagle1_model, eagle3_model, online_batch
 from training.objectives import build_objective
-
-
-@pytest.fixture
-def llama(tiny_target_dir):
-    from conf.schema import TargetConfig
-    from drafters.target import load_target
-
-    t = load_target(TargetConfig(path=tiny_target_dir("llama")), device="cpu")
-    with torch.no_grad():  # a peaked target is a real teacher
-        t.model.lm_head.weight.mul_(50)
-    return t
 
 
 def _loss_and_grads(m, sig, options=None):
@@ -36,12 +23,12 @@ def _loss_and_grads(m, sig, options=None):
 
 
 @pytest.mark.parametrize("family", ["eagle3", "eagle1"])
-def test_addons_off_are_bit_identical(llama, family):
+def test_addons_off_are_bit_identical(peaked_llama, family):
     """No options, all-off options, and a HASS config with every add-on zeroed run the same operations:
     equal loss, metrics and every gradient, bit for bit (the golden numbers in test_eagle*.py hold)."""
-    make, batch = (_model, _batch) if family == "eagle3" else (_model1, _batch1)
-    sig = batch(llama)
-    m = make(llama).eval()  # eval: EAGLE-1's feature noise off
+    make, batch = (eagle3_model, online_batch) if family == "eagle3" else (eagle1_model, online_batch)
+    sig = batch(peaked_llama)
+    m = make(peaked_llama).eval()  # eval: EAGLE-1's feature noise off
     base = _loss_and_grads(m, sig)
     from conf.schema.objective import HASSConfig
     from training.objectives.addons import unroll_options
@@ -66,11 +53,11 @@ def test_topk_term_hand_built():
     assert want == pytest.approx(1.4308, abs=1e-4)  # 0.6411 * 1.4970 + 0.2359 * 1.9970
 
 
-def test_hass_topk_term_in_the_eagle3_loss(llama):
+def test_hass_topk_term_in_the_eagle3_loss(peaked_llama):
     """loss/topk_distill = weight * sum_i 0.8^i * mean over valid rows of -sum_{top-10 of p} p log q, with p the
     target's distribution over the draft vocab at t+1+i; the total grows by exactly that."""
-    m = _model(llama, draft_vocab_size=40).eval()
-    sig = _batch(llama)
+    m = eagle3_model(peaked_llama, draft_vocab_size=40).eval()
+    sig = online_batch(peaked_llama)
     with torch.no_grad():
         base, _ = m.loss(sig)
         loss, met = m.loss(sig, UnrollOptions(topk_weight=0.7, topk_k=10))
@@ -126,11 +113,11 @@ def _hand_detached_grads(m, sig):
     return total.detach(), {k: p.grad.clone() for k, p in m.named_parameters()}
 
 
-def test_context_alignment_is_hass_stop_gradient(llama):
+def test_context_alignment_is_hass_stop_gradient(peaked_llama):
     """Same forward (TTT's attention already is HASS's aligned context), different gradient: exactly the
     gradient of the summed step losses with the fed-back features held constant."""
-    m = _model(llama).eval()
-    sig = _batch(llama)
+    m = eagle3_model(peaked_llama).eval()
+    sig = online_batch(peaked_llama)
     ttt = _loss_and_grads(m, sig)
     hass = _loss_and_grads(m, sig, UnrollOptions(detach_context=True))
     assert hass[0].item() == pytest.approx(ttt[0].item(), abs=1e-6) and hass[1] == pytest.approx(ttt[1], abs=1e-6)
@@ -141,11 +128,11 @@ def test_context_alignment_is_hass_stop_gradient(llama):
         torch.testing.assert_close(hass[2][name], g, atol=1e-6, rtol=1e-5)
 
 
-def test_eagle1_unrolls_aligned_steps(llama):
+def test_eagle1_unrolls_aligned_steps(peaked_llama):
     """EAGLE-1 under HASS unrolls align_steps steps: step i regresses f_{t+1+i} from the fed-back feature
     and reports acc/1..3; step 0 alone is the plain EAGLE-1 loss."""
-    m = _model1(llama).eval()
-    sig = _batch1(llama)
+    m = eagle1_model(peaked_llama).eval()
+    sig = online_batch(peaked_llama)
     with torch.no_grad():
         plain, pmet = m.loss(sig)
         loss, met = m.loss(sig, UnrollOptions(steps=3, detach_context=True))
@@ -166,13 +153,13 @@ def test_eagle1_unrolls_aligned_steps(llama):
 
 
 @pytest.mark.parametrize("family", ["eagle3", "eagle1"])
-def test_hass_objective_trains(cfg_for, llama, family):
+def test_hass_objective_trains(cfg_for, peaked_llama, family):
     cfg = cfg_for(f"drafter={family}", "objective=hass", *(["drafter.draft_vocab_size=64"] if family == "eagle3" else []))
-    objective = build_objective(cfg, llama)
+    objective = build_objective(cfg, peaked_llama)
     assert objective.options == UnrollOptions(topk_weight=1.0, topk_k=10, detach_context=True, steps=3)
-    make, batch = (_model, _batch) if family == "eagle3" else (_model1, _batch1)
-    m = make(llama, **({"draft_vocab_size": 64} if family == "eagle3" else {"feature_noise": 0.0}))
-    sig = batch(llama)
+    make, batch = (eagle3_model, online_batch) if family == "eagle3" else (eagle1_model, online_batch)
+    m = make(peaked_llama, **({"draft_vocab_size": 64} if family == "eagle3" else {"feature_noise": 0.0}))
+    sig = batch(peaked_llama)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
     losses = []
     for _ in range(6):
@@ -185,15 +172,15 @@ def test_hass_objective_trains(cfg_for, llama, family):
     assert losses[-1] < 0.6 * losses[0], losses
 
 
-def test_hass_config_errors(cfg_for, llama):
+def test_hass_config_errors(cfg_for, peaked_llama):
     with pytest.raises(DraftsmithError, match="objective=hass trains the unrolled steps of EAGLE drafters, not "
                                               "drafter=medusa: use drafter=eagle3 or drafter=eagle1"):
-        build_objective(cfg_for("drafter=medusa", "objective=hass"), llama)
+        build_objective(cfg_for("drafter=medusa", "objective=hass"), peaked_llama)
     with pytest.raises(DraftsmithError, match=r"objective.topk_k=0 must be >= 1"):
-        build_objective(cfg_for("objective=hass", "objective.topk_k=0"), llama)
+        build_objective(cfg_for("objective=hass", "objective.topk_k=0"), peaked_llama)
     with pytest.raises(DraftsmithError, match=r"objective.align_steps=0 must be >= 1"):
-        build_objective(cfg_for("objective=hass", "objective.align_steps=0"), llama)
+        build_objective(cfg_for("objective=hass", "objective.align_steps=0"), peaked_llama)
     with pytest.raises(DraftsmithError, match="objective='nope' is not implemented: choose from token, .*hass, griffin, gto"):
         cfg = cfg_for("objective=hass")
         cfg.objective.name = "nope"
-        build_objective(cfg, llama)
+        build_objective(cfg, peaked_llama)

@@ -11,10 +11,10 @@ import torch
 from conf.errors import DraftsmithError
 from conf.schema import TargetConfig
 from conf.schema.drafter import HydraConfig
+from decoding.tree import DraftTree
 from drafters.base import TargetSignal
 from drafters.hydra_heads import HydraDecodeDrafter, HydraDrafter
 from drafters.target import load_target
-from drafters.tree import DraftTree
 from tests.test_medusa import grads, greedy_signal, signal_for, train
 
 
@@ -108,7 +108,7 @@ def test_hydra_pp_teacher_loss_falls(llama):
     same.teacher_loss = False
     assert same.loss(sig)[0].item() == pytest.approx(loss.item(), abs=1e-6)
     # soft CE is bounded below by the (random) target's entropy; the KL part must shrink
-    from training.losses import soft_ce
+    from drafters.losses import soft_ce
 
     floor = sum(soft_ce(sig.logits[:, d:-1], sig.logits[:, d:-1], sig.loss_mask[:, d + 1:]).item() for d in (1, 2, 3))
     losses = train(m, lambda: sig, steps=6, lr=1e-2)
@@ -210,10 +210,10 @@ def test_save_load_round_trip(llama, tmp_path):
 
 
 def test_speculative_decoding_accepts_and_is_lossless(tiny_target_dir):
-    """End to end through eval/decoder.py (which hands over last_hidden, as feature_source asks); heads
+    """End to end through decoding/decoder.py (which hands over last_hidden, as feature_source asks); heads
     trained on the target's greedy continuations (tau 3.2 of at most 4 when written)."""
     from conf.schema.eval import TreeConfig
-    from eval.decoder import SpeculativeDecoder
+    from decoding.decoder import SpeculativeDecoder
 
     target = load_target(TargetConfig(path=tiny_target_dir("llama")), device="cpu")
     prompts, sig = greedy_signal(target)

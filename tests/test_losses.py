@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from training import losses as L
+from drafters import losses as L
 
 
 def _pq():

@@ -10,10 +10,10 @@ import torch
 from conf.errors import DraftsmithError
 from conf.schema import TargetConfig
 from conf.schema.drafter import MedusaConfig
+from decoding.tree import DraftTree
 from drafters.base import TargetSignal
 from drafters.medusa import MedusaDecodeDrafter, MedusaDrafter
-from drafters.target import load_target
-from drafters.tree import DraftTree
+from drafters.target import load_target, target_identity
 
 
 # --- helpers shared by test_hydra.py and test_small.py ---------------------------------------------------
@@ -295,8 +295,11 @@ def test_save_load_round_trip(llama, tmp_path):
     m.save_pretrained(tmp_path / "m")
     meta = json.loads((tmp_path / "m" / "drafter_config.json").read_text())
     assert meta["family"] == "medusa" and meta["config"]["num_layers"] == 2
-    assert meta["target"] == {"path": llama.name, "vocab_size": 320, "hidden_size": 32,
+    fingerprint = meta["target"].pop("fingerprint")
+    assert meta["target"] == {"path": llama.name, "vocab_size": 320, "hidden_size": 32, "num_layers": 4,
                               "feature_layers": llama.feature_layers}
+    assert fingerprint == target_identity(llama)["fingerprint"] and len(fingerprint) == 16
+    meta["target"]["fingerprint"] = fingerprint
     assert meta["dims"] == {"hidden_size": 32, "vocab_size": 320, "num_heads": 2, "num_layers": 2}
     loaded = MedusaDrafter.from_pretrained(tmp_path / "m", llama)
     assert loaded.state_dict().keys() == m.state_dict().keys()
@@ -324,9 +327,25 @@ def test_load_for_a_different_target_is_a_clear_error(llama, tmp_path, tiny_toke
         HydraDrafter.from_pretrained(tmp_path / "m", llama)
 
 
+def test_a_same_shape_target_of_another_config_is_refused(llama, tmp_path, tiny_target_dir):
+    """Same vocabulary, width and depth but another model config (as Llama-3-8B vs Llama-3.1-8B): the
+    fingerprint data_gen records (drafters.target.target_identity) tells them apart; another set of
+    weights with the same tokenizer and config is the same target to it, and loads."""
+    MedusaDrafter.from_target(MedusaConfig(num_heads=1), llama).save_pretrained(tmp_path / "m")
+    saved = target_identity(llama)["fingerprint"]
+    other = load_target(TargetConfig(path=tiny_target_dir("llama", seed=1)), device="cpu")
+    assert MedusaDrafter.from_pretrained(tmp_path / "m", other).family == "medusa"
+    other.config.max_position_embeddings = 1024
+    now = target_identity(other)["fingerprint"]
+    assert now != saved
+    with pytest.raises(DraftsmithError, match=f"trained for target .* \\(fingerprint {saved}\\), but the loaded "
+                                              f"target .* has fingerprint {now}: load the matching target"):
+        MedusaDrafter.from_pretrained(tmp_path / "m", other)
+
+
 def greedy_signal(target, n_prompts: int = 4, new_tokens: int = 40):
     """Self-distillation data: the target's own greedy continuations of random 5-token prompts."""
-    from eval.decoder import autoregressive_generate
+    from decoding.decoder import autoregressive_generate
 
     prompts = [torch.randint(3, target.vocab_size, (5,), generator=torch.Generator().manual_seed(s))
                for s in range(n_prompts)]
@@ -337,11 +356,11 @@ def greedy_signal(target, n_prompts: int = 4, new_tokens: int = 40):
 
 
 def test_speculative_decoding_accepts_and_is_lossless(tiny_target_dir):
-    """End to end through eval/decoder.py, which hands over the target output feature_source names
+    """End to end through decoding/decoder.py, which hands over the target output feature_source names
     (last_hidden, not the taps). Heads trained on the target's greedy continuations get most drafts
     accepted (tau 3.2 of at most 4 when written)."""
     from conf.schema.eval import TreeConfig
-    from eval.decoder import SpeculativeDecoder
+    from decoding.decoder import SpeculativeDecoder
 
     target = load_target(TargetConfig(path=tiny_target_dir("llama")), device="cpu")
     prompts, sig = greedy_signal(target)

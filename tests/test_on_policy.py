@@ -10,10 +10,9 @@ import torch
 
 from conf.errors import DraftsmithError
 from conf.schema.drafter import SmallConfig
+from drafters import losses as L
 from drafters.small_lm import SmallDrafter
 from drafters.target import load_target
-from tests import test_train_fixtures as fx
-from training import losses as L
 from training.on_policy import (
     Cycle,
     divergence_fn,
@@ -27,8 +26,6 @@ from training.on_policy import (
     speculative_rollout,
 )
 from training.signal import online_signal
-
-llama_target, one_thread = fx.llama_target, fx.one_thread  # fixtures
 
 
 def small(target, seed: int = 0) -> SmallDrafter:
@@ -63,7 +60,7 @@ def test_prompt_is_the_prefix_before_the_first_assistant_token():
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0, 0.7])
-def test_rollouts_are_what_the_drafter_samples_with_that_seed(tiny_target, temperature, one_thread):
+def test_rollouts_are_what_the_drafter_samples_with_that_seed(tiny_target, temperature):
     """Batched, left-padded generation gives each row exactly the drafter's own per-row samples: same seed ->
     same tokens, whatever else shares the batch; caps and EOS cut rows."""
     model = small(tiny_target).model
@@ -136,10 +133,10 @@ def test_replay_rows_hold_the_rejected_branches():
     assert replay_rows(prompt, tokens[:4], cycles, 8, 0) == rows[:1]  # text cut before slot 9: no replay there
 
 
-def test_speculative_rollout_records_every_cycle(llama_target, one_thread):
+def test_speculative_rollout_records_every_cycle(llama_target):
     """Greedy target-assisted rollout: the text is the target's own greedy text; each cycle's accepted drafts
     are the text's next tokens and a rejected draft differs from the token the target wrote there."""
-    from eval.decoder import autoregressive_generate
+    from decoding.decoder import autoregressive_generate
 
     lm = small(llama_target).as_drafter(llama_target)
     prompt = [5, 6, 7, 8]

@@ -21,9 +21,9 @@ import pytest
 import torch
 
 from conf.errors import DraftsmithError
-from tests import test_train_fixtures as fx
+from tests import train_fixtures as fx
 from tests.test_on_policy import naive_sample, small
-from tests.test_train_fixtures import (
+from tests.train_fixtures import (
     ROOT,
     base_overrides,
     child_env,
@@ -35,14 +35,12 @@ from training.checkpoint import MARKER
 from training.on_policy import OnPolicyObjective, divergence_fn, divergence_loss, pack, prompt_of, replay_rows
 from training.signal import online_signal
 
-llama_target, one_thread = fx.llama_target, fx.one_thread  # fixtures
-
 ON_POLICY = ["drafter=small", "objective=on_policy", "objective.max_new_tokens=10", "train.log_every=1",
              "train.eval_every=0"]
 
 
 @pytest.fixture
-def run(tmp_path, tiny_target_dir, llama_target, one_thread):
+def run(tmp_path, tiny_target_dir, llama_target):
     """run(*overrides, name="t") -> train()'s result for drafter=small objective=on_policy on the tiny Llama."""
 
     def go(*overrides: str, name: str = "t"):
@@ -176,7 +174,7 @@ def test_speculative_rollouts_train_on_committed_text_and_replayed_rejections(ru
         real = out["attention_mask"].bool()
         assert torch.equal(out["input_ids"][real], want["input_ids"][real])
     # greedy target-assisted text is the target's greedy text, whatever the drafter proposes
-    from eval.decoder import autoregressive_generate
+    from decoding.decoder import autoregressive_generate
 
     rec = spy[0]["records"][0]
     text, _ = autoregressive_generate(llama_target, torch.tensor([rec.prompt]), 12)

@@ -11,10 +11,10 @@ import torch
 from conf.errors import DraftsmithError
 from conf.schema import TargetConfig
 from conf.schema.drafter import SmallConfig
+from drafters.losses import DISTRIBUTION_LOSSES
 from drafters.small_lm import SmallDrafter, fresh_config
 from drafters.target import load_target
 from tests.test_medusa import checkpointing_on, grads, signal_for, train
-from training.losses import DISTRIBUTION_LOSSES
 
 
 @pytest.fixture
@@ -195,8 +195,8 @@ def test_speculative_decoding_with_the_lm_tree_drafter(tiny_target_dir, llama):
     """A drafter initialised from the target's own checkpoint agrees with it everywhere: at T=0 every
     draft is accepted (tau = depth + 1) and the output is the target's greedy output."""
     from conf.schema.eval import TreeConfig
+    from decoding.decoder import SpeculativeDecoder
     from drafters.lm_drafter import LMTreeDrafter
-    from eval.decoder import SpeculativeDecoder
 
     m = SmallDrafter.from_target(SmallConfig(init=tiny_target_dir("llama")), llama)
     d = m.as_drafter(llama)

@@ -97,8 +97,8 @@ def test_cached_forwards_use_transformers_cache_argument(tiny_target):
     from transformers import DynamicCache
 
     from conf.schema.eval import TreeConfig
+    from decoding.decoder import SpeculativeDecoder
     from drafters.reference import TargetDrafter
-    from eval.decoder import SpeculativeDecoder
 
     ids = torch.tensor([[5, 6, 7, 8]])
     with warnings.catch_warnings():
@@ -136,9 +136,9 @@ def test_sliding_window_target_is_refused_alike_for_every_drafter(tmp_path, tiny
 
     from conf.schema.drafter import NgramConfig, SmallConfig
     from conf.schema.eval import TreeConfig
+    from decoding.decoder import SpeculativeDecoder
     from drafters.reference import NgramDrafter, TargetDrafter
     from drafters.small_lm import SmallDrafter
-    from eval.decoder import SpeculativeDecoder
 
     torch.manual_seed(0)
     MistralForCausalLM(MistralConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64,

@@ -180,7 +180,7 @@ def test_bad_settings_are_one_clear_error(tmp_path, override, message):
 def test_unwritable_out_dir_is_one_clear_error(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    with pytest.raises(DraftsmithError, match=r"pretrain.out_dir '.*a-file/target' is not writable .*"
+    with pytest.raises(DraftsmithError, match=r"pretrain.out_dir .*a-file/target is not writable .*"
                                               r"choose a folder you can write to"):
         run(_tiny_cfg(tmp_path, f"pretrain.out_dir={blocker / 'target'}"))
 

@@ -17,12 +17,10 @@ import torch
 from conf.errors import DraftsmithError
 from conf.schema import PROJECT_ROOT
 from drafters.registry import drafter_class
-from tests import test_train_fixtures as fx
-from tests.test_train_fixtures import HeadDrafter, child_env, final_weights, write_data_gen
+from tests import train_fixtures as fx
+from tests.train_fixtures import HeadDrafter, child_env, final_weights, write_data_gen
 from training.data import DataPlan, collate, load_data_gen
 from training.signal import offline_signal, online_signal
-
-llama_target, one_thread, trainer = fx.llama_target, fx.one_thread, fx.trainer  # fixtures
 
 
 # --------------------------------------------------------------------------------------------------
@@ -141,7 +139,8 @@ def test_offline_training_equals_online_training(trainer):
 
 def test_bf16_cache_from_data_gen_is_close_to_online(tmp_path, llama_target):
     """data_gen's own cache writer (bf16): the offline loss is within bf16 rounding of the online one."""
-    cache = pytest.importorskip("data_gen.cache", reason="data_gen.cache is not on this branch yet")
+    from data_gen import cache
+
     write_data_gen(tmp_path, llama_target, n_rows=4, cache="data_gen", topk=8)
     data = load_data_gen(tmp_path / "data_gen", llama_target, need_cache=True)
     assert type(data.cache) is cache.CachedFeatures
@@ -173,7 +172,7 @@ def test_cli_without_data_gen_output_is_one_line(tmp_path, tiny_target_dir):
 
 _SHIM = """import runpy, sys
 import drafters.registry as registry
-registry.TRAINABLE["eagle3"] = "tests.test_train_fixtures:HeadDrafter"  # the test drafter under drafter=eagle3
+registry.TRAINABLE["eagle3"] = "tests.train_fixtures:HeadDrafter"  # the test drafter under drafter=eagle3
 sys.argv[0] = {train!r}
 runpy.run_path({train!r}, run_name="__main__")
 """
@@ -202,7 +201,7 @@ DRAFTER_OPTIONS = ["eagle1", "eagle3", "medusa", "medusa2", "hydra", "hydra_pp",
 
 
 @pytest.mark.parametrize("option", DRAFTER_OPTIONS)
-def test_every_drafter_option_trains_and_reloads(tmp_path, tiny_target_dir, one_thread, option):
+def test_every_drafter_option_trains_and_reloads(tmp_path, tiny_target_dir, option):
     """The real registry path of `stage=train drafter=<option>`: trains 3 steps, writes a final folder that the
     family's from_pretrained reloads into a drafter giving the same loss."""
     from conf.schema import TargetConfig, load_config

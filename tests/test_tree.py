@@ -12,23 +12,15 @@ import torch
 
 from conf.errors import DraftsmithError
 from conf.schema.eval import TreeConfig
-from drafters.base import Drafter
-from drafters.tree import (
+from decoding.tree import (
     DraftTree,
     build_tree,
     keep_cache_entries,
     tree_attention_mask,
     warp_probs,
 )
+from drafters.base import Drafter
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Thousands of tiny tensor ops: threads only add contention on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 class PathDrafter(Drafter):
     """Logits = fn(b, path tokens from the root); records every frontier it was asked to expand."""

@@ -14,22 +14,15 @@ import torch
 from scipy import stats
 
 from conf.schema.eval import TreeConfig
+from decoding import verify
+from decoding.tree import DraftTree, build_tree, warp_probs
+from decoding.verify import SamplingRule, accept
 from drafters.base import Drafter
-from drafters.tree import DraftTree, build_tree, warp_probs
-from eval import verify
-from eval.verify import SamplingRule, accept
 
 V, ROOT = 4, 0
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Thousands of tiny tensor ops: threads only add contention on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 class BigramDrafter(Drafter):
     """logits = table[last token on the path] (the root token at the root), vectorised over B."""

@@ -1,1 +1,2 @@
-"""Losses (pure functions), objectives, the DeepSpeed engine, checkpoints, logging, the demo-target recipe."""
+"""Objectives, the DeepSpeed engine, checkpoints, logging, the demo-target recipe (the losses the
+families train with are pure functions in drafters/losses.py)."""

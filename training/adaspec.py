@@ -29,11 +29,11 @@ import torch.nn.functional as F
 
 from conf.errors import DraftsmithError
 from conf.schema import project_path
-from drafters.medusa import floats, reference_rows, target_positions
+from drafters.common import floats, reference_rows, target_positions
 
 
 def token_forward_kl(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) per row [N] (training.losses.forward_kl before its mean)."""
+    """KL(p || q) per row [N] (drafters.losses.forward_kl before its mean)."""
     logp = F.log_softmax(target_logits.float(), -1)
     logq = F.log_softmax(logits.float(), -1)
     p = logp.exp()

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from conf.errors import DraftsmithError
-from conf.rundir import MANIFEST, foreign_files, normalise_modes, swap_in
+from runtime.rundir import MANIFEST, foreign_files, normalise_modes, swap_in
 
 MARKER = MANIFEST
 STATE = "trainer_state.json"
@@ -86,7 +86,7 @@ def _fsync_dir(path: Path) -> None:
 
 def seal(tmp: Path, final: Path, what: str = "checkpoint", fix: str = "use another run.name") -> Path:
     """fsync every file under `tmp`, write the marker (sizes of all files) last, then rename tmp -> final,
-    replacing an existing `final` only when it is ours (conf.rundir.swap_in; `what` and `fix` word the
+    replacing an existing `final` only when it is ours (runtime.rundir.swap_in; `what` and `fix` word the
     refusal)."""
     normalise_modes(tmp)
     files = sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != MARKER)

@@ -17,7 +17,6 @@ is JIT-compiled, and DeepSpeed saves and restores both inside its checkpoint.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import os
@@ -29,9 +28,9 @@ import torch
 from torch import nn
 
 from conf.errors import DraftsmithError
-
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-SCHEDULES = ("constant", "linear", "cosine")
+from conf.schema.training import PRECISIONS, SCHEDULES
+from runtime.distributed import launcher_ranks
+from runtime.files import write_json
 
 
 # --------------------------------------------------------------------------------------------------
@@ -58,14 +57,13 @@ def _free_port() -> int:
 def setup_distributed(device: str = "auto") -> DistEnv:
     """Read RANK / WORLD_SIZE / LOCAL_RANK (set by torchrun or the deepspeed launcher; a plain `python`
     run is rank 0 of 1) and initialise the process group: nccl on GPU, gloo on CPU. Idempotent.
-    `device` is run.device (conf.device): a bare `cuda` becomes cuda:<LOCAL_RANK>, since
+    `device` is run.device (runtime.device): a bare `cuda` becomes cuda:<LOCAL_RANK>, since
     torch.cuda.set_device and NCCL need an index."""
-    from conf.device import resolve_device
+    from runtime.device import resolve_device
 
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    rank, world, local = launcher_ranks()
+    for key, value in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", local)):
+        os.environ.setdefault(key, str(value))  # DeepSpeed's init reads them
     if world == 1:  # launchers set these; a single process picks a free port so parallel runs don't clash
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -182,7 +180,7 @@ def build_ds_config(cfg, world_size: int, device: torch.device) -> dict:
 def write_ds_config(ds: dict, path: Path | str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(ds, indent=2, sort_keys=True) + "\n")
+    write_json(path, ds, sort_keys=True)
     return path
 
 
@@ -196,9 +194,16 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min
         raise DraftsmithError(f"train.schedule={schedule!r}: use one of {', '.join(SCHEDULES)}")
     if step < warmup_steps:
         return (step + 1) / warmup_steps
+    return decay_factor(schedule, (step - warmup_steps) / max(1, total_steps - warmup_steps), min_lr_ratio)
+
+
+def decay_factor(schedule: str, progress: float, min_lr_ratio: float) -> float:
+    """Multiplier of the base lr after warmup at `progress` (0 -> 1 over the decay; beyond 1 it stays at
+    the floor): 1 (constant), or a linear or cosine decay from 1 to min_lr_ratio. The train stage's
+    progress counts optimizer steps, target_pretrain's its token budget."""
+    progress = min(1.0, progress)
     if schedule == "constant":
         return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     if schedule == "linear":
         return 1.0 - (1.0 - min_lr_ratio) * progress
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -12,7 +12,7 @@ train stage calls `prepare`, which replaces each of the step's micro-batches, wi
 made with the drafter's CURRENT weights from the prompts of those data rows (each row's tokens before its first
 assistant token). The target then scores every rollout with one forward, the ordinary online
 signal, and the loss is the chosen divergence D(p || q) (forward_kl | reverse_kl | jsd[beta] | tvd, from
-training/losses.py) between the target's and the drafter's next-token distributions. Micro-batches that are
+drafters/losses.py) between the target's and the drafter's next-token distributions. Micro-batches that are
 not replaced keep data_gen's rows and get the same divergence on their assistant tokens (and so does eval).
 
 What is trained on, exactly (loss_mask = 1 on token slot t means: the state tokens[:t] predicts slot t):
@@ -54,9 +54,9 @@ from functools import partial
 import torch
 
 from conf.errors import DraftsmithError
+from drafters import losses as L
+from drafters.common import floats, reference_rows, target_positions
 from drafters.lm_drafter import LMTreeDrafter
-from drafters.medusa import floats, reference_rows, target_positions
-from training import losses as L
 
 ROLLOUTS = ("drafter", "speculative")
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
@@ -118,42 +118,13 @@ def prompt_of(ids: torch.Tensor, loss_mask: torch.Tensor, attention_mask: torch.
     return ids[:max(first, 1)].tolist()
 
 
-@torch.no_grad()
 def sample(model, prompts: list[list[int]], caps: list[int], seeds: list[int], temperature: float,
            eos_ids: list[int], pad_id: int) -> list[list[int]]:
-    """The drafter LM's own samples: left-padded batched `generate`, each row drawn with its own
-    torch.Generator(seed) at `temperature` (0 = greedy), cut at its cap and after its first EOS. A row's
-    tokens depend only on (weights, prompt, seed), never on the batch it shares."""
-    from transformers import GenerationConfig, LogitsProcessorList
-
-    from data_gen.regenerate import PerRowSampler
+    """The drafter LM's own samples (data_gen.regenerate.generate_rows at `temperature`, no nucleus cut)."""
+    from data_gen.regenerate import generate_rows
 
     dev = model.get_input_embeddings().weight.device
-    L_ = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), L_), pad_id, dtype=torch.long)
-    att = torch.zeros((len(prompts), L_), dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, L_ - len(p):] = torch.tensor(p)
-        att[b, L_ - len(p):] = 1
-    out = [[] for _ in prompts]
-    if max(caps) <= 0:
-        return out
-    # neutral settings: the model's generation_config (repetition penalty, n-gram bans...) must not bend the
-    # samples away from q, which is what the loss is about
-    gc = GenerationConfig(do_sample=False, max_new_tokens=max(caps), eos_token_id=list(eos_ids) or None,
-                          pad_token_id=pad_id, temperature=1.0, top_p=1.0, repetition_penalty=1.0,
-                          no_repeat_ngram_size=0, min_new_tokens=0)
-    procs = LogitsProcessorList()
-    if temperature > 0:
-        procs.append(PerRowSampler([torch.Generator(device=dev).manual_seed(s) for s in seeds], temperature, 1.0))
-    gen = model.generate(input_ids=ids.to(dev), attention_mask=att.to(dev), generation_config=gc,
-                         logits_processor=procs)
-    eos = set(eos_ids)
-    for b, cap in enumerate(caps):
-        new = gen[b, L_:L_ + max(cap, 0)].tolist()
-        stop = next((j for j, t in enumerate(new) if t in eos), None)
-        out[b] = new[:stop + 1] if stop is not None else new
-    return out
+    return generate_rows(model, prompts, caps, seeds, temperature, 1.0, eos_ids, pad_id, dev)
 
 
 @dataclass
@@ -167,7 +138,7 @@ def speculative_rollout(target, lm_drafter, prompt: list[int], cap: int, depth: 
     """Target-assisted rollout: the built-in SpeculativeDecoder with a chain of `depth` drafts; returns the
     decoded tokens and every cycle's drafted chain with its accepted length."""
     from conf.schema.eval import TreeConfig
-    from eval.decoder import SpeculativeDecoder
+    from decoding.decoder import SpeculativeDecoder
 
     if cap <= 0:
         return [], []

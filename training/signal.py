@@ -14,8 +14,6 @@ import torch
 
 from drafters.base import TargetSignal
 
-MODES = ("online", "offline")
-
 
 def online_signal(target, batch: dict[str, torch.Tensor]) -> TargetSignal:
     """Run the frozen target on the batch (no grad; logits are left to TargetSignal's lazy LM head so a

@@ -21,7 +21,6 @@ drafter's loss is a mean over loss_mask positions, which is what the families co
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 import shutil
 import time
@@ -32,8 +31,9 @@ import numpy as np
 import torch
 
 from conf.errors import DraftsmithError
-from conf.rundir import check_replaceable, stage_session
-from conf.schema import Config, run_dir, save_config
+from conf.schema import Config, final_drafter_dir, run_dir, save_config
+from runtime.files import write_json
+from runtime.rundir import check_replaceable, stage_session
 from training.checkpoint import CheckpointManager, TrainState, seal
 from training.data import DataPlan, collate, load_data_gen, require_data_gen
 from training.engine import (
@@ -45,7 +45,7 @@ from training.engine import (
     write_ds_config,
 )
 from training.objectives import build_objective
-from training.signal import MODES, make_signal
+from training.signal import make_signal
 from training.tracking import Tracker, tau_sim
 
 FINAL_FIX = "use another run.name"
@@ -98,10 +98,8 @@ def seed_all(seed: int) -> None:
 
 def preflight(cfg: Config) -> None:
     """Checks that need no model, run before anything is written (train.py runs them for every stage first)."""
-    if cfg.train.mode not in MODES:
-        raise DraftsmithError(f"train.mode={cfg.train.mode!r}: use online (target runs in the step) or offline "
-                              "(data_gen's cache)")
-    check_replaceable(run_dir(cfg) / "train" / "final", "train/final", FINAL_FIX)
+    cfg.train.check()
+    check_replaceable(final_drafter_dir(cfg), "train/final", FINAL_FIX)
 
 
 def train(cfg: Config, drafter_factory=None, target=None) -> dict:
@@ -207,7 +205,7 @@ def _train(cfg: Config, drafter_factory, target) -> dict:
                 spent["checkpoint"] += time.perf_counter() - t_save
         if resumed is not None and start_step == total and len(plan.eval_idx):
             evals = evaluate(eng, target, data, plan, t.mode, batch_args, **signal_args)  # nothing left to train: report anyway
-        final = write_final(eng, drafter, out / "final", env, cfg)
+        final = write_final(eng, drafter, final_drafter_dir(cfg), env, cfg)
     finally:
         plot = tracker.close()
     epoch, pos = plan.cursor(state.rows)
@@ -298,8 +296,8 @@ def write_final(eng: Engine, drafter, final: Path, env, cfg: Config) -> Path:
                 from safetensors.torch import save_model
 
                 save_model(drafter, str(tmp / "model.safetensors"))
-                (tmp / "drafter_config.json").write_text(json.dumps(
-                    {"family": drafter.family, "config": dataclasses.asdict(cfg.drafter)}, indent=1, default=str))
+                write_json(tmp / "drafter_config.json",
+                           {"family": drafter.family, "config": dataclasses.asdict(cfg.drafter)}, indent=1)
             seal(tmp, final, "train/final", FINAL_FIX)
     barrier(env)
     return final

@@ -21,8 +21,6 @@ AdamW (betas 0.9/0.95, decay on matrices only), linear warmup then cosine over t
 """
 from __future__ import annotations
 
-import json
-import math
 import os
 import platform
 import time
@@ -35,10 +33,12 @@ import torch
 import torch.nn.functional as F
 
 from conf.errors import DraftsmithError
-from conf.rundir import check_replaceable, normalise_modes, stage_session
 from conf.schema import Config, TargetConfig, run_dir, save_config
 from conf.schema.pretrain import PretrainConfig
 from data_gen.sources import Conversation, SourceReport, is_heldout, iter_sharegpt
+from runtime.files import write_json
+from runtime.rundir import check_replaceable, normalise_modes, stage_session, writable_dir
+from training.engine import decay_factor
 from training.tokenizer import IM_END, PAD, SPECIAL_TOKENS, token_byte_lengths, train_tokenizer
 
 MAX_FP32_BYTES = 25 * 2**20  # save_dtype=auto keeps fp32 weights below this, so the folder stays <= 30 MB
@@ -117,16 +117,7 @@ def prepare_out_dir(cfg: Config) -> Path:
     """The output folder, created and proven writable up front (not after half an hour of training). Its
     files are overwritten, so it must be empty or an earlier target_pretrain folder."""
     preflight(cfg)
-    out = pretrain_out_dir(cfg)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise DraftsmithError(f"pretrain.out_dir {str(out)!r} is not writable ({e.strerror or e}): "
-                              "choose a folder you can write to") from None
-    return out
+    return writable_dir(pretrain_out_dir(cfg), "pretrain.out_dir", "choose a folder you can write to")
 
 
 def read_corpus(pc: PretrainConfig) -> tuple[list[Conversation], list[Conversation], SourceReport]:
@@ -321,8 +312,7 @@ def lr_at(pc: PretrainConfig, step: int, progress: float) -> float:
     """Linear warmup over warmup_steps, then cosine from lr to lr * min_lr_ratio as progress goes 0 -> 1."""
     if step < pc.warmup_steps:
         return pc.lr * (step + 1) / pc.warmup_steps
-    cos = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return pc.lr * (pc.min_lr_ratio + (1 - pc.min_lr_ratio) * cos)
+    return pc.lr * decay_factor("cosine", progress, pc.min_lr_ratio)
 
 
 def train_loop(model, pc: PretrainConfig, stream: PackedStream, eval_fn, device: torch.device) -> dict:
@@ -409,8 +399,8 @@ def run(cfg: Config) -> dict:
 
 
 def _run(cfg: Config, out: Path) -> dict:
-    from conf.device import resolve_device
     from drafters.target import load_target
+    from runtime.device import resolve_device
 
     pc = cfg.pretrain
     t_start = time.perf_counter()
@@ -438,7 +428,7 @@ def _run(cfg: Config, out: Path) -> dict:
     t_measure = time.perf_counter()
 
     # the stage's mark goes in first, so a folder a kill leaves half-written is still ours to overwrite
-    (out / "metrics.json").write_text(json.dumps({"stage": "target_pretrain", "complete": False}) + "\n")
+    write_json(out / "metrics.json", {"stage": "target_pretrain", "complete": False}, indent=None)
     saved_dtype = save_folder(model, tokenizer, out, pc.save_dtype)
     # Everything below measures the folder as users get it: reloaded through the target loader.
     target = load_target(TargetConfig(path=str(out)), device=device)
@@ -481,8 +471,8 @@ def _run(cfg: Config, out: Path) -> dict:
     metrics["setup_seconds"] = round(setup_seconds, 1)
     metrics["measure_seconds"] = round(time.perf_counter() - t_measure, 1)  # save, reload, loss, generations
     metrics["total_seconds"] = round(time.perf_counter() - t_start, 1)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
-    (out / "continuations.json").write_text(json.dumps({m: g[0] for m, g in gens.items()}) + "\n")
+    write_json(out / "metrics.json", metrics, indent=1)
+    write_json(out / "continuations.json", {m: g[0] for m, g in gens.items()}, indent=None)
     (out / "samples.md").write_text(samples_markdown(tokenizer, prompt_texts, gens, metrics))
     save_config(cfg, out)
     normalise_modes(out)

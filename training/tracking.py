@@ -19,6 +19,8 @@ import os
 import time
 from pathlib import Path
 
+from runtime.files import atomic_write_text
+
 
 def tau_sim(accs: dict) -> float:
     """1 + sum_k prod_{j<=k} acc_j over depths in increasing order ({depth: acc} or {"acc/<d>": acc})."""
@@ -59,9 +61,7 @@ class Tracker:
         if not self.jsonl.exists():
             return
         keep = [ln for ln in self.jsonl.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start_step]
-        tmp = self.jsonl.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(ln + "\n" for ln in keep))
-        os.replace(tmp, self.jsonl)
+        atomic_write_text(self.jsonl, "".join(ln + "\n" for ln in keep))
 
     def step(self, step: int, loss: float, input_tokens: int, seconds: float) -> None:
         """Advance the bar by one optimizer step that took `seconds` (the bar's tok/s is that of the steps,

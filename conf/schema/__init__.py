@@ -13,6 +13,7 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from conf.errors import DraftsmithError
 from conf.schema.data import DataConfig
 from conf.schema.drafter import DRAFTER_SCHEMAS
 from conf.schema.eval import EvalConfig
@@ -93,6 +94,21 @@ def load_config(overrides: list[str] | None = None) -> Config:
 def run_dir(cfg: Config) -> Path:
     """The run directory that every stage writes under and later stages read from."""
     return Path(cfg.run.root) / cfg.run.name
+
+
+def final_drafter_dir(cfg: Config) -> Path:
+    """Where the train stage writes the trained drafter folder (`<run>/train/final`)."""
+    return run_dir(cfg) / "train" / "final"
+
+
+def trained_drafter_dir(cfg: Config) -> Path:
+    """The drafter folder eval and export read: drafter.checkpoint, else the run's final train folder;
+    a one-line error when it is not there."""
+    d = Path(project_path(cfg.drafter.checkpoint)) if cfg.drafter.checkpoint else final_drafter_dir(cfg)
+    if not d.is_dir():
+        raise DraftsmithError(f"no trained drafter at {d}: run stage=train first (it writes <run>/train/final) "
+                              "or set drafter.checkpoint=<a drafter folder>")
+    return d
 
 
 def project_path(path: str) -> str:

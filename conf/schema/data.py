@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from conf.errors import DraftsmithError
+
 
 @dataclass
 class DataConfig:
@@ -28,3 +30,18 @@ class DataConfig:
     cache_features: bool = False
     cache_topk: int = 0  # 0 = no logits cache
     shard_rows: int = 256  # conversations per committed shard: the unit of resume (smaller = less redone after a kill)
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Sizes and sampling settings, each a one-line error (at construction; data_gen runs it again for
+        a config changed in code). The source name is checked by data_gen, which owns the sources."""
+        for name in ("max_length", "batch_size", "shard_rows", "gen_max_new_tokens"):
+            if getattr(self, name) <= 0:
+                raise DraftsmithError(f"data.{name}={getattr(self, name)} must be a positive number")
+        if self.cache_topk < 0:
+            raise DraftsmithError(f"data.cache_topk={self.cache_topk}: use 0 (no logits cache) or a positive k")
+        if self.gen_temperature < 0 or not 0 < self.gen_top_p <= 1:
+            raise DraftsmithError(f"data.gen_temperature={self.gen_temperature} / data.gen_top_p={self.gen_top_p}: "
+                                  "temperature must be >= 0 (0 = greedy) and top_p in (0, 1]")

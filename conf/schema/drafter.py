@@ -1,7 +1,7 @@
 """`drafter=` group: one dataclass per drafter family.
 
 Dimensions are never set here: every drafter is built from the loaded target's config. `losses`
-maps loss names (see training/losses.py) to weights.
+maps loss names (see drafters/losses.py) to weights.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ class Eagle1Config(DrafterConfig):
     num_layers: int = 1
     feature_noise: float = 0.2  # training adds uniform noise U(-a/2, a/2), a = feature_noise, to input features
     # smooth_l1 (feature regression), soft_ce (-sum p log q vs the target's distribution: the official
-    # EAGLE-1 "CE"), ce (hard CE vs the target's argmax) or any distribution loss in training/losses.py
+    # EAGLE-1 "CE"), ce (hard CE vs the target's argmax) or any distribution loss in drafters/losses.py
     losses: Dict[str, float] = field(default_factory=lambda: {"smooth_l1": 1.0, "soft_ce": 0.1})
 
 

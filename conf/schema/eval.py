@@ -4,6 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from conf.errors import DraftsmithError
+
+ACCEPTANCE = ("lossless", "typical")  # verification rules: lossless, or Medusa's typical acceptance (lossy)
+
 
 @dataclass
 class TreeConfig:
@@ -47,3 +51,27 @@ class EvalConfig:
     # draft tree fit the target's max_position_embeddings.
     max_prompt_tokens: int = 1024
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """The sampling and size settings a user can get wrong, each a one-line error. Runs when the config
+        is built; the eval stage runs it again for a config changed in code after that."""
+        if not self.temperatures:
+            raise DraftsmithError("eval.temperatures is empty: give at least one, e.g. eval.temperatures=[0]")
+        for t in self.temperatures:
+            if t < 0:
+                raise DraftsmithError(f"eval.temperatures has {t}: temperatures must be >= 0 (0 = greedy)")
+        if self.acceptance not in ACCEPTANCE:
+            raise DraftsmithError(
+                f"eval.acceptance={self.acceptance!r}: choose lossless or typical (Medusa's, lossy)")
+        if not 0 < self.top_p <= 1:
+            raise DraftsmithError(f"eval.top_p={self.top_p}: must be in (0, 1] (1 = off)")
+        if self.top_k < 0:
+            raise DraftsmithError(f"eval.top_k={self.top_k}: must be >= 0 (0 = off)")
+        for key in ("num_prompts", "max_new_tokens", "max_prompt_tokens"):
+            if getattr(self, key) < 1:
+                raise DraftsmithError(f"eval.{key}={getattr(self, key)}: must be at least 1")
+        if self.warmup < 0:
+            raise DraftsmithError(f"eval.warmup={self.warmup}: must be >= 0")

@@ -1,4 +1,4 @@
-"""`export=` group: serving formats for a trained drafter (drafters/export.py, drafters/formats/)."""
+"""`export=` group: serving formats for a trained drafter (export/stage.py, export/formats/)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -5,6 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from conf.errors import DraftsmithError
+
+MODES = ("online", "offline")  # where the target signal comes from: the step itself, or data_gen's cache
+SCHEDULES = ("constant", "linear", "cosine")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
 
 @dataclass
 class TrainConfig:
@@ -31,6 +37,18 @@ class TrainConfig:
     wandb_mode: str = "offline"  # offline | online | disabled (used when wandb_project is set)
     tensorboard: bool = True
 
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """The choices a user can misspell, each a one-line error (at construction; the train stage's
+        preflight runs it again for a config changed in code)."""
+        if self.mode not in MODES:
+            raise DraftsmithError(f"train.mode={self.mode!r}: use online (target runs in the step) or offline "
+                                  "(data_gen's cache)")
+        if self.schedule not in SCHEDULES:
+            raise DraftsmithError(f"train.schedule={self.schedule!r}: use one of {', '.join(SCHEDULES)}")
+
 
 @dataclass
 class DeepSpeedConfig:
@@ -39,3 +57,7 @@ class DeepSpeedConfig:
     offload_optimizer: bool = False
     overlap_comm: bool = True
     extra: Dict[str, Any] = field(default_factory=dict)  # merged last into the generated DeepSpeed dict
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise DraftsmithError(f"deepspeed.precision={self.precision!r}: use one of {', '.join(PRECISIONS)}")

@@ -4,7 +4,7 @@
     python train.py stage=train drafter=eagle1 objective=griffin objective.align_steps=3
     python -m pytest -q tests/test_hass.py tests/test_griffin.py
 
-Both are options of the drafters' own unrolled loss (drafters.eagle1.UnrollOptions), so the step
+Both are options of the drafters' own unrolled loss (drafters.eagle_base.UnrollOptions), so the step
 alignment, masks and weights are the family's:
 - HASS (Zhang et al., 2025): every step adds topk_weight x (-sum over the target's top-K tokens of
   p_i log q_i), K = 10 ("harmonized objective distillation"), and "harmonized context alignment": in step
@@ -21,7 +21,7 @@ Metrics add loss/topk_distill and, for GRIFFIN, keep/<depth> (fraction of assist
 from __future__ import annotations
 
 from conf.errors import DraftsmithError
-from drafters.eagle1 import UnrollOptions
+from drafters.eagle_base import UnrollOptions
 
 FAMILIES = ("eagle1", "eagle3")  # drafters whose loss unrolls steps and takes UnrollOptions
 

@@ -25,8 +25,8 @@ from __future__ import annotations
 import torch
 
 from conf.errors import DraftsmithError
-from drafters.eagle1 import shifted
-from drafters.tree import build_tree, check_tree_config
+from decoding.tree import build_tree, check_tree_config
+from drafters.common import shifted
 from training.objectives.tree_reward import (
     BatchedTreeDrafter,
     accepted_paths,
@@ -142,9 +142,9 @@ class GTOObjective:
             rows = rows.flatten()
             P = rows.shape[0]
             tree = build_tree(BatchedTreeDrafter(drafter, states[s], rows), self.tree_cfg, P, sample=False,
-                              device=ids.device)
+                              device=ids.device, checked=True)
             ref_tree = build_tree(BatchedTreeDrafter(ref, ref_states[s], rows), self.tree_cfg, P, sample=False,
-                                  device=ids.device)
+                                  device=ids.device, checked=True)
             (lp, greedy), (lp_ref, _) = target_node_logprobs(self.target, ids[s], rows, [tree, ref_tree], c.group_size)
             anc = tree.ancestor_mask()
             r = tree_reward(lp, tree, c.eta, anc)[0]

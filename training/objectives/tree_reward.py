@@ -7,7 +7,7 @@ Pieces, all batched over P roots = P training positions of one sequence:
 - `prefix_state(model, ids, feats)`: the EAGLE drafter's step 0 over the whole sequence (the committed
   pairs (f_t, x_{t+1}) of every position), run once; the keys/values every root then attends to.
 - `BatchedTreeDrafter`: a drafters.base.Drafter whose `expand` computes tree nodes for all P roots at once
-  from that state. drafters.tree.build_tree drives it exactly as the decoder drives EagleDecoding, so
+  from that state. decoding.tree.build_tree drives it exactly as the decoder drives EagleDecoding, so
   the tree at row t is the tree the decoder builds after committing x_0..x_{t+1} (tests prove it).
 - `chain_logprob`: log M(path) along given paths, with gradient (GTO's ratio).
 - `target_node_logprobs`: the target reads the teacher-forced prefix once (KV cache), then ONE forward per
@@ -28,10 +28,10 @@ from dataclasses import dataclass
 
 import torch
 
+from decoding.tree import keep_cache_entries
 from drafters.base import Drafter
-from drafters.eagle1 import shifted
+from drafters.common import shifted
 from drafters.layers import causal_attend, repeat_kv
-from drafters.tree import keep_cache_entries
 
 
 @dataclass

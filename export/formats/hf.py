@@ -12,7 +12,7 @@ import copy
 from pathlib import Path
 
 from conf.errors import DraftsmithError
-from drafters.formats.common import CONFIG, WEIGHTS, Checker, ExportContext
+from export.formats.common import CONFIG, WEIGHTS, Checker, ExportContext
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 

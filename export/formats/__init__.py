@@ -1,17 +1,17 @@
 """Serving formats: write a trained drafter for a consumer, check a folder against the consumer's layout,
 and load an exported folder back as a decoding drafter.
 
-    from drafters.formats import write_export, check_format, load_exported
+    from export.formats import write_export, check_format, load_exported
     write_export(trainable, target, "sglang", out_dir, ExportContext(dtype=torch.bfloat16, target_ref=...))
     check_format(out_dir, "sglang")           # [] or one line per violation
-    drafter = load_exported(out_dir, target)  # drafters.base.Drafter, for eval.decoder.SpeculativeDecoder
+    drafter = load_exported(out_dir, target)  # drafters.base.Drafter, for decoding.decoder.SpeculativeDecoder
 
 | format | families | consumer |
 |---|---|---|
-| sglang | eagle1, eagle3 | SGLang LlamaForCausalLMEagle / LlamaForCausalLMEagle3 (drafters/formats/eagle.py) |
-| vllm | eagle3 | speculators layout: vLLM and the speculators library (drafters/formats/eagle.py) |
-| medusa | medusa | Medusa heads file + config: TGI, TensorRT-LLM, FasterDecoding/Medusa (drafters/formats/medusa.py) |
-| hf | small | a plain transformers causal LM: generate(assistant_model=...) (drafters/formats/hf.py) |
+| sglang | eagle1, eagle3 | SGLang LlamaForCausalLMEagle / LlamaForCausalLMEagle3 (export/formats/eagle.py) |
+| vllm | eagle3 | speculators layout: vLLM and the speculators library (export/formats/eagle.py) |
+| medusa | medusa | Medusa heads file + config: TGI, TensorRT-LLM, FasterDecoding/Medusa (export/formats/medusa.py) |
+| hf | small | a plain transformers causal LM: generate(assistant_model=...) (export/formats/hf.py) |
 Hydra heads have no serving format (no engine implements them): evaluate them with stage=eval.
 """
 from __future__ import annotations
@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 from conf.errors import DraftsmithError
-from drafters.formats import eagle, hf, medusa
-from drafters.formats.common import (
+from export.formats import eagle, hf, medusa
+from export.formats.common import (
     CONFIG,
     README,
     README_HEADER,
@@ -137,7 +137,7 @@ def load_exported_model(folder: str | Path, target):
 
 def load_exported(folder: str | Path, target):
     """A decoding drafters.base.Drafter over an exported folder. Medusa-2 folders hold their fine-tuned
-    base model in base/ (drafters.formats.medusa.base_path): decode with that as the target."""
+    base model in base/ (export.formats.medusa.base_path): decode with that as the target."""
     return load_exported_model(folder, target).as_drafter(target)
 
 

@@ -8,15 +8,15 @@
 Reads the drafter folder the train stage wrote (<run>/train/final, or drafter.checkpoint); its family comes
 from the folder's drafter_config.json. Writes export.out_dir (default <run>/export/<format>/) atomically:
 built beside it, then swapped in, so a crash never leaves half a folder; an existing out_dir is replaced
-only when it is empty or an earlier draftsmith export (conf/rundir.py). Then every export is checked, and a broken one
+only when it is empty or an earlier draftsmith export (runtime/rundir.py). Then every export is checked, and a broken one
 fails with a one-line error:
   1. check_format: file names, config fields, exact tensor names, shapes and dtypes vs the consumer's spec;
   2. reload: the importer rebuilds the drafter from the folder alone; every weight must equal the
      trained one cast to export.dtype (and a copied target weight, vLLM's embed_tokens or Medusa-2's base/,
      the target's);
-  3. decode: the reloaded drafter drives the built-in speculative decoder (eval.decoder); greedy output
+  3. decode: the reloaded drafter drives the built-in speculative decoder (decoding.decoder); greedy output
      must equal the target's own greedy output on export.check_prompts prompts.
-Formats, families and layouts: drafters/formats/__init__.py.
+Formats, families and layouts: export/formats/__init__.py.
 """
 from __future__ import annotations
 
@@ -27,28 +27,20 @@ from pathlib import Path
 import torch
 
 from conf.errors import DraftsmithError
-from conf.rundir import check_replaceable, normalise_modes, stage_session, swap_in
-from conf.schema import Config, project_path, run_dir, save_config
-from drafters.formats import FORMATS, check_family, check_format, load_exported_model, write_export
-from drafters.formats.common import (
+from conf.schema import Config, run_dir, save_config, trained_drafter_dir
+from decoding.decoder import SpeculativeDecoder
+from decoding.tree import fit_depth
+from export.formats import FORMATS, check_family, check_format, load_exported_model, write_export
+from export.formats.common import (
     ExportContext,
-    check_writable,
     export_dtype,
     target_ref,
 )
+from runtime.rundir import check_replaceable, normalise_modes, stage_session, swap_in, writable_dir
 
 # prompts of the decode check (rendered with the target's chat template when it has one)
 CHECK_PROMPTS = ["Write a short poem about the sea.", "Explain what a hash table is, with an example.",
                  "List three fruits and say which one you like best.", "def fibonacci(n):"]
-
-
-def checkpoint_dir(cfg: Config) -> Path:
-    """drafter.checkpoint, else the run's final train folder; a clear error when it is not there."""
-    d = Path(project_path(cfg.drafter.checkpoint)) if cfg.drafter.checkpoint else run_dir(cfg) / "train" / "final"
-    if not d.is_dir():
-        raise DraftsmithError(f"no trained drafter at {d}: run stage=train first (it writes <run>/train/final) "
-                              "or set drafter.checkpoint=<a drafter folder>")
-    return d
 
 
 def out_dir(cfg: Config) -> Path:
@@ -77,13 +69,13 @@ def _run(cfg: Config) -> dict:
         raise DraftsmithError(f"export.format={ex.format!r} is not a format: choose from {', '.join(FORMATS)}")
     if ex.check_prompts < 0 or ex.check_max_new_tokens < 1:
         raise DraftsmithError("export.check_prompts must be >= 0 and export.check_max_new_tokens >= 1")
-    ckpt = checkpoint_dir(cfg)
+    ckpt = trained_drafter_dir(cfg)
     meta = read_checkpoint_config(ckpt)
     family = meta.get("family")
     check_family(ex.format, family)  # before loading anything: the likelier mistakes fail in milliseconds
     out = out_dir(cfg)
     _check_replaceable(out)
-    check_writable(out.parent)
+    writable_dir(out.parent, "export.out_dir", "choose a writable export.out_dir")
 
     target = load_target(_target_config(cfg, meta, ckpt), device=cfg.run.device)
     model = drafter_class(family).from_pretrained(str(ckpt), target).eval()
@@ -135,7 +127,7 @@ def publish(out: Path, build) -> Path:
     _check_replaceable(out)
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    check_writable(tmp)
+    writable_dir(tmp, "export.out_dir", "choose a writable export.out_dir")
     try:
         build(tmp)
         normalise_modes(tmp)
@@ -151,7 +143,7 @@ def publish(out: Path, build) -> Path:
 def expected_weights(model, dtype: torch.dtype, target) -> dict[str, torch.Tensor]:
     """What the reloaded drafter's weights must be: the trained ones cast to `dtype`, with EAGLE-3's fc
     taken through the same exact tap remapping export and import apply."""
-    from drafters.formats.common import cast_tensors
+    from export.formats.common import cast_tensors
 
     if model.family == "small":
         return cast_tensors(model.plain_model().state_dict(), dtype)
@@ -159,7 +151,7 @@ def expected_weights(model, dtype: torch.dtype, target) -> dict[str, torch.Tenso
         return cast_tensors(model.heads_state_dict(), dtype)
     state = cast_tensors(model.state_dict(), dtype)
     if model.family == "eagle3":
-        from drafters.formats.eagle import engine_layers, remap_fc
+        from export.formats.eagle import engine_layers, remap_fc
 
         taps, H = list(target.feature_layers), model.dims.hidden_size
         layers = engine_layers(taps, target.num_layers)
@@ -192,7 +184,9 @@ def verify_export(model, target, out: Path, fmt: str, dtype: torch.dtype, tree_c
         raise DraftsmithError(f"reloading {out} changed {len(diff)} weights (first: {diff[0]}): the exported "
                               "tensors do not round-trip; re-export, and report it if it persists")
     n_base = check_base_weights(out, target, dtype) + (fmt == "vllm")  # vllm: embed_tokens, checked on reload
-    decode = decode_check(target, reloaded.as_drafter(target), _check_tree(tree_cfg, model), prompts, max_new_tokens)
+    drafter = reloaded.as_drafter(target)
+    decode = decode_check(target, drafter, fit_depth(tree_cfg, getattr(drafter, "max_depth", None)), prompts,
+                          max_new_tokens)
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     return {"format": fmt, "family": model.family, "out_dir": str(out), "files": files, "violations": [],
             "tensors_checked": len(want) + n_base, "decode_check": decode}
@@ -204,7 +198,7 @@ def check_base_weights(out: Path, target, dtype: torch.dtype) -> int:
     number of tensors compared (0 without base/)."""
     from safetensors import safe_open
 
-    from drafters.formats.medusa import base_path
+    from export.formats.medusa import base_path
 
     base = base_path(out)
     if base is None:
@@ -228,15 +222,6 @@ def check_base_weights(out: Path, target, dtype: torch.dtype) -> int:
     return len(seen)
 
 
-def _check_tree(tree_cfg, model):
-    """The eval tree, no deeper than a head drafter can draft (Medusa head k drafts depth k only)."""
-    k = getattr(getattr(model, "cfg", None), "num_heads", None)
-    if model.family != "medusa" or k is None or tree_cfg.depth <= k:
-        return tree_cfg
-    paths = [p for p in tree_cfg.paths if len(p) <= k] if tree_cfg.paths else tree_cfg.paths
-    return dataclasses.replace(tree_cfg, depth=k, paths=paths)
-
-
 def check_prompt_ids(target, n: int) -> list[list[int]]:
     """Token ids of the first n check prompts, as chat turns when the target has a template."""
     tok, out = target.tokenizer, []
@@ -258,10 +243,6 @@ def decode_check(target, drafter, tree_cfg, prompts: int, max_new_tokens: int) -
     """Greedy speculative decoding with `drafter` must reproduce the target's greedy output exactly."""
     if prompts == 0:
         return {"skipped": "export.check_prompts=0"}
-    try:
-        from eval.decoder import SpeculativeDecoder
-    except ImportError:  # the decoder lands on its own branch; the format and reload checks still ran
-        return {"skipped": "eval.decoder (the built-in speculative decoder) is not installed"}
     dec = SpeculativeDecoder(target, drafter, tree_cfg, temperature=0.0)
     cycles = produced = 0
     for i, ids in enumerate(check_prompt_ids(target, prompts)):

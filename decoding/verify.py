@@ -21,9 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from drafters.tree import DraftTree, tree_attention_mask, warp_probs
-
-ACCEPTANCE = ("lossless", "typical")
+from decoding.tree import DraftTree, tree_attention_mask, warp_probs
 
 
 @dataclass

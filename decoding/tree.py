@@ -1,7 +1,7 @@
 """Draft trees: the data structure shared by the speculative decoder and tree-reward training, and the
 three ways of building one (chain, Medusa-style static paths, EAGLE-2 dynamic).
 
-    from drafters.tree import build_tree
+    from decoding.tree import build_tree
     tree = build_tree(drafter, TreeConfig(kind="dynamic", depth=5, top_k=8, total_tokens=60), batch=1)
 
 A tree hangs off a root (the last committed token, not stored as a node). Nodes are stored in
@@ -242,6 +242,16 @@ def check_tree_config(tree_cfg) -> None:
         _static_paths(tree_cfg.paths)
 
 
+def fit_depth(tree_cfg, max_depth: int | None):
+    """The tree a drafter that drafts at most `max_depth` tokens deep can build (head drafters: one head per
+    depth; None = no limit): a deeper chain or dynamic tree is cut to max_depth. Static paths are the user's
+    own and are kept, so a too-deep one still fails in the drafter with its one-line error. A copy when
+    anything changes, else `tree_cfg` itself."""
+    if max_depth is None or tree_cfg.kind == "static" or tree_cfg.depth <= max_depth:
+        return tree_cfg
+    return replace(tree_cfg, depth=max_depth)
+
+
 def tree_nodes(tree_cfg) -> int:
     """The most nodes a tree of this config holds (the verification forward reads 1 + this many tokens)."""
     if tree_cfg.kind == "chain":
@@ -276,14 +286,16 @@ def _static_paths(paths) -> list[tuple[int, ...]]:
 
 def build_tree(drafter, tree_cfg, batch: int = 1, temperature: float = 0.0, top_p: float = 1.0,
                top_k: int = 0, generator: torch.Generator | None = None, sample: bool | None = None,
-               device: torch.device | str | None = None) -> DraftTree:
+               device: torch.device | str | None = None, checked: bool = False) -> DraftTree:
     """Build one draft tree per root (B = `batch`) by calling `drafter.expand(partial_tree, frontier)`
-    once per depth. `tree_cfg` is a conf.schema.eval.TreeConfig.
+    once per depth. `tree_cfg` is a conf.schema.eval.TreeConfig, validated here unless `checked` (callers
+    that build a tree every cycle, the decoder and GTO, validate it once when they are constructed).
 
     `sample`: None = chains are sampled from the warped draft distribution at T > 0 and static/dynamic
     trees pick top-k children; True = chains and static trees sample (static siblings i.i.d., verified
     with the SpecInfer rule); False = always top-k. At T = 0 nothing is sampled."""
-    check_tree_config(tree_cfg)
+    if not checked:
+        check_tree_config(tree_cfg)
     if temperature < 0:
         raise DraftsmithError(f"temperature={temperature} must be >= 0 (0 = greedy)")
     if sample is None:

@@ -1,8 +1,8 @@
 """Helpers for the engine/checkpoint/train tests (no tests here): a tiny TrainableDrafter, a minimal
 data_gen output writer (the data helper's on-disk layout), and a child entry for subprocess runs.
 
-    python -m tests.test_train_fixtures <factory> <override>...             # one training run (subprocess)
-    torchrun --nproc_per_node 2 -m tests.test_train_fixtures hidden run.device=cpu ...   # two ranks
+    python -m tests.train_fixtures <factory> <override>...             # one training run (subprocess)
+    torchrun --nproc_per_node 2 -m tests.train_fixtures hidden run.device=cpu ...   # two ranks
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import pytest
 import torch
 from torch import nn
 
+from drafters import losses as L
 from drafters.base import Drafter, TargetSignal, TrainableDrafter
-from training import losses as L
 
 
 class HeadDrafter(TrainableDrafter):
@@ -154,12 +154,8 @@ def write_data_gen(run_dir: Path, target, n_rows: int = 24, seed: int = 0, min_l
     for x, m in zip(ids, masks):
         np.add.at(counts, np.asarray(x)[np.asarray(m, bool)], 1)
     np.save(out / "token_counts.npy", counts)
-    try:  # the data helper's identity record (with its fingerprint) once data_gen is on the branch
-        from data_gen.output import target_identity
-    except ImportError:
-        def target_identity(t):
-            return {"path": str(t.name), "vocab_size": t.vocab_size, "hidden_size": t.hidden_size,
-                    "num_layers": t.num_layers, "feature_layers": list(t.feature_layers)}
+    from drafters.target import target_identity
+
     meta = {"target": target_identity(target), "rows": n_rows, "cache": None}
     if cache == "data_gen":  # the data helper's own writer (bf16, one padded forward for all rows)
         from data_gen.cache import compute_cache, write_cache_file
@@ -204,27 +200,12 @@ def _write_cache(out: Path, target, ids, masks, dtype, topk: int) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
-# pytest fixtures (import them into a test module by name)
+# the `trainer` fixture (registered for every test module by conftest.py)
 # --------------------------------------------------------------------------------------------------
-@pytest.fixture(autouse=False)
-def one_thread():
-    """The machine's cores are shared: one intra-op thread is several times faster than two here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="session")
-def llama_target(tiny_target_dir):
-    from conf.schema import TargetConfig
-    from drafters.target import load_target
-
-    return load_target(TargetConfig(path=tiny_target_dir("llama")), device="cpu")
 
 
 @pytest.fixture
-def trainer(tmp_path, tiny_target_dir, llama_target, one_thread):
+def trainer(tmp_path, tiny_target_dir, llama_target):
     """trainer(*overrides, factory="hidden", name="t", data={...}) -> train()'s result, in this process, on
     the tiny Llama with a data_gen output written once per run name."""
 
@@ -280,7 +261,7 @@ def final_weights(train_result_or_dir) -> dict[str, torch.Tensor]:
 
 
 def child_main(argv: list[str]) -> None:
-    """Subprocess entry: `python -m tests.test_train_fixtures <factory> <overrides...>`; prints the result
+    """Subprocess entry: `python -m tests.train_fixtures <factory> <overrides...>`; prints the result
     as one JSON line (rank 0)."""
     from conf.errors import DraftsmithError
     from conf.schema import load_config

@@ -1,7 +1,7 @@
 """`run.device` -> torch.device, the one parser every stage uses (data_gen, train, eval, export,
 target_pretrain and the bench scripts), so `cpu`, `auto`, `cuda` and `cuda:N` mean the same everywhere.
 
-    from conf.device import resolve_device
+    from runtime.device import resolve_device
     resolve_device("auto")     # cuda:<LOCAL_RANK> when a GPU is present, else cpu
     resolve_device("cuda")     # cuda:<LOCAL_RANK> (torch.cuda.set_device and NCCL need an index)
     resolve_device("cuda:1")   # that GPU

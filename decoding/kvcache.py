@@ -1,7 +1,7 @@
 """Preallocated KV caches for decoding: one transformers StaticCache per model, compacted in place after every
 verification, fed from per-query-length preallocated input buffers, optionally replayed as CUDA graphs.
 
-    from drafters.kvcache import StaticRunner
+    from decoding.kvcache import StaticRunner
     step = lambda ids, mask, pos, cache: model_forward(model, cache, input_ids=ids, attention_mask=mask,
                                                        position_ids=pos).logits
     run = StaticRunner({"step": step}, model.config, device, dtype)

@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from conf.errors import DraftsmithError
+from runtime.distributed import is_main_rank
 
 LOCK_NAME = ".lock"
 MANIFEST = "COMPLETE.json"  # written last into a sealed folder: {"files": {relative path: size}}
@@ -42,19 +43,20 @@ _held: dict[str, list] = {}  # real path of a lock file -> [fd, depth], locks th
 # --------------------------------------------------------------------------------------------------
 # The run-directory lock
 # --------------------------------------------------------------------------------------------------
-def _is_main_rank() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def writable_dir(folder: Path, what: str = "run directory") -> Path:
-    """Create `folder` (and parents) or stop with one line saying it cannot be written."""
+def writable_dir(folder: Path, what: str = "run directory",
+                 fix: str = "fix its permissions, or choose another run.root / run.name") -> Path:
+    """Create `folder` (and parents) and prove a file can be written there (up front, not after the work),
+    or stop with one line saying it cannot, and `fix`."""
+    folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         if not os.access(folder, os.W_OK | os.X_OK):
             raise PermissionError(errno.EACCES, "Permission denied", str(folder))
+        probe = folder / f".write-probe-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
     except OSError as e:
-        raise DraftsmithError(f"{what} {folder} is not writable ({e.strerror or e}): fix its permissions, or "
-                              "choose another run.root / run.name") from None
+        raise DraftsmithError(f"{what} {folder} is not writable ({e.strerror or e}): {fix}") from None
     return folder
 
 
@@ -76,7 +78,7 @@ def run_lock(folder: Path | str, stage: str):
     import fcntl
 
     folder = Path(folder)
-    if not _is_main_rank():
+    if not is_main_rank():
         yield
         return
     writable_dir(folder)

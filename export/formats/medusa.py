@@ -32,15 +32,15 @@ from pathlib import Path
 import torch
 
 from conf.errors import DraftsmithError
-from drafters.formats.common import (
+from export.formats.common import (
     CONFIG,
     Checker,
     ExportContext,
     cast_tensors,
     dtype_name,
     save_tensors,
-    write_json,
 )
+from runtime.files import write_json
 
 HEADS = "medusa_lm_head.safetensors"
 HEADS_PT = "medusa_lm_head.pt"  # FasterDecoding/Medusa's loader reads only this name
@@ -142,8 +142,8 @@ def load(folder: Path, cfg: dict, target):
     """A MedusaDrafter holding the exported heads (in the file's dtype). For Medusa-2 decode with the
     target loaded from `base_path(folder)`."""
     from conf.schema.drafter import MedusaConfig
-    from drafters.formats.common import load_tensors
     from drafters.medusa import MedusaDrafter
+    from export.formats.common import load_tensors
 
     H = cfg.get("hidden_size", cfg.get("n_embd"))
     for key, have, want in (("hidden_size", H, target.hidden_size), ("vocab_size", cfg["vocab_size"], target.vocab_size)):

@@ -3,18 +3,18 @@ path; plus the autoregressive baseline on the same sampling rule and the same fa
 
     python -m pytest -q tests/test_decoder.py
 
-    from eval.decoder import SpeculativeDecoder
+    from decoding.decoder import SpeculativeDecoder
     dec = SpeculativeDecoder(target, drafter, cfg.eval.tree, temperature=0.0)
     tokens, stats = dec.generate(prompt_ids, max_new_tokens=128)          # stats.tau, stats.as_dict()
     base, base_stats = dec.generate_autoregressive(prompt_ids, max_new_tokens=128)
 
 One cycle: the target has read the committed tokens up to (not including) the root = its own last
 token. build_tree drafts N nodes; the target reads [root, nodes] in one forward with a tree mask and
-depth-correct positions on top of its KV cache; the acceptance rule (eval/verify.py) picks the accepted path
+depth-correct positions on top of its KV cache; the acceptance rule (decoding/verify.py) picks the accepted path
 and the bonus token; the cache keeps exactly the root and the accepted entries; the drafter gets
 commit(accepted + bonus, target features at [root, accepted]).
 
-Fast path (drafters/kvcache.py), shared by both decoders so the speedup is measured against the best
+Fast path (decoding/kvcache.py), shared by both decoders so the speedup is measured against the best
 autoregressive decoding this code does: the target's KV cache is a preallocated StaticCache compacted in
 place, inputs go through per-length preallocated buffers, the acceptance result reaches the host in one
 transfer per cycle (the only sync), phases are timed with CUDA events (no extra syncs), and on CUDA
@@ -35,9 +35,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from conf.errors import DraftsmithError
-from drafters.kvcache import StaticRunner, model_forward
-from drafters.tree import build_tree, check_tree_attention, check_tree_config, tree_nodes
-from eval.verify import ACCEPTANCE, Accepted, SamplingRule, accept_paths, tree_block
+from conf.schema.eval import ACCEPTANCE
+from decoding.kvcache import StaticRunner, model_forward
+from decoding.tree import build_tree, check_tree_attention, check_tree_config, tree_nodes
+from decoding.verify import Accepted, SamplingRule, accept_paths, tree_block
 
 
 @dataclass
@@ -270,7 +271,7 @@ class SpeculativeDecoder:
         while not done:
             t0 = clock.mark()
             tree = build_tree(drafter, self.tree_cfg, 1, rule.temperature, rule.top_p, rule.top_k, generator,
-                              self.sample, device=ids.device)
+                              self.sample, device=ids.device, checked=True)
             t1 = clock.mark()
             in_ids, pos, vis, anc = tree_block(tree, root)
             logits, feats = run(in_ids, pos, vis[0], "verify")

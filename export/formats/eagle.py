@@ -1,6 +1,6 @@
 """EAGLE-1 / EAGLE-3 drafters as SGLang and vLLM (speculators) load them.
 
-    from drafters.formats import write_export, check_format, load_exported
+    from export.formats import write_export, check_format, load_exported
     python -m pytest -q tests/test_export_eagle.py
 
 SGLang (`export.format=sglang`), checked against sglang/srt/models/llama_eagle3.py and llama_eagle.py:
@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 
 from conf.errors import DraftsmithError
-from drafters.formats.common import (
+from export.formats.common import (
     CONFIG,
     WEIGHTS,
     Checker,
@@ -59,8 +59,8 @@ from drafters.formats.common import (
     layer_config,
     load_tensors,
     save_tensors,
-    write_json,
 )
+from runtime.files import write_json
 
 ENGINE_TAPS = 3  # SGLang's and vLLM's EAGLE-3 fc reads 3 target layers
 ARCH = {"eagle3": "LlamaForCausalLMEagle3", "eagle1": "LlamaForCausalLMEagle"}

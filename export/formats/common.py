@@ -95,10 +95,6 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
-
-
 def rope_fields(rope: dict) -> dict:
     """RoPE settings in both spellings: transformers v5 `rope_parameters`, and the v4 `rope_theta` +
     `rope_scaling` that SGLang and vLLM read (without them they fall back to theta 10000)."""
@@ -239,16 +235,3 @@ class Checker:
             self.fail(where, f"{k} is {tensors[k].dtype}, expected a floating dtype")
         if len(kinds) > 1 and not bad:
             self.fail(where, f"weights mix dtypes {sorted(kinds)}: export them in one dtype")
-
-
-def check_writable(out: Path) -> None:
-    """Create `out` (and parents) and prove we can write there, with a one-line error otherwise."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-probe"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise DraftsmithError(
-            f"export.out_dir {out} is not writable ({type(e).__name__}: {e.strerror or e}): choose a "
-            "writable export.out_dir") from None

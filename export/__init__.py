@@ -1,0 +1,1 @@
+"""The export stage (stage.py: write, reload, check, decode) and the serving formats (formats/)."""

@@ -1,0 +1,84 @@
+"""The package layering: every package imports only itself and the layers below it (README, "Layout").
+
+Parsed, not imported: every `import` / `from ... import` statement of every project file, including the
+ones inside functions and under `if TYPE_CHECKING:`, is checked against LAYERS. Packages of one layer are
+peers: they do not import each other. The entry points (train.py, bench/, tests/) sit above all of them.
+"""
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# bottom first; a package may import packages of strictly lower layers (and itself)
+LAYERS: list[tuple[str, ...]] = [
+    ("conf",),                          # typed config schemas and errors: imports nothing of ours
+    ("runtime",),                       # device, launcher ranks, run-directory lock, atomic writes
+    ("decoding",),                      # draft trees, verification rules, static KV cache, the decoder
+    ("drafters",),                      # the target wrapper, losses, drafter families, checkpoint folders
+    ("data_gen",),                      # prompts, templating, regeneration, caches
+    ("training", "eval", "export"),     # the stages that train, measure and ship a drafter
+]
+ENTRY = ("train", "bench", "tests")  # above every layer: may import anything, imported by none
+LAYER_OF = {pkg: i for i, layer in enumerate(LAYERS) for pkg in layer}
+PROJECT = set(LAYER_OF) | set(ENTRY)
+
+
+def imported_modules(tree: ast.AST):
+    """(line, dotted module) of every absolute import in a parsed file."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            yield node.lineno, node.module
+
+
+def violations(path: Path) -> list[str]:
+    rel = path.relative_to(ROOT)
+    own = rel.parts[0]
+    if own not in LAYER_OF:
+        return []
+    out = []
+    for line, module in imported_modules(ast.parse(path.read_text(), str(rel))):
+        top = module.split(".")[0]
+        if top not in PROJECT or top == own:
+            continue
+        if top in ENTRY or LAYER_OF[top] >= LAYER_OF[own]:
+            why = f"{top} and {own} are peers" if LAYER_OF.get(top) == LAYER_OF[own] else f"{top} is above {own}"
+            out.append(f"{rel}:{line}: imports {module} ({why})")
+    return out
+
+
+def project_files() -> list[Path]:
+    return sorted(p for pkg in LAYER_OF for p in (ROOT / pkg).rglob("*.py"))
+
+
+def test_every_package_of_the_repository_has_a_layer():
+    packages = {p.parent.name for p in ROOT.glob("*/__init__.py")}
+    assert packages - set(LAYER_OF) - set(ENTRY) == set()
+
+
+def test_imports_point_down_the_layers():
+    files = project_files()
+    assert len(files) > 50  # the walk found the project
+    found = [v for f in files for v in violations(f)]
+    assert not found, "imports against the layering:\n" + "\n".join(found)
+
+
+def test_an_upward_import_is_named_with_file_and_line(tmp_path, monkeypatch):
+    """The check itself: an upward import, even inside a function, is reported with file, line and module."""
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    for pkg in ("decoding", "eval"):
+        (tmp_path / pkg).mkdir()
+    up = tmp_path / "decoding" / "x.py"
+    up.write_text("import torch\nfrom conf.errors import DraftsmithError\nfrom decoding import tree\n\n\n"
+                  "def f():\n    from eval.stage import run\n    import tests.conftest\n")
+    assert violations(up) == ["decoding/x.py:7: imports eval.stage (eval is above decoding)",
+                              "decoding/x.py:8: imports tests.conftest (tests is above decoding)"]
+    peer = tmp_path / "eval" / "y.py"
+    peer.write_text("from training.stage import train\n")
+    assert violations(peer) == ["eval/y.py:1: imports training.stage (training and eval are peers)"]
+
