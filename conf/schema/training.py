@@ -48,6 +48,10 @@ class TrainConfig:
                                   "(data_gen's cache)")
         if self.schedule not in SCHEDULES:
             raise DraftsmithError(f"train.schedule={self.schedule!r}: use one of {', '.join(SCHEDULES)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise DraftsmithError(f"train.max_steps={self.max_steps} must be >= 1 (or null to use train.epochs)")
+        if self.max_steps is None and self.epochs <= 0:  # epochs count only without max_steps
+            raise DraftsmithError(f"train.epochs={self.epochs} must be > 0")
         if self.micro_batch_size < 1 or self.grad_accum < 1:
             raise DraftsmithError(f"train.micro_batch_size={self.micro_batch_size} and train.grad_accum="
                                   f"{self.grad_accum} must both be >= 1")
