@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 from bench.targets import SHAPES  # noqa: E402
 from conf.errors import DraftsmithError  # noqa: E402
 from conf.schema import PROJECT_ROOT, load_config, project_path  # noqa: E402
-from eval.report import _f  # noqa: E402  (one number format for every table)
+from eval.report import cell  # noqa: E402  (one number format for every table)
 
 BENCHMARKS_MD = PROJECT_ROOT / "BENCHMARKS.md"
 
@@ -230,7 +230,7 @@ def table(rows: list[dict], best_ms: float | None = None) -> str:
     cols = name + decode_columns()
     if best_ms:
         at = next(i for i, (h, _) in enumerate(cols) if h.startswith("speedup")) + 1
-        cols.insert(at, ("vs best AR", lambda r: _f(r["tok_s_spec"] and r["tok_s_spec"] * best_ms / 1000, "{:.2f}×")))
+        cols.insert(at, ("vs best AR", lambda r: cell(r["tok_s_spec"] and r["tok_s_spec"] * best_ms / 1000, "{:.2f}×")))
     return "\n".join(md_table(cols, rows) + ["", INTERVAL_NOTE, "", "Acceptance by depth (of the cycles that "
                       "reached depth d with 1..d-1 accepted, the share accepting d):", ""]
                       + md_table(depth + acceptance_columns(), depth_rows(rows)))
@@ -238,19 +238,19 @@ def table(rows: list[dict], best_ms: float | None = None) -> str:
 
 def baseline_lines(b: dict, peers: list[dict]) -> list[str]:
     """The autoregressive baselines and peers as Markdown bullets."""
-    floor = (f"{_f(b['floor_ms_per_token'], '{:.2f}')} ms/token = {b['weight_bytes'] / 1e9:.3g} GB of weights per "
+    floor = (f"{cell(b['floor_ms_per_token'], '{:.2f}')} ms/token = {b['weight_bytes'] / 1e9:.3g} GB of weights per "
              f"token / {b['bandwidth_gbs']:.0f} GB/s ({b['bandwidth_from']})" if b["floor_ms_per_token"]
              else f"- ({b['weight_bytes'] / 1e9:.3g} GB of weights per token; no bandwidth known: pass --bandwidth)")
     hf = "not run" if b["hf_ms_per_token"] is None else (
         f"{b['hf_ms_per_token']:.2f} ms/token ({b['hf_peer']}, {'compiled' if b['hf_compiled'] else 'eager'}"
         f"{'; ' + b['hf_note'] if b['hf_note'] else ''})")
-    out = [f"- autoregressive, ours: {_f(b['ours_ms_per_token'])} ms/token; transformers greedy generate: {hf}; "
-           f"best: {_f(b['best_ms_per_token'])} ms/token; memory floor: {floor}"]
+    out = [f"- autoregressive, ours: {cell(b['ours_ms_per_token'])} ms/token; transformers greedy generate: {hf}; "
+           f"best: {cell(b['best_ms_per_token'])} ms/token; memory floor: {floor}"]
     for p in peers:
         if p["peer"] == "hf-assisted":
-            out.append(f"- transformers generate(assistant_model={p['assistant']}), greedy: {_f(p['ms_per_token'])} "
-                       f"ms/token ({_f(p['tok_s'], '{:.1f}')} tok/s), output = greedy generate "
-                       f"{_f(p['identical'], '{}')}/{p['generations']}")
+            out.append(f"- transformers generate(assistant_model={p['assistant']}), greedy: {cell(p['ms_per_token'])} "
+                       f"ms/token ({cell(p['tok_s'], '{:.1f}')} tok/s), output = greedy generate "
+                       f"{cell(p['identical'], '{}')}/{p['generations']}")
     return out
 
 

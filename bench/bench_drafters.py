@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from eval.metrics import MIN_VERDICT_PROMPTS, paired_difference  # noqa: E402
-from eval.report import md_row, md_table, with_interval  # noqa: E402
+from eval.report import cell, md_row, md_table, with_interval  # noqa: E402
 
 # name -> (table, overrides, what it starts from: None = scratch, else the variant whose final drafter it loads)
 VARIANTS = {
@@ -137,15 +137,11 @@ def eval_fields(results: list[dict]) -> dict:
     return out
 
 
-def _f(x, fmt="{:.2f}"):
-    return "-" if x is None else fmt.format(x)
-
-
 def columns() -> list:
     """The variants table (eval.report.Column list: one entry per column)."""
     cols = [("variant", lambda r: r["variant"]), ("from", lambda r: r["start"] or "scratch"),
-            ("steps", lambda r: str(r["steps"])), ("train tok/s", lambda r: _f(r["tokens_per_s"], "{:.0f}")),
-            ("final loss", lambda r: _f(r["final_loss"], "{:.3f}")), ("τ sim", lambda r: _f(r["tau_sim"])),
+            ("steps", lambda r: str(r["steps"])), ("train tok/s", lambda r: cell(r["tokens_per_s"], "{:.0f}")),
+            ("final loss", lambda r: cell(r["final_loss"], "{:.3f}")), ("τ sim", lambda r: cell(r["tau_sim"])),
             ("prompts", lambda r: str(r["prompts"]))]
     for t in TEMPS:
         k = int(t)

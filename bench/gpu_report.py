@@ -15,8 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.bench_decode import _f, baseline_lines, table  # noqa: E402
+from bench.bench_decode import baseline_lines, table  # noqa: E402
 from bench.bench_train_mfu import report as train_lines  # noqa: E402
+from eval.report import cell  # noqa: E402
 
 END = "<!-- end of GPU section: bench/gpu_suite.sh inserts its results above this line -->"
 PLACEHOLDER = re.compile(r"<!-- gpu_suite: not yet measured -->.*?<!-- /gpu_suite -->\n*", re.S)
@@ -63,7 +64,7 @@ def decode_block(rows: list[dict]) -> list[str]:
         out += baseline_lines(base, peers)
     elif peers:
         out.append("- (the step ended before its autoregressive summary: peers measured: "
-                   + ", ".join(f"{p['peer']} {_f(p['ms_per_token'])} ms/token" for p in peers) + ")")
+                   + ", ".join(f"{p['peer']} {cell(p['ms_per_token'])} ms/token" for p in peers) + ")")
     return out + [""]
 
 
@@ -80,8 +81,8 @@ def ar_summary(decode_steps: list[tuple[str, list[dict]]]) -> list[str]:
             f"{b['hf_ms_per_token']:.2f} ({'compiled' if b['hf_compiled'] else 'eager'})"
         ratio = b["ours_ms_per_token"] / b["floor_ms_per_token"] if b["floor_ms_per_token"] and b["ours_ms_per_token"] \
             else None
-        out.append("| " + " | ".join([name, b["target"], _f(b["ours_ms_per_token"]), hf, _f(b["best_ms_per_token"]),
-                                      _f(b["floor_ms_per_token"]), _f(ratio, "{:.1f}×")]) + " |")
+        out.append("| " + " | ".join([name, b["target"], cell(b["ours_ms_per_token"]), hf, cell(b["best_ms_per_token"]),
+                                      cell(b["floor_ms_per_token"]), cell(ratio, "{:.1f}×")]) + " |")
     return out if len(out) > 2 else ["(no autoregressive baseline finished)"]
 
 

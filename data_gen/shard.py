@@ -3,8 +3,8 @@ commit it atomically as `shards/shard-<first index>/` (used by data_gen/stage.py
 
 A shard folder holds rows/ (a datasets.Dataset), cache-<b>.safetensors (one per forward batch, when
 caching) and accounting.json (every conversation index it covers: written or skipped with a reason).
-Everything is written into `.tmp-<name>-<pid>/` first and renamed at the end: os.replace of a folder
-is atomic, so a SIGKILL leaves either the whole shard or a temp folder that the next run deletes.
+Everything is written into `.tmp-<name>-<pid>/` first and renamed at the end (runtime.files.replace_folder):
+a rename is atomic, so a SIGKILL leaves either the whole shard or a temp folder that the next run deletes.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from conf.errors import DraftsmithError
 from data_gen.cache import compute_cache, write_cache_file
 from data_gen.regenerate import regenerate
 from data_gen.render import render_conversation
-from runtime.files import write_json
+from runtime.files import replace_folder, write_json
 
 _hook_counts: Counter = Counter()
 
@@ -109,5 +109,4 @@ class ShardWriter:
             "indices": [i for i, _ in chunk], "written": len(rows), "skipped": skipped,
             "truncated": sum(r["truncated"] for r in ordered), "cache_files": cache_files, "cache": cache_of}, sort_keys=True)
         kill_hook("shard_written")
-        os.replace(tmp, final)
-        return final
+        return replace_folder(tmp, final)

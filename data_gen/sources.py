@@ -166,7 +166,6 @@ def iter_sharegpt(path: str | Path | None = None, report: SourceReport | None = 
 # --------------------------------------------------------------------------------------------------
 # JSONL and HF datasets: each row is ShareGPT-shaped or OpenAI-shaped, detected per row
 # --------------------------------------------------------------------------------------------------
-SOURCES = ("sharegpt", "jsonl", "hf")
 _ID_KEYS = ("id", "conversation_id", "prompt_id", "uuid")
 
 
@@ -278,11 +277,8 @@ def iter_hf(path: str, report: SourceReport | None = None, config: str | None = 
 
 def iter_source(data, report: SourceReport) -> Iterator[Conversation]:
     """The conversations of `data` (a conf.schema.data.DataConfig), capped at data.max_conversations."""
-    if data.source not in SOURCES:
-        raise DraftsmithError(f"data.source={data.source!r} is not a prompt source: use one of {', '.join(SOURCES)}")
+    data.check()  # source, split and cap (conf/schema/data.py), again for a config changed in code
     if data.source == "sharegpt":
-        if data.split not in ("train", "heldout", "all"):
-            raise DraftsmithError(f"data.split={data.split!r} is not a ShareGPT split: use train, heldout or all")
         it = iter_sharegpt(data.path, report, split=data.split)
     elif not data.path:
         raise DraftsmithError(f"data.source={data.source} needs data.path (a "
@@ -292,8 +288,6 @@ def iter_source(data, report: SourceReport) -> Iterator[Conversation]:
     else:
         it = iter_hf(data.path, report, data.hf_config, data.split)
     cap = data.max_conversations
-    if cap is not None and cap <= 0:
-        raise DraftsmithError(f"data.max_conversations={cap}: give a positive number, or null for all")
     for n, conv in enumerate(it, start=1):
         yield conv
         if cap is not None and n >= cap:  # stop before reading further rows, so the accounting is exact

@@ -34,10 +34,10 @@ from conf.schema import Config, run_dir, save_config
 from data_gen.output import read_meta, token_counts
 from data_gen.render import NOT_PREFIX_STABLE
 from data_gen.shard import ShardWriter, kill_hook
-from data_gen.sources import SOURCES, SourceReport, iter_source
+from data_gen.sources import SourceReport, iter_source
 from drafters.target import target_identity
 from runtime.distributed import GlooGroup
-from runtime.files import save_npy, write_json
+from runtime.files import replace_folder, save_npy, write_json
 from runtime.rundir import stage_session
 
 # DataConfig fields that change the rows; anything else (batch_size, shard_rows) only changes speed
@@ -57,9 +57,7 @@ class DataGenResult:
 
 
 def _validate(data) -> None:
-    if data.source not in SOURCES:
-        raise DraftsmithError(f"data.source={data.source!r} is not a prompt source: use one of {', '.join(SOURCES)}")
-    data.check()  # the schema's own ranges (conf/schema/data.py)
+    data.check()  # the schema's own choices and ranges (conf/schema/data.py)
 
 
 def _prepare(out: Path, settings: dict, cfg: Config) -> None:
@@ -232,8 +230,7 @@ def _assemble(out: Path, total: int, report: SourceReport, settings: dict, this_
     ds = ds.select(np.argsort(ds.data.column("conv_index").to_numpy(), kind="stable")).flatten_indices()
     final, tmp = out / "dataset", out / f".dataset.tmp-{os.getpid()}"
     ds.save_to_disk(str(tmp))
-    shutil.rmtree(final, ignore_errors=True)  # a kill after a previous rename, before meta.json
-    os.replace(tmp, final)
+    replace_folder(tmp, final)  # a dataset from a run killed after its rename, before meta.json, is replaced
     ds = datasets.load_from_disk(str(final))
     vocab = settings["target"]["vocab_size"]
     counts = token_counts(ds, vocab)

@@ -44,8 +44,7 @@ class Eagle1Drafter(EagleBase):
 
     def __init__(self, cfg, dims: DrafterDims, target):
         super().__init__(cfg, dims, target)
-        if cfg.num_layers < 1:
-            raise DraftsmithError(f"drafter.num_layers={cfg.num_layers}: eagle1 needs at least 1 decoder layer")
+        cfg.check()  # Eagle1Config's ranges (conf/schema/drafter.py), again for a config changed in code
         self._check_losses({"smooth_l1", "ce", *L.DISTRIBUTION_LOSSES})
         H = dims.hidden_size
         self.fc = nn.Linear(2 * H, H, bias=True)
@@ -57,7 +56,7 @@ class Eagle1Drafter(EagleBase):
         return cls(cfg, DrafterDims.from_target(target), target).to(target.device)
 
     @classmethod
-    def from_meta(cls, cfg, target, dims, meta):
+    def from_meta(cls, cfg, target, dims, meta, folder=None):
         return cls(cfg, dims, target).to(target.device)
 
     @property

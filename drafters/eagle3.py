@@ -56,13 +56,7 @@ class Eagle3Drafter(EagleBase):
 
     def __init__(self, cfg, dims: DrafterDims, target, vocab: DraftVocab):
         super().__init__(cfg, dims, target)
-        if cfg.num_layers != 1:
-            raise DraftsmithError(f"drafter.num_layers={cfg.num_layers}: eagle3 has exactly one decoder layer "
-                                  "(the SGLang LlamaForCausalLMEagle3 layout); set drafter.num_layers=1")
-        if cfg.ttt_steps < 1:
-            raise DraftsmithError(f"drafter.ttt_steps={cfg.ttt_steps}: unroll at least 1 step (official: 7)")
-        if cfg.step_decay <= 0:
-            raise DraftsmithError(f"drafter.step_decay={cfg.step_decay} must be > 0 (official: 0.8)")
+        cfg.check()  # Eagle3Config's ranges (conf/schema/drafter.py), again for a config changed in code
         self._check_losses({"ce", *L.DISTRIBUTION_LOSSES})
         from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
@@ -89,7 +83,7 @@ class Eagle3Drafter(EagleBase):
         return model
 
     @classmethod
-    def from_meta(cls, cfg, target, dims, meta):
+    def from_meta(cls, cfg, target, dims, meta, folder=None):
         v_d = int(meta["draft_vocab_size"])  # the maps themselves load with the weights
         vocab = DraftVocab(d2t=torch.zeros(v_d, dtype=torch.long), t2d=torch.zeros(dims.vocab_size, dtype=torch.bool),
                            source=meta.get("vocab_source", "token_counts"))

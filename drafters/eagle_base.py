@@ -27,6 +27,7 @@ from drafters.layers import (
     masked_attention,
     ttt_rows_attend,
 )
+from drafters.target import target_identity
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,18 @@ class EagleBase(FolderCheckpoint, TrainableDrafter):
     @property
     def target(self):
         return self._target.obj
+
+    # --- checkpoint folder (drafters/folder.py) -----------------------------------------------------------
+    def checkpoint_dims(self) -> dict:
+        return self.dims.to_dict()
+
+    @classmethod
+    def read_dims(cls, dims: dict) -> DrafterDims:
+        return DrafterDims(**dims)
+
+    def checkpoint_target(self) -> dict:
+        """EAGLE holds its target: the identity is read from it at save time."""
+        return target_identity(self.target)
 
     @property
     def param_dtype(self) -> torch.dtype:

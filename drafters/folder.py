@@ -4,9 +4,10 @@ drafter_config.json = {family, config (the drafter's conf dataclass), dims (deri
 (drafters.target.target_identity of the target it was trained for), family extras}. Loading checks the
 family and the target before any weight is read, so a wrong folder fails with one line naming it and the fix.
 
-Families with their own decoder layers (EAGLE-1/3) get save_pretrained / from_pretrained from the
-`FolderCheckpoint` mixin by implementing `checkpoint_meta()` and `from_meta()`; Medusa, Hydra and the
-small LM call save_folder / read_folder themselves (they also write a LoRA adapter or a plain HF folder).
+Every family gets save_pretrained / from_pretrained from the `FolderCheckpoint` mixin and fills in its
+hooks: what it records (dims, extras, weights), the files it writes beside (Medusa-2's LoRA adapter, the
+small LM's plain Hugging Face folder), how it rebuilds an untrained module of the saved shapes, and what
+it finishes after the weights loaded.
 """
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ import torch
 from torch import nn
 
 from conf.errors import DraftsmithError
-from drafters.layers import DrafterDims
 from drafters.target import target_identity
 from runtime.files import write_json
 
@@ -107,33 +107,66 @@ def load_tensors(module: nn.Module, tensors: dict[str, torch.Tensor], folder) ->
 class FolderCheckpoint:
     """Mixin for TrainableDrafter families: `save_pretrained(dir)` / `from_pretrained(dir, target)`.
 
-    Families define `family`, `self.cfg` (their conf.schema.drafter dataclass), `self.dims`,
-    `checkpoint_meta()` (extra JSON) and the classmethod `from_meta(cfg, target, dims, meta)` that rebuilds
-    an untrained module of the saved shapes; the weights then load strictly."""
+    Families define `family`, `self.cfg` (their conf.schema.drafter dataclass), `checkpoint_dims()` (the
+    sizes recorded as "dims") and the classmethod `from_meta(cfg, target, dims, meta, folder)` that rebuilds
+    an untrained module of the saved shapes; the weights then load strictly. The other hooks have defaults:
+    `checkpoint_meta()` (extra JSON), `checkpoint_tensors()` (model.safetensors), `checkpoint_target()` (the
+    target identity recorded), `write_files(folder)` (files beside, written before drafter_config.json, which
+    marks a complete folder), `read_dims(dims)` and `loaded(target, meta, folder, **options)`."""
 
     family: str = ""
+    weights_file: bool = True  # False: the family's own files hold the weights (the small LM's HF folder)
+    _target_fp: dict  # the target identity the drafter was built or loaded with (see checkpoint_target)
+
+    def checkpoint_dims(self) -> dict:
+        raise NotImplementedError
 
     def checkpoint_meta(self) -> dict:
         return {}
 
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor] | None:
+        return self.state_dict() if self.weights_file else None
+
+    def checkpoint_target(self) -> dict:
+        """target_identity recorded in the folder: by default the one the drafter was built or loaded with."""
+        return self._target_fp
+
+    def write_files(self, folder: Path) -> None:
+        """Files of the family's own beside model.safetensors (none by default)."""
+
     @classmethod
-    def from_meta(cls, cfg, target, dims: DrafterDims, meta: dict):
+    def read_dims(cls, dims: dict):
+        """The recorded "dims" in the form from_meta takes (as recorded by default)."""
+        return dims
+
+    @classmethod
+    def from_meta(cls, cfg, target, dims, meta: dict, folder=None):
         raise NotImplementedError
 
+    def loaded(self, target, meta: dict, folder, **options):
+        """Finish a module whose weights have loaded (an adapter, the serving dtype); returns the drafter."""
+        return self
+
     def save_pretrained(self, directory: str | Path, target=None) -> Path:
-        """Write model.safetensors + drafter_config.json into `directory` (created)."""
-        fp = target_identity(target if target is not None else self.target)
-        return save_folder(directory, self.family, self.cfg, self.dims.to_dict(), fp, self.state_dict(),
+        """Write the family's files, model.safetensors and drafter_config.json into `directory` (created)."""
+        folder = Path(directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.write_files(folder)
+        fp = target_identity(target) if target is not None else self.checkpoint_target()
+        return save_folder(folder, self.family, self.cfg, self.checkpoint_dims(), fp, self.checkpoint_tensors(),
                            extra=self.checkpoint_meta())
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, target):
-        """Rebuild from a folder written by save_pretrained, checking it was trained for this target."""
+    def from_pretrained(cls, directory: str | Path, target, **options):
+        """Rebuild from a folder written by save_pretrained, checking it was trained for this target;
+        `options` go to the family's `loaded` (Medusa-2: trainable=True keeps its adapter unmerged)."""
         from conf.schema.drafter import DRAFTER_SCHEMAS
 
-        meta, state = read_folder(directory, cls.family, target, uses_taps=getattr(cls, "feature_source", None)
-                                  == "features", device=target.device)
+        meta, state = read_folder(directory, cls.family, target, tensors=cls.weights_file,
+                                  uses_taps=getattr(cls, "feature_source", None) == "features", device=target.device)
         cfg = saved_config(DRAFTER_SCHEMAS[cls.family], meta, directory)
-        model = cls.from_meta(cfg, target, DrafterDims(**meta["dims"]), meta)
-        load_tensors(model, state, directory)
-        return model
+        model = cls.from_meta(cfg, target, cls.read_dims(meta["dims"]), meta, directory)
+        if cls.weights_file:
+            load_tensors(model, state, directory)
+        model._target_fp = meta["target"]
+        return model.loaded(target, meta, directory, **options)

@@ -22,9 +22,6 @@ Decoding (`HydraDecodeDrafter`) reads the target's *last hidden state* (`feature
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -39,7 +36,7 @@ from drafters.common import (
     target_positions,
     token_objective,
 )
-from drafters.folder import load_tensors, read_folder, save_folder, saved_config
+from drafters.folder import FolderCheckpoint
 from drafters.medusa import ResBlock
 from drafters.target import target_identity
 
@@ -66,7 +63,7 @@ def prefix_layer_config(target_cfg):
     return cfg
 
 
-class HydraDrafter(TrainableDrafter):
+class HydraDrafter(FolderCheckpoint, TrainableDrafter):
     """K sequentially dependent heads (+ Hydra++'s prefix decoder layer)."""
 
     family = "hydra"
@@ -200,22 +197,22 @@ class HydraDrafter(TrainableDrafter):
     def as_drafter(self, target) -> HydraDecodeDrafter:
         return HydraDecodeDrafter(self)
 
-    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+    # --- checkpoint folder (drafters/folder.py) -----------------------------------------------------------
+    def checkpoint_dims(self) -> dict:
         dims = {"hidden_size": self.hidden_size, "vocab_size": self.vocab_size, "num_heads": self.cfg.num_heads}
         if self.prefix_layer is not None:
             dims["prefix_layer"] = self.prefix_layer.self_attn.config.to_diff_dict()
-        return save_folder(folder, self.family, self.cfg, dims, self._target_fp, self.state_dict())
+        return dims
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, target) -> HydraDrafter:
-        meta, tensors = read_folder(folder, cls.family, target)
-        cfg = saved_config(HydraConfig, meta, folder)
+    def from_meta(cls, cfg, target, dims, meta, folder=None) -> HydraDrafter:
         layer_cfg = prefix_layer_config(target.config) if cfg.prefix_layer else None
         model = cls(cfg, target.hidden_size, target.vocab_size, layer_cfg).to(target.device)
-        load_tensors(model, tensors, folder)
         model._bind(target)
-        model._target_fp = meta["target"]
-        return model.to(target.dtype)
+        return model
+
+    def loaded(self, target, meta, folder) -> HydraDrafter:
+        return self.to(target.dtype)
 
 
 class HydraDecodeDrafter(Drafter):

@@ -34,7 +34,6 @@ several families use are in drafters/common.py.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -50,7 +49,7 @@ from drafters.common import (
     target_positions,
     token_objective,
 )
-from drafters.folder import load_tensors, read_folder, save_folder, saved_config
+from drafters.folder import FolderCheckpoint
 from drafters.losses import ce, forward_kl
 from drafters.target import target_identity
 
@@ -83,7 +82,7 @@ class ResBlock(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 # Medusa
 # ---------------------------------------------------------------------------------------------------
-class MedusaDrafter(TrainableDrafter):
+class MedusaDrafter(FolderCheckpoint, TrainableDrafter):
     """K Medusa heads (+ a LoRA adapter on the target for Medusa-2)."""
 
     family = "medusa"
@@ -218,35 +217,36 @@ class MedusaDrafter(TrainableDrafter):
         """The heads only, in Medusa's names (`medusa_head.{k}.{j}.linear.weight`, ...)."""
         return {f"medusa_head.{k}": v for k, v in self.medusa_head.state_dict().items()}
 
-    def save_pretrained(self, folder: str | os.PathLike) -> Path:
-        """model.safetensors (heads) + drafter_config.json; Medusa-2 adds the peft adapter in adapter/."""
-        dims = {"hidden_size": self.hidden_size, "vocab_size": self.vocab_size,
+    # --- checkpoint folder (drafters/folder.py) -----------------------------------------------------------
+    def checkpoint_dims(self) -> dict:
+        return {"hidden_size": self.hidden_size, "vocab_size": self.vocab_size,
                 "num_heads": self.cfg.num_heads, "num_layers": self.cfg.num_layers}
-        folder = save_folder(folder, self.family, self.cfg, dims, self._target_fp, self.heads_state_dict())
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        return self.heads_state_dict()  # model.safetensors holds the heads; Medusa-2's adapter goes to adapter/
+
+    def write_files(self, folder: Path) -> None:
         if self.base is not None:
             self.base.save_pretrained(str(folder / "adapter"))
-        return folder
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, target, trainable: bool = False) -> MedusaDrafter:
-        """Load heads saved by save_pretrained. A Medusa-2 adapter is merged into target.model in place
-        (the fine-tuned model Medusa-2 serves), or kept as a trainable adapter with trainable=True."""
-        meta, tensors = read_folder(folder, cls.family, target)
-        cfg = saved_config(MedusaConfig, meta, folder)
-        model = cls(cfg, target.hidden_size, target.vocab_size).to(target.device)
-        load_tensors(model, tensors, folder)
-        model._target_fp = meta["target"]
-        if cfg.joint:
+    def from_meta(cls, cfg, target, dims, meta, folder=None) -> MedusaDrafter:
+        return cls(cfg, target.hidden_size, target.vocab_size).to(target.device)
+
+    def loaded(self, target, meta, folder, trainable: bool = False) -> MedusaDrafter:
+        """A Medusa-2 adapter is merged into target.model in place (the fine-tuned model Medusa-2 serves), or
+        kept as a trainable adapter with from_pretrained(..., trainable=True)."""
+        if self.cfg.joint:
             adapter = Path(folder) / "adapter"
             if not adapter.exists():
                 raise DraftsmithError(f"Medusa-2 checkpoint {folder} has no adapter/ folder: it is incomplete")
-            model._attach_lora(target, str(adapter), trainable=trainable)
+            self._attach_lora(target, str(adapter), trainable=trainable)
             if not trainable:  # fold LoRA into target.model's own linears; the plain module tree returns
-                model.base.merge_and_unload()
-                model.base = None
+                self.base.merge_and_unload()
+                self.base = None
         if not trainable:
-            model.to(target.dtype)
-        return model
+            self.to(target.dtype)
+        return self
 
 
 class MedusaDecodeDrafter(Drafter):

@@ -23,7 +23,6 @@ folder (config.json, model.safetensors with any LoRA merged, the target's tokeni
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 
 import torch
@@ -39,7 +38,7 @@ from drafters.common import (
     target_positions,
     token_objective,
 )
-from drafters.folder import read_folder, save_folder, saved_config
+from drafters.folder import FolderCheckpoint
 from drafters.target import target_identity
 
 
@@ -96,7 +95,7 @@ def check_vocab(model, tokenizer, target, source: str) -> None:
             f"{n_tok}: pick a drafter that shares the target's tokenizer")
 
 
-class SmallDrafter(TrainableDrafter):
+class SmallDrafter(FolderCheckpoint, TrainableDrafter):
     """A Hugging Face causal LM (optionally LoRA-wrapped) trained to imitate the target."""
 
     family = "small"
@@ -165,28 +164,26 @@ class SmallDrafter(TrainableDrafter):
             return copy.deepcopy(self.model).merge_and_unload()
         return self.model
 
-    def save_pretrained(self, folder: str | os.PathLike) -> Path:
-        """A Hugging Face causal-LM folder (+ the target's tokenizer) with drafter_config.json beside."""
-        folder = Path(folder)
-        model = self.plain_model()
-        model.save_pretrained(folder)
+    # --- checkpoint folder (drafters/folder.py) -----------------------------------------------------------
+    # The folder is a Hugging Face causal-LM folder (+ the target's tokenizer) with drafter_config.json beside;
+    # any LoRA is merged on save, and a load reads it in the target's dtype.
+    weights_file = False  # the HF folder holds the weights
+
+    def write_files(self, folder: Path) -> None:
+        self.plain_model().save_pretrained(folder)
         self._tokenizer.obj.save_pretrained(folder)
-        cfg = model.config
-        dims = {"vocab_size": int(model.get_input_embeddings().weight.shape[0]), "model_type": cfg.model_type,
+
+    def checkpoint_dims(self) -> dict:
+        cfg = self.model.config  # a LoRA-wrapped model shows its base model's config and embeddings
+        return {"vocab_size": int(self.model.get_input_embeddings().weight.shape[0]), "model_type": cfg.model_type,
                 "hidden_size": int(cfg.hidden_size), "num_layers": int(cfg.num_hidden_layers)}
-        return save_folder(folder, self.family, self.cfg, dims, self._target_fp, None)
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, target) -> SmallDrafter:
-        """Load a folder written by save_pretrained (any LoRA already merged) in the target's dtype."""
+    def from_meta(cls, cfg, target, dims, meta, folder=None) -> SmallDrafter:
         from transformers import AutoModelForCausalLM
 
-        meta, _ = read_folder(folder, cls.family, target, tensors=False)
-        cfg = saved_config(SmallConfig, meta, folder)
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=target.dtype).to(target.device)
-        drafter = cls(cfg, model, target)
-        drafter._target_fp = meta["target"]
-        return drafter
+        return cls(cfg, model, target)
 
 
 def _load_checkpoint(source: str):

@@ -56,7 +56,8 @@ def title(report: dict) -> str:
     return f"{t} [{LOSSY}]" if report.get("lossy") else t
 
 
-def _f(x, fmt: str = "{:.2f}") -> str:
+def cell(x, fmt: str = "{:.2f}") -> str:
+    """One number of a table as `fmt` writes it; "-" for a missing one (every report and bench table)."""
     return "-" if x is None else fmt.format(x)
 
 
@@ -67,7 +68,7 @@ def _pct(x) -> str:
 def with_interval(x, ci, fmt: str = "{:.2f}") -> str:
     """'2.00 [1.85, 2.14]'; the point alone where there is no interval (fewer than 2 prompts)."""
     if x is None or ci is None:
-        return _f(x, fmt)
+        return cell(x, fmt)
     return f"{fmt.format(x)} [{fmt.format(ci[0])}, {fmt.format(ci[1])}]"
 
 
@@ -92,14 +93,14 @@ def decode_columns() -> list[Column]:
         ("prompts", lambda r: str(r["prompts"])),
         ("cycles", lambda r: str(r["target_forwards"])),
         ("τ [95 %]", lambda r: with_interval(r["tau"], r["ci"]["tau"])),
-        ("tok/s spec", lambda r: _f(r["tok_s_spec"], "{:.1f}")),
-        ("tok/s AR", lambda r: _f(r["tok_s_ar"], "{:.1f}")),
+        ("tok/s spec", lambda r: cell(r["tok_s_spec"], "{:.1f}")),
+        ("tok/s AR", lambda r: cell(r["tok_s_ar"], "{:.1f}")),
         ("speedup [95 %]", lambda r: with_interval(r["speedup"], r["ci"]["speedup"], "{:.2f}×")),
         ("draft %", lambda r: _pct(r["time_split"]["draft"])),
         ("verify %", lambda r: _pct(r["time_split"]["verify"])),
         ("other %", lambda r: _pct(r["time_split"]["other"])),
         ("= AR", lambda r: f"{r['identical_outputs']}/{r['generations']}" if r["temperature"] == 0 else "-"),
-        ("1st diff", lambda r: _f(r.get("first_divergence_mean"), "{:.1f}") if r["temperature"] == 0 else "-"),
+        ("1st diff", lambda r: cell(r.get("first_divergence_mean"), "{:.1f}") if r["temperature"] == 0 else "-"),
     ]
 
 
@@ -168,8 +169,8 @@ def markdown(report: dict) -> str:
                   "| benchmark | tok/s assisted | tok/s greedy | speedup | output = greedy |", "|---|---|---|---|---|"]
         for r in peers:
             p = r["peer"]
-            lines.append(f"| {r['benchmark']}{lossy} | {_f(p['tok_s_assisted'], '{:.1f}')} | "
-                         f"{_f(p['tok_s_greedy'], '{:.1f}')} | {_f(p['speedup'], '{:.2f}×')} | "
+            lines.append(f"| {r['benchmark']}{lossy} | {cell(p['tok_s_assisted'], '{:.1f}')} | "
+                         f"{cell(p['tok_s_greedy'], '{:.1f}')} | {cell(p['speedup'], '{:.2f}×')} | "
                          f"{p['identical']}/{p['generations']} |")
     return "\n".join(lines) + "\n"
 

@@ -30,7 +30,7 @@ from conf.errors import DraftsmithError
 from conf.schema import Config, run_dir, save_config, trained_drafter_dir
 from decoding.decoder import SpeculativeDecoder
 from decoding.tree import fit_depth
-from export.formats import FORMATS, check_family, check_format, load_exported_model, write_export
+from export.formats import check_family, check_format, load_exported_model, write_export
 from export.formats.common import (
     ExportContext,
     export_dtype,
@@ -64,11 +64,8 @@ def _run(cfg: Config) -> dict:
     from drafters.target import load_target
 
     ex = cfg.export
+    ex.check()  # format, dtype and check sizes (conf/schema/export.py), again for a config changed in code
     dtype = export_dtype(ex.dtype)
-    if ex.format not in FORMATS:
-        raise DraftsmithError(f"export.format={ex.format!r} is not a format: choose from {', '.join(FORMATS)}")
-    if ex.check_prompts < 0 or ex.check_max_new_tokens < 1:
-        raise DraftsmithError("export.check_prompts must be >= 0 and export.check_max_new_tokens >= 1")
     ckpt = trained_drafter_dir(cfg)
     meta = read_checkpoint_config(ckpt)
     family = meta.get("family")

@@ -1,12 +1,14 @@
 """Atomic file writes: a kill leaves the old file or the new one, never half of one.
 
 Every JSON file the project writes goes through `write_json`; folders are assembled under a temporary
-name and swapped in whole (runtime.rundir.swap_in, training.checkpoint.seal).
+name and swapped in whole by `replace_folder` (runtime.rundir.swap_in adds the ownership check, training's
+checkpoints and data_gen's shards and dataset go through it).
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 
@@ -36,3 +38,19 @@ def save_npy(path: str | os.PathLike, array) -> None:
     tmp = _tmp_of(path, ".npy")
     np.save(tmp, array)
     os.replace(tmp, path)
+
+
+def replace_folder(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Rename the finished folder `tmp` to `final`. An existing `final` is moved aside first and removed
+    after, so a kill leaves the old folder or the new one (or the old one aside), never half of one.
+    Callers check first that an existing `final` is theirs to replace (runtime.rundir.check_replaceable)."""
+    tmp, final = Path(tmp), Path(final)
+    if final.exists():
+        old = final.with_name(f".old-{final.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    return final

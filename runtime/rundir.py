@@ -22,7 +22,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import socket
 import time
 from contextlib import contextmanager
@@ -30,6 +29,7 @@ from pathlib import Path
 
 from conf.errors import DraftsmithError
 from runtime.distributed import is_main_rank
+from runtime.files import replace_folder
 
 LOCK_NAME = ".lock"
 MANIFEST = "COMPLETE.json"  # written last into a sealed folder: {"files": {relative path: size}}
@@ -218,15 +218,7 @@ def swap_in(tmp: Path, final: Path, what: str, fix: str) -> Path:
     """Rename the finished folder `tmp` to `final`. An existing `final` must be ours (check_replaceable);
     it is moved aside first and removed after, so a crash never leaves half a folder."""
     check_replaceable(final, what, fix)
-    if final.exists():
-        old = final.with_name(f".old-{final.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
-    return final
+    return replace_folder(tmp, final)
 
 
 # --------------------------------------------------------------------------------------------------

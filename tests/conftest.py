@@ -127,6 +127,16 @@ def llama_target(tiny_target_dir):
 
 
 @pytest.fixture
+def llama(tiny_target_dir):
+    """The tiny Llama as a Target, fresh for every test (the head and small-LM tests wrap LoRA around it or
+    train against it in place)."""
+    from conf.schema import TargetConfig
+    from drafters.target import load_target
+
+    return load_target(TargetConfig(path=tiny_target_dir("llama")), device="cpu")
+
+
+@pytest.fixture
 def peaked_llama(tiny_target_dir):
     """The tiny Llama with its LM head scaled x50: a random tiny target is nearly uniform, a peaked one is a
     real teacher (the EAGLE-family tests train against it)."""

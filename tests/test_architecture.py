@@ -3,6 +3,7 @@
 Parsed, not imported: every `import` / `from ... import` statement of every project file, including the
 ones inside functions and under `if TYPE_CHECKING:`, is checked against LAYERS. Packages of one layer are
 peers: they do not import each other. The entry points (train.py, bench/, tests/) sit above all of them.
+Inside tests/, no test module imports another: shared helpers live in conftest.py and helper modules.
 """
 from __future__ import annotations
 
@@ -82,3 +83,43 @@ def test_an_upward_import_is_named_with_file_and_line(tmp_path, monkeypatch):
     peer.write_text("from training.stage import train\n")
     assert violations(peer) == ["eval/y.py:1: imports training.stage (training and eval are peers)"]
 
+
+
+def imported_test_modules(path: Path) -> list[str]:
+    """The test modules (tests/test_*.py) that `path` imports: tests share helpers through conftest.py and
+    helper modules (tests/*_util.py, tests/train_fixtures.py), never by importing another test module, so
+    each test file can be read, run and moved on its own."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: `from . import test_x` / `from .test_x import y` inside tests/
+                base = ".".join(["tests", *filter(None, [base])])
+            names = [base, *(f"{base}.{a.name}" for a in node.names)]
+        else:
+            continue
+        found += [f"{path.name}:{node.lineno}: imports {n}" for n in names
+                  if n.startswith("tests.test_") and n.count(".") == 1]
+    return found
+
+
+def test_no_test_module_imports_another_test_module():
+    files = sorted((ROOT / "tests").glob("*.py"))
+    assert len(files) > 40
+    found = [v for f in files for v in imported_test_modules(f)]
+    assert not found, "test modules importing test modules (move the helper to conftest.py or a helper module):\n" \
+                      + "\n".join(found)
+
+
+def test_a_test_module_import_is_named(tmp_path):
+    """The check itself: absolute, `from tests import` and relative imports of a test module are reported."""
+    f = tmp_path / "test_x.py"
+    f.write_text("import tests.conftest\nfrom tests.train_fixtures import ROOT\nfrom tests.test_medusa import grads\n"
+                 "from tests import test_decoder, eagle_util\nfrom .test_data_stage import CONVS\n"
+                 "import tests.test_gto\n")
+    assert imported_test_modules(f) == ["test_x.py:3: imports tests.test_medusa",
+                                      "test_x.py:4: imports tests.test_decoder",
+                                      "test_x.py:5: imports tests.test_data_stage",
+                                      "test_x.py:6: imports tests.test_gto"]

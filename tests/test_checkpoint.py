@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from conf.errors import DraftsmithError
-from tests.train_fixtures import ROOT, base_overrides, child_env, final_weights, write_data_gen
+from tests.train_fixtures import ROOT, base_overrides, child_env, final_weights, read_result, write_data_gen
 from training.checkpoint import MARKER, check_compatible, rng_state, seal, set_rng_state, validate
 from training.tracking import read_metrics
 
@@ -191,7 +191,7 @@ def test_sigkill_mid_run_then_rerun_is_bit_identical(trainer, tmp_path, tiny_tar
     assert not (tmp_path / "runs" / "k" / "train" / "final").exists()  # killed mid-run, not after it
     done = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(re.search(r"^RESULT (.*)$", done.stdout, re.M).group(1))
+    result = read_result(done.stdout)
     resumed = int(result["resumed_from"][-8:])
     assert resumed >= 4 and result["steps_this_run"] == 8 - resumed and result["steps"] == 8
     assert f"resumed from {result['resumed_from']} (step {resumed}/8" in done.stdout

@@ -51,6 +51,35 @@ def test_experiment_smoke_caps_budgets():
     assert cfg.data.max_conversations == 8 and cfg.train.max_steps == 2 and cfg.run.name == "smoke"
 
 
+@pytest.mark.parametrize("overrides,message", [
+    (["objective=gto", "objective.eta=0"], "objective.eta=0.0 must be > 0 (paper: 1)"),
+    (["objective=griffin", "objective.topk_weight=-1"], "objective.topk_weight=-1.0 must be >= 0 (0 = no top-K term)"),
+    (["objective=on_policy", "objective.rollout=both"], "objective.rollout='both': use drafter (DistillSpec: the"),
+    (["drafter=eagle3", "drafter.step_decay=0"], "drafter.step_decay=0.0 must be > 0 (official: 0.8)"),
+    (["drafter=eagle1", "drafter.num_layers=0"], "drafter.num_layers=0: eagle1 needs at least 1 decoder layer"),
+    (["pretrain.num_heads=0"], "pretrain.num_heads must be >= 1 (got 0)"),
+    (["export.check_max_new_tokens=0"], "export.check_prompts must be >= 0 and export.check_max_new_tokens >= 1"),
+    (["data.split=test"], "data.split='test' is not a ShareGPT split: use train, heldout or all"),
+    (["data.max_conversations=0"], "data.max_conversations=0: give a positive number, or null for all"),
+    (["deepspeed.zero_stage=0", "deepspeed.offload_optimizer=true"],
+     "deepspeed.offload_optimizer=true needs deepspeed.zero_stage>=1"),
+    (["train.grad_accum=0"], "train.micro_batch_size=4 and train.grad_accum=0 must both be >= 1"),
+    (["train.betas=[0.9]"], "train.betas=[0.9] must be two numbers, e.g. [0.9,0.95]"),
+    (["train.max_steps=0"], "train.max_steps=0 must be >= 1 (or null to use train.epochs)"),
+    (["train.epochs=0"], "train.epochs=0.0 must be > 0"),
+])
+def test_the_schema_rejects_bad_values_while_the_config_is_built(overrides, message):
+    """Ranges and choices live in the schema's __post_init__ (conf/schema/*.py), for the typed groups and for
+    the drafter/objective groups whose schema the YAML picks alike: one line, before any stage runs."""
+    with pytest.raises(DraftsmithError) as e:
+        load_config(overrides)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_epochs_are_not_checked_when_max_steps_counts():
+    assert load_config(["train.epochs=0", "train.max_steps=5"]).train.max_steps == 5
+
+
 def test_unknown_stage_is_one_clear_error():
     sys.path.insert(0, str(PROJECT_ROOT))
     import train

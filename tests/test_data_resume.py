@@ -13,7 +13,7 @@ import torch
 from data_gen.cache import CachedFeatures
 from data_gen.output import load_dataset_dir
 from data_gen.stage import run
-from tests.test_data_stage import CONVS, write_jsonl
+from tests.data_util import CONVS, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 

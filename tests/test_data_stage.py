@@ -2,8 +2,6 @@
 the feature/logit cache against a fresh forward, regeneration turn by turn, and bad inputs."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -12,27 +10,7 @@ from conf.errors import DraftsmithError
 from data_gen.output import check_same_target, load_dataset_dir, load_token_counts, read_meta
 from data_gen.render import render_conversation
 from data_gen.stage import run
-
-CONVS = [
-    [("user", "Hello! How can I help you today?"), ("assistant", "The quick brown fox jumps over the lazy dog.")],
-    [("system", "You are a helpful assistant."), ("user", "What is the capital of France?"),
-     ("assistant", "The capital of France is Paris."), ("user", "Explain how a transformer works."),
-     ("assistant", "It drafts tokens with a small model and verifies them.")],
-    [("user", "Please write a short poem about the sea.")],  # no answer: a counted skip
-    [("user", "def add(a, b):"), ("assistant", "return a + b"), ("user", "print(add(2, 3))"),
-     ("assistant", "Sure, here is a list:\n1. apples\n2. oranges")],
-    [("user", "The dog sleeps in the sun."), ("assistant", "Speculative decoding drafts tokens.")],
-    [("user", "What is the capital of France?"), ("assistant", "Paris.")],
-]
-
-
-
-
-def write_jsonl(path, convs=CONVS):
-    with open(path, "w") as f:
-        for k, c in enumerate(convs):
-            f.write(json.dumps({"id": f"c{k}", "messages": [{"role": r, "content": t} for r, t in c]}) + "\n")
-    return path
+from tests.data_util import CONVS, write_jsonl
 
 
 @pytest.fixture
@@ -100,6 +78,22 @@ def test_rows_accounting_counts_and_identity(cfg_for, chats, tiny_target_dir):
         run(cfg_for("data=jsonl", f"data.path={chats}", "data.max_length=64", arch="qwen2"))
 
 
+# data_gen's cache comes from its batched, padded forwards; the tests compare it with an unbatched forward.
+# Their float32 logits differ in the last bits (other kernels and blockings: AVX-512 vs AVX2 CPUs), so two
+# tokens within that distance may swap ranks. Rankings are therefore compared by value: the token ranked j-th
+# must hold the j-th largest fresh logit up to TIE (1e-3: a hundred times the float32 differences seen here).
+TIE = 1e-3
+
+
+def assert_ranked_like(indices: torch.Tensor, logits: torch.Tensor, tol: float = TIE) -> None:
+    """indices [n, k] rank the tokens of logits [n, V] as its top-k does, ties within `tol` either way."""
+    k = indices.shape[-1]
+    assert all(len(set(row)) == k for row in indices.tolist())  # k different tokens per row
+    want = logits.topk(k, dim=-1).values
+    got = logits.gather(-1, indices.long())
+    assert (got - want).abs().max() <= tol, (got - want).abs().max()
+
+
 def test_cache_equals_a_fresh_target_forward(cfg_for, chats, tiny_target_dir):
     from data_gen.cache import CachedFeatures, dense_topk
     from drafters.base import topk_to_logits
@@ -119,13 +113,16 @@ def test_cache_equals_a_fresh_target_forward(cfg_for, chats, tiny_target_dir):
         torch.testing.assert_close(item["last_hidden"].float(), fresh.last_hidden[0], rtol=1e-2, atol=1e-2)
         pos = [t for t in range(len(ids) - 1) if mask[t + 1]]
         assert item["topk_positions"].tolist() == pos
-        v, i = fresh.logits[0, pos].topk(5, dim=-1)
-        assert torch.equal(item["topk_indices"].long(), i) and item["topk_indices"].dtype == torch.int32
+        v = fresh.logits[0, pos].topk(5, dim=-1).values
+        assert item["topk_indices"].dtype == torch.int32
+        assert_ranked_like(item["topk_indices"], fresh.logits[0, pos])
         torch.testing.assert_close(item["topk_values"].float(), v, rtol=1e-2, atol=1e-2)
         values, indices = dense_topk(item, len(ids))
         dense = topk_to_logits(values, indices, target.vocab_size)
         assert torch.isfinite(dense.logsumexp(-1)).all()  # every position is a valid distribution
-        assert torch.equal(dense[pos].argmax(-1), fresh.logits[0, pos].argmax(-1))
+        # the cached values are bf16: two top logits closer than its rounding (2^-8 relative each) may tie there
+        bf16_tie = 2 ** -7 * float(v.abs().max()) + TIE
+        assert_ranked_like(dense[pos].argmax(-1, keepdim=True), fresh.logits[0, pos], bf16_tie)
     meta = read_meta(res.data_dir)
     assert meta["cache"]["bytes_per_token"] == res.cache_bytes_per_token > 2 * 4 * target.hidden_size
     check_same_target(res.data_dir, target)
@@ -216,11 +213,13 @@ def test_generation_ignores_the_models_decoding_defaults(tiny_target_dir):
     gc.do_sample, gc.temperature, gc.top_p, gc.repetition_penalty, gc.no_repeat_ngram_size = True, 0.6, 0.9, 50.0, 1
     prompt = [98, 7, 117, 244, 165, 184, 223, 14, 23, 233, 113, 36] * 3
     out = _generate(target, [prompt], [12], [0], SimpleNamespace(gen_temperature=0.0, gen_top_p=1.0))[0]
-    ids, want = list(prompt), []
+    # greedy by the plain forward: each token holds its step's largest logit (up to TIE: generate's cached
+    # forwards round differently from this full one), and the text ends at EOS or after 12 tokens
+    ids = list(prompt)
     with torch.no_grad():
-        for _ in range(12):
-            want.append(int(target.model(torch.tensor([ids])).logits[0, -1].argmax()))
-            ids.append(want[-1])
-            if want[-1] in target.eos_token_ids:
-                break
-    assert out == want
+        for tok in out:
+            logits = target.model(torch.tensor([ids])).logits[0, -1]
+            assert float(logits[tok]) >= float(logits.max()) - TIE
+            ids.append(tok)
+    ended = [k for k, t in enumerate(out) if t in target.eos_token_ids]
+    assert ended == [len(out) - 1] if ended else len(out) == 12

@@ -14,7 +14,7 @@ from conf.schema.eval import TreeConfig
 from decoding.decoder import SpeculativeDecoder, autoregressive_generate, float32_target
 from decoding.kvcache import StaticRunner, model_forward
 from drafters.reference import NgramDrafter, TargetDrafter
-from tests.test_decoder import TREES, hf_greedy, make_drafter, random_prompt, small_target
+from tests.decoder_util import TREES, hf_greedy, make_drafter, random_prompt, small_target
 
 
 def _runner(model):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import subprocess
 import sys
 
@@ -16,7 +15,7 @@ import torch
 
 from conf.errors import DraftsmithError
 from conf.schema import load_config
-from tests.train_fixtures import ROOT, base_overrides, child_env, final_weights, write_data_gen
+from tests.train_fixtures import ROOT, base_overrides, child_env, final_weights, read_result, write_data_gen
 from training.engine import build_ds_config, lr_factor
 from training.tracking import read_metrics, tau_sim
 
@@ -129,7 +128,7 @@ def test_two_processes_zero2_match_one_process(trainer, tmp_path, tiny_target_di
                         "-m", "tests.train_fixtures", "hidden", *overrides], cwd=ROOT, env=child_env(),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    result = json.loads(re.search(r"^RESULT (.*)$", r.stdout, re.M).group(1))
+    result = read_result(r.stdout)
     ds = json.loads((tmp_path / "runs" / "two" / "train" / "ds_config.json").read_text())
     assert ds["train_batch_size"] == 4 and ds["gradient_accumulation_steps"] == 1
     assert result["steps"] == 3 and result["final_loss"] == pytest.approx(one["final_loss"], abs=1e-6)

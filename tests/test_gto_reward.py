@@ -98,6 +98,14 @@ def test_chain_logprob_is_the_trees_path_logprob(small_target):
     torch.testing.assert_close(short.detach(), tree.logq.gather(1, path[:, :1])[:, 0], atol=1e-5, rtol=0)
 
 
+# target_node_logprobs scores all trees in one batched forward, the brute force below one plain forward per
+# prefix: float32 results of different kernels (AVX-512 vs AVX2 blockings) that differ in the last bits. Where
+# the plain forward's two most likely tokens are within TIE in probability, which one is the argmax is a coin
+# toss between kernels, so the greedy flag is compared only where the top-2 margin exceeds TIE (1e-4, the
+# tolerance the log-probabilities are compared at).
+TIE = 1e-4
+
+
 def _plain_probs(target, prefix: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return torch.softmax(target(torch.tensor([prefix])).logits[0, -1].float(), -1)
@@ -133,10 +141,15 @@ def test_tree_reward_equals_brute_force_enumeration(small_target, eta):
                 probs = _plain_probs(small_target, prefix + tree.tokens[p, path[:k]].tolist())
                 tok = int(tree.tokens[p, node])
                 assert math.log(probs[tok]) == pytest.approx(float(logp[p, node]), abs=1e-4)
-                assert bool(greedy[p, node]) == (int(probs.argmax()) == tok)
+                top2 = probs.topk(2).values
+                if float(top2[0] - top2[1]) > TIE:
+                    is_greedy = int(probs.argmax()) == tok
+                    assert bool(greedy[p, node]) == is_greedy
+                else:  # a near-tie: either answer is right, so the path follows the batched forward's
+                    is_greedy = bool(greedy[p, node])
                 prod *= float(probs[tok])
                 total += prod
-                ok = ok and int(probs.argmax()) == tok
+                ok = ok and is_greedy
                 if ok:
                     best.append((k + 1, tree.tokens[p, path[:k + 1]].tolist()))
             branch_L.append(total)

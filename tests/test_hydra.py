@@ -15,12 +15,7 @@ from decoding.tree import DraftTree
 from drafters.base import TargetSignal
 from drafters.hydra_heads import HydraDecodeDrafter, HydraDrafter
 from drafters.target import load_target
-from tests.test_medusa import grads, greedy_signal, signal_for, train
-
-
-@pytest.fixture
-def llama(tiny_target_dir):
-    return load_target(TargetConfig(path=tiny_target_dir("llama")), device="cpu")
+from tests.heads_util import grads, greedy_signal, signal_for, train
 
 
 def hydra_pp(target, **kw) -> HydraDrafter:

@@ -8,9 +8,7 @@ rows, ZeRO-3, and the command line.
 from __future__ import annotations
 
 import copy
-import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -22,13 +20,15 @@ import torch
 
 from conf.errors import DraftsmithError
 from tests import train_fixtures as fx
-from tests.test_on_policy import naive_sample, small
+from tests.on_policy_util import naive_sample, small
 from tests.train_fixtures import (
     ROOT,
     base_overrides,
     child_env,
     final_weights,
     read_metrics,
+    read_result,
+    run_train,
     write_data_gen,
 )
 from training.checkpoint import MARKER
@@ -230,9 +230,9 @@ def test_sigkill_mid_run_then_rerun_is_bit_identical(tmp_path, tiny_target_dir, 
     assert not (tmp_path / "runs" / "k" / "train" / "final").exists()
     done = subprocess.run(cmds["k"], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(re.search(r"^RESULT (.*)$", done.stdout, re.M).group(1))
+    result = read_result(done.stdout)
     assert result["resumed_from"] and result["steps"] == 6 and result["steps_this_run"] < 6
-    want = json.loads(re.search(r"^RESULT (.*)$", ref.stdout, re.M).group(1))
+    want = read_result(ref.stdout)
     a, b = final_weights(want), final_weights(result)
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
 
@@ -266,7 +266,7 @@ def test_two_ranks_under_zero3_match_zero2(tmp_path, tiny_target_dir, llama_targ
                *ON_POLICY, "train.max_steps=2", "objective.rollout=speculative", f"deepspeed={zero}"]
         r = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=480)
         assert r.returncode == 0, r.stderr[-3000:]
-        results[zero] = json.loads(re.search(r"^RESULT (.*)$", r.stdout, re.M).group(1))
+        results[zero] = read_result(r.stdout)
         assert results[zero]["steps"] == 2 and results[zero]["train_metrics"]["onpolicy/share"] == 1.0
     a, b = final_weights(results["zero2"]), final_weights(results["zero3"])
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
@@ -275,10 +275,6 @@ def test_two_ranks_under_zero3_match_zero2(tmp_path, tiny_target_dir, llama_targ
 def child_main(argv: list[str]) -> None:
     """`python -m tests.test_on_policy_train <overrides>`: one run on the registry's small drafter; slows each
     rollout by DRAFTSMITH_TEST_SLEEP seconds (so a test can kill it mid-run); prints the result as JSON."""
-    from conf.schema import load_config
-    from training.stage import train
-
-    torch.set_num_threads(1)
     pause = float(os.environ.get("DRAFTSMITH_TEST_SLEEP", "0"))
     if pause:
         orig = OnPolicyObjective.prepare
@@ -288,13 +284,7 @@ def child_main(argv: list[str]) -> None:
             return orig(self, eng, batches, step)
 
         OnPolicyObjective.prepare = slow
-    try:
-        result = train(load_config(argv))
-    except DraftsmithError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    if int(os.environ.get("RANK", 0)) == 0:
-        print("RESULT " + json.dumps(result, default=str))
+    run_train(argv)
 
 
 if __name__ == "__main__":

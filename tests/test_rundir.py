@@ -109,6 +109,29 @@ def test_foreign_files_and_the_projects_marks(tmp_path):
         check_replaceable(d, "x", "do y")
 
 
+def test_replace_folder_swaps_whole_folders(tmp_path):
+    """The one atomic folder swap (runtime/files.py): a new folder is renamed in, an old one is replaced
+    whole (nothing of it survives, no aside copy is left), and an aside copy a killed swap left is cleared."""
+    from runtime.files import replace_folder
+
+    def folder(name, **files):
+        d = tmp_path / name
+        d.mkdir()
+        for k, v in files.items():
+            (d / k).write_text(v)
+        return d
+
+    final = tmp_path / "final"
+    assert replace_folder(folder("t1", a="1"), final) == final
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"] and (final / "a").read_text() == "1"
+    replace_folder(folder("t2", b="2"), final)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+    assert sorted(p.name for p in final.iterdir()) == ["b"]
+    (tmp_path / ".old-final").mkdir()  # left by a swap killed before its cleanup: removed by the next one
+    replace_folder(folder("t3", c="3"), final)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"] and (final / "c").read_text() == "3"
+
+
 def test_users_file_in_train_final_stops_the_stages_before_any_runs(cfg_for, tmp_path):
     """`mkdir -p runs/u/train/final && echo mine > .../user.txt; python train.py stages=[data_gen,train]`:
     refused before data_gen spends its minutes, and user.txt survives."""

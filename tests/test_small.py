@@ -9,17 +9,10 @@ import pytest
 import torch
 
 from conf.errors import DraftsmithError
-from conf.schema import TargetConfig
 from conf.schema.drafter import SmallConfig
 from drafters.losses import DISTRIBUTION_LOSSES
 from drafters.small_lm import SmallDrafter, fresh_config
-from drafters.target import load_target
-from tests.test_medusa import checkpointing_on, grads, signal_for, train
-
-
-@pytest.fixture
-def llama(tiny_target_dir):
-    return load_target(TargetConfig(path=tiny_target_dir("llama")), device="cpu")
+from tests.heads_util import checkpointing_on, grads, signal_for, train
 
 
 def fresh(target, **kw) -> SmallDrafter:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -260,22 +261,31 @@ def final_weights(train_result_or_dir) -> dict[str, torch.Tensor]:
     return load_file(str(Path(d) / "model.safetensors"))
 
 
-def child_main(argv: list[str]) -> None:
-    """Subprocess entry: `python -m tests.train_fixtures <factory> <overrides...>`; prints the result
-    as one JSON line (rank 0)."""
+def run_train(overrides: list[str], drafter_factory=None) -> None:
+    """A child process's train run (one thread): the result as one `RESULT <json>` line on rank 0, or the
+    stage's `error:` line and exit status 2, as train.py gives it. Read the line back with `read_result`."""
     from conf.errors import DraftsmithError
     from conf.schema import load_config
     from training.stage import train
 
-    factory, overrides = argv[0], argv[1:]
     torch.set_num_threads(1)
     try:
-        result = train(load_config(overrides), drafter_factory=FACTORIES[factory])
+        result = train(load_config(overrides), drafter_factory=drafter_factory)
     except DraftsmithError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if int(os.environ.get("RANK", 0)) == 0:
         print("RESULT " + json.dumps(result, default=str))
+
+
+def read_result(stdout: str) -> dict:
+    """The result a child's run_train printed."""
+    return json.loads(re.search(r"^RESULT (.*)$", stdout, re.M).group(1))
+
+
+def child_main(argv: list[str]) -> None:
+    """Subprocess entry: `python -m tests.train_fixtures <factory> <overrides...>` (FACTORIES' drafters)."""
+    run_train(argv[1:], FACTORIES[argv[0]])
 
 
 if __name__ == "__main__":

@@ -72,8 +72,7 @@ class AdaSPECObjective:
 
     def __init__(self, cfg, target):
         o = cfg.objective
-        if not 0.0 < o.keep_fraction <= 1.0:
-            raise DraftsmithError(f"objective.keep_fraction={o.keep_fraction} must be in (0, 1] (the paper uses 0.4)")
+        o.check()  # AdaSPECConfig's keep_fraction range (conf/schema/objective.py), again for code changes
         if cfg.drafter.name != "small":
             raise DraftsmithError(f"objective=adaspec filters tokens for independent small drafters, but drafter="
                                   f"{cfg.drafter.name}: use drafter=small")

@@ -108,13 +108,10 @@ class DataPlan:
         return self.micro * self.accum * self.world
 
     def total_steps(self, epochs: float, max_steps: int | None) -> int:
-        """Optimizer steps: max_steps when set, else enough global batches to read `epochs` epochs."""
+        """Optimizer steps: max_steps when set, else enough global batches to read `epochs` epochs (their
+        ranges: TrainConfig.check)."""
         if max_steps is not None:
-            if max_steps < 1:
-                raise DraftsmithError(f"train.max_steps={max_steps} must be >= 1 (or null to use train.epochs)")
             return int(max_steps)
-        if epochs <= 0:
-            raise DraftsmithError(f"train.epochs={epochs} must be > 0")
         return max(1, int(np.ceil(epochs * self.n_train / self.global_batch)))
 
     def epoch_order(self, epoch: int) -> np.ndarray:

@@ -138,11 +138,8 @@ def _merge(base: dict, extra: dict) -> dict:
 def build_ds_config(cfg, world_size: int, device: torch.device) -> dict:
     """The DeepSpeed dict for this run, from cfg.train and cfg.deepspeed only."""
     t, d = cfg.train, cfg.deepspeed
-    if d.zero_stage not in (0, 1, 2, 3):
-        raise DraftsmithError(f"deepspeed.zero_stage={d.zero_stage}: use 0, 1, 2 or 3")
-    if t.micro_batch_size < 1 or t.grad_accum < 1:
-        raise DraftsmithError(f"train.micro_batch_size={t.micro_batch_size} and train.grad_accum={t.grad_accum} "
-                              "must both be >= 1")
+    t.check()  # the schemas' ranges (conf/schema/training.py), again for a config changed in code
+    d.check()
     prec = resolve_precision(d.precision, device)
     if prec != "fp32" and device.type == "cpu":
         raise DraftsmithError(f"deepspeed.precision={prec} on CPU is not supported here: use "
@@ -155,8 +152,6 @@ def build_ds_config(cfg, world_size: int, device: torch.device) -> dict:
             # final loss 0.369 instead of the 1-process 0.173); all-reducing the buckets is exact.
             zero["reduce_scatter"] = False
     if d.offload_optimizer:
-        if d.zero_stage == 0:
-            raise DraftsmithError("deepspeed.offload_optimizer=true needs deepspeed.zero_stage>=1")
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
     ds = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
@@ -226,8 +221,7 @@ def build_optimizer(module: nn.Module, train_cfg) -> torch.optim.Optimizer:
     groups = module.param_groups(train_cfg.lr)
     if not any(p.requires_grad for g in groups for p in g["params"]):
         raise DraftsmithError(f"drafter {type(module).__name__} has no trainable parameters")
-    if len(train_cfg.betas) != 2:
-        raise DraftsmithError(f"train.betas={list(train_cfg.betas)} must be two numbers, e.g. [0.9,0.95]")
+    train_cfg.check()  # betas among the schema's checks (conf/schema/training.py), again for code changes
     opt = torch.optim.AdamW(groups, lr=train_cfg.lr, betas=tuple(train_cfg.betas),
                             weight_decay=train_cfg.weight_decay)
     return opt

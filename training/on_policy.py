@@ -58,9 +58,6 @@ from drafters import losses as L
 from drafters.common import floats, reference_rows, target_positions
 from drafters.lm_drafter import LMTreeDrafter
 
-ROLLOUTS = ("drafter", "speculative")
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
-
 
 # --------------------------------------------------------------------------------------------------
 # Seeds: pure functions of where a rollout sits in the run
@@ -84,12 +81,9 @@ def on_policy_draw(seed: int, step: int, micro: int) -> float:
 # The loss: one divergence on the loss_mask slots, for data rows and rollouts alike
 # --------------------------------------------------------------------------------------------------
 def divergence_fn(name: str, beta: float = 0.5):
-    """fn(drafter_logits, target_logits) -> mean divergence, by DistillSpec name."""
-    if name not in DIVERGENCES:
-        raise DraftsmithError(f"objective.divergence={name!r}: use one of {', '.join(DIVERGENCES)}")
+    """fn(drafter_logits, target_logits) -> mean divergence, by DistillSpec name (one of
+    conf.schema.objective.DIVERGENCES; OnPolicyConfig checks the name and jsd's beta)."""
     if name == "jsd":
-        if not 0.0 < beta < 1.0:
-            raise DraftsmithError(f"objective.beta={beta} must be in (0, 1) for jsd (0.5 = symmetric JSD)")
         return partial(L.jsd, beta=beta)
     return L.DISTRIBUTION_LOSSES[name]
 
@@ -205,17 +199,7 @@ class OnPolicyObjective:
 
     def __init__(self, cfg, target):
         o = cfg.objective
-        if o.rollout not in ROLLOUTS:
-            raise DraftsmithError(f"objective.rollout={o.rollout!r}: use drafter (DistillSpec: the drafter samples) "
-                                  "or speculative (Draft-OPD: target-assisted rollouts)")
-        if not 0.0 <= o.fraction <= 1.0:
-            raise DraftsmithError(f"objective.fraction={o.fraction} must be in [0, 1] (the share of on-policy "
-                                  "micro-batches)")
-        if o.temperature < 0 or o.max_new_tokens < 1 or o.draft_depth < 1 or o.max_replays < 0:
-            raise DraftsmithError(
-                f"objective.temperature={o.temperature}, max_new_tokens={o.max_new_tokens}, draft_depth="
-                f"{o.draft_depth}, max_replays={o.max_replays}: need temperature >= 0, max_new_tokens >= 1, "
-                "draft_depth >= 1, max_replays >= 0")
+        o.check()  # OnPolicyConfig's choices and ranges (conf/schema/objective.py), again for code changes
         if cfg.drafter.name != "small":
             raise DraftsmithError(f"objective=on_policy trains drafters that generate on their own, but drafter="
                                   f"{cfg.drafter.name}: use drafter=small")

@@ -83,26 +83,10 @@ def degeneracy(seqs: Sequence[Sequence[int]], ended: Sequence[bool]) -> dict:
 # --- setup ---------------------------------------------------------------------------------------------
 def validate(pc: PretrainConfig) -> None:
     """Reject settings that cannot train, before any work starts (one line each: problem and fix)."""
-    if not pc.max_minutes > 0:
-        raise DraftsmithError(f"pretrain.max_minutes must be > 0 (got {pc.max_minutes}): it is the "
-                              "wall-clock budget of the training loop, e.g. pretrain.max_minutes=30")
-    if pc.max_tokens is not None and pc.max_tokens <= 0:
-        raise DraftsmithError(f"pretrain.max_tokens must be > 0 or null (got {pc.max_tokens})")
+    pc.check()  # the schema's ranges (conf/schema/pretrain.py), again for a config changed in code
     if pc.vocab_size < 256 + len(SPECIAL_TOKENS):
         raise DraftsmithError(f"pretrain.vocab_size={pc.vocab_size} is below the 256 bytes + "
                               f"{len(SPECIAL_TOKENS)} special tokens a byte-level BPE needs: use >= 259")
-    if pc.hidden_size % pc.num_heads or pc.num_heads % pc.num_kv_heads:
-        raise DraftsmithError(
-            f"pretrain.hidden_size={pc.hidden_size}, num_heads={pc.num_heads}, num_kv_heads={pc.num_kv_heads}: "
-            "hidden_size must be a multiple of num_heads, and num_heads a multiple of num_kv_heads")
-    for name in ("num_layers", "batch_size", "seq_len", "heldout_prompts", "gen_tokens"):
-        if getattr(pc, name) < 1:
-            raise DraftsmithError(f"pretrain.{name} must be >= 1 (got {getattr(pc, name)})")
-    if pc.gen_tokens >= pc.seq_len:
-        raise DraftsmithError(f"pretrain.gen_tokens={pc.gen_tokens} leaves no room for a prompt in "
-                              f"seq_len={pc.seq_len}: make it smaller than seq_len")
-    if pc.save_dtype not in ("auto", "float32", "bfloat16"):
-        raise DraftsmithError(f"pretrain.save_dtype={pc.save_dtype!r}: use auto, float32 or bfloat16")
 
 
 def pretrain_out_dir(cfg: Config) -> Path:

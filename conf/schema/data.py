@@ -6,6 +6,9 @@ from typing import Optional
 
 from conf.errors import DraftsmithError
 
+SOURCES = ("sharegpt", "jsonl", "hf")  # data.source: data_gen/sources.py reads each
+SHAREGPT_SPLITS = ("train", "heldout", "all")  # data.split of the bundled ShareGPT (hf takes any split name)
+
 
 @dataclass
 class DataConfig:
@@ -35,8 +38,15 @@ class DataConfig:
         self.check()
 
     def check(self) -> None:
-        """Sizes and sampling settings, each a one-line error (at construction; data_gen runs it again for
-        a config changed in code). The source name is checked by data_gen, which owns the sources."""
+        """The source, sizes and sampling settings, each a one-line error (at construction; data_gen runs it
+        again for a config changed in code)."""
+        if self.source not in SOURCES:
+            raise DraftsmithError(f"data.source={self.source!r} is not a prompt source: use one of {', '.join(SOURCES)}")
+        if self.source == "sharegpt" and self.split not in SHAREGPT_SPLITS:
+            raise DraftsmithError(f"data.split={self.split!r} is not a ShareGPT split: use train, heldout or all")
+        if self.max_conversations is not None and self.max_conversations <= 0:
+            raise DraftsmithError(f"data.max_conversations={self.max_conversations}: give a positive number, or "
+                                  "null for all")
         for name in ("max_length", "batch_size", "shard_rows", "gen_max_new_tokens"):
             if getattr(self, name) <= 0:
                 raise DraftsmithError(f"data.{name}={getattr(self, name)} must be a positive number")

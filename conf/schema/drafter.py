@@ -10,6 +10,8 @@ from typing import Dict, Optional
 
 from omegaconf import MISSING
 
+from conf.errors import DraftsmithError
+
 
 @dataclass
 class DrafterConfig:
@@ -44,6 +46,15 @@ class Eagle1Config(DrafterConfig):
     # EAGLE-1 "CE"), ce (hard CE vs the target's argmax) or any distribution loss in drafters/losses.py
     losses: Dict[str, float] = field(default_factory=lambda: {"smooth_l1": 1.0, "soft_ce": 0.1})
 
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """One-line errors for shapes eagle1 cannot build (at construction and again when the drafter is built).
+        The loss names are checked by the drafter, which owns the losses."""
+        if self.num_layers < 1:
+            raise DraftsmithError(f"drafter.num_layers={self.num_layers}: eagle1 needs at least 1 decoder layer")
+
 
 @dataclass
 class Eagle3Config(DrafterConfig):
@@ -55,6 +66,20 @@ class Eagle3Config(DrafterConfig):
     step_decay: float = 0.8  # weight of step i is step_decay**i
     # per step: soft_ce (-sum p log q over the draft vocab), ce (vs the target's argmax) or any distribution loss
     losses: Dict[str, float] = field(default_factory=lambda: {"soft_ce": 1.0})
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """One-line errors for shapes and unrolls eagle3 cannot train (at construction and again when the
+        drafter is built). The draft vocabulary size is checked where the vocabulary is built (drafters/vocab.py)."""
+        if self.num_layers != 1:
+            raise DraftsmithError(f"drafter.num_layers={self.num_layers}: eagle3 has exactly one decoder layer "
+                                  "(the SGLang LlamaForCausalLMEagle3 layout); set drafter.num_layers=1")
+        if self.ttt_steps < 1:
+            raise DraftsmithError(f"drafter.ttt_steps={self.ttt_steps}: unroll at least 1 step (official: 7)")
+        if self.step_decay <= 0:
+            raise DraftsmithError(f"drafter.step_decay={self.step_decay} must be > 0 (official: 0.8)")
 
 
 @dataclass

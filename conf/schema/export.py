@@ -4,6 +4,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from conf.errors import DraftsmithError
+
+# export.format -> the drafter families it can hold (export/formats/ writes each)
+FORMATS = {"sglang": ("eagle1", "eagle3"), "vllm": ("eagle3",), "medusa": ("medusa",), "hf": ("small",)}
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")  # export.dtype: the exported weights' dtype
+
 
 @dataclass
 class ExportConfig:
@@ -18,3 +24,17 @@ class ExportConfig:
     # must equal the target's on this many prompts (0 = skip the decode check; the format check always runs)
     check_prompts: int = 2
     check_max_new_tokens: int = 32
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """The format, dtype and decode-check sizes, each a one-line error (at construction; the export stage
+        runs it again for a config changed in code). Whether the format takes the trained family is checked
+        by the stage, which reads the drafter folder."""
+        if self.format not in FORMATS:
+            raise DraftsmithError(f"export.format={self.format!r} is not a format: choose from {', '.join(FORMATS)}")
+        if self.dtype not in EXPORT_DTYPES:
+            raise DraftsmithError(f"export.dtype={self.dtype!r}: use one of {', '.join(EXPORT_DTYPES)}")
+        if self.check_prompts < 0 or self.check_max_new_tokens < 1:
+            raise DraftsmithError("export.check_prompts must be >= 0 and export.check_max_new_tokens >= 1")

@@ -11,10 +11,32 @@ from dataclasses import dataclass
 
 from omegaconf import MISSING
 
+from conf.errors import DraftsmithError
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")  # objective=on_policy: DistillSpec's divergences
+ROLLOUTS = ("drafter", "speculative")  # objective=on_policy: who generates the rollouts
+
 
 @dataclass
 class ObjectiveConfig:
     name: str = MISSING
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """The objective's ranges and choices, each a one-line error. Runs when the config is built; the
+        objective's builder runs it again for a config changed in code after that."""
+
+
+def _check_unroll(o) -> None:
+    """The top-K term and the aligned steps that HASS and GRIFFIN share."""
+    if o.topk_k < 1:
+        raise DraftsmithError(f"objective.topk_k={o.topk_k} must be >= 1 ({o.name}: K of the top-K term, paper: 10)")
+    if o.topk_weight < 0:
+        raise DraftsmithError(f"objective.topk_weight={o.topk_weight} must be >= 0 (0 = no top-K term)")
+    if o.align_steps < 1:
+        raise DraftsmithError(f"objective.align_steps={o.align_steps} must be >= 1 (HASS aligns 3 steps)")
 
 
 @dataclass
@@ -35,6 +57,9 @@ class HASSConfig(ObjectiveConfig):
     context_alignment: bool = True  # stop-gradient at fed-back features, as HASS's training code
     align_steps: int = 3  # eagle1: unrolled aligned steps (eagle3 unrolls drafter.ttt_steps)
 
+    def check(self) -> None:
+        _check_unroll(self)
+
 
 @dataclass
 class GRIFFINConfig(ObjectiveConfig):
@@ -47,6 +72,12 @@ class GRIFFINConfig(ObjectiveConfig):
     topk_weight: float = 0.5
     context_alignment: bool = True  # GRIFFIN's training builds on HASS's (fed-back features detached)
     align_steps: int = 3  # eagle1: unrolled steps (eagle3 unrolls drafter.ttt_steps)
+
+    def check(self) -> None:
+        if self.keep_topk < 1:
+            raise DraftsmithError(f"objective.keep_topk={self.keep_topk}: GRIFFIN keeps rows whose true token is "
+                                  "in the drafter's top-k; use k >= 1 (paper: 3), or objective=hass for no mask")
+        _check_unroll(self)
 
 
 @dataclass
@@ -63,6 +94,15 @@ class GTOConfig(ObjectiveConfig):
     groups: int = 16  # K: groups per sequence (fewer when a sequence has fewer assistant positions)
     clip_eps: float = 0.2  # PPO clip of the ratio s to [1 - eps, 1 + eps]
     adv_eps: float = 1e-4  # delta in A = (R - mean) / (std + delta)
+
+    def check(self) -> None:
+        for key, bad, fix in (("group_size", self.group_size < 2, ">= 2 (advantages compare positions in a group)"),
+                              ("groups", self.groups < 1, ">= 1"), ("eta", self.eta <= 0, "> 0 (paper: 1)"),
+                              ("clip_eps", not 0 < self.clip_eps < 1, "in (0, 1) (PPO: 0.2)"),
+                              ("adv_eps", self.adv_eps <= 0, "> 0"), ("weight", self.weight < 0, ">= 0"),
+                              ("token_weight", self.token_weight < 0, ">= 0")):
+            if bad:
+                raise DraftsmithError(f"objective.{key}={getattr(self, key)} must be {fix}")
 
 
 OBJECTIVE_SCHEMAS = {
@@ -88,6 +128,23 @@ class OnPolicyConfig(ObjectiveConfig):
     draft_depth: int = 4  # speculative: drafted chain length per verification
     max_replays: int = 4  # speculative: rejected draft branches replayed per rollout (0 = committed text only)
 
+    def check(self) -> None:
+        if self.divergence not in DIVERGENCES:
+            raise DraftsmithError(f"objective.divergence={self.divergence!r}: use one of {', '.join(DIVERGENCES)}")
+        if self.divergence == "jsd" and not 0.0 < self.beta < 1.0:
+            raise DraftsmithError(f"objective.beta={self.beta} must be in (0, 1) for jsd (0.5 = symmetric JSD)")
+        if self.rollout not in ROLLOUTS:
+            raise DraftsmithError(f"objective.rollout={self.rollout!r}: use drafter (DistillSpec: the drafter samples) "
+                                  "or speculative (Draft-OPD: target-assisted rollouts)")
+        if not 0.0 <= self.fraction <= 1.0:
+            raise DraftsmithError(f"objective.fraction={self.fraction} must be in [0, 1] (the share of on-policy "
+                                  "micro-batches)")
+        if self.temperature < 0 or self.max_new_tokens < 1 or self.draft_depth < 1 or self.max_replays < 0:
+            raise DraftsmithError(
+                f"objective.temperature={self.temperature}, max_new_tokens={self.max_new_tokens}, draft_depth="
+                f"{self.draft_depth}, max_replays={self.max_replays}: need temperature >= 0, max_new_tokens >= 1, "
+                "draft_depth >= 1, max_replays >= 0")
+
 
 @dataclass
 class AdaSPECConfig(ObjectiveConfig):
@@ -97,6 +154,10 @@ class AdaSPECConfig(ObjectiveConfig):
     name: str = "adaspec"
     reference: str | None = None  # a trained small drafter folder, e.g. runs/<name>/train/final
     keep_fraction: float = 0.4  # the paper's filter fraction k (0.4 in every reported setting)
+
+    def check(self) -> None:
+        if not 0.0 < self.keep_fraction <= 1.0:
+            raise DraftsmithError(f"objective.keep_fraction={self.keep_fraction} must be in (0, 1] (the paper uses 0.4)")
 
 
 OBJECTIVE_SCHEMAS["on_policy"] = OnPolicyConfig

@@ -4,6 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from conf.errors import DraftsmithError
+
+SAVE_DTYPES = ("auto", "float32", "bfloat16")  # pretrain.save_dtype
+
 
 @dataclass
 class PretrainConfig:
@@ -36,3 +40,29 @@ class PretrainConfig:
     heldout_prompts: int = 100  # for the degeneracy measures (distinct-2, repeated 3-grams)
     gen_tokens: int = 128  # new tokens per continuation (greedy and sampled at T=1)
     save_dtype: str = "auto"  # auto = float32 if the weights fit in 25 MB that way, else bfloat16
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Settings that cannot train, each a one-line error naming the fix (at construction; the stage runs it
+        again for a config changed in code). The vocabulary floor depends on the tokenizer's special tokens
+        and is checked by training/target_pretrain.py."""
+        if not self.max_minutes > 0:
+            raise DraftsmithError(f"pretrain.max_minutes must be > 0 (got {self.max_minutes}): it is the "
+                                  "wall-clock budget of the training loop, e.g. pretrain.max_minutes=30")
+        if self.max_tokens is not None and self.max_tokens <= 0:
+            raise DraftsmithError(f"pretrain.max_tokens must be > 0 or null (got {self.max_tokens})")
+        for name in ("num_layers", "num_heads", "num_kv_heads", "batch_size", "seq_len", "heldout_prompts", "gen_tokens"):
+            if getattr(self, name) < 1:
+                raise DraftsmithError(f"pretrain.{name} must be >= 1 (got {getattr(self, name)})")
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise DraftsmithError(
+                f"pretrain.hidden_size={self.hidden_size}, num_heads={self.num_heads}, num_kv_heads="
+                f"{self.num_kv_heads}: hidden_size must be a multiple of num_heads, and num_heads a multiple of "
+                "num_kv_heads")
+        if self.gen_tokens >= self.seq_len:
+            raise DraftsmithError(f"pretrain.gen_tokens={self.gen_tokens} leaves no room for a prompt in "
+                                  f"seq_len={self.seq_len}: make it smaller than seq_len")
+        if self.save_dtype not in SAVE_DTYPES:
+            raise DraftsmithError(f"pretrain.save_dtype={self.save_dtype!r}: use auto, float32 or bfloat16")

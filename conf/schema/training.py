@@ -48,6 +48,15 @@ class TrainConfig:
                                   "(data_gen's cache)")
         if self.schedule not in SCHEDULES:
             raise DraftsmithError(f"train.schedule={self.schedule!r}: use one of {', '.join(SCHEDULES)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise DraftsmithError(f"train.max_steps={self.max_steps} must be >= 1 (or null to use train.epochs)")
+        if self.max_steps is None and self.epochs <= 0:  # epochs count only without max_steps
+            raise DraftsmithError(f"train.epochs={self.epochs} must be > 0")
+        if self.micro_batch_size < 1 or self.grad_accum < 1:
+            raise DraftsmithError(f"train.micro_batch_size={self.micro_batch_size} and train.grad_accum="
+                                  f"{self.grad_accum} must both be >= 1")
+        if len(self.betas) != 2:
+            raise DraftsmithError(f"train.betas={list(self.betas)} must be two numbers, e.g. [0.9,0.95]")
 
 
 @dataclass
@@ -59,5 +68,13 @@ class DeepSpeedConfig:
     extra: Dict[str, Any] = field(default_factory=dict)  # merged last into the generated DeepSpeed dict
 
     def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Precision and ZeRO stage, one-line errors (at construction; the engine runs it again)."""
         if self.precision not in PRECISIONS:
             raise DraftsmithError(f"deepspeed.precision={self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise DraftsmithError(f"deepspeed.zero_stage={self.zero_stage}: use 0, 1, 2 or 3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise DraftsmithError("deepspeed.offload_optimizer=true needs deepspeed.zero_stage>=1")

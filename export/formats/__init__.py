@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from conf.errors import DraftsmithError
+from conf.schema.export import FORMATS
 from export.formats import eagle, hf, medusa
 from export.formats.common import (
     CONFIG,
@@ -32,7 +33,6 @@ from export.formats.common import (
     is_hub_id,
 )
 
-FORMATS = {"sglang": ("eagle1", "eagle3"), "vllm": ("eagle3",), "medusa": ("medusa",), "hf": ("small",)}
 # why a format cannot hold a family whose drafters other formats do serve (named in the refusal)
 WHY_NOT = {("vllm", "eagle1"): "speculators 0.9.0 loads no EAGLE-1 checkpoint (its model types: dflash, dflash2, "
                                "dspark, eagle3, mtp, peagle, xpress) and vLLM reads only eagle3/peagle speculators "

@@ -13,9 +13,6 @@ from pathlib import Path
 
 import torch
 
-from conf.errors import DraftsmithError
-
-EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 README = "README.md"
@@ -23,9 +20,8 @@ README_HEADER = "# draftsmith export"  # first line of every README we write: ma
 
 
 def export_dtype(name: str) -> torch.dtype:
-    if name not in EXPORT_DTYPES:
-        raise DraftsmithError(f"export.dtype={name!r}: use one of {', '.join(EXPORT_DTYPES)}")
-    return EXPORT_DTYPES[name]
+    """The torch dtype of export.dtype (one of conf.schema.export.EXPORT_DTYPES, checked by ExportConfig)."""
+    return getattr(torch, name)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -27,16 +27,8 @@ FAMILIES = ("eagle1", "eagle3")  # drafters whose loss unrolls steps and takes U
 
 
 def unroll_options(ocfg, keep_topk: int = 0) -> UnrollOptions:
-    """UnrollOptions from a HASSConfig / GRIFFINConfig, with one-line errors for unusable values."""
-    name = ocfg.name
-    if ocfg.topk_k < 1:
-        raise DraftsmithError(f"objective.topk_k={ocfg.topk_k} must be >= 1 ({name}: K of the top-K term, paper: 10)")
-    if ocfg.topk_weight < 0:
-        raise DraftsmithError(f"objective.topk_weight={ocfg.topk_weight} must be >= 0 (0 = no top-K term)")
-    if ocfg.align_steps < 1:
-        raise DraftsmithError(f"objective.align_steps={ocfg.align_steps} must be >= 1 (HASS aligns 3 steps)")
-    if keep_topk < 0:
-        raise DraftsmithError(f"objective.keep_topk={keep_topk} must be >= 0 (GRIFFIN: 3; 0 = no mask)")
+    """UnrollOptions from a HASSConfig / GRIFFINConfig (their ranges: conf/schema/objective.py)."""
+    ocfg.check()  # again, for a config changed in code after it was built
     return UnrollOptions(topk_weight=float(ocfg.topk_weight), topk_k=int(ocfg.topk_k), keep_topk=int(keep_topk),
                          detach_context=bool(ocfg.context_alignment), steps=int(ocfg.align_steps))
 
@@ -63,7 +55,4 @@ def build_hass(cfg, target=None):
 
 def build_griffin(cfg, target=None):
     _check_family(cfg)
-    if cfg.objective.keep_topk < 1:
-        raise DraftsmithError(f"objective.keep_topk={cfg.objective.keep_topk}: GRIFFIN keeps rows whose true token is "
-                              "in the drafter's top-k; use k >= 1 (paper: 3), or objective=hass for no mask")
     return options_objective(unroll_options(cfg.objective, cfg.objective.keep_topk))

@@ -84,13 +84,7 @@ class GTOObjective:
     """(drafter, signal) -> (loss, metrics) for objective=gto. `reference` is M0 (frozen here)."""
 
     def __init__(self, ocfg, tree_cfg, target, reference):
-        for key, bad, fix in (("group_size", ocfg.group_size < 2, ">= 2 (advantages compare positions in a group)"),
-                              ("groups", ocfg.groups < 1, ">= 1"), ("eta", ocfg.eta <= 0, "> 0 (paper: 1)"),
-                              ("clip_eps", not 0 < ocfg.clip_eps < 1, "in (0, 1) (PPO: 0.2)"),
-                              ("adv_eps", ocfg.adv_eps <= 0, "> 0"), ("weight", ocfg.weight < 0, ">= 0"),
-                              ("token_weight", ocfg.token_weight < 0, ">= 0")):
-            if bad:
-                raise DraftsmithError(f"objective.{key}={getattr(ocfg, key)} must be {fix}")
+        ocfg.check()  # GTOConfig's ranges (conf/schema/objective.py), again for a config changed in code
         check_tree_config(tree_cfg)
         self.cfg, self.tree_cfg, self.target = ocfg, tree_cfg, target
         self.reference = reference.eval()
