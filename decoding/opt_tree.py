@@ -62,7 +62,8 @@ class OptCost:
         """The cost model the config gives; None when it asks for a measured one."""
         if tree_cfg.opt_verify_ms is None:
             return None
-        return cls([(int(n), float(ms)) for n, ms in tree_cfg.opt_verify_ms], float(tree_cfg.opt_draft_ms))
+        return cls([(int(n), float(ms)) for n, ms in zip(tree_cfg.opt_verify_nodes, tree_cfg.opt_verify_ms)],
+                   float(tree_cfg.opt_draft_ms))
 
     def verify_ms(self, n_max: int) -> torch.Tensor:
         """[n_max] float64: t_verify(n) for n = 1..n_max."""
@@ -99,14 +100,15 @@ def check_opt_config(tree_cfg) -> None:
     if tree_cfg.opt_threshold is not None and tree_cfg.opt_threshold < 0:
         raise DraftsmithError(f"eval.tree.opt_threshold={tree_cfg.opt_threshold} must be >= 0 (or null = the "
                               "cost model's break-even)")
-    pts, draft = tree_cfg.opt_verify_ms, tree_cfg.opt_draft_ms
-    if (pts is None) != (draft is None):
-        raise DraftsmithError("eval.tree.opt_verify_ms and eval.tree.opt_draft_ms go together: give both (a cost "
-                              "model) or neither (measured when the decoder starts)")
-    if pts is not None:
-        if not pts or not all(isinstance(p, (list, tuple)) and len(p) == 2 and p[0] >= 1 and p[1] > 0 for p in pts):
-            raise DraftsmithError(f"eval.tree.opt_verify_ms={pts!r}: give [[nodes, ms], ...] with nodes >= 1 and "
-                                  "ms > 0, e.g. [[1, 20.0], [60, 35.0]]")
+    nodes, ms, draft = tree_cfg.opt_verify_nodes, tree_cfg.opt_verify_ms, tree_cfg.opt_draft_ms
+    if len({x is None for x in (nodes, ms, draft)}) > 1:
+        raise DraftsmithError("eval.tree.opt_verify_nodes, opt_verify_ms and opt_draft_ms go together: give all "
+                              "three (a cost model) or none (measured when the decoder starts)")
+    if ms is not None:
+        if not ms or len(nodes) != len(ms) or not all(n >= 1 for n in nodes) or not all(m > 0 for m in ms):
+            raise DraftsmithError(f"eval.tree.opt_verify_nodes={list(nodes)} / opt_verify_ms={list(ms)}: give as many "
+                                  "node counts (>= 1) as times (ms > 0), e.g. opt_verify_nodes=[1,60] "
+                                  "opt_verify_ms=[20,35]")
         if draft <= 0:
             raise DraftsmithError(f"eval.tree.opt_draft_ms={draft} must be > 0 (one drafter step in ms)")
 

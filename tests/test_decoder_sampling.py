@@ -108,7 +108,7 @@ CASES = {
     "top-k-tree-ngram": (dict(tree=TreeConfig(kind="dynamic", depth=2, top_k=2, total_tokens=4), drafter="ngram"),
                          SamplingRule(temperature=1.2)),
     # OPT-Tree: top-k point-mass trees whose shape (budget, depth) the cost model picks from draft probabilities
-    "opt-tree-t1": (dict(tree=TreeConfig(kind="opt", depth=3, top_k=2, total_tokens=4, opt_verify_ms=[[1, 1.0], [4, 2.0]],
+    "opt-tree-t1": (dict(tree=TreeConfig(kind="opt", depth=3, top_k=2, total_tokens=4, opt_verify_nodes=[1, 4], opt_verify_ms=[1.0, 2.0],
                                          opt_draft_ms=0.2), drafter="table"), SamplingRule(temperature=1.0)),
     "opt-tree-t0.7-top-p": (dict(tree=TreeConfig(kind="opt", depth=2, top_k=2, total_tokens=4, opt_budget="fixed",
                                                  opt_threshold=0.05), drafter="table"),

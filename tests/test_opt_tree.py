@@ -124,7 +124,7 @@ def test_greedy_equals_target_greedy(drafter_kind):
 
 
 def test_given_cost_model_is_used_as_given():
-    cfg = opt(depth=2, top_k=2, total_tokens=6, opt_verify_ms=[[1, 5.0], [6, 8.0]], opt_draft_ms=2.0)
+    cfg = opt(depth=2, top_k=2, total_tokens=6, opt_verify_nodes=[6, 1], opt_verify_ms=[8.0, 5.0], opt_draft_ms=2.0)
     cost = OptCost.from_config(cfg)
     torch.testing.assert_close(cost.verify_ms(6), torch.tensor([5.0, 5.6, 6.2, 6.8, 7.4, 8.0], dtype=torch.float64))
     cost.observe_draft(100.0)
@@ -134,9 +134,11 @@ def test_given_cost_model_is_used_as_given():
 @pytest.mark.parametrize("cfg, msg", [
     (opt(opt_budget="auto"), "eval.tree.opt_budget='auto': use cost"),
     (opt(opt_threshold=-1.0), "eval.tree.opt_threshold=-1.0 must be >= 0"),
-    (opt(opt_verify_ms=[[1, 5.0]]), "opt_verify_ms and eval.tree.opt_draft_ms go together"),
-    (opt(opt_verify_ms=[[0, 5.0]], opt_draft_ms=1.0), r"opt_verify_ms=\[\[0, 5.0\]\]: give \[\[nodes, ms\]"),
-    (opt(opt_verify_ms=[[1, 5.0]], opt_draft_ms=0.0), "opt_draft_ms=0.0 must be > 0"),
+    (opt(opt_verify_ms=[5.0]), "opt_verify_nodes, opt_verify_ms and opt_draft_ms go together"),
+    (opt(opt_verify_nodes=[0], opt_verify_ms=[5.0], opt_draft_ms=1.0),
+     r"opt_verify_nodes=\[0\] / opt_verify_ms=\[5.0\]: give as many node counts"),
+    (opt(opt_verify_nodes=[1, 2], opt_verify_ms=[5.0], opt_draft_ms=1.0), "give as many node counts"),
+    (opt(opt_verify_nodes=[1], opt_verify_ms=[5.0], opt_draft_ms=0.0), "opt_draft_ms=0.0 must be > 0"),
     (opt(total_tokens=0), "eval.tree.total_tokens=0 must be >= 1"),
     (opt(top_k=0), "eval.tree.top_k=0 must be >= 1"),
     (opt(depth=0), "eval.tree.depth=0 must be >= 1"),

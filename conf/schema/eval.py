@@ -23,9 +23,11 @@ class TreeConfig:
     # opt: stop drafting deeper once a depth adds less than this to E[accepted]; None = the cost model's
     # break-even (the gain one more drafter step must bring to keep expected tokens/s from falling).
     opt_threshold: Optional[float] = None
-    # opt: the cost model given instead of measured when the decoder starts: [[nodes, ms], ...] of one
-    # verification forward (linear in between) and one drafter step in ms. None = measured.
-    opt_verify_ms: Optional[List[List[float]]] = None
+    # opt: the cost model given instead of measured when the decoder starts: one verification forward takes
+    # opt_verify_ms[i] ms at opt_verify_nodes[i] nodes (linear in between), one drafter step opt_draft_ms.
+    # None = measured.
+    opt_verify_nodes: Optional[List[int]] = None
+    opt_verify_ms: Optional[List[float]] = None
     opt_draft_ms: Optional[float] = None
 
 
