@@ -153,3 +153,24 @@ def test_opt_trees_are_not_sampled():
     with pytest.raises(DraftsmithError, match="opt trees pick children by top-k score and cannot be sampled"):
         build_tree(PathDrafter(5, lambda b, p: [0.0] * 5), opt(opt_budget="fixed", opt_threshold=0.1),
                    temperature=1.0, sample=True)
+
+
+def test_eval_stage_reports_the_budgets(cfg_for):
+    """eval=opt_tree through the eval stage: lossless at T=0, and report.json says which budgets the measured
+    cost model chose (the timed cycles only) and the model itself."""
+    from eval.stage import run
+
+    cfg = cfg_for("drafter=ngram", "eval=opt_tree", "eval.tree.total_tokens=8", "eval.tree.depth=3",
+                  "eval.max_new_tokens=12", "eval.num_prompts=2", "eval.max_prompt_tokens=160", "eval.warmup=1")
+    r = run(cfg)["report"]["results"][0]
+    assert r["identical_outputs"] == r["generations"] == 2
+    o = r["opt_tree"]
+    assert o["cost_model"] == "measured" and [n for n, _ in o["verify_ms"]] == [1, 2, 4, 8] and o["draft_ms"] > 0
+    assert 1 <= o["mean_nodes"] <= 8 and 1 <= o["mean_drafter_steps"] <= 3
+
+
+def test_eval_stage_bad_opt_value_is_one_error(cfg_for):
+    from eval.stage import validate
+
+    with pytest.raises(DraftsmithError, match=r"^eval.tree.opt_budget='auto': use cost"):
+        validate(cfg_for("eval=opt_tree", "eval.tree.opt_budget=auto"))
