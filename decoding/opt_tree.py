@@ -87,13 +87,7 @@ class OptCost:
 
 
 def check_opt_config(tree_cfg) -> None:
-    """One-line errors for the opt-only fields of eval.tree."""
-    if tree_cfg.depth < 1:
-        raise DraftsmithError(f"eval.tree.depth={tree_cfg.depth} must be >= 1 (most drafter steps)")
-    if tree_cfg.top_k < 1:
-        raise DraftsmithError(f"eval.tree.top_k={tree_cfg.top_k} must be >= 1 (nodes expanded per depth)")
-    if tree_cfg.total_tokens < 1:
-        raise DraftsmithError(f"eval.tree.total_tokens={tree_cfg.total_tokens} must be >= 1 (the largest budget)")
+    """One-line errors for the opt-only fields of eval.tree (depth, top_k, total_tokens: check_tree_config)."""
     if tree_cfg.opt_budget not in OPT_BUDGETS:
         raise DraftsmithError(f"eval.tree.opt_budget={tree_cfg.opt_budget!r}: use cost (chosen each cycle from the "
                               "cost model) or fixed (always total_tokens nodes)")

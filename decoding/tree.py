@@ -230,18 +230,18 @@ def check_tree_config(tree_cfg) -> None:
     kind = tree_cfg.kind
     if kind not in TREE_KINDS:
         raise DraftsmithError(f"eval.tree.kind={kind!r} is not a tree kind: use chain, static, dynamic or opt")
-    if kind in ("chain", "dynamic") and tree_cfg.depth < 1:
+    if kind in ("chain", "dynamic", "opt") and tree_cfg.depth < 1:
         raise DraftsmithError(f"eval.tree.depth={tree_cfg.depth} must be >= 1 (drafted tokens per path)")
-    if kind == "dynamic":
+    if kind in ("dynamic", "opt"):  # opt: top_k = most nodes expanded per depth, total_tokens = largest budget
         if tree_cfg.top_k < 1:
-            raise DraftsmithError(f"eval.tree.top_k={tree_cfg.top_k} must be >= 1 for a dynamic tree")
+            raise DraftsmithError(f"eval.tree.top_k={tree_cfg.top_k} must be >= 1 for a {kind} tree")
         if tree_cfg.total_tokens < 1:
             raise DraftsmithError(
                 f"eval.tree.total_tokens={tree_cfg.total_tokens} must be >= 1 (nodes kept after the rerank)")
     if kind == "static":
         _static_paths(tree_cfg.paths)
     if kind == "opt":
-        from decoding.opt_tree import check_opt_config
+        from decoding.opt_tree import check_opt_config  # here, not on top: decoding.opt_tree builds on this module
 
         check_opt_config(tree_cfg)
 
