@@ -240,8 +240,8 @@ def check_tree_config(tree_cfg) -> None:
                 f"eval.tree.total_tokens={tree_cfg.total_tokens} must be >= 1 (nodes kept after the rerank)")
     if kind == "static":
         _static_paths(tree_cfg.paths)
-    if kind == "opt":
-        from decoding.opt_tree import check_opt_config  # here, not on top: decoding.opt_tree builds on this module
+    if kind == "opt":  # imported here, not on top: decoding.opt_tree builds on this module
+        from decoding.opt_tree import check_opt_config
 
         check_opt_config(tree_cfg)
 
