@@ -155,8 +155,8 @@ def opt_tree(drafter, tree_cfg, B: int, device, cost: OptCost | None):
     """Build the OPT-Tree for B roots (see the module docstring); `cost` may be None only when it is not
     needed (opt_budget=fixed with opt_threshold)."""
     if cost is None and needs_cost(tree_cfg):
-        raise DraftsmithError("eval.tree.kind=opt needs a cost model here: give eval.tree.opt_verify_ms and "
-                              "eval.tree.opt_draft_ms (the speculative decoder measures its own), or use "
+        raise DraftsmithError("eval.tree.kind=opt needs a cost model here: give eval.tree.opt_verify_nodes, "
+                              "opt_verify_ms and opt_draft_ms (the speculative decoder measures its own), or use "
                               "opt_budget=fixed with an opt_threshold")
     fixed = tree_cfg.opt_budget == "fixed"
     N, k = tree_cfg.total_tokens, tree_cfg.top_k
