@@ -10,7 +10,8 @@ Settings, all with depth 5 and top_k 8 (at most 8 nodes expanded per depth for b
 costs about the same): `dynamic@n` (EAGLE-2: top_k children of the 8 best nodes per depth, the n best kept),
 `opt@n` (OPT-Tree with a fixed budget of n nodes, drafting deeper while the cost model says a step pays),
 `opt@cost≤N` (OPT-Tree choosing the budget each cycle, N = the largest --budgets), and the autoregressive
-baseline. Every setting decodes every prompt, interleaved prompt by prompt in a rotating order, so load on
+baseline. The opt settings share one verification-time model (measured once, by opt@cost's decoder, when
+it starts); each measures its own drafter step time while it drafts. Every setting decodes every prompt, interleaved prompt by prompt in a rotating order, so load on
 a shared machine falls on all of them alike; tokens/s are compared as ratios on the same prompts
 (a paired percentile bootstrap over prompts), which is what a noisy machine can still measure.
 """
@@ -67,6 +68,7 @@ def run(args):
 
     from conf.schema.eval import TreeConfig
     from decoding.decoder import SpeculativeDecoder
+    from decoding.opt_tree import OptCost
     from drafters.target import load_target
     from eval.report import machine_info
     from eval.stage import ar_generate, build_drafter, spec_generate, validate
@@ -89,9 +91,13 @@ def run(args):
         tree_cfg = TreeConfig(**tree) if tree else TreeConfig(kind="chain", depth=1)
         decs[label] = SpeculativeDecoder(target, drafter, tree_cfg, 0.0)
     g = torch.Generator(device=target.device)
-    for label, dec in decs.items():  # untimed warm-up (and the opt decoders' cost measurement)
+    cost = None
+    for label, dec in reversed(decs.items()):  # untimed warm-up; opt@cost (last) measures the cost model
+        if cost is not None and dec.tree_cfg.kind == "opt":  # one verification model for every opt setting,
+            dec.opt_cost = OptCost(list(cost.verify_points), source="measured")  # so load noise differs not
         (ar_generate if label == "AR" else spec_generate)(dec, prompts[0], min(16, args.max_new_tokens), eos, g)
         if dec.opt_cost is not None:
+            cost = cost or dec.opt_cost
             dec.opt_cost.history.clear()
     labels = list(decs)
     recs = {label: [] for label in labels}
@@ -152,7 +158,7 @@ def rows(recs: dict, decs: dict) -> list[dict]:
         if cost is not None:
             nodes = np.array([h[0] for h in cost.history])
             row.update(budget=nodes.mean(), budget_q=np.quantile(nodes, [0.1, 0.5, 0.9]).tolist(),
-                       steps=cost.mean_steps())
+                       steps=cost.mean_steps(), predicted=1 + cost.mean_expected())
         out.append(row)
     return out
 
@@ -172,6 +178,7 @@ def table(rs: list[dict]) -> list[str]:
             ("nodes verified: mean (p10/p50/p90)", lambda r: f"{r['budget']:.1f} ({'/'.join(_f(q, '{:.0f}') for q in r['budget_q'])})"
              if "budget" in r else "–"),
             ("drafter steps", lambda r: _f(r.get("steps"), "{:.2f}")),
+            ("predicted 1 + Σ p̂", lambda r: _f(r.get("predicted"), "{:.2f}")),
             ("= AR", lambda r: f"{r['same_as_ar']}/{r['prompts']}")]
     return md_table(cols, rs)
 

@@ -49,12 +49,14 @@ OPT_BUDGETS = ("cost", "fixed")
 class OptCost:
     """The cost model: verification forward time by node count (linear between points, flat beyond them)
     and one drafter step's time (a running mean of measured steps unless given). `history` keeps
-    (nodes, drafter steps) of every tree built with it."""
+    (nodes, drafter steps, expected accepted tokens Σ p̂ of the tree, mean over roots) of every tree built
+    with it: set against the measured τ - 1, the last says how well the drafter's probabilities predict
+    acceptance, which is what the budget choice rests on."""
 
     verify_points: list[tuple[int, float]]  # (nodes, ms)
     draft_ms: float | None = None
     source: str = "given"  # given | measured
-    history: list[tuple[int, int]] = field(default_factory=list)
+    history: list[tuple[int, int, float]] = field(default_factory=list)
     _draft_seen: int = 0
 
     @classmethod
@@ -80,10 +82,14 @@ class OptCost:
         self.draft_ms = prev + (ms - prev) / self._draft_seen
 
     def mean_budget(self) -> float | None:
-        return sum(n for n, _ in self.history) / len(self.history) if self.history else None
+        return sum(h[0] for h in self.history) / len(self.history) if self.history else None
 
     def mean_steps(self) -> float | None:
-        return sum(d for _, d in self.history) / len(self.history) if self.history else None
+        return sum(h[1] for h in self.history) / len(self.history) if self.history else None
+
+    def mean_expected(self) -> float | None:
+        """Mean predicted E[accepted] per cycle (compare with the measured τ - 1)."""
+        return sum(h[2] for h in self.history) / len(self.history) if self.history else None
 
 
 def check_opt_config(tree_cfg) -> None:
@@ -140,15 +146,15 @@ def _ranked(scores: torch.Tensor) -> torch.Tensor:
 
 def _rates(scores: torch.Tensor, n_max: int, steps: int, cost: OptCost | None, fixed: bool):
     """(expected accepted of the best n_max nodes [B], the budget n* (n_max when `fixed`), expected rate per
-    row at n* [B] or None without a cost model)."""
+    row at n* [B] or None without a cost model, expected accepted at n* [B])."""
     n = min(n_max, scores.shape[1])
     best = scores.gather(1, _ranked(scores)[:, :n]).double().exp().cumsum(1)  # [B, n]: E(1..n)
     if cost is None:
-        return best[:, -1], n, None
+        return best[:, -1], n, None, best[:, -1]
     denom = cost.verify_ms(n).to(best.device) + steps * cost.draft_ms  # [n]
     rate = (best + 1) / denom
     pick = n if fixed else int(rate.mean(0).argmax()) + 1
-    return best[:, -1], pick, rate[:, pick - 1]
+    return best[:, -1], pick, rate[:, pick - 1], best[:, pick - 1]
 
 
 def opt_tree(drafter, tree_cfg, B: int, device, cost: OptCost | None):
@@ -169,7 +175,7 @@ def opt_tree(drafter, tree_cfg, B: int, device, cost: OptCost | None):
     tree = tree.extend(topi, frontier.to(dev).expand(B, c), scores)
     last = torch.arange(c, device=dev).expand(B, c)  # the newest depth's nodes
     steps = 1
-    e_prev, pick, rate = _rates(scores, N, steps, cost, fixed)
+    e_prev, pick, rate, e_pick = _rates(scores, N, steps, cost, fixed)
     gain = e_prev
     while steps < tree_cfg.depth:
         thr = tree_cfg.opt_threshold if tree_cfg.opt_threshold is not None else rate * cost.draft_ms
@@ -201,8 +207,8 @@ def opt_tree(drafter, tree_cfg, B: int, device, cost: OptCost | None):
                            topv.flatten(1).gather(1, take))
         scores = torch.cat([scores, cand.gather(1, take)], 1)
         last = torch.arange(n0, tree.num_nodes, device=dev).expand(B, -1)
-        e_now, pick, rate = _rates(scores, N, steps, cost, fixed)
+        e_now, pick, rate, e_pick = _rates(scores, N, steps, cost, fixed)
         gain, e_prev = e_now - e_prev, e_now
     if cost is not None:
-        cost.history.append((pick, steps))
+        cost.history.append((pick, steps, float(e_pick.mean())))
     return keep_best(tree, scores, pick)

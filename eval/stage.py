@@ -279,7 +279,7 @@ def evaluate(cfg: Config, target, drafter, assistant=None, progress: bool = True
             if dec.opt_cost is not None:
                 c = dec.opt_cost
                 row["opt_tree"] = {"mean_nodes": c.mean_budget(), "mean_drafter_steps": c.mean_steps(),
-                                   "cost_model": c.source, "verify_ms": c.verify_points, "draft_ms": c.draft_ms}
+                                   "mean_expected_accepted": c.mean_expected(), "cost_model": c.source, "verify_ms": c.verify_points, "draft_ms": c.draft_ms}
             if temp == 0 and assistant is not None and ev.compare_assistant:
                 row["peer"] = time_assisted(target, assistant, turn_ids, ev.max_new_tokens, ev.warmup)
             results.append(row)

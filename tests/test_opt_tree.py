@@ -87,7 +87,7 @@ def test_cost_model_picks_the_budget(per_node, budget):
     cost = OptCost([(1, 10 + per_node), (60, 10 + 60 * per_node)], draft_ms=1.0)
     tree = build_tree(PathDrafter(V, fn), opt(depth=1, top_k=2, total_tokens=6), cost=cost)
     assert tree.tokens.tolist() == [[1, 2][:budget]]
-    assert cost.history == [(budget, 1)]
+    assert cost.history[0][:2] == (budget, 1) and cost.history[0][2] == pytest.approx([.6, .9][budget - 1])
 
 
 @pytest.mark.parametrize("draft_ms, calls", [(1000.0, 1), (1e-6, 3)])
@@ -116,7 +116,7 @@ def test_greedy_equals_target_greedy(drafter_kind):
     assert cost.source == "measured" and [n for n, _ in cost.verify_points] == [1, 2, 4, 8, 12]
     ms = [m for _, m in cost.verify_points]
     assert ms[0] > 0 and ms == sorted(ms) and cost.draft_ms > 0  # never cheaper with more nodes
-    assert len(cost.history) == st.cycles and all(1 <= n <= 12 and 1 <= s <= 4 for n, s in cost.history)
+    assert len(cost.history) == st.cycles and all(1 <= n <= 12 and 1 <= s <= 4 and 0 < e < n for n, s, e in cost.history)
     if drafter_kind == "always":
         assert st.depth_accepted == st.depth_attempted
     again, _ = dec.generate(prompt, 20, eos_ids=[])
