@@ -215,7 +215,10 @@ def main(argv=None) -> int:
              f"- {len(prompts)} × {args.benchmark} prompts (first user turn, ≤ {args.max_prompt_tokens} tokens), "
              f"{args.max_new_tokens} new tokens, T = 0, depth {args.depth}, top_k {args.top_k}; settings "
              "interleaved prompt by prompt (rotating order); intervals: 95 % percentile bootstrap over prompts, "
-             "ratios paired on the same prompts", "", *table(rows(recs, decs)), "", *cost_lines(decs),
+             "ratios paired on the same prompts",
+             "- tok/s move with the machine's load (absolute values are not comparable between runs); compare the "
+             "ratios of settings decoded back to back on the same prompts", "", *table(rows(recs, decs)), "",
+             *cost_lines(decs),
              "<!-- /bench_opt_tree -->"]
     text = "\n".join(lines)
     print(text)
