@@ -37,6 +37,7 @@ import torch
 from conf.errors import DraftsmithError
 from conf.schema.eval import ACCEPTANCE
 from decoding.kvcache import StaticRunner, model_forward
+from decoding.opt_tree import OptCost, measure_counts, needs_cost
 from decoding.tree import build_tree, check_tree_attention, check_tree_config, tree_nodes
 from decoding.verify import Accepted, SamplingRule, accept_paths, tree_block
 
@@ -227,6 +228,8 @@ class SpeculativeDecoder:
         self.verifier = float32_target(target) if exact else target
         self.feature_source = getattr(drafter, "feature_source", "features") if drafter.uses_features else None
         self._run: StaticRunner | None = None
+        # OPT-Tree's cost model: the config's, else measured on the first generate and kept for this decoder
+        self.opt_cost: OptCost | None = OptCost.from_config(tree_cfg) if tree_cfg.kind == "opt" else None
 
     @classmethod
     def from_config(cls, target, drafter, eval_cfg, temperature: float) -> SpeculativeDecoder:
@@ -257,6 +260,8 @@ class SpeculativeDecoder:
                          temperature=rule.temperature)
         if max_new_tokens <= 0:
             return torch.zeros(0, dtype=torch.long), st
+        if self.opt_cost is None and self.tree_cfg.kind == "opt" and needs_cost(self.tree_cfg):
+            self.opt_cost = self.measure_opt_cost()  # before timing starts: a one-off per decoder
         t_begin = clock.wall()
         run = self.runner
         room = max_new_tokens + tree_nodes(self.tree_cfg) + 1
@@ -271,7 +276,7 @@ class SpeculativeDecoder:
         while not done:
             t0 = clock.mark()
             tree = build_tree(drafter, self.tree_cfg, 1, rule.temperature, rule.top_p, rule.top_k, generator,
-                              self.sample, device=ids.device, checked=True)
+                              self.sample, device=ids.device, checked=True, cost=self.opt_cost)
             t1 = clock.mark()
             in_ids, pos, vis, anc = tree_block(tree, root)
             logits, feats = run(in_ids, pos, vis[0], "verify")
@@ -305,6 +310,31 @@ class SpeculativeDecoder:
             st.time_verify += clock.span(t1, t2)
             st.time_other += clock.span(t2, t3)
         return torch.tensor(tokens, dtype=torch.long), st
+
+    def measure_opt_cost(self, context: int = 128, reps: int = 5) -> OptCost:
+        """OPT-Tree's cost model on this machine: the median time of one verification forward of 1 + n tokens
+        over a `context`-token cache, for a few node counts n up to eval.tree.total_tokens (the drafter's
+        step time is measured while drafting). A synthetic context: the forward's cost depends on shapes,
+        not on the tokens. The acceptance rule's own time is left out (small, and nearly flat in n)."""
+        run, dev, V = self.runner, self.target.device, self.target.vocab_size
+        counts = measure_counts(self.tree_cfg.total_tokens)
+        ids = (torch.arange(context, device=dev) * 7 % V)[None]
+        _prefill(run, ids, context + counts[-1] + 1)
+        clock, points = _PhaseClock(dev), []
+        for n in counts:
+            block = (torch.arange(1 + n, device=dev) * 11 % V)[None]
+            pos = torch.arange(1 + n, device=dev)[None]
+            vis = torch.ones(1 + n, 1 + n, dtype=torch.bool, device=dev).tril()
+            took = []
+            for _ in range(reps + 1):  # the first run warms this shape up
+                t0 = clock.wall()
+                run(block, pos, vis, "verify")
+                took.append(clock.wall() - t0)
+                run.keep([])
+            ms = 1000 * sorted(took[1:])[len(took[1:]) // 2]
+            # a forward over more tokens never costs less: a dip below a smaller count is load noise
+            points.append((n, max([ms] + [m for _, m in points])))
+        return OptCost(points, source="measured")
 
     def _for_drafter(self, feats: torch.Tensor | None) -> torch.Tensor | None:
         """Target features in the dtype the drafter was built for (exact mode computes them in float32)."""

@@ -1,5 +1,5 @@
 """Draft trees: the data structure shared by the speculative decoder and tree-reward training, and the
-three ways of building one (chain, Medusa-style static paths, EAGLE-2 dynamic).
+ways of building one (chain, Medusa-style static paths, EAGLE-2 dynamic, OPT-Tree in decoding/opt_tree.py).
 
     from decoding.tree import build_tree
     tree = build_tree(drafter, TreeConfig(kind="dynamic", depth=5, top_k=8, total_tokens=60), batch=1)
@@ -30,7 +30,7 @@ import torch
 
 from conf.errors import DraftsmithError
 
-TREE_KINDS = ("chain", "static", "dynamic")
+TREE_KINDS = ("chain", "static", "dynamic", "opt")
 
 
 @dataclass
@@ -229,17 +229,21 @@ def check_tree_config(tree_cfg) -> None:
     """Raise a one-line DraftsmithError for an unusable eval.tree config."""
     kind = tree_cfg.kind
     if kind not in TREE_KINDS:
-        raise DraftsmithError(f"eval.tree.kind={kind!r} is not a tree kind: use chain, static or dynamic")
-    if kind in ("chain", "dynamic") and tree_cfg.depth < 1:
+        raise DraftsmithError(f"eval.tree.kind={kind!r} is not a tree kind: use chain, static, dynamic or opt")
+    if kind in ("chain", "dynamic", "opt") and tree_cfg.depth < 1:
         raise DraftsmithError(f"eval.tree.depth={tree_cfg.depth} must be >= 1 (drafted tokens per path)")
-    if kind == "dynamic":
+    if kind in ("dynamic", "opt"):  # opt: top_k = most nodes expanded per depth, total_tokens = largest budget
         if tree_cfg.top_k < 1:
-            raise DraftsmithError(f"eval.tree.top_k={tree_cfg.top_k} must be >= 1 for a dynamic tree")
+            raise DraftsmithError(f"eval.tree.top_k={tree_cfg.top_k} must be >= 1 for a {kind} tree")
         if tree_cfg.total_tokens < 1:
             raise DraftsmithError(
                 f"eval.tree.total_tokens={tree_cfg.total_tokens} must be >= 1 (nodes kept after the rerank)")
     if kind == "static":
         _static_paths(tree_cfg.paths)
+    if kind == "opt":  # imported here, not on top: decoding.opt_tree builds on this module
+        from decoding.opt_tree import check_opt_config
+
+        check_opt_config(tree_cfg)
 
 
 def fit_depth(tree_cfg, max_depth: int | None):
@@ -258,7 +262,7 @@ def tree_nodes(tree_cfg) -> int:
         return tree_cfg.depth
     if tree_cfg.kind == "static":
         return len(tree_cfg.paths or [])
-    return tree_cfg.total_tokens
+    return tree_cfg.total_tokens  # dynamic, and opt's largest budget
 
 
 def _static_paths(paths) -> list[tuple[int, ...]]:
@@ -286,14 +290,15 @@ def _static_paths(paths) -> list[tuple[int, ...]]:
 
 def build_tree(drafter, tree_cfg, batch: int = 1, temperature: float = 0.0, top_p: float = 1.0,
                top_k: int = 0, generator: torch.Generator | None = None, sample: bool | None = None,
-               device: torch.device | str | None = None, checked: bool = False) -> DraftTree:
+               device: torch.device | str | None = None, checked: bool = False, cost=None) -> DraftTree:
     """Build one draft tree per root (B = `batch`) by calling `drafter.expand(partial_tree, frontier)`
     once per depth. `tree_cfg` is a conf.schema.eval.TreeConfig, validated here unless `checked` (callers
     that build a tree every cycle, the decoder and GTO, validate it once when they are constructed).
 
     `sample`: None = chains are sampled from the warped draft distribution at T > 0 and static/dynamic
     trees pick top-k children; True = chains and static trees sample (static siblings i.i.d., verified
-    with the SpecInfer rule); False = always top-k. At T = 0 nothing is sampled."""
+    with the SpecInfer rule); False = always top-k. At T = 0 nothing is sampled. `cost`: an OPT-Tree cost
+    model (decoding.opt_tree.OptCost; the decoder measures one), else the config's if it gives one."""
     if not checked:
         check_tree_config(tree_cfg)
     if temperature < 0:
@@ -301,8 +306,8 @@ def build_tree(drafter, tree_cfg, batch: int = 1, temperature: float = 0.0, top_
     if sample is None:
         sample = tree_cfg.kind == "chain"
     sample = bool(sample) and temperature > 0
-    if sample and tree_cfg.kind == "dynamic":
-        raise DraftsmithError("dynamic (EAGLE-2) trees pick children by top-k score and cannot be sampled: "
+    if sample and tree_cfg.kind in ("dynamic", "opt"):
+        raise DraftsmithError(f"{tree_cfg.kind} trees pick children by top-k score and cannot be sampled: "
                               "use eval.tree.kind=chain or static for sampled drafts")
     if device is None:
         device = getattr(drafter, "device", "cpu")
@@ -311,6 +316,10 @@ def build_tree(drafter, tree_cfg, batch: int = 1, temperature: float = 0.0, top_
         return _chain(drafter, tree_cfg.depth, batch, device, sample, warp, generator)
     if tree_cfg.kind == "static":
         return _static(drafter, _static_paths(tree_cfg.paths), batch, device, sample, warp, generator)
+    if tree_cfg.kind == "opt":
+        from decoding.opt_tree import OptCost, opt_tree
+
+        return opt_tree(drafter, tree_cfg, batch, device, cost or OptCost.from_config(tree_cfg))
     return _dynamic(drafter, tree_cfg.depth, tree_cfg.top_k, tree_cfg.total_tokens, batch, device)
 
 
@@ -419,8 +428,15 @@ def _dynamic(drafter, depth, k, total_tokens, B, device) -> DraftTree:
         tree = tree.extend(topi.flatten(1), frontier.repeat_interleave(k, dim=1), topv.flatten(1))
         scores = torch.cat([scores, child], 1)
         last = torch.arange(n0, tree.num_nodes, device=dev).expand(B, -1)
-    # ... then rerank every candidate globally. A child never outscores its parent and a parent is
-    # stored before its children, so the first M entries of a *stable* sort are a connected tree.
+    # ... then rerank every candidate globally
+    return keep_best(tree, scores, total_tokens)
+
+
+def keep_best(tree: DraftTree, scores: torch.Tensor, total_tokens: int) -> DraftTree:
+    """The `total_tokens` nodes of `tree` with the best scores [B, N] (cumulative draft log-probabilities), in
+    stored order. A child never outscores its parent and a parent is stored before its children, so the
+    first M entries of a *stable* sort are a connected tree."""
+    B, dev = scores.shape[0], scores.device
     M = min(total_tokens, tree.num_nodes)
     keep = torch.sort(-scores, dim=1, stable=True).indices[:, :M].sort(dim=1).values
     new_of_old = torch.full_like(tree.parents, -1)

@@ -262,6 +262,8 @@ def evaluate(cfg: Config, target, drafter, assistant=None, progress: bool = True
                 g = torch.Generator(device=target.device).manual_seed(ev.seed)
                 spec_generate(dec, first, min(ev.max_new_tokens, 16), eos, g)
                 ar_generate(dec, first, min(ev.max_new_tokens, 16), eos, g)
+            if dec.opt_cost is not None:  # OPT-Tree: report the budgets of the timed cycles only
+                dec.opt_cost.history.clear()
             spec_recs, ar_recs, turn_ids = [], [], []  # [prompt][turn]: the intervals resample prompts
             sk: Counter = Counter(skipped)
             bar = tqdm(prompts, desc=f"{bench} T={temp:g}{flag}", unit="prompt", disable=not progress)
@@ -274,6 +276,10 @@ def evaluate(cfg: Config, target, drafter, assistant=None, progress: bool = True
             row = {"benchmark": bench, "temperature": float(temp), "prompts": len(prompts),
                    "source": source.summary(), "skipped": dict(sk),
                    **summarize(spec_recs, ar_recs, [p.id for p in prompts]), "peer": None}
+            if dec.opt_cost is not None:
+                c = dec.opt_cost
+                row["opt_tree"] = {"mean_nodes": c.mean_budget(), "mean_drafter_steps": c.mean_steps(),
+                                   "mean_expected_accepted": c.mean_expected(), "cost_model": c.source, "verify_ms": c.verify_points, "draft_ms": c.draft_ms}
             if temp == 0 and assistant is not None and ev.compare_assistant:
                 row["peer"] = time_assisted(target, assistant, turn_ids, ev.max_new_tokens, ev.warmup)
             results.append(row)

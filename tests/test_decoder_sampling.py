@@ -1,7 +1,8 @@
 """Speculative sampling end to end is lossless: on a Llama with a 5-token vocabulary, the 2nd and 3rd
 generated tokens (both decided by tree verification, the 3rd possibly in a second cycle) follow the
 target's own warped distribution, computed exactly from its logits (chi-square). Chain rule, SpecInfer
-trees, top-k point-mass trees with prompt lookup, and plain autoregressive sampling, with top-p / top-k.
+trees, top-k point-mass trees with prompt lookup, OPT-Trees (given, fixed and measured cost models), and
+plain autoregressive sampling, with top-p / top-k.
 Drafters that cost no forward keep it quick: losslessness depends on the verifier, not on who drafts.
 
     python -m pytest -q tests/test_decoder_sampling.py
@@ -106,6 +107,14 @@ CASES = {
                                   sample=True), SamplingRule(temperature=1.0, top_p=0.95)),
     "top-k-tree-ngram": (dict(tree=TreeConfig(kind="dynamic", depth=2, top_k=2, total_tokens=4), drafter="ngram"),
                          SamplingRule(temperature=1.2)),
+    # OPT-Tree: top-k point-mass trees whose shape (budget, depth) the cost model picks from draft probabilities
+    "opt-tree-t1": (dict(tree=TreeConfig(kind="opt", depth=3, top_k=2, total_tokens=4, opt_verify_nodes=[1, 4], opt_verify_ms=[1.0, 2.0],
+                                         opt_draft_ms=0.2), drafter="table"), SamplingRule(temperature=1.0)),
+    "opt-tree-t0.7-top-p": (dict(tree=TreeConfig(kind="opt", depth=2, top_k=2, total_tokens=4, opt_budget="fixed",
+                                                 opt_threshold=0.05), drafter="table"),
+                            SamplingRule(temperature=0.7, top_p=0.8)),
+    "opt-tree-measured-top-p": (dict(tree=TreeConfig(kind="opt", depth=2, top_k=2, total_tokens=4), drafter="table"),
+                                SamplingRule(temperature=1.0, top_p=0.9)),
 }
 
 

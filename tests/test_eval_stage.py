@@ -31,7 +31,7 @@ def llama(tiny_target_dir):
     ("eval.benchmarks=[nope]", "unknown benchmark 'nope' in eval.benchmarks: choose from sharegpt_heldout"),
     ("eval.acceptance=greedy", "eval.acceptance='greedy': choose lossless or typical"),
     ("eval.top_p=0", "eval.top_p=0.0: must be in (0, 1]"),
-    ("eval.tree.kind=bush", "eval.tree.kind='bush' is not a tree kind: use chain, static or dynamic"),
+    ("eval.tree.kind=bush", "eval.tree.kind='bush' is not a tree kind: use chain, static, dynamic or opt"),
 ])
 def test_bad_eval_settings_fail_before_loading(cfg_for, override, msg):
     with pytest.raises(DraftsmithError) as e:

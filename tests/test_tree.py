@@ -252,7 +252,7 @@ def test_keep_cache_entries():
 
 
 @pytest.mark.parametrize("cfg, msg", [
-    (TreeConfig(kind="beam"), "eval.tree.kind='beam' is not a tree kind: use chain, static or dynamic"),
+    (TreeConfig(kind="beam"), "eval.tree.kind='beam' is not a tree kind: use chain, static, dynamic or opt"),
     (TreeConfig(kind="chain", depth=0), "eval.tree.depth=0 must be >= 1"),
     (TreeConfig(kind="dynamic", depth=0), "eval.tree.depth=0 must be >= 1"),
     (TreeConfig(kind="dynamic", total_tokens=0), "eval.tree.total_tokens=0 must be >= 1"),

@@ -11,11 +11,24 @@ ACCEPTANCE = ("lossless", "typical")  # verification rules: lossless, or Medusa'
 
 @dataclass
 class TreeConfig:
-    kind: str = "dynamic"  # chain | static | dynamic (EAGLE-2)
+    kind: str = "dynamic"  # chain | static | dynamic (EAGLE-2) | opt (OPT-Tree)
     depth: int = 5  # chain length gamma / maximum tree depth
     top_k: int = 8  # dynamic: children per expanded node and nodes kept per depth
     total_tokens: int = 60  # dynamic: nodes kept after the global rerank
     paths: Optional[List[List[int]]] = None  # static: Medusa-style paths of top-k indices
+    # opt (OPT-Tree): depth = most drafter steps, top_k = most nodes expanded per depth, total_tokens = the
+    # largest node budget. opt_budget: cost = each cycle verify the node count <= total_tokens that maximises
+    # expected tokens/s under the cost model; fixed = always total_tokens nodes.
+    opt_budget: str = "cost"
+    # opt: stop drafting deeper once a depth adds less than this to E[accepted]; None = the cost model's
+    # break-even (the gain one more drafter step must bring to keep expected tokens/s from falling).
+    opt_threshold: Optional[float] = None
+    # opt: the cost model given instead of measured when the decoder starts: one verification forward takes
+    # opt_verify_ms[i] ms at opt_verify_nodes[i] nodes (linear in between), one drafter step opt_draft_ms.
+    # None = measured.
+    opt_verify_nodes: Optional[List[int]] = None
+    opt_verify_ms: Optional[List[float]] = None
+    opt_draft_ms: Optional[float] = None
 
 
 @dataclass
