@@ -187,6 +187,8 @@ class KangarooDrafter(FolderCheckpoint, TrainableDrafter):
 
     def loss(self, signal: TargetSignal) -> tuple[torch.Tensor, dict[str, float]]:
         """The weighted cfg.losses terms (module docstring); metrics loss/<name>, acc/1."""
+        if "cosine" in self.cfg.losses:  # before anything is computed
+            require_last_hidden(signal, "kangaroo's cosine loss")
         ids = signal.input_ids
         T = ids.shape[1]
         h = self.hidden(ids, signal.attention_mask)
@@ -198,7 +200,7 @@ class KangarooDrafter(FolderCheckpoint, TrainableDrafter):
         metrics: dict[str, torch.Tensor] = {}
         for name, w in self.cfg.losses.items():
             if name == "cosine":
-                term = L.cosine(h, require_last_hidden(signal, "kangaroo's cosine loss"), valid)
+                term = L.cosine(h, signal.last_hidden, valid)
             elif name == "ce":
                 term = L.ce(logits, target_arg, valid)
             else:
