@@ -34,6 +34,7 @@ done: verification is the ordinary full forward.
 
 Second early exit: the decoding drafter exposes `stop_below` = cfg.threshold; decoding/tree.py's chain builder
 stops after a draft whose top-1 draft probability is below it (0 = never). Dynamic and static trees ignore it.
+It is a decoding choice (`decode_options`): the eval stage sets it from its own command, not the folder's.
 Any drafter is lossless under verification; the early exit only changes which tree is proposed.
 """
 from __future__ import annotations
@@ -133,6 +134,7 @@ class KangarooDrafter(FolderCheckpoint, TrainableDrafter):
 
     family = "kangaroo"
     feature_source = "last_hidden"  # trained against the last hidden state; decoding reads no features
+    decode_options = ("threshold",)  # the eval stage sets these from its own drafter config, not the folder's
 
     def __init__(self, cfg, dims: DrafterDims, target):
         super().__init__()

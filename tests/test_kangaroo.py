@@ -215,6 +215,16 @@ def test_save_load_round_trip(peaked_llama, tmp_path):
     assert r.loss(sig)[0].item() == m.loss(sig)[0].item()
 
 
+def test_eval_takes_the_threshold_from_its_command(cfg_for, llama_target, tmp_path):
+    """The early exit is a decoding choice: eval's drafter.threshold applies to a folder trained with another."""
+    from eval.stage import build_drafter
+
+    kangaroo(llama_target, threshold=0.3).save_pretrained(tmp_path / "k")
+    for t, want in ((0.0, None), (0.8, 0.8)):
+        cfg = cfg_for("drafter=kangaroo", f"drafter.checkpoint={tmp_path / 'k'}", f"drafter.threshold={t}")
+        assert build_drafter(cfg, llama_target)[0].stop_below == want
+
+
 def test_registry_yaml_and_one_line_errors(cfg_for, peaked_llama, tiny_target_dir):
     from conf.schema import TargetConfig
     from drafters.registry import drafter_class
