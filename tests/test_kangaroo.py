@@ -18,6 +18,7 @@ from decoding.verify import SamplingRule
 from drafters.kangaroo import KangarooDrafter
 from drafters.target import Target
 from tests.eagle_util import online_batch
+from tests.test_medusa import train
 
 ADAPTER = ["input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
            "self_attn.o_proj.weight"]
@@ -32,12 +33,7 @@ def trained(target, steps=25, seed=0, **kw) -> KangarooDrafter:
     """An adapter fitted to one batch (enough to make its drafts confident and mostly right)."""
     m = kangaroo(target, seed, **kw)
     sig = online_batch(target)
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
-    for _ in range(steps):
-        loss, _ = m.loss(sig)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    train(m, lambda: sig, steps, lr=1e-3)
     return m.eval()
 
 
