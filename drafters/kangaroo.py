@@ -107,7 +107,8 @@ class Adapter(nn.Module):
         base, _ = _base_layers(target)
         self.layer = AdapterLayer(target, exit_layer, config)
         self.norm = copy.deepcopy(base.norm)
-        for p in self.parameters():  # the copied norms came from frozen modules
+        self.float()  # one dtype for the trained part (the norms were copied from a possibly bf16 target)
+        for p in self.parameters():  # ... and from frozen modules
             p.requires_grad_(True)
 
 

@@ -276,3 +276,22 @@ def test_train_stage_resumes_exactly(tmp_path, tiny_target_dir, llama_target):
     assert second["train_metrics"] == ref["train_metrics"]
     after = llama_target.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_bf16_target_trains_an_fp32_adapter_and_decodes_with_a_bf16_copy(tiny_target_dir):
+    """As on a GPU (a bf16 target, the adapter trained in fp32 or cast by DeepSpeed): the loss runs across the
+    dtype boundary with gradients in the adapter only, and decoding uses a bf16 copy, greedy-exact."""
+    from conf.schema import TargetConfig
+    from drafters.target import load_target
+
+    target = load_target(TargetConfig(path=tiny_target_dir("llama"), dtype="bfloat16"), device="cpu")
+    m = kangaroo(target)
+    assert {p.dtype for p in m.parameters()} == {torch.float32}
+    loss, _ = m.loss(online_batch(target))
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in m.parameters())
+    d = m.as_drafter()
+    assert d.model.base_model.norm.weight.dtype == torch.bfloat16 and m.adapter.norm.weight.dtype == torch.float32
+    prompt = torch.randint(3, target.vocab_size, (1, 7), generator=torch.Generator().manual_seed(3))
+    dec = SpeculativeDecoder(target, d, TreeConfig(kind="chain", depth=4))
+    assert dec.generate(prompt, 20, eos_ids=[])[0].tolist() == dec.generate_autoregressive(prompt, 20, eos_ids=[])[0].tolist()
