@@ -240,6 +240,11 @@ def test_registry_yaml_and_one_line_errors(cfg_for, peaked_llama, tiny_target_di
     gpt2 = load_target(TargetConfig(path=tiny_target_dir("gpt2")), device="cpu")
     with pytest.raises(DraftsmithError, match="^drafter=kangaroo shares the target's decoder layers, but GPT2LMHeadModel"):
         kangaroo(gpt2, exit_layer=1)
+    from export.formats import check_family
+
+    with pytest.raises(DraftsmithError, match="^export.format=sglang takes eagle1, eagle3 drafters, not kangaroo: "
+                                              "no serving engine loads it"):
+        check_family("sglang", "kangaroo")
     sig = online_batch(peaked_llama)
     sig._logits, sig.last_hidden = sig.logits, None  # the target's distribution without its hidden states
     with pytest.raises(DraftsmithError, match="kangaroo's cosine loss trains on the target's last hidden state"):
