@@ -38,6 +38,7 @@ VARIANTS = {
     "hydra": ("drafters", ["drafter=hydra"], None),
     "hydra_pp": ("drafters", ["drafter=hydra_pp"], None),
     "small": ("drafters", ["drafter=small"], None),
+    "kangaroo": ("drafters", ["drafter=kangaroo"], None),
     "eagle3+hass": ("objectives", ["drafter=eagle3", "objective=hass"], None),
     "eagle3+griffin": ("objectives", ["drafter=eagle3", "objective=griffin"], None),
     "eagle3+more": ("objectives", ["drafter=eagle3"], "eagle3"),
@@ -48,7 +49,7 @@ VARIANTS = {
 # name -> the row its τ is compared with, paired on the same prompts: objectives with their baseline or
 # equal-steps control, families with the default recipe
 CONTROL = {"eagle1": "eagle3", "medusa": "eagle3", "medusa2": "eagle3", "hydra": "eagle3", "hydra_pp": "eagle3",
-           "small": "eagle3", "eagle3+hass": "eagle3", "eagle3+griffin": "eagle3", "eagle3+more": "eagle3",
+           "small": "eagle3", "kangaroo": "eagle3", "eagle3+hass": "eagle3", "eagle3+griffin": "eagle3", "eagle3+more": "eagle3",
            "eagle3+gto": "eagle3+more", "small+on_policy": "small", "small+adaspec": "small"}
 TEMPS = (0.0, 1.0)
 

@@ -333,11 +333,16 @@ def _expand(drafter, tree: DraftTree, frontier: torch.Tensor) -> torch.Tensor:
 
 
 def _chain(drafter, depth, B, device, sample, warp, generator) -> DraftTree:
+    # Kangaroo's second early exit: a drafter may set `stop_below`; the chain then ends after a draft whose
+    # top-1 draft probability (plain softmax, every root) is below it. A function of the drafter's outputs
+    # only, so verification stays lossless; one host sync per depth.
+    stop_below = getattr(drafter, "stop_below", None)
     tree = DraftTree.empty(B, device)
     frontier = torch.full((B, 1), -1, dtype=torch.long, device=device)
     q_rows = []
     for d in range(depth):
         logits = _expand(drafter, tree, frontier)[:, 0]  # [B, V]
+        last = bool(stop_below) and bool((logits.softmax(-1).amax(-1) < stop_below).all())  # this draft ends it
         if sample:
             q = warp_probs(logits, *warp)
             tok = torch.multinomial(q, 1, generator=generator)
@@ -349,6 +354,8 @@ def _chain(drafter, depth, B, device, sample, warp, generator) -> DraftTree:
             lq = lp.gather(1, tok)
         tree = tree.extend(tok, frontier.to(tok.device), lq)
         frontier = torch.full_like(tok, d)
+        if last:
+            break
     if sample:
         q_rows.append(torch.zeros_like(q_rows[-1]))  # the last node has no children
         tree = replace(tree, q=torch.stack(q_rows, 1))

@@ -143,6 +143,11 @@ def smooth_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | Non
     return masked_mean(F.smooth_l1_loss(pred.float(), target.float(), reduction="none").mean(-1), mask)
 
 
+def cosine(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """1 - cos(pred, target) over the hidden dimension: direction-only feature matching (Kangaroo's adapter)."""
+    return masked_mean(1 - F.cosine_similarity(pred.float(), target.float(), dim=-1), mask)
+
+
 def step_weights(steps: int, decay: float) -> list[float]:
     """Per-step weights decay**i for unrolled drafting (EAGLE-3's 0.8**i; Medusa-2's 0.8**k)."""
     return [decay**i for i in range(steps)]
@@ -158,4 +163,4 @@ DISTRIBUTION_LOSSES = {
     "topk": topk_soft_ce,
 }
 # Every loss name a config may use, with what it compares.
-LOSSES = {**DISTRIBUTION_LOSSES, "ce": ce, "smooth_l1": smooth_l1}
+LOSSES = {**DISTRIBUTION_LOSSES, "ce": ce, "smooth_l1": smooth_l1, "cosine": cosine}

@@ -16,6 +16,7 @@ TRAINABLE = {
     "medusa": "drafters.medusa:MedusaDrafter",
     "hydra": "drafters.hydra_heads:HydraDrafter",
     "small": "drafters.small_lm:SmallDrafter",
+    "kangaroo": "drafters.kangaroo:KangarooDrafter",
 }
 REFERENCE = {
     "ngram": "drafters.reference:NgramDrafter",

@@ -61,6 +61,8 @@ def build_drafter(cfg: Config, target):
         return drafter_class(name).from_config(cfg.drafter, target), None
     d = trained_drafter_dir(cfg)  # before importing the family: the missing folder is the likelier mistake
     trainable = drafter_class(name).from_pretrained(str(d), target)
+    for key in getattr(trainable, "decode_options", ()):  # decoding-time knobs: this command's, not the folder's
+        setattr(trainable.cfg, key, getattr(cfg.drafter, key))
     return trainable.as_drafter(target), hf_assistant_model(trainable, d, target)
 
 

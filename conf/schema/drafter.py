@@ -122,6 +122,26 @@ class SmallConfig(DrafterConfig):
     losses: Dict[str, float] = field(default_factory=lambda: {"forward_kl": 1.0})
 
 
+@dataclass
+class KangarooConfig(DrafterConfig):
+    """Kangaroo: the target's first `exit_layer` layers (shared, frozen) + a trained adapter + its LM head."""
+
+    name: str = "kangaroo"
+    exit_layer: int = 2  # the shallow sub-network: the target's layers 0..exit_layer-1 (checked against the target)
+    threshold: float = 0.6  # second early exit: a chain stops after a draft whose top-1 probability is below it
+    # soft_ce (-sum p log q vs the target's distribution: the official training loss), cosine (1 - cos between the
+    # adapter's normed output and the target's last hidden state), ce, or any distribution loss
+    losses: Dict[str, float] = field(default_factory=lambda: {"soft_ce": 1.0})
+
+    def __post_init__(self) -> None:
+        if self.exit_layer < 1:
+            raise DraftsmithError(f"drafter.exit_layer={self.exit_layer} must be >= 1 (the target layers the "
+                                  "drafter shares): use 1 up to the target's layer count - 1")
+        if not 0 <= self.threshold < 1:
+            raise DraftsmithError(f"drafter.threshold={self.threshold} must be in [0, 1) (0 = no early exit; "
+                                  "the paper uses 0.6)")
+
+
 # name used in conf/drafter/<name>.yaml -> schema
 DRAFTER_SCHEMAS = {
     "ngram": NgramConfig,
@@ -131,4 +151,5 @@ DRAFTER_SCHEMAS = {
     "medusa": MedusaConfig,
     "hydra": HydraConfig,
     "small": SmallConfig,
+    "kangaroo": KangarooConfig,
 }
