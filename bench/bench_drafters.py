@@ -38,6 +38,7 @@ VARIANTS = {
     "hydra": ("drafters", ["drafter=hydra"], None),
     "hydra_pp": ("drafters", ["drafter=hydra_pp"], None),
     "small": ("drafters", ["drafter=small"], None),
+    "pard": ("drafters", ["drafter=pard"], None),  # the `small` model's size (same defaults), drafting k=5 per forward
     "eagle3+hass": ("objectives", ["drafter=eagle3", "objective=hass"], None),
     "eagle3+griffin": ("objectives", ["drafter=eagle3", "objective=griffin"], None),
     "eagle3+more": ("objectives", ["drafter=eagle3"], "eagle3"),
@@ -48,7 +49,7 @@ VARIANTS = {
 # name -> the row its τ is compared with, paired on the same prompts: objectives with their baseline or
 # equal-steps control, families with the default recipe
 CONTROL = {"eagle1": "eagle3", "medusa": "eagle3", "medusa2": "eagle3", "hydra": "eagle3", "hydra_pp": "eagle3",
-           "small": "eagle3", "eagle3+hass": "eagle3", "eagle3+griffin": "eagle3", "eagle3+more": "eagle3",
+           "small": "eagle3", "pard": "small", "eagle3+hass": "eagle3", "eagle3+griffin": "eagle3", "eagle3+more": "eagle3",
            "eagle3+gto": "eagle3+more", "small+on_policy": "small", "small+adaspec": "small"}
 TEMPS = (0.0, 1.0)
 
@@ -133,7 +134,9 @@ def eval_fields(results: list[dict]) -> dict:
         r, k = by_t[t], int(t)
         out.update({f"tau_t{k}": r["tau"], f"tau_ci_t{k}": r["ci"]["tau"], f"speedup_t{k}": r["speedup"],
                     f"speedup_ci_t{k}": r["ci"]["speedup"], f"outside_target_t{k}": r["outside_target"],
-                    f"cycles_t{k}": r["target_forwards"], f"per_prompt_t{k}": r["per_prompt"]})
+                    f"cycles_t{k}": r["target_forwards"], f"per_prompt_t{k}": r["per_prompt"],
+                    f"drafter_fwd_t{k}": r.get("drafter_forwards_per_cycle"), f"tok_s_t{k}": r["tok_s_spec"],
+                    f"tok_s_ar_t{k}": r["tok_s_ar"]})
     return out
 
 
@@ -165,6 +168,20 @@ def table(rows: list[dict]) -> str:
         else:
             out.append(md_row(cols, r))
     return "\n".join(out)
+
+
+def cost_table(rows: list[dict]) -> str:
+    """Drafter forwards per cycle and tokens/s of the variants whose drafter counts its forwards (LM drafters:
+    `small`, `pard`), so a parallel drafter's one forward a cycle is seen next to the autoregressive one's."""
+    cols = [("variant", lambda r: r["variant"])]
+    for t in TEMPS:
+        k = int(t)
+        cols += [(f"drafter fwd/cycle T={k}", lambda r, k=k: _f(r.get(f"drafter_fwd_t{k}"))),
+                 (f"τ T={k}", lambda r, k=k: _f(r[f"tau_t{k}"])),
+                 (f"tok/s T={k}", lambda r, k=k: _f(r.get(f"tok_s_t{k}"), "{:.1f}")),
+                 (f"tok/s AR T={k}", lambda r, k=k: _f(r.get(f"tok_s_ar_t{k}"), "{:.1f}"))]
+    sel = [r for r in rows if "error" not in r and r.get(f"drafter_fwd_t{int(TEMPS[0])}") is not None]
+    return "\n".join(md_table(cols, sel)) if sel else ""
 
 
 def comparisons(rows: list[dict]) -> list[dict]:
@@ -263,6 +280,8 @@ def main(argv=None) -> int:
             f"- data: {args.conversations} ShareGPT conversations (data_gen, max_length {args.max_length}); "
             f"micro-batch {args.micro_batch}; lr {args.lr} from scratch, {args.finetune_lr} fine-tuning; eval: {args.prompts} sharegpt_heldout "
             f"prompts × {args.max_new_tokens} new tokens, the default dynamic tree", "", table(sel), "",
+            *(["Drafter forwards per cycle (target forward) and tokens/s of the drafters that count them, with the "
+               "autoregressive decoding timed beside each:", "", cost, ""] if (cost := cost_table(sel)) else []),
             f"τ of each {tab[:-1]} minus its control's on the same prompts (paired bootstrap: both resampled "
             "with the same prompts); outside the noise = the 95 % interval of the difference excludes 0:", "",
             comparison_table([c for c in comps if c["variant"] in {r["variant"] for r in sel}]), "",

@@ -16,6 +16,7 @@ TRAINABLE = {
     "medusa": "drafters.medusa:MedusaDrafter",
     "hydra": "drafters.hydra_heads:HydraDrafter",
     "small": "drafters.small_lm:SmallDrafter",
+    "pard": "drafters.pard:PardDrafter",
 }
 REFERENCE = {
     "ngram": "drafters.reference:NgramDrafter",

@@ -100,6 +100,7 @@ class SmallDrafter(TrainableDrafter):
     """A Hugging Face causal LM (optionally LoRA-wrapped) trained to imitate the target."""
 
     family = "small"
+    config_class = SmallConfig  # the schema its saved drafter_config.json is read back into
 
     def __init__(self, cfg: SmallConfig, model, target):
         super().__init__()
@@ -113,6 +114,11 @@ class SmallDrafter(TrainableDrafter):
     @classmethod
     def from_target(cls, cfg: SmallConfig, target, token_counts=None) -> SmallDrafter:
         """Fresh (target-shaped) or from a checkpoint whose tokenizer matches the target's."""
+        return cls(cfg, cls.build_model(cfg, target), target)
+
+    @classmethod
+    def build_model(cls, cfg: SmallConfig, target):
+        """The HF causal LM to train: fresh or loaded, `adapt`ed by the family, LoRA-wrapped when asked."""
         from transformers import AutoModelForCausalLM
 
         if cfg.init == "fresh":
@@ -125,15 +131,26 @@ class SmallDrafter(TrainableDrafter):
         else:
             model, tokenizer = _load_checkpoint(cfg.init)
             check_vocab(model, tokenizer, target, cfg.init)
-        model = model.to(target.device)
+        model = cls.adapt(model.to(target.device), cfg, target)
         if cfg.lora_r > 0:
             from peft import LoraConfig, get_peft_model
 
             targets = cfg.lora_target_modules
             model = get_peft_model(model, LoraConfig(
                 r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                target_modules=targets if targets == "all-linear" else targets.split(",")))
-        return cls(cfg, model, target)
+                target_modules=targets if targets == "all-linear" else targets.split(","),
+                **cls.lora_extra(model)))
+        return model
+
+    @classmethod
+    def adapt(cls, model, cfg: SmallConfig, target):
+        """Family hook before LoRA wrapping (PARD adds its mask token here); the plain small LM is as built."""
+        return model
+
+    @classmethod
+    def lora_extra(cls, model) -> dict:
+        """Family hook: further peft LoraConfig arguments (PARD trains its mask token's embedding row)."""
+        return {}
 
     # --- forward -------------------------------------------------------------------------------------
     def forward(self, signal: TargetSignal):
@@ -182,7 +199,7 @@ class SmallDrafter(TrainableDrafter):
         from transformers import AutoModelForCausalLM
 
         meta, _ = read_folder(folder, cls.family, target, tensors=False)
-        cfg = saved_config(SmallConfig, meta, folder)
+        cfg = saved_config(cls.config_class, meta, folder)
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=target.dtype).to(target.device)
         drafter = cls(cfg, model, target)
         drafter._target_fp = meta["target"]

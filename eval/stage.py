@@ -113,7 +113,7 @@ def _record(tokens, st, wall: float) -> GenRecord:
     return GenRecord(new_tokens=st.new_tokens, wall_s=wall, forwards=st.cycles, forward_tokens=st.cycle_tokens,
                      depth_attempted=list(st.depth_attempted), depth_accepted=list(st.depth_accepted),
                      draft_s=st.time_draft, verify_s=st.time_verify, other_s=st.time_other,
-                     tokens=[int(t) for t in tokens])
+                     tokens=[int(t) for t in tokens], drafter_forwards=st.drafter_forwards)
 
 
 def _timed(decoder, generate, ids: list[int], max_new_tokens: int, eos_ids: list[int], generator) -> GenRecord:
