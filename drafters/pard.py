@@ -48,6 +48,7 @@ from drafters.lm_drafter import LMTreeDrafter
 from drafters.small_lm import SmallDrafter
 
 MASK_FIELD = "pard_token"  # the model config's field holding the mask token id (vLLM's name for it)
+K_FIELD = "pard_k"  # ... and the tokens drafted per forward
 
 
 def cod_plan(attention_mask: torch.Tensor, loss_mask: torch.Tensor, k: int, retain: float, retain_min: float,
@@ -120,6 +121,7 @@ class PardDrafter(SmallDrafter):
             raise DraftsmithError(f"the PARD drafter model has no {MASK_FIELD} in its config: build it with "
                                   "drafter=pard (from_target), or load a folder a PARD run saved")
         self.mask_id = int(mask)
+        setattr(model.config, K_FIELD, int(cfg.k))  # beside the mask id in every saved or exported config.json
 
     @classmethod
     def adapt(cls, model, cfg: PardConfig, target):
