@@ -28,7 +28,8 @@ predecessors (its keys and values) are always there, and depth j keeps a share r
 Defaults retain 0.7, retain_min 0.2, k = 5: rho = 0.7, 0.49, 0.34, 0.24, so a row holds about 2.8 T
 positions instead of 5 T. Chains whose targets are all outside the loss (prompt tokens) are dropped too.
 Loss: `losses` (default forward_kl against the target's distribution for the same token, like `small`;
-`ce` alone trains on the data tokens without the target, whose forward the train stage then skips), one
+`ce` alone, `drafter.losses.forward_kl=0 +drafter.losses.ce=1`, trains on the data tokens without the target,
+whose forward the train stage then skips), one
 mean over every kept prediction of every depth; `acc/d` per depth.
 
 Decoding (`PardTreeDrafter`): each cycle one forward reads the committed tokens not read yet plus k-1
@@ -152,17 +153,26 @@ class PardDrafter(SmallDrafter):
         return {"trainable_token_indices": [int(getattr(model.config, MASK_FIELD))]}
 
     @property
+    def losses(self) -> dict[str, float]:
+        """The weighted loss terms; a zero weight drops its term (`drafter.losses.forward_kl=0
+        +drafter.losses.ce=1` is how the command line replaces the default)."""
+        return {n: w for n, w in self.cfg.losses.items() if w}
+
+    @property
     def needs_target(self) -> bool:
         """False when the loss is `ce` on the data tokens alone: the train stage then skips the target."""
-        return set(self.cfg.losses) != {"ce"}
+        return set(self.losses) != {"ce"}
 
     # --- training ---------------------------------------------------------------------------------------
     def loss(self, signal: TargetSignal) -> tuple[torch.Tensor, dict[str, float]]:
         """One mean of `losses` over the depth-1 rows and every kept mask entry (COD)."""
-        keep = cod_plan(signal.attention_mask, signal.loss_mask, self.cfg.k, self.cfg.retain, self.cfg.retain_min)
+        # training draws from torch's generator (checkpointed: a resumed run draws the same); held-out evaluation
+        # from its own fixed one, so it is repeatable and leaves the training draws untouched
+        B, T = signal.input_ids.shape
+        u = None if self.training else torch.rand(B, T, generator=torch.Generator().manual_seed(0))
+        keep = cod_plan(signal.attention_mask, signal.loss_mask, self.cfg.k, self.cfg.retain, self.cfg.retain_min, u)
         ids, pos, vis, anchor, depth = pack(signal.input_ids, signal.attention_mask, keep, self.mask_id)
         logits = self.model(input_ids=ids, attention_mask=vis, position_ids=pos).logits
-        T = signal.input_ids.shape[1]
         rows = [(*target_positions(signal, 1), None, 1)]  # depth 1: the plain next-token rows
         for j in range(1, self.cfg.k):
             b, e = ((depth == j) & signal.loss_mask.bool().gather(1, (anchor + j + 1).clamp(0, T - 1))).nonzero(
@@ -176,11 +186,11 @@ class PardDrafter(SmallDrafter):
             if not len(b):
                 continue
             out = logits[b, t if col is None else col]
-            value, terms, acc = token_objective(out, signal, b, t, shift, self.cfg.losses)
+            value, terms, acc = token_objective(out, signal, b, t, shift, self.losses)
             share = len(b) / n_all
             total = total + share * value
             for name, v in terms.items():
-                sums[name] = sums.get(name, 0.0) + share * self.cfg.losses[name] * v.detach()
+                sums[name] = sums.get(name, 0.0) + share * self.losses[name] * v.detach()
             metrics[f"acc/{shift}"] = acc
         metrics.update({f"loss/{n}": v for n, v in sums.items()})
         metrics["pard/positions_per_token"] = torch.tensor(ids.shape[1] / T)
