@@ -209,6 +209,7 @@ class PardTreeDrafter(LMTreeDrafter):
         super().__init__(model, vocab_size=vocab_size, name="pard")
         self.mask_id, self.k = int(mask_id), int(k)
         self.max_depth = self.k  # eval cuts a deeper chain / dynamic tree to k (decoding.tree.fit_depth)
+        self.depth_why = f"drafts {self.k} tokens per forward"  # eval's note when it cuts the tree
         self.masks = torch.full((1, self.k - 1), self.mask_id, dtype=torch.long, device=self.device)
         self.depth_logits: torch.Tensor | None = None  # [1, k, V] for the current root
 

@@ -89,7 +89,8 @@ def fit_tree(cfg: Config, drafter) -> None:
     tree = cfg.eval.tree
     fitted = fit_depth(tree, getattr(drafter, "max_depth", None))
     if fitted is not tree:
-        print(f"eval: drafter {cfg.drafter.name} has {fitted.depth} heads, so it drafts at most {fitted.depth} "
+        why = getattr(drafter, "depth_why", None) or f"has {fitted.depth} heads"  # PARD: tokens per forward
+        print(f"eval: drafter {cfg.drafter.name} {why}, so it drafts at most {fitted.depth} "
               f"tokens deep: eval.tree.depth {tree.depth} -> {fitted.depth}", flush=True)
         tree.depth = fitted.depth
 

@@ -144,6 +144,16 @@ def test_decoder_cache_keeps_committed_tokens_never_masks(llama_target):
     assert d.forwards == 2  # one forward per tree, whatever its depth
 
 
+def test_eval_cuts_a_deeper_tree_to_k(llama_target, cfg_for, capsys):
+    from eval.stage import fit_tree
+
+    cfg = cfg_for("drafter=pard", "eval.tree.depth=5")
+    fit_tree(cfg, fresh(llama_target, k=2).as_drafter(llama_target))
+    assert cfg.eval.tree.depth == 2
+    assert "eval: drafter pard drafts 2 tokens per forward, so it drafts at most 2 tokens deep: eval.tree.depth 5 -> 2" \
+        in capsys.readouterr().out
+
+
 def test_too_deep_a_tree_is_a_one_line_error(llama_target):
     d = fresh(llama_target, k=2).as_drafter(llama_target)
     d.prepare(16)
