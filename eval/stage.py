@@ -75,7 +75,10 @@ def hf_assistant_model(trainable, folder: Path, target):
     held = [trainable.plain_model()] if hasattr(trainable, "plain_model") else []  # a LoRA merged (small_lm)
     for m in held + [getattr(trainable, a, None) for a in ("hf_model", "model")]:
         if isinstance(m, PreTrainedModel) and hasattr(m, "generate"):
-            return m
+            # transformers takes a vocabulary of another size (PARD's added mask row) for another tokenizer and
+            # refuses it as a plain assistant: no peer then
+            same = m.config.vocab_size == target.model.config.vocab_size
+            return m if same else None
     cfg = folder / "config.json"
     if cfg.exists() and any(a.endswith("ForCausalLM") for a in json.loads(cfg.read_text()).get("architectures") or []):
         return AutoModelForCausalLM.from_pretrained(folder, dtype=target.dtype).to(target.device).eval()

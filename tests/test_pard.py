@@ -305,6 +305,22 @@ def test_hf_export_loads_in_transformers_with_its_mask_token(llama_target, tmp_p
         torch.testing.assert_close(hf(ids).logits, m.model(ids).logits)  # same weights, same float32 path
     d = load_exported(out, llama_target)
     assert isinstance(d, PardTreeDrafter) and (d.mask_id, d.k) == (320, 3)
-    assert "`pard_token` = 320" in (out / "README.md").read_text()
+    readme = (out / "README.md").read_text()
+    assert "`pard_token` = 320" in readme and "assistant_tokenizer=tok" in readme
+    prompt = signal_for(llama_target).input_ids[:1, :6]
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    tok = llama_target.tokenizer  # the added mask row makes transformers ask for both tokenizers
+    assisted = llama_target.model.generate(prompt, assistant_model=hf, tokenizer=tok, assistant_tokenizer=tok, **kw)
+    assert torch.equal(assisted, llama_target.model.generate(prompt, **kw))
     (out / "config.json").write_text((out / "config.json").read_text().replace('"pard_token": 320', '"pard_token": 999'))
     assert check_format(out, "hf") == ["config.json: pard_token is 999, expected a token id below vocab_size 321"]
+
+
+def test_eval_gives_no_assistant_peer_for_an_added_mask_row(llama_target, tmp_path):
+    """transformers refuses an assistant whose vocabulary differs without both tokenizers: eval skips the
+    generate(assistant_model=...) peer then, instead of failing after decoding."""
+    from eval.stage import hf_assistant_model
+
+    assert hf_assistant_model(fresh(llama_target), tmp_path, llama_target) is None
+    own = fresh(llama_target, mask_token_id=7)  # an existing id: same vocabulary, a plain assistant
+    assert hf_assistant_model(own, tmp_path, llama_target) is own.model

@@ -222,6 +222,10 @@ def readme(fmt: str, family: str, model, target, out: Path, ctx: ExportContext) 
                       f"followed by {model.cfg.k - 1} copies of it (`{hf.MASK_FIELD}` is the field vLLM's parallel "
                       "drafting reads). The assisted generation and standalone commands above use it as a plain "
                       "autoregressive draft model, one token per forward."]
+            if model.model.config.vocab_size != target.model.config.vocab_size:
+                lines += ["", "Its vocabulary is the target's plus the mask row, which transformers takes for another "
+                          "tokenizer: pass `tokenizer=tok, assistant_tokenizer=tok` to `generate` (universal "
+                          "assisted decoding) along with `assistant_model=draft`."]
     if family == "eagle3":
         lines += ["", "## Target layers", "",
                   f"The drafter reads the hidden states entering target layers "

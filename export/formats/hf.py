@@ -5,7 +5,9 @@
 config.json + model.safetensors (any LoRA merged) + the target's tokenizer: transformers'
 `generate(assistant_model=AutoModelForCausalLM.from_pretrained(dir))` uses it as it is, and SGLang /
 vLLM serve it as a standalone draft model. A PARD drafter's config.json adds `pard_token` (its mask token
-id, the field vLLM's parallel drafting reads) and `pard_k` (tokens drafted per forward).
+id, the field vLLM's parallel drafting reads) and `pard_k` (tokens drafted per forward); with an added mask
+row its vocabulary is one larger than the target's, so transformers needs `tokenizer=` and
+`assistant_tokenizer=` (the target's tokenizer, twice) to take it as an assistant.
 """
 from __future__ import annotations
 
