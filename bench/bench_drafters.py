@@ -12,7 +12,8 @@ stage on sharegpt_heldout (prompts never seen in training). Families (table "dra
 scratch for --steps optimizer steps. Objectives (table "objectives"): hass, griffin, on_policy and adaspec
 train from scratch with the same --steps as their baseline; gto fine-tunes the trained eagle3 for
 --finetune-steps, and `eagle3+more` continues the same eagle3 for the same --finetune-steps with its plain
-token loss, so the GTO row is compared with an equal amount of extra training. adaspec's reference is the
+token loss, so the GTO row is compared with an equal amount of extra training. `small+pard` adapts the trained
+`small` into a PARD drafter (drafter.init) for --finetune-steps at --finetune-lr, PARD's own recipe. adaspec's reference is the
 trained `small`. Writes both tables into BENCHMARKS.md (section per machine and target) and prints them.
 """
 from __future__ import annotations
@@ -39,6 +40,8 @@ VARIANTS = {
     "hydra_pp": ("drafters", ["drafter=hydra_pp"], None),
     "small": ("drafters", ["drafter=small"], None),
     "kangaroo": ("drafters", ["drafter=kangaroo"], None),
+    "pard": ("drafters", ["drafter=pard"], None),  # the `small` model's size (same defaults), drafting k=5 per forward
+    "small+pard": ("drafters", ["drafter=pard"], "small"),  # PARD's recipe: adapt the trained `small` (drafter.init)
     "eagle3+hass": ("objectives", ["drafter=eagle3", "objective=hass"], None),
     "eagle3+griffin": ("objectives", ["drafter=eagle3", "objective=griffin"], None),
     "eagle3+more": ("objectives", ["drafter=eagle3"], "eagle3"),
@@ -49,7 +52,8 @@ VARIANTS = {
 # name -> the row its τ is compared with, paired on the same prompts: objectives with their baseline or
 # equal-steps control, families with the default recipe
 CONTROL = {"eagle1": "eagle3", "medusa": "eagle3", "medusa2": "eagle3", "hydra": "eagle3", "hydra_pp": "eagle3",
-           "small": "eagle3", "kangaroo": "eagle3", "eagle3+hass": "eagle3", "eagle3+griffin": "eagle3", "eagle3+more": "eagle3",
+           "small": "eagle3", "kangaroo": "eagle3", "pard": "small", "small+pard": "small", "eagle3+hass": "eagle3",
+           "eagle3+griffin": "eagle3", "eagle3+more": "eagle3",
            "eagle3+gto": "eagle3+more", "small+on_policy": "small", "small+adaspec": "small"}
 TEMPS = (0.0, 1.0)
 
@@ -62,7 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--conversations", type=int, default=400, help="data.max_conversations of the shared data_gen")
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--steps", type=int, default=150, help="optimizer steps of every from-scratch variant")
-    ap.add_argument("--finetune-steps", type=int, default=30, help="gto and its control: steps on top of eagle3")
+    ap.add_argument("--finetune-steps", type=int, default=30,
+                    help="gto and its control: steps on top of eagle3; small+pard: steps adapting small")
     ap.add_argument("--finetune-lr", type=float, default=3e-4,
                     help="gto and its control; the paper's 5e-6 moves nothing in a few dozen steps")
     ap.add_argument("--micro-batch", type=int, default=4)
@@ -96,6 +101,9 @@ def run_variant(name: str, args, common: list[str], root: Path, done: dict) -> d
             raise SystemExit(f"error: variant {name} starts from {start}: put {start} before it in --variants")
         if name.startswith("small+adaspec"):
             extra.append(f"objective.reference={done[start]['final_dir']}")
+        elif name == "small+pard":  # a small drafter's final folder is an HF causal LM: PARD adapts it
+            steps = args.finetune_steps
+            extra = [f"drafter.init={done[start]['final_dir']}", f"train.lr={args.finetune_lr}"]
         else:
             steps = args.finetune_steps  # gto and its control: the same extra steps at the same lr
             extra = [f"drafter.checkpoint={done[start]['final_dir']}", f"train.lr={args.finetune_lr}"]
@@ -134,7 +142,9 @@ def eval_fields(results: list[dict]) -> dict:
         r, k = by_t[t], int(t)
         out.update({f"tau_t{k}": r["tau"], f"tau_ci_t{k}": r["ci"]["tau"], f"speedup_t{k}": r["speedup"],
                     f"speedup_ci_t{k}": r["ci"]["speedup"], f"outside_target_t{k}": r["outside_target"],
-                    f"cycles_t{k}": r["target_forwards"], f"per_prompt_t{k}": r["per_prompt"]})
+                    f"cycles_t{k}": r["target_forwards"], f"per_prompt_t{k}": r["per_prompt"],
+                    f"drafter_fwd_t{k}": r.get("drafter_forwards_per_cycle"), f"tok_s_t{k}": r["tok_s_spec"],
+                    f"tok_s_ar_t{k}": r["tok_s_ar"]})
     return out
 
 
@@ -162,6 +172,20 @@ def table(rows: list[dict]) -> str:
         else:
             out.append(md_row(cols, r))
     return "\n".join(out)
+
+
+def cost_table(rows: list[dict]) -> str:
+    """Drafter forwards per cycle and tokens/s of the variants whose drafter counts its forwards (LM drafters:
+    `small`, `pard`), so a parallel drafter's one forward a cycle is seen next to the autoregressive one's."""
+    cols = [("variant", lambda r: r["variant"])]
+    for t in TEMPS:
+        k = int(t)
+        cols += [(f"drafter fwd/cycle T={k}", lambda r, k=k: cell(r.get(f"drafter_fwd_t{k}"))),
+                 (f"τ T={k}", lambda r, k=k: cell(r[f"tau_t{k}"])),
+                 (f"tok/s T={k}", lambda r, k=k: cell(r.get(f"tok_s_t{k}"), "{:.1f}")),
+                 (f"tok/s AR T={k}", lambda r, k=k: cell(r.get(f"tok_s_ar_t{k}"), "{:.1f}"))]
+    sel = [r for r in rows if "error" not in r and r.get(f"drafter_fwd_t{int(TEMPS[0])}") is not None]
+    return "\n".join(md_table(cols, sel)) if sel else ""
 
 
 def comparisons(rows: list[dict]) -> list[dict]:
@@ -260,6 +284,8 @@ def main(argv=None) -> int:
             f"- data: {args.conversations} ShareGPT conversations (data_gen, max_length {args.max_length}); "
             f"micro-batch {args.micro_batch}; lr {args.lr} from scratch, {args.finetune_lr} fine-tuning; eval: {args.prompts} sharegpt_heldout "
             f"prompts × {args.max_new_tokens} new tokens, the default dynamic tree", "", table(sel), "",
+            *(["Drafter forwards per cycle (target forward) and tokens/s of the drafters that count them, with the "
+               "autoregressive decoding timed beside each:", "", cost, ""] if (cost := cost_table(sel)) else []),
             f"τ of each {tab[:-1]} minus its control's on the same prompts (paired bootstrap: both resampled "
             "with the same prompts); outside the noise = the 95 % interval of the difference excludes 0:", "",
             comparison_table([c for c in comps if c["variant"] in {r["variant"] for r in sel}]), "",

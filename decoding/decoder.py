@@ -48,6 +48,7 @@ class DecodeStats:
     new_tokens: int = 0  # tokens returned (after cutting at max_new_tokens / EOS)
     cycles: int = 0  # target forwards after the prefill
     cycle_tokens: int = 0  # tokens those forwards produced (accepted + bonus), before any cut
+    drafter_forwards: int | None = None  # the drafter model's forwards (drafters that count them), prompt read included
     depth_attempted: list[int] = field(default_factory=list)  # [d-1]: cycles that tried a depth-d node
     depth_accepted: list[int] = field(default_factory=list)  # [d-1]: cycles that accepted a depth-d node
     time_prefill: float = 0.0
@@ -75,6 +76,7 @@ class DecodeStats:
     def as_dict(self) -> dict:
         out = asdict(self)
         c = max(self.cycles, 1)
+        out.update(drafter_forwards_per_cycle=None if self.drafter_forwards is None else self.drafter_forwards / c)
         out.update(tau=self.tau, tokens_per_s=self.tokens_per_s, depth_rate=self.depth_rate,
                    ms_per_cycle={k: 1000 * getattr(self, f"time_{k}") / c for k in ("draft", "verify", "other")})
         return out
@@ -88,6 +90,8 @@ class DecodeStats:
             for k in ("prompt_tokens", "new_tokens", "cycles", "cycle_tokens", "time_prefill", "time_draft",
                       "time_verify", "time_other", "time_total"):
                 setattr(out, k, getattr(out, k) + getattr(s, k))
+            if s.drafter_forwards is not None:
+                out.drafter_forwards = (out.drafter_forwards or 0) + s.drafter_forwards
             for name in ("depth_attempted", "depth_accepted"):
                 mine, theirs = getattr(out, name), getattr(s, name)
                 mine.extend([0] * (len(theirs) - len(mine)))
@@ -268,6 +272,7 @@ class SpeculativeDecoder:
         logits, feats = _prefill(run, ids, ids.shape[1] + room)
         root = rule.next_token(logits, generator)  # [1], stays on the device
         drafter.prepare(room, self.cuda_graphs)
+        forwards0 = getattr(drafter, "forwards", None)
         drafter.start(torch.cat([ids, root[:, None]], 1), self._for_drafter(feats))
         tokens = [int(root)]
         done = tokens[0] in eos or max_new_tokens <= 1
@@ -303,6 +308,8 @@ class SpeculativeDecoder:
                 drafter.commit(new_ids, self._for_drafter(feats[:, keep_dev] if feats is not None else None))
             marks.append((t0, t1, t2, clock.mark()))
         drafter.close()
+        if forwards0 is not None:
+            st.drafter_forwards = drafter.forwards - forwards0
         st.new_tokens = len(tokens)
         st.time_total = clock.wall() - t_begin
         for t0, t1, t2, t3 in marks:

@@ -23,6 +23,9 @@ Drafters that read target features set `uses_features = True`; the decoder then 
 None. `feature_source` says which target output they are: "features" (TargetOutput.features, the tapped
 hidden states, [.., n_taps * H]: EAGLE-3) or "last_hidden" (TargetOutput.last_hidden, [.., H]: EAGLE-1).
 `vocab_size` must equal the target's (checked by the decoder with a clear error).
+Drafters that run a model of their own may count its forwards in an int attribute `forwards`; the decoder
+then reports drafter forwards per cycle (an autoregressive LM drafter needs one per tree level, a parallel
+drafter one per cycle).
 """
 from __future__ import annotations
 

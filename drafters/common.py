@@ -120,3 +120,15 @@ def set_hf_checkpointing(model, enabled: bool) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_disable()
+
+
+def logits_at_depth(per_depth: torch.Tensor, tree, frontier: torch.Tensor, too_deep: str) -> torch.Tensor:
+    """Draft logits [B, F, V] for drafters whose depth-d distribution does not depend on the path (Medusa's
+    heads, PARD's mask positions): row d of per_depth [B or 1, K, V] for a frontier node at depth d (the root,
+    -1, is depth 0). A node at depth >= K raises `too_deep`, the one-line error naming the fix."""
+    depth = (torch.where(frontier < 0, 0, tree.depths.gather(1, frontier.clamp_min(0))) if tree.num_nodes
+             else torch.zeros_like(frontier))
+    if int(depth.max()) >= per_depth.shape[1]:
+        raise DraftsmithError(too_deep)
+    logits = per_depth.expand(frontier.shape[0], -1, -1)
+    return logits.gather(1, depth[..., None].expand(-1, -1, per_depth.shape[-1]))

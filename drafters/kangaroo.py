@@ -51,6 +51,7 @@ from drafters.common import Shared, floats, ratio, require_last_hidden, shifted
 from drafters.folder import FolderCheckpoint
 from drafters.layers import DrafterDims
 from drafters.lm_drafter import LMTreeDrafter
+from drafters.target import target_identity
 
 
 def _base_layers(target):
@@ -165,8 +166,19 @@ class KangarooDrafter(FolderCheckpoint, TrainableDrafter):
         return cls(cfg, DrafterDims.from_target(target), target).to(target.device)
 
     @classmethod
-    def from_meta(cls, cfg, target, dims, meta):
+    def from_meta(cls, cfg, target, dims, meta, folder=None):
         return cls(cfg, dims, target).to(target.device)
+
+    def checkpoint_dims(self) -> dict:
+        return self.dims.to_dict()
+
+    @classmethod
+    def read_dims(cls, dims: dict) -> DrafterDims:
+        return DrafterDims(**dims)
+
+    def checkpoint_target(self) -> dict:
+        """The identity of the target whose layers it shares (it holds that target, like the EAGLE families)."""
+        return target_identity(self.target)
 
     def view(self, adapter: Adapter | None = None):
         """The shallow causal LM over `adapter` (default: this drafter's own), rebuilt when the adapter object

@@ -41,6 +41,7 @@ class LMTreeDrafter(Drafter):
         self.room = HEADROOM
         self.run: StaticRunner | None = None
         self.pending: torch.Tensor | None = None
+        self.forwards = 0  # model forwards so far: the decoder reports them per cycle
 
     @property
     def device(self) -> torch.device:
@@ -62,14 +63,19 @@ class LMTreeDrafter(Drafter):
                 f"drafter {self.name} has {self.model_vocab} embedding rows but got token {int(ids.max())}: "
                 "use a drafter with the target's tokenizer")
 
+    def _forwards(self) -> dict[str, int]:
+        """The runner's forwards by name -> the logits rows each keeps (0 = all): reading the committed
+        tokens needs the last row only, a tree level every row."""
+        return {"read": 1, "tree": 0}
+
     def _runner(self) -> StaticRunner:
         def fn(keep):
             def forward(ids, mask, pos, cache):
                 return model_forward(self.model, cache, input_ids=ids, attention_mask=mask, position_ids=pos,
                                      logits_to_keep=keep).logits
             return forward
-        return StaticRunner({"read": fn(1), "tree": fn(0)}, self.model.config, self.device, self.model.dtype,
-                            graphs=self.cuda_graphs)
+        return StaticRunner({name: fn(keep) for name, keep in self._forwards().items()}, self.model.config,
+                            self.device, self.model.dtype, graphs=self.cuda_graphs)
 
     def start(self, input_ids: torch.Tensor, features: torch.Tensor | None = None) -> None:
         if input_ids.shape[0] != 1:
@@ -113,6 +119,7 @@ class LMTreeDrafter(Drafter):
         self._room(F)
         pos = tree.depths.gather(1, frontier) - 1  # the root sits at position past - 1
         logits = self.run(tree.tokens.gather(1, frontier), pos, vis, "tree")
+        self.forwards += 1
         self.slots = torch.cat([self.slots, frontier], 1)
         return self._to_vocab(logits.float())
 
@@ -125,6 +132,7 @@ class LMTreeDrafter(Drafter):
             pos = torch.arange(n, device=self.device)[None]
             vis = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
             logits = self.run(self.pending, pos, vis, "read", graph=not self.first)
+            self.forwards += 1
             self.run.keep(list(range(n)))
             self.root_logits = self._to_vocab(logits[:, -1:].float()).clone()  # kept past later (graph) calls
             self.pending, self.first = self.pending[:, :0], False

@@ -44,6 +44,7 @@ from conf.schema.drafter import MedusaConfig
 from drafters.base import Drafter, TargetSignal, TrainableDrafter
 from drafters.common import (
     floats,
+    logits_at_depth,
     require_last_hidden,
     set_hf_checkpointing,
     target_positions,
@@ -272,14 +273,10 @@ class MedusaDecodeDrafter(Drafter):
         self._set_feature(features)
 
     def expand(self, tree, frontier: torch.Tensor) -> torch.Tensor:
-        depth = torch.where(frontier < 0, 0, tree.depths.gather(1, frontier.clamp_min(0))) if tree.num_nodes \
-            else torch.zeros_like(frontier)
-        if int(depth.max()) >= self.max_depth:
-            raise DraftsmithError(
-                f"medusa has {self.max_depth} heads, so it drafts at most {self.max_depth} tokens deep: "
-                f"set the eval tree depth to <= {self.max_depth} or train more heads (drafter.num_heads)")
-        logits = self._logits.expand(frontier.shape[0], -1, -1)
-        return logits.gather(1, depth[..., None].expand(-1, -1, self.vocab_size))
+        return logits_at_depth(self._logits, tree, frontier,
+                               f"medusa has {self.max_depth} heads, so it drafts at most {self.max_depth} tokens "
+                               f"deep: set the eval tree depth to <= {self.max_depth} or train more heads "
+                               "(drafter.num_heads)")
 
     def commit(self, new_ids: torch.Tensor, new_features: torch.Tensor | None) -> None:
         self._set_feature(new_features)

@@ -17,6 +17,7 @@ TRAINABLE = {
     "hydra": "drafters.hydra_heads:HydraDrafter",
     "small": "drafters.small_lm:SmallDrafter",
     "kangaroo": "drafters.kangaroo:KangarooDrafter",
+    "pard": "drafters.pard:PardDrafter",
 }
 REFERENCE = {
     "ngram": "drafters.reference:NgramDrafter",

@@ -112,6 +112,11 @@ class SmallDrafter(FolderCheckpoint, TrainableDrafter):
     @classmethod
     def from_target(cls, cfg: SmallConfig, target, token_counts=None) -> SmallDrafter:
         """Fresh (target-shaped) or from a checkpoint whose tokenizer matches the target's."""
+        return cls(cfg, cls.build_model(cfg, target), target)
+
+    @classmethod
+    def build_model(cls, cfg: SmallConfig, target):
+        """The HF causal LM to train: fresh or loaded, `adapt`ed by the family, LoRA-wrapped when asked."""
         from transformers import AutoModelForCausalLM
 
         if cfg.init == "fresh":
@@ -124,15 +129,26 @@ class SmallDrafter(FolderCheckpoint, TrainableDrafter):
         else:
             model, tokenizer = _load_checkpoint(cfg.init)
             check_vocab(model, tokenizer, target, cfg.init)
-        model = model.to(target.device)
+        model = cls.adapt(model.to(target.device), cfg, target)
         if cfg.lora_r > 0:
             from peft import LoraConfig, get_peft_model
 
             targets = cfg.lora_target_modules
             model = get_peft_model(model, LoraConfig(
                 r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                target_modules=targets if targets == "all-linear" else targets.split(",")))
-        return cls(cfg, model, target)
+                target_modules=targets if targets == "all-linear" else targets.split(","),
+                **cls.lora_extra(model)))
+        return model
+
+    @classmethod
+    def adapt(cls, model, cfg: SmallConfig, target):
+        """Family hook before LoRA wrapping (PARD adds its mask token here); the plain small LM is as built."""
+        return model
+
+    @classmethod
+    def lora_extra(cls, model) -> dict:
+        """Family hook: further peft LoraConfig arguments (PARD trains its mask token's embedding row)."""
+        return {}
 
     # --- forward -------------------------------------------------------------------------------------
     def forward(self, signal: TargetSignal):

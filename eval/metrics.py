@@ -43,6 +43,7 @@ class GenRecord:
     verify_s: float = 0.0  # the target's verification forward and the acceptance rule
     other_s: float = 0.0  # cache trimming, drafter commit, bookkeeping
     tokens: list[int] = field(default_factory=list)  # the generated ids (outputs are compared at T=0)
+    drafter_forwards: int | None = None  # the drafter model's forwards, for drafters that count them
 
 
 def acceptance_by_depth(records: list[GenRecord]) -> list[float | None]:
@@ -170,6 +171,7 @@ def summarize(spec: list[list[GenRecord]], ar: list[list[GenRecord]], prompt_ids
     s_fwd_tok = sum(r.forward_tokens for r in spec)
     draft, verify, other = (sum(getattr(r, k) for r in spec) for k in ("draft_s", "verify_s", "other_s"))
     cycle = draft + verify + other
+    d_fwd = [r.drafter_forwards for r in spec]
     tok_s_spec = s_tok / s_wall if s_wall > 0 else None
     tok_s_ar = a_tok / a_wall if a_wall > 0 else None
     return {
@@ -178,6 +180,8 @@ def summarize(spec: list[list[GenRecord]], ar: list[list[GenRecord]], prompt_ids
         "new_tokens_ar": a_tok,
         "target_forwards": s_fwd,
         "tau": s_fwd_tok / s_fwd if s_fwd else None,
+        # drafter forwards per target forward (an autoregressive LM drafter: one per tree level; PARD: one)
+        "drafter_forwards_per_cycle": (sum(d_fwd) / s_fwd if s_fwd and d_fwd and None not in d_fwd else None),
         "accept_by_depth": acceptance_by_depth(spec),
         "tok_s_spec": tok_s_spec,
         "tok_s_ar": tok_s_ar,

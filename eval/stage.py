@@ -77,7 +77,10 @@ def hf_assistant_model(trainable, folder: Path, target):
     held = [trainable.plain_model()] if hasattr(trainable, "plain_model") else []  # a LoRA merged (small_lm)
     for m in held + [getattr(trainable, a, None) for a in ("hf_model", "model")]:
         if isinstance(m, PreTrainedModel) and hasattr(m, "generate"):
-            return m
+            # transformers takes a vocabulary of another size (PARD's added mask row) for another tokenizer and
+            # refuses it as a plain assistant: no peer then
+            same = m.config.vocab_size == target.model.config.vocab_size
+            return m if same else None
     cfg = folder / "config.json"
     if cfg.exists() and any(a.endswith("ForCausalLM") for a in json.loads(cfg.read_text()).get("architectures") or []):
         return AutoModelForCausalLM.from_pretrained(folder, dtype=target.dtype).to(target.device).eval()
@@ -91,7 +94,8 @@ def fit_tree(cfg: Config, drafter) -> None:
     tree = cfg.eval.tree
     fitted = fit_depth(tree, getattr(drafter, "max_depth", None))
     if fitted is not tree:
-        print(f"eval: drafter {cfg.drafter.name} has {fitted.depth} heads, so it drafts at most {fitted.depth} "
+        why = getattr(drafter, "depth_why", None) or f"has {fitted.depth} heads"  # PARD: tokens per forward
+        print(f"eval: drafter {cfg.drafter.name} {why}, so it drafts at most {fitted.depth} "
               f"tokens deep: eval.tree.depth {tree.depth} -> {fitted.depth}", flush=True)
         tree.depth = fitted.depth
 
@@ -115,7 +119,7 @@ def _record(tokens, st, wall: float) -> GenRecord:
     return GenRecord(new_tokens=st.new_tokens, wall_s=wall, forwards=st.cycles, forward_tokens=st.cycle_tokens,
                      depth_attempted=list(st.depth_attempted), depth_accepted=list(st.depth_accepted),
                      draft_s=st.time_draft, verify_s=st.time_verify, other_s=st.time_other,
-                     tokens=[int(t) for t in tokens])
+                     tokens=[int(t) for t in tokens], drafter_forwards=st.drafter_forwards)
 
 
 def _timed(decoder, generate, ids: list[int], max_new_tokens: int, eos_ids: list[int], generator) -> GenRecord:

@@ -84,3 +84,19 @@ def test_controls_name_real_variants(bd):
     assert set(bd.CONTROL) <= set(bd.VARIANTS) and set(bd.CONTROL.values()) <= set(bd.VARIANTS)
     # a variant that starts from another one is compared with a run of equal training, never with nothing
     assert bd.CONTROL["eagle3+gto"] == "eagle3+more"
+
+
+def test_cost_table_shows_drafter_forwards_per_cycle(bd):
+    """Only drafters that count their forwards get a row: 8 forwards over 4 cycles = 2 per cycle."""
+    def results(fwd):
+        spec = [[GenRecord(new_tokens=8, wall_s=1.0, forwards=4, forward_tokens=8, tokens=[1], drafter_forwards=fwd)]]
+        ar = [[GenRecord(new_tokens=8, wall_s=2.0, forwards=8, forward_tokens=8, tokens=[1])]]
+        return [{"temperature": t, **summarize(spec, ar, ["p0"])} for t in (0.0, 1.0)]
+
+    rows = [{"variant": v, **bd.eval_fields(results(f))} for v, f in (("small", 8), ("pard", 4), ("eagle3", None))]
+    lines = bd.cost_table(rows).splitlines()
+    assert lines[0] == ("| variant | drafter fwd/cycle T=0 | τ T=0 | tok/s T=0 | tok/s AR T=0 | drafter fwd/cycle T=1 | "
+                        "τ T=1 | tok/s T=1 | tok/s AR T=1 |")
+    assert lines[2:] == ["| small | 2.00 | 2.00 | 8.0 | 4.0 | 2.00 | 2.00 | 8.0 | 4.0 |",
+                         "| pard | 1.00 | 2.00 | 8.0 | 4.0 | 1.00 | 2.00 | 8.0 | 4.0 |"]
+    assert bd.cost_table(rows[2:]) == ""

@@ -18,7 +18,7 @@ from decoding.verify import SamplingRule
 from drafters.kangaroo import KangarooDrafter
 from drafters.target import Target
 from tests.eagle_util import online_batch
-from tests.test_medusa import train
+from tests.heads_util import train
 
 ADAPTER = ["input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
            "self_attn.o_proj.weight"]
@@ -183,7 +183,7 @@ def _v5_target():
 def test_sampling_with_early_exit_is_lossless():
     """At T = 1 with sampled chains cut by the early exit, the 2nd and 3rd generated tokens follow the target's
     own distribution (chi-square against the exact pair probabilities, as tests/test_decoder_sampling.py)."""
-    from tests.test_decoder_sampling import PROMPT, exact_pairs, pvalue, sample_pairs
+    from tests.sampling_util import PROMPT, exact_pairs, pvalue, sample_pairs
 
     target = _v5_target()
     m = kangaroo(target, exit_layer=1, threshold=0.36)  # about half its drafts are less sure

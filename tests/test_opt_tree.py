@@ -17,8 +17,8 @@ from conf.schema.eval import TreeConfig
 from decoding.decoder import SpeculativeDecoder
 from decoding.opt_tree import OptCost
 from decoding.tree import build_tree
-from tests.test_decoder import hf_greedy, make_drafter, random_prompt, small_target
-from tests.test_tree import PathDrafter, dynamic_world
+from tests.decoder_util import hf_greedy, make_drafter, random_prompt, small_target
+from tests.tree_util import PathDrafter, dynamic_world
 
 
 def opt(**kw) -> TreeConfig:

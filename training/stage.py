@@ -131,8 +131,9 @@ def _train(cfg: Config, drafter_factory, target) -> dict:
     drafter.set_gradient_checkpointing(t.gradient_checkpointing)
     if hasattr(drafter, "check_train_mode"):
         drafter.check_train_mode(t.mode)  # Medusa-2 trains the target itself: online only
-    # Families whose loss runs the target (Medusa-2) get a signal without the frozen forward.
-    signal_args = {"run_target": not getattr(drafter, "runs_target", False)}
+    # Families whose loss runs the target (Medusa-2), or needs none of it (PARD on data tokens), get a
+    # signal without the frozen forward.
+    signal_args = {"run_target": not getattr(drafter, "runs_target", False) and getattr(drafter, "needs_target", True)}
     ds_cfg = build_ds_config(cfg, env.world_size, env.device)
     meta = {"family": drafter.family or type(drafter).__name__, "drafter_class": type(drafter).__qualname__,
             "param_shapes": {n: list(p.shape) for n, p in drafter.named_parameters()},

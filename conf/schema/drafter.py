@@ -141,6 +141,31 @@ class KangarooConfig(DrafterConfig):
             raise DraftsmithError(f"drafter.threshold={self.threshold} must be in [0, 1) (0 = no early exit; "
                                   "the paper uses 0.6)")
 
+@dataclass
+class PardConfig(SmallConfig):
+    """PARD: a small causal LM that drafts k tokens in one forward (the context, then k-1 mask tokens)."""
+
+    name: str = "pard"
+    k: int = 5  # tokens drafted per forward (the deepest draft-tree level it serves)
+    # None = one extra embedding row for the mask token (id = the drafter's old vocabulary size); an int =
+    # an existing id the tokenizer never produces in text (e.g. a reserved special token)
+    mask_token_id: Optional[int] = None
+    # conditional drop-token: the depth-j mask of an anchor is kept with probability max(retain**j, retain_min),
+    # nested (kept at j => kept at every shallower depth), so a kept mask always sees all its predecessors
+    retain: float = 0.7
+    retain_min: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise DraftsmithError(f"drafter.k={self.k} must be >= 1 (tokens drafted per forward)")
+        if self.mask_token_id is not None and self.mask_token_id < 0:
+            raise DraftsmithError(f"drafter.mask_token_id={self.mask_token_id} must be >= 0, or null to add a "
+                                  "mask row to the drafter's embeddings")
+        for name in ("retain", "retain_min"):
+            if not 0 < getattr(self, name) <= 1:
+                raise DraftsmithError(f"drafter.{name}={getattr(self, name)} must be in (0, 1] (1 = keep every "
+                                      "mask position in training)")
+
 
 # name used in conf/drafter/<name>.yaml -> schema
 DRAFTER_SCHEMAS = {
@@ -152,4 +177,5 @@ DRAFTER_SCHEMAS = {
     "hydra": HydraConfig,
     "small": SmallConfig,
     "kangaroo": KangarooConfig,
+    "pard": PardConfig,
 }

@@ -7,7 +7,7 @@ from typing import Optional
 from conf.errors import DraftsmithError
 
 # export.format -> the drafter families it can hold (export/formats/ writes each)
-FORMATS = {"sglang": ("eagle1", "eagle3"), "vllm": ("eagle3",), "medusa": ("medusa",), "hf": ("small",)}
+FORMATS = {"sglang": ("eagle1", "eagle3"), "vllm": ("eagle3",), "medusa": ("medusa",), "hf": ("small", "pard")}
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")  # export.dtype: the exported weights' dtype
 
 

@@ -11,7 +11,7 @@ and load an exported folder back as a decoding drafter.
 | sglang | eagle1, eagle3 | SGLang LlamaForCausalLMEagle / LlamaForCausalLMEagle3 (export/formats/eagle.py) |
 | vllm | eagle3 | speculators layout: vLLM and the speculators library (export/formats/eagle.py) |
 | medusa | medusa | Medusa heads file + config: TGI, TensorRT-LLM, FasterDecoding/Medusa (export/formats/medusa.py) |
-| hf | small | a plain transformers causal LM: generate(assistant_model=...) (export/formats/hf.py) |
+| hf | small, pard | a plain transformers causal LM: generate(assistant_model=...); PARD's mask token id in config.json (export/formats/hf.py) |
 Hydra heads have no serving format (no engine implements them): evaluate them with stage=eval.
 """
 from __future__ import annotations
@@ -89,7 +89,7 @@ def detect(folder: str | Path) -> tuple[str, str]:
             return "sglang", family
     if "medusa_num_heads" in cfg:
         return "medusa", "medusa"
-    return "hf", "small"
+    return "hf", "pard" if hf.MASK_FIELD in cfg else "small"
 
 
 def check_format(folder: str | Path, fmt: str | None = None) -> list[str]:
@@ -115,7 +115,7 @@ def check_format(folder: str | Path, fmt: str | None = None) -> list[str]:
     elif fmt == "medusa":
         medusa.check(ck, cfg)
     else:
-        hf.check(ck, cfg)
+        hf.check(ck, cfg, family)
     return ck.violations
 
 
@@ -146,7 +146,8 @@ def load_exported(folder: str | Path, target):
 # --------------------------------------------------------------------------------------------------
 _TITLES = {("sglang", "eagle3"): "EAGLE-3 drafter for SGLang", ("sglang", "eagle1"): "EAGLE-1 drafter for SGLang",
            ("vllm", "eagle3"): "EAGLE-3 speculator for vLLM (speculators format)",
-           ("medusa", "medusa"): "Medusa heads", ("hf", "small"): "independent draft model (Hugging Face folder)"}
+           ("medusa", "medusa"): "Medusa heads", ("hf", "small"): "independent draft model (Hugging Face folder)",
+           ("hf", "pard"): "PARD parallel draft model (Hugging Face folder)"}
 
 
 def readme(fmt: str, family: str, model, target, out: Path, ctx: ExportContext) -> str:
@@ -215,6 +216,16 @@ def readme(fmt: str, family: str, model, target, out: Path, ctx: ExportContext) 
                   f"--speculative-algorithm STANDALONE --speculative-draft-model-path . --speculative-num-steps {k}",
                   f"vllm serve {tgt} --dtype {dt} --speculative-config '{{\"model\": \".\", \"method\": "
                   f"\"draft_model\", \"num_speculative_tokens\": {k}}}'", "```"]
+        if family == "pard":
+            lines += ["", "## PARD", "", f"config.json's `{hf.MASK_FIELD}` = {model.mask_id} is the mask token id: "
+                      f"the model drafts `{hf.K_FIELD}` = {model.cfg.k} tokens in one forward by reading the context "
+                      f"followed by {model.cfg.k - 1} copies of it (`{hf.MASK_FIELD}` is the field vLLM's parallel "
+                      "drafting reads). The assisted generation and standalone commands above use it as a plain "
+                      "autoregressive draft model, one token per forward."]
+            if model.model.config.vocab_size != target.model.config.vocab_size:
+                lines += ["", "Its vocabulary is the target's plus the mask row, which transformers takes for another "
+                          "tokenizer: pass `tokenizer=tok, assistant_tokenizer=tok` to `generate` (universal "
+                          "assisted decoding) along with `assistant_model=draft`."]
     if family == "eagle3":
         lines += ["", "## Target layers", "",
                   f"The drafter reads the hidden states entering target layers "

@@ -1,10 +1,13 @@
-"""An independent small drafter as a plain Hugging Face causal-LM folder (`export.format=hf`).
+"""An independent small drafter (`small`, `pard`) as a plain Hugging Face causal-LM folder (`export.format=hf`).
 
-    python -m pytest -q tests/test_export_heads.py
+    python -m pytest -q tests/test_export_heads.py tests/test_pard.py
 
 config.json + model.safetensors (any LoRA merged) + the target's tokenizer: transformers'
 `generate(assistant_model=AutoModelForCausalLM.from_pretrained(dir))` uses it as it is, and SGLang /
-vLLM serve it as a standalone draft model.
+vLLM serve it as a standalone draft model. A PARD drafter's config.json adds `pard_token` (its mask token
+id, the field vLLM's parallel drafting reads) and `pard_k` (tokens drafted per forward); with an added mask
+row its vocabulary is one larger than the target's, so transformers needs `tokenizer=` and
+`assistant_tokenizer=` (the target's tokenizer, twice) to take it as an assistant.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import copy
 from pathlib import Path
 
 from conf.errors import DraftsmithError
+from drafters.pard import K_FIELD, MASK_FIELD
 from export.formats.common import CONFIG, WEIGHTS, Checker, ExportContext
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -41,8 +45,15 @@ def _expected_names(config) -> set[str]:
     return names | persistent
 
 
-def check(ck: Checker, cfg: dict) -> None:
+def check(ck: Checker, cfg: dict, family: str = "small") -> None:
     from transformers import AutoConfig
+
+    if family == "pard":
+        mask, k, rows = cfg.get(MASK_FIELD), cfg.get(K_FIELD), cfg.get("vocab_size")
+        if not isinstance(mask, int) or not isinstance(rows, int) or not 0 <= mask < rows:
+            ck.fail(CONFIG, f"{MASK_FIELD} is {mask!r}, expected a token id below vocab_size {rows!r}")
+        if not isinstance(k, int) or k < 1:
+            ck.fail(CONFIG, f"{K_FIELD} is {k!r}, expected the tokens drafted per forward (>= 1)")
 
     arch = cfg.get("architectures") or []
     if not any(isinstance(a, str) and a.endswith(("ForCausalLM", "LMHeadModel")) for a in arch):
@@ -65,7 +76,8 @@ def load(folder: Path, cfg: dict, target):
     tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from conf.schema.drafter import SmallConfig
+    from conf.schema.drafter import PardConfig, SmallConfig
+    from drafters.pard import PardDrafter
     from drafters.small_lm import SmallDrafter, check_vocab
 
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype="auto").to(target.device).eval()
@@ -74,4 +86,6 @@ def load(folder: Path, cfg: dict, target):
         check_vocab(model, tokenizer, target, str(folder))
     except DraftsmithError as e:
         raise DraftsmithError(f"exported folder {folder}: {e}") from None
+    if MASK_FIELD in cfg:  # PARD: the mask token id is in the model's config, k beside it
+        return PardDrafter(PardConfig(init=str(folder), k=int(cfg[K_FIELD])), model, target)
     return SmallDrafter(SmallConfig(init=str(folder)), model, target)
