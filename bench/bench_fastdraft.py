@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_drafters import TEMPS, eval_fields  # noqa: E402
+from bench.bench_drafters import TEMPS, comparison_table, eval_fields  # noqa: E402
 from eval.metrics import paired_difference  # noqa: E402
 from eval.report import md_table, with_interval  # noqa: E402
 
@@ -163,10 +163,6 @@ def render(args, rows: dict, command: str, seconds: float, machine: dict, thread
             k = int(t)
             comps.append({"variant": a, "control": b, "temperature": t,
                           **paired_difference(rows[a][f"per_prompt_t{k}"], rows[b][f"per_prompt_t{k}"])})
-    ccols = [("variant", lambda c: c["variant"]), ("vs", lambda c: c["control"]), ("T", lambda c: f"{c['temperature']:g}"),
-             ("prompts", lambda c: str(c["prompts"])),
-             ("Δτ [95 %]", lambda c: with_interval(c["diff"], c["ci"], "{:+.2f}")),
-             ("outside the noise", lambda c: {True: "yes", False: "no"}.get(c["outside_noise"], "-"))]
     target = args.target or "assets/demo-target"
     return "\n".join([
         f"<!-- bench_fastdraft: cpu | {target} -->", f"### FastDraft (small drafter): {target} on CPU", "",
@@ -180,7 +176,7 @@ def render(args, rows: dict, command: str, seconds: float, machine: dict, thread
         f"{args.prompts} sharegpt_heldout prompts × {args.max_new_tokens} new tokens, the default dynamic tree", "",
         *md_table(cols, list(rows.values())), "",
         "Δτ = τ of the variant minus the control's on the same prompts (paired bootstrap); outside the noise = its "
-        "95 % interval excludes 0:", "", *md_table(ccols, comps), "", interval_note, "", "<!-- /bench_fastdraft -->"])
+        "95 % interval excludes 0:", "", comparison_table(comps), "", interval_note, "", "<!-- /bench_fastdraft -->"])
 
 
 if __name__ == "__main__":
