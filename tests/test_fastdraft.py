@@ -46,6 +46,7 @@ def test_experiment_runs_pretrain_regenerate_align_eval_in_order(tmp_path):
     assert cfg.train.init_from == str(phase_dir(cfg) / "final") == f"{tmp_path}/fastdraft/drafter_pretrain/final"
 
 
+@pytest.mark.slow
 def test_align_phase_starts_from_the_pretrained_weights(tmp_path, tiny_target_dir):
     """Every stage of experiment=fastdraft in one process. With the align phase's lr at 0 its final weights
     are its starting weights, so train/final equals drafter_pretrain/final exactly when (and only when) it
@@ -74,6 +75,7 @@ def test_align_phase_starts_from_the_pretrained_weights(tmp_path, tiny_target_di
     assert out["eval"]["report"]["results"][0]["tau"] >= 1.0
 
 
+@pytest.mark.slow
 def test_pretrain_phase_resumes_bit_identically_after_sigkill(tmp_path, tiny_target_dir):
     """SIGKILL `python train.py stage=drafter_pretrain` right after its step-2 checkpoint, rerun the command:
     it resumes from step 2 and ends with the weights of an uninterrupted run, every step logged once."""
