@@ -58,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--align-steps", type=int, default=150)
     ap.add_argument("--conversations", type=int, default=400, help="data.max_conversations (regenerated)")
     ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--gen-max-new-tokens", type=int, default=128)
+    ap.add_argument("--gen-max-new-tokens", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=64)
