@@ -27,6 +27,7 @@ from runtime.device import resolve_device
 STAGE_FUNCS = {
     "target_pretrain": "training.target_pretrain:run",
     "data_gen": "data_gen.stage:run",
+    "drafter_pretrain": "training.drafter_pretrain:run",
     "train": "training.stage:run",
     "eval": "eval.stage:run",
     "export": "export.stage:run",

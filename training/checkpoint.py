@@ -233,6 +233,10 @@ def check_compatible(path: Path, saved: dict, expect: dict) -> None:
     if saved.get("train_rows") != expect["train_rows"]:
         raise DraftsmithError(f"checkpoint {path} was trained on {saved.get('train_rows')} data rows but the "
                               f"data now has {expect['train_rows']} (data_gen output changed): {fix}")
+    if expect.get("data_fingerprint") is not None and saved.get("data_fingerprint") != expect["data_fingerprint"]:
+        raise DraftsmithError(f"checkpoint {path} was trained on other data rows (fingerprint "
+                              f"{saved.get('data_fingerprint')}, now {expect['data_fingerprint']}: the corpus or its "
+                              f"packing changed): {fix}")
     if expect["zero_stage"] > 0 and (saved.get("world_size"), saved.get("zero_stage")) != (
             expect["world_size"], expect["zero_stage"]):
         raise DraftsmithError(

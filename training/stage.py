@@ -25,13 +25,15 @@ import random
 import shutil
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from conf.errors import DraftsmithError
-from conf.schema import Config, final_drafter_dir, run_dir, save_config
+from conf.schema import Config, final_drafter_dir, project_path, run_dir, save_config
+from data_gen.shard import kill_hook
 from runtime.files import write_json
 from runtime.rundir import check_replaceable, stage_session
 from training.checkpoint import CheckpointManager, TrainState, seal
@@ -49,6 +51,23 @@ from training.signal import make_signal
 from training.tracking import Tracker, tau_sim
 
 FINAL_FIX = "use another run.name"
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """What one run of the training loop reads and where it writes. The train stage's phase reads data_gen's
+    rows into <run>/train; FastDraft's drafter_pretrain (training/drafter_pretrain.py) reads packed plain
+    text into <run>/drafter_pretrain. The loop itself (DeepSpeed, token-weighted accumulation, checkpoints
+    and exact resume, the sealed final folder) is the same for both."""
+
+    name: str  # the stage: names its folder in messages (`<name>/final`)
+    out: Path  # checkpoints/, config.yaml, ds_config.json, metrics.jsonl, final/
+    load_data: Callable  # target -> training.data.DataGenOutput (rows of input_ids and loss_mask)
+    run_target: bool = True  # False: no frozen target forward per batch (a loss on the data tokens alone)
+
+    @property
+    def final(self) -> Path:
+        return self.out / "final"
 
 
 def run(cfg: Config) -> dict:
@@ -70,24 +89,31 @@ def build_drafter(cfg: Config, target, token_counts):
         raise DraftsmithError(f"drafter family {name!r} is not installed in this checkout ({e.name} is missing): "
                               f"pick another drafter=") from None
     drafter = cls.from_target(cfg.drafter, target, token_counts=token_counts)
-    if cfg.drafter.checkpoint:  # fine-tuning (objective=gto): start from a trained drafter folder's weights
+    # fine-tuning (objective=gto): start from a trained drafter folder's weights, unless train.init_from names one
+    if cfg.drafter.checkpoint and not cfg.train.init_from:
         init_from_checkpoint(drafter, cls, cfg.drafter.checkpoint, target)
     return drafter
 
 
-def init_from_checkpoint(drafter, cls, path: str, target) -> None:
+def init_from_checkpoint(drafter, cls, path: str, target, setting: str = "drafter.checkpoint") -> None:
     """Load a saved drafter folder's weights (buffers included) into `drafter`, built from the current
     config, so the config's training settings (losses, unrolled steps) apply to the trained weights."""
-    from conf.schema import project_path
-
     trained = cls.from_pretrained(project_path(path), target)
     try:
         drafter.load_state_dict(trained.state_dict(), strict=True)
     except RuntimeError as e:
         detail = " ".join(str(e).split())[:300]
-        raise DraftsmithError(f"drafter.checkpoint={path} does not fit drafter={drafter.family} as configured "
+        raise DraftsmithError(f"{setting}={path} does not fit drafter={drafter.family} as configured "
                               f"({detail}): set the drafter options (e.g. draft_vocab_size) the checkpoint was "
                               "trained with") from None
+
+
+def init_from_phase(drafter, path: str, target) -> None:
+    """train.init_from: start from another phase's (or run's) final drafter folder."""
+    if not Path(project_path(path)).is_dir():
+        raise DraftsmithError(f"train.init_from={path} is not a drafter folder: run the phase that writes it first "
+                              "(experiment=fastdraft: stage=drafter_pretrain), or point it at a train/final folder")
+    init_from_checkpoint(drafter, type(drafter), path, target, "train.init_from")
 
 
 def seed_all(seed: int) -> None:
@@ -107,19 +133,22 @@ def train(cfg: Config, drafter_factory=None, target=None) -> dict:
     registry lookup (tests use it for a tiny drafter); `target` skips loading one."""
     preflight(cfg)
     with stage_session(cfg, "train"):
-        return _train(cfg, drafter_factory, target)
+        data_dir = require_data_gen(run_dir(cfg) / "data_gen")
+        phase = Phase("train", final_drafter_dir(cfg).parent,
+                      lambda tgt: load_data_gen(data_dir, tgt, need_cache=cfg.train.mode == "offline"))
+        return train_phase(cfg, phase, drafter_factory, target)
 
 
-def _train(cfg: Config, drafter_factory, target) -> dict:
+def train_phase(cfg: Config, phase: Phase, drafter_factory=None, target=None) -> dict:
+    """The training loop of one phase (see Phase); the caller holds the stage session and ran its checks."""
     from drafters.target import load_target
 
     t = cfg.train
-    require_data_gen(run_dir(cfg) / "data_gen")
     env = setup_distributed(cfg.run.device)
-    out = run_dir(cfg) / "train"
+    out = phase.out
     seed_all(cfg.run.seed)
     target = target if target is not None else load_target(cfg.target, device=env.device)
-    data = load_data_gen(run_dir(cfg) / "data_gen", target, need_cache=t.mode == "offline")
+    data = phase.load_data(target)
     plan = DataPlan(len(data.dataset), t.eval_rows, cfg.run.seed, t.micro_batch_size, t.grad_accum,
                     env.world_size, env.rank)
     total = plan.total_steps(t.epochs, t.max_steps)
@@ -128,17 +157,21 @@ def _train(cfg: Config, drafter_factory, target) -> dict:
 
     seed_all(cfg.run.seed)  # the drafter's initial weights depend on the seed only
     drafter = (drafter_factory or build_drafter)(cfg, target, data.token_counts)
+    if t.init_from:  # a previous phase's drafter (experiment=fastdraft: <run>/drafter_pretrain/final)
+        init_from_phase(drafter, t.init_from, target)
     drafter.set_gradient_checkpointing(t.gradient_checkpointing)
     if hasattr(drafter, "check_train_mode"):
         drafter.check_train_mode(t.mode)  # Medusa-2 trains the target itself: online only
-    # Families whose loss runs the target (Medusa-2), or needs none of it (PARD on data tokens), get a
-    # signal without the frozen forward.
-    signal_args = {"run_target": not getattr(drafter, "runs_target", False) and getattr(drafter, "needs_target", True)}
+    # Families whose loss runs the target (Medusa-2), or needs none of it (PARD on data tokens), and phases that
+    # train on plain text (the FastDraft pre-training) get a signal without the frozen forward.
+    signal_args = {"run_target": phase.run_target and not getattr(drafter, "runs_target", False)
+                   and getattr(drafter, "needs_target", True)}
     ds_cfg = build_ds_config(cfg, env.world_size, env.device)
     meta = {"family": drafter.family or type(drafter).__name__, "drafter_class": type(drafter).__qualname__,
             "param_shapes": {n: list(p.shape) for n, p in drafter.named_parameters()},
             "train_rows": plan.n_train, "world_size": env.world_size,
-            "zero_stage": cfg.deepspeed.zero_stage, "seed": cfg.run.seed, "global_batch": plan.global_batch}
+            "zero_stage": cfg.deepspeed.zero_stage, "seed": cfg.run.seed, "global_batch": plan.global_batch,
+            "data_fingerprint": data.meta.get("fingerprint")}
     objective = build_objective(cfg, target)
     eng = Engine(drafter, objective, cfg, ds_cfg, total, env)
     # An objective that trains on its own rollouts (on_policy) swaps data micro-batches for sequences the
@@ -203,10 +236,11 @@ def _train(cfg: Config, drafter_factory, target) -> dict:
             if (t.save_every > 0 and state.step % t.save_every == 0) or state.step == total:
                 t_save = time.perf_counter()
                 last_ckpt = ckpts.save(state.step, eng, state, {**meta, "cursor": plan.cursor(state.rows)})
+                kill_hook("checkpoint_saved")  # tests: DRAFTSMITH_TEST_KILL_AT=checkpoint_saved:<n> (a SIGKILL)
                 spent["checkpoint"] += time.perf_counter() - t_save
         if resumed is not None and start_step == total and len(plan.eval_idx):
             evals = evaluate(eng, target, data, plan, t.mode, batch_args, **signal_args)  # nothing left to train: report anyway
-        final = write_final(eng, drafter, final_drafter_dir(cfg), env, cfg)
+        final = write_final(eng, drafter, phase.final, env, cfg, f"{phase.name}/final")
     finally:
         plot = tracker.close()
     epoch, pos = plan.cursor(state.rows)
@@ -283,7 +317,7 @@ def evaluate(eng: Engine, target, data, plan: DataPlan, mode: str, batch_args: d
     return out
 
 
-def write_final(eng: Engine, drafter, final: Path, env, cfg: Config) -> Path:
+def write_final(eng: Engine, drafter, final: Path, env, cfg: Config, what: str = "train/final") -> Path:
     """The trained drafter as a folder: the family's save_pretrained (from_pretrained reloads it), else
     model.safetensors + drafter_config.json. Written atomically like a checkpoint."""
     tmp = final.with_name(f".tmp-{final.name}")
@@ -299,6 +333,6 @@ def write_final(eng: Engine, drafter, final: Path, env, cfg: Config) -> Path:
                 save_model(drafter, str(tmp / "model.safetensors"))
                 write_json(tmp / "drafter_config.json",
                            {"family": drafter.family, "config": dataclasses.asdict(cfg.drafter)}, indent=1)
-            seal(tmp, final, "train/final", FINAL_FIX)
+            seal(tmp, final, what, FINAL_FIX)
     barrier(env)
     return final

@@ -104,21 +104,23 @@ def prepare_out_dir(cfg: Config) -> Path:
     return writable_dir(pretrain_out_dir(cfg), "pretrain.out_dir", "choose a folder you can write to")
 
 
-def read_corpus(pc: PretrainConfig) -> tuple[list[Conversation], list[Conversation], SourceReport]:
+def read_corpus(data_path: str | None, max_conversations: int | None, min_heldout: int,
+                what: str = "pretrain") -> tuple[list[Conversation], list[Conversation], SourceReport]:
     """Train and held-out conversations in file order, from one pass over the file. With
-    max_conversations set, reading stops once both the train cap and heldout_prompts are reached."""
+    max_conversations set, reading stops once both the train cap and `min_heldout` are reached (the
+    drafter's pretraining, training/drafter_pretrain.py, needs no held-out ones: min_heldout=0)."""
     report = SourceReport()
     train: list[Conversation] = []
     held: list[Conversation] = []
-    for conv in iter_sharegpt(pc.data_path, report, split="all"):
+    for conv in iter_sharegpt(data_path, report, split="all"):
         (held if is_heldout(conv.id) else train).append(conv)
-        if pc.max_conversations and len(train) >= pc.max_conversations and len(held) >= pc.heldout_prompts:
+        if max_conversations and len(train) >= max_conversations and len(held) >= min_heldout:
             break
-    train = train[:pc.max_conversations] if pc.max_conversations else train
-    if not train or not held:
+    train = train[:max_conversations] if max_conversations else train
+    if not train or len(held) < min(1, min_heldout):
         raise DraftsmithError(f"the ShareGPT file gave {len(train)} train and {len(held)} held-out "
-                              f"conversations ({report.summary()}): pretraining needs both; "
-                              "point pretrain.data_path at a larger ShareGPT JSON")
+                              f"conversations ({report.summary()}): pretraining needs "
+                              f"{'both' if min_heldout else 'train ones'}; point {what}.data_path at a larger ShareGPT JSON")
     return train, held, report
 
 
@@ -144,12 +146,13 @@ def count_parameters(model) -> int:
 
 # --- data ----------------------------------------------------------------------------------------------
 class TokenCache:
-    """Chat-templated token ids per conversation (+ the <|endoftext|> separator), encoded lazily in
-    batches and kept: a CPU run never reaches most of the corpus, a GPU run reuses it every epoch."""
+    """Chat-templated token ids per conversation (+ a separator: `sep`, by default the demo tokenizer's
+    <|endoftext|>), encoded lazily in batches and kept: a CPU run never reaches most of the corpus, a GPU
+    run reuses it every epoch."""
 
-    def __init__(self, tokenizer, convs: list[Conversation]):
+    def __init__(self, tokenizer, convs: list[Conversation], sep: int | None = None):
         self.tokenizer, self.convs = tokenizer, convs
-        self.sep = tokenizer.convert_tokens_to_ids(PAD)
+        self.sep = tokenizer.convert_tokens_to_ids(PAD) if sep is None else sep
         self.ids: list[np.ndarray | None] = [None] * len(convs)
 
     def get(self, idx: Sequence[int]) -> list[np.ndarray]:
@@ -185,9 +188,11 @@ class PackedStream:
             epoch += 1
 
 
-def heldout_blocks(tokenizer, convs: list[Conversation], seq_len: int, max_tokens: int | None) -> torch.Tensor:
-    """The held-out conversations in file order, packed like training data: [n_blocks, seq_len]."""
-    cache = TokenCache(tokenizer, convs)
+def pack_blocks(tokenizer, convs: list[Conversation], seq_len: int, max_tokens: int | None,
+                sep: int | None = None) -> torch.Tensor:
+    """Conversations in file order packed back to back into [n_blocks, seq_len] (the tail that fills no
+    block is dropped): the held-out blocks here, the drafter's pretraining rows in drafter_pretrain."""
+    cache = TokenCache(tokenizer, convs, sep)
     want = max(1, max_tokens // seq_len) if max_tokens else None
     ids: list[np.ndarray] = []
     total = 0
@@ -199,8 +204,8 @@ def heldout_blocks(tokenizer, convs: list[Conversation], seq_len: int, max_token
     flat = np.concatenate(ids)
     n = len(flat) // seq_len if want is None else min(want, len(flat) // seq_len)
     if n == 0:
-        raise DraftsmithError(f"the held-out conversations hold only {len(flat)} tokens, less than one "
-                              f"seq_len={seq_len} block: lower pretrain.seq_len or read more conversations")
+        raise DraftsmithError(f"the conversations hold only {len(flat)} tokens, less than one "
+                              f"seq_len={seq_len} block: lower the seq_len or read more conversations")
     return torch.from_numpy(flat[:n * seq_len].astype(np.int64)).view(n, seq_len)
 
 
@@ -394,13 +399,13 @@ def _run(cfg: Config, out: Path) -> dict:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
 
-    train_convs, held_convs, report = read_corpus(pc)
+    train_convs, held_convs, report = read_corpus(pc.data_path, pc.max_conversations, pc.heldout_prompts)
     tok_convs = train_convs[:pc.tokenizer_conversations] if pc.tokenizer_conversations else train_convs
     tokenizer = train_tokenizer((m["content"] for c in tok_convs for m in c.messages), pc.vocab_size)
     eos, pad = tokenizer.convert_tokens_to_ids([IM_END, PAD])
     model = build_model(pc, tokenizer).to(device)
     byte_len = torch.tensor(token_byte_lengths(tokenizer))
-    blocks = heldout_blocks(tokenizer, held_convs, pc.seq_len, pc.eval_tokens)
+    blocks = pack_blocks(tokenizer, held_convs, pc.seq_len, pc.eval_tokens)
     eval_batch = max(1, min(pc.batch_size, 16))
 
     def eval_fn() -> float:

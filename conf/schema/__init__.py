@@ -16,6 +16,7 @@ from omegaconf import MISSING
 from conf.errors import DraftsmithError
 from conf.schema.data import DataConfig
 from conf.schema.drafter import DRAFTER_SCHEMAS
+from conf.schema.drafter_pretrain import DrafterPretrainConfig
 from conf.schema.eval import EvalConfig
 from conf.schema.export import ExportConfig
 from conf.schema.objective import OBJECTIVE_SCHEMAS
@@ -24,7 +25,7 @@ from conf.schema.training import DeepSpeedConfig, TrainConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent
 PROJECT_ROOT = CONF_DIR.parent
-STAGES = ("target_pretrain", "data_gen", "train", "eval", "export")
+STAGES = ("target_pretrain", "data_gen", "drafter_pretrain", "train", "eval", "export")
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     target: TargetConfig = field(default_factory=TargetConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    drafter_pretrain: DrafterPretrainConfig = field(default_factory=DrafterPretrainConfig)  # FastDraft's first phase
     data: DataConfig = field(default_factory=DataConfig)
     drafter: Any = MISSING  # a conf.drafter.DrafterConfig subclass, chosen by drafter=<name>
     objective: Any = MISSING  # a conf.objective.ObjectiveConfig subclass

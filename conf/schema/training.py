@@ -36,6 +36,9 @@ class TrainConfig:
     wandb_project: Optional[str] = None  # None = offline logging into the run directory
     wandb_mode: str = "offline"  # offline | online | disabled (used when wandb_project is set)
     tensorboard: bool = True
+    # A saved drafter folder (same family and shape) whose weights training starts from instead of the
+    # drafter's own initialisation, e.g. experiment=fastdraft's <run>/drafter_pretrain/final. None = none.
+    init_from: Optional[str] = None
 
     def __post_init__(self) -> None:
         self.check()
