@@ -6,9 +6,9 @@ random weights of a given size (the drafter's decoder layer is the same either w
     python bench/bench_head_groups.py --hidden 4096 --vocab 32000 --rows 1,10,60 --groups 16 --active 1,2,4
 
 rows = tree nodes expanded in one drafter call (a chain drafts 1, EAGLE-2's dynamic tree top_k = 10). The
-rows of a call share one product over the union of their groups, so with rows that disagree the union,
-and the cost, grows: the random router here spreads rows over groups as an untrained one would (worst
-case); a trained router concentrates them. Prints a Markdown table (median of --repeats timed calls after
+weight blocks read are the union of the rows' groups, so rows that disagree read more of the head: the
+random router here spreads rows over groups as an untrained one would (worst case); a trained router
+concentrates them. Prints a Markdown table (median of --repeats timed calls after
 a warm-up).
 """
 from __future__ import annotations

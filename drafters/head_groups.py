@@ -12,8 +12,7 @@ vocabulary, so this changes which tokens get drafted (tau), never the output.
 
 Why consecutive ids: the rows of the active groups are contiguous blocks of the head's weight, and a
 row's groups are read with one gather; a learned clustering would need a permutation the draft vocab
-maps (d2t) would have to carry as well. Rows of one decode call share one product over the union of
-their groups (a tree's frontier mostly agrees on its groups), then each row is masked to its own.
+maps (d2t) would have to carry as well.
 
 Training: the router learns alongside the drafter, by cross-entropy to the group of the target's argmax
 token at every unrolled step, on a detached h: the router never changes what the drafter learns, and
@@ -48,15 +47,18 @@ class HeadRouter(nn.Module):
 def grouped_logits(h: torch.Tensor, weight: torch.Tensor, router_logits: torch.Tensor,
                    active: int) -> torch.Tensor:
     """Head logits [.., V] (float) from h [.., H] and the head weight [V, H]: each row's top-`active`
-    groups by router_logits [.., G] get h @ weight.T, every other entry is -inf."""
+    groups by router_logits [.., G] get h @ weight.T, every other entry is -inf.
+
+    Group by group, only the rows that picked it multiply that group's block of rows of the weight (a view,
+    never a copy): weight traffic is the union of the rows' groups, arithmetic is each row's own groups."""
     V, G = weight.shape[0], router_logits.shape[-1]
     size = group_size(V, G)
-    on = torch.zeros(router_logits.shape, dtype=torch.bool, device=h.device)
-    on.scatter_(-1, router_logits.topk(active, dim=-1).indices, True)  # [.., G] this row's groups
-    used = on.reshape(-1, G).any(0).nonzero().squeeze(1)  # the union over rows, ascending
-    cols = (used[:, None] * size + torch.arange(size, device=h.device)).flatten()
-    cols = cols[cols < V]
-    z = (h @ weight[cols].t()).float()
-    out = z.new_full((*h.shape[:-1], V), float("-inf"))
-    out[..., cols] = torch.where(on[..., cols // size], z, torch.full_like(z, float("-inf")))
-    return out
+    lead = h.shape[:-1]
+    h2 = h.reshape(-1, h.shape[-1])
+    picks = router_logits.reshape(-1, G).topk(active, dim=-1).indices  # [N, active]
+    out = torch.full((h2.shape[0], V), float("-inf"), dtype=torch.float32, device=h.device)
+    for k in picks.unique().tolist():
+        rows = (picks == k).any(-1).nonzero().squeeze(1)
+        lo, hi = k * size, min((k + 1) * size, V)
+        out[rows, lo:hi] = (h2[rows] @ weight[lo:hi].t()).float()
+    return out.view(*lead, V)

@@ -124,7 +124,7 @@ def test_coral_objective_trains(cfg_for, peaked_llama, family):
 
 def test_grouped_logits_mask_outside_active_groups():
     """V = 10 in G = 4 groups of 3 (the last holds 1): each row keeps its top-2 groups' logits, exactly
-    h @ W.T there (the same product over the union of the rows' groups), and -inf everywhere else."""
+    h @ W.T there (a product over one group's rows of W), and -inf everywhere else."""
     g = torch.Generator().manual_seed(0)
     h, w = torch.randn(2, 2, 6, generator=g), torch.randn(10, 6, generator=g)
     router = torch.tensor([[[5.0, 0, 4, 0], [0, 0, 1, 2]], [[0, 9, 0, 8], [1, 2, 3, 4]]])
