@@ -48,13 +48,17 @@ VARIANTS = {
     "eagle3+gto": ("objectives", ["drafter=eagle3", "objective=gto"], "eagle3"),
     "small+on_policy": ("objectives", ["drafter=small", "objective=on_policy"], None),
     "small+adaspec": ("objectives", ["drafter=small", "objective=adaspec"], "small"),
+    "eagle3+coral": ("objectives", ["drafter=eagle3", "objective=coral"], None),
+    "eagle3+coral+groups": ("objectives", ["drafter=eagle3", "objective=coral", "drafter.head_groups=16",
+                                           "drafter.active_groups=4"], None),
 }
 # name -> the row its τ is compared with, paired on the same prompts: objectives with their baseline or
 # equal-steps control, families with the default recipe
 CONTROL = {"eagle1": "eagle3", "medusa": "eagle3", "medusa2": "eagle3", "hydra": "eagle3", "hydra_pp": "eagle3",
            "small": "eagle3", "kangaroo": "eagle3", "pard": "small", "small+pard": "small", "eagle3+hass": "eagle3",
            "eagle3+griffin": "eagle3", "eagle3+more": "eagle3",
-           "eagle3+gto": "eagle3+more", "small+on_policy": "small", "small+adaspec": "small"}
+           "eagle3+gto": "eagle3+more", "small+on_policy": "small", "small+adaspec": "small",
+           "eagle3+coral": "eagle3", "eagle3+coral+groups": "eagle3+coral"}
 TEMPS = (0.0, 1.0)
 
 
@@ -144,7 +148,9 @@ def eval_fields(results: list[dict]) -> dict:
                     f"speedup_ci_t{k}": r["ci"]["speedup"], f"outside_target_t{k}": r["outside_target"],
                     f"cycles_t{k}": r["target_forwards"], f"per_prompt_t{k}": r["per_prompt"],
                     f"drafter_fwd_t{k}": r.get("drafter_forwards_per_cycle"), f"tok_s_t{k}": r["tok_s_spec"],
-                    f"tok_s_ar_t{k}": r["tok_s_ar"]})
+                    f"tok_s_ar_t{k}": r["tok_s_ar"],
+                    f"draft_ms_t{k}": 1e3 * r["draft_s"] / r["target_forwards"] if r.get("draft_s") is not None
+                    and r["target_forwards"] else None})
     return out
 
 
@@ -160,7 +166,8 @@ def columns() -> list:
                  (f"τ T={k} [95 %]", lambda r, k=k: with_interval(r[f"tau_t{k}"], r[f"tau_ci_t{k}"])),
                  (f"speedup T={k} [95 %]",
                   lambda r, k=k: with_interval(r[f"speedup_t{k}"], r[f"speedup_ci_t{k}"], "{:.2f}×"))]
-    return cols + [("= AR (T=0)", lambda r: r["identical_t0"])]
+    return cols + [("= AR (T=0)", lambda r: r["identical_t0"]),
+                   ("draft ms/cycle T=0", lambda r: cell(r.get("draft_ms_t0"), "{:.1f}"))]
 
 
 def table(rows: list[dict]) -> str:

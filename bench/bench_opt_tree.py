@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 from bench.bench_decode import BENCHMARKS_MD, bench_prompts, update_markdown  # noqa: E402
 from conf.errors import DraftsmithError  # noqa: E402
 from conf.schema import load_config  # noqa: E402
-from eval.report import _f, md_table  # noqa: E402
+from eval.report import cell, md_table  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -175,10 +175,10 @@ def table(rs: list[dict]) -> list[str]:
              if "vs_dyn" in r else "–"),
             ("τ − dynamic's", lambda r: _ci(r["tau_diff_ci"], "{:+.2f}").strip() or "–" if "vs_dyn" in r else "–"),
             ("tok/s ÷ AR", lambda r: f"{r['vs_ar']:.2f}×{_ci(r['vs_ar_ci'])}"),
-            ("nodes verified: mean (p10/p50/p90)", lambda r: f"{r['budget']:.1f} ({'/'.join(_f(q, '{:.0f}') for q in r['budget_q'])})"
+            ("nodes verified: mean (p10/p50/p90)", lambda r: f"{r['budget']:.1f} ({'/'.join(cell(q, '{:.0f}') for q in r['budget_q'])})"
              if "budget" in r else "–"),
-            ("drafter steps", lambda r: _f(r.get("steps"), "{:.2f}")),
-            ("predicted 1 + Σ p̂", lambda r: _f(r.get("predicted"), "{:.2f}")),
+            ("drafter steps", lambda r: cell(r.get("steps"), "{:.2f}")),
+            ("predicted 1 + Σ p̂", lambda r: cell(r.get("predicted"), "{:.2f}")),
             ("= AR", lambda r: f"{r['same_as_ar']}/{r['prompts']}")]
     return md_table(cols, rs)
 

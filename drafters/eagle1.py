@@ -19,7 +19,7 @@ Loss (cfg.losses, name -> weight), over rows whose predicted token x_{t+2} is an
     any other drafters.losses distribution loss (forward_kl, tvd, ...) against p.
 Default 1.0 * smooth_l1 + 0.1 * soft_ce. Training adds uniform noise U(-a/2, a/2), a = cfg.feature_noise,
 to the input features (official EAGLE-1: a = 0.2). `loss(signal, UnrollOptions(...))` (objective=hass /
-griffin) unrolls several steps, feeding f_hat back, with the add-ons UnrollOptions lists; without options
+griffin / coral) unrolls several steps, feeding f_hat back, with the add-ons UnrollOptions lists; without options
 the loss runs exactly the operations above.
 
 """
@@ -105,6 +105,8 @@ class Eagle1Drafter(EagleBase):
         keep = None  # GRIFFIN: rows still trained at this step
         steps = max(1, opts.steps)
         for i, out in enumerate(self.unroll(ids, feats, steps, opts.detach_context)):
+            if i == 0:
+                first = out
             # step i, row t predicts x_{t+2+i}: the target's distribution at t+1+i, the loss mask at t+2+i
             scored = shifted(assistant, 2 + i, n)
             valid = scored if keep is None else scored & keep
@@ -122,6 +124,10 @@ class Eagle1Drafter(EagleBase):
                 else:
                     term = L.DISTRIBUTION_LOSSES[name](logits, target_logits, valid)
                 terms[name] = w * term
+            if i and opts.align_weight:  # CORAL: step i's row t against step 0's row t + i (the same token)
+                terms["align"] = opts.align_weight * L.cross_step_align(
+                    shifted(first, i, n).flatten(0, 1).detach(), out.flatten(0, 1), scored.flatten(),
+                    opts.align_temperature)
             if opts.topk_weight:
                 terms["topk_distill"] = opts.topk_weight * L.topk_soft_ce(logits, target_logits, valid, opts.topk_k)
             for name, term in terms.items():

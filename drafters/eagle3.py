@@ -32,7 +32,10 @@ head (drafters.losses.linear_soft_ce), so no [rows x V_d] logits are kept for ba
 Add-ons (`loss(signal, UnrollOptions(...))`, used by objective=hass / objective=griffin): a top-K
 distillation term per step, GRIFFIN's cumulative top-k row mask (metrics keep/<depth>), and HASS's
 stop-gradient at the fed-back features (EagleBase.unroll explains how that relates to TTT's attention).
-With no options the loss runs exactly the operations it runs without them.
+With no options the loss runs exactly the operations it runs without them. CORAL (objective=coral) adds its
+cross-step alignment term (metric loss/align). drafter.head_groups > 0 adds CORAL's LM-head router
+(drafters/head_groups.py: router.*, loss/router, router_hit/<depth>); decoding then computes only the
+router's top drafter.active_groups groups of the head.
 """
 from __future__ import annotations
 
@@ -44,6 +47,7 @@ from drafters import losses as L
 from drafters.base import TargetSignal
 from drafters.common import floats, ratio, shifted
 from drafters.eagle_base import EagleBase, UnrollOptions, topk_keep
+from drafters.head_groups import HeadRouter, group_size, grouped_logits
 from drafters.layers import DecoderLayer, DrafterDims
 from drafters.vocab import DraftVocab, build_draft_vocab
 
@@ -68,6 +72,13 @@ class Eagle3Drafter(EagleBase):
         self.lm_head = nn.Linear(H, vocab.size, bias=False)
         self.register_buffer("d2t", vocab.d2t.clone())
         self.register_buffer("t2d", vocab.t2d.clone())
+        self.router = None  # CORAL's head grouping (drafters/head_groups.py): off unless head_groups > 0
+        if cfg.head_groups:
+            if not 1 <= cfg.active_groups <= cfg.head_groups <= vocab.size:
+                raise DraftsmithError(
+                    f"drafter.head_groups={cfg.head_groups}, drafter.active_groups={cfg.active_groups}: need "
+                    f"1 <= active_groups <= head_groups <= the draft vocabulary ({vocab.size}), or head_groups=0 (off)")
+            self.router = HeadRouter(H, cfg.head_groups)
 
     # --- construction ---------------------------------------------------------------------------------
     @classmethod
@@ -126,7 +137,11 @@ class Eagle3Drafter(EagleBase):
         return self.lm_head(self.norm(out)).float()
 
     def target_vocab_logits(self, out):
-        d = self.draft_logits(out)
+        if self.router is None:
+            d = self.draft_logits(out)
+        else:  # CORAL: only the router's top active_groups groups of the head (-inf elsewhere)
+            h = self.norm(out)
+            d = grouped_logits(h, self.lm_head.weight, self.router(h), self.cfg.active_groups)
         full = d.new_full((*d.shape[:-1], self.dims.vocab_size), float("-inf"))
         full[..., self.draft_ids] = d
         return full
@@ -161,10 +176,14 @@ class Eagle3Drafter(EagleBase):
         metrics: dict[str, torch.Tensor] = {f"loss/{name}": total for name in self.cfg.losses}
         if opts.topk_weight:
             metrics["loss/topk_distill"] = total
+        if opts.align_weight:
+            metrics["loss/align"] = total
         keep = None  # GRIFFIN: rows still trained at this step (over the unrolled rows)
         idx = torch.arange(B * n, device=ids.device)
         hidden = self.project(shifted(signal.features, 0, n))
         for i, out in enumerate(self.unroll(ids, hidden, steps, opts.detach_context, rows)):
+            if i == 0:
+                first = out  # [B*n, H]: CORAL aligns step i's row t with step 0's row t + i
             if i:
                 if keep is not None:
                     keep = keep[torch.searchsorted(idx, rows[i - 1])]
@@ -183,15 +202,32 @@ class Eagle3Drafter(EagleBase):
             labels = t2d_index[target_arg[tpos]].clamp_min(0)
             step_loss, draft_arg, top = self._ckpt(self._step_loss, out[pick], tgt, labels, valid, opts, want_top)
             w = self.cfg.step_decay ** i
+            if i and opts.align_weight:  # a scored row's t + i < n: its step-0 partner is in the same sequence
+                step_loss["align"] = opts.align_weight * L.cross_step_align(
+                    first[(r + i).clamp_max(B * n - 1)].detach(), out[pick], sc, opts.align_temperature)
             total = total + w * sum(step_loss.values())
             for name, term in step_loss.items():
                 metrics[f"loss/{name}"] = metrics[f"loss/{name}"] + w * term.detach()
             metrics[f"loss_step/{i + 1}"] = sum(step_loss.values()).detach()
             hits = draft_ids[draft_arg] == target_arg[tpos]
             metrics[f"acc/{i + 1}"] = (hits & sc).sum() / scored[i].sum().clamp_min(1)
+            if self.router is not None:
+                total = total + self._router_loss(out[pick], labels, valid, metrics, i + 1)
             if top is not None:
                 keep = topk_keep(draft_ids[top], shifted(ids, 2 + i, n).flatten()[r], keep)
         return total, floats(metrics)
+
+    def _router_loss(self, out, labels, valid, metrics: dict, depth: int) -> torch.Tensor:
+        """CE of the head router to the group of the target's argmax (draft id `labels`), on a detached h
+        (drafters/head_groups.py says why); metrics: loss/router, router_hit/<depth> = the share of rows
+        whose group is among the router's top active_groups."""
+        scores = self.router(self.norm(out).detach())
+        group = labels // group_size(self.draft_vocab_size, self.cfg.head_groups)
+        loss = L.ce(scores, group, valid)
+        metrics["loss/router"] = metrics.get("loss/router", 0) + loss.detach()
+        hit = (scores.detach().topk(self.cfg.active_groups, dim=-1).indices == group[:, None]).any(-1)
+        metrics[f"router_hit/{depth}"] = ratio(hit, valid)
+        return loss
 
     def _step_loss(self, out, tgt, labels, valid, opts: UnrollOptions | None = None, want_top: int = 0):
         """Weighted loss terms of one unrolled step over the rows given (out [N, H], the target's logits

@@ -44,13 +44,18 @@ class UnrollOptions:
                          back into the next step is a constant there (no gradient through earlier steps);
                          the attention pattern is unchanged (see EagleBase.unroll)
     steps                EAGLE-1 only: unrolled steps (EAGLE-1 trains 1; HASS aligns 3). EAGLE-3 keeps
-                         drafter.ttt_steps."""
+                         drafter.ttt_steps.
+    align_weight,        CORAL: add align_weight * drafters.losses.cross_step_align(step 0's hidden state at
+    align_temperature    position t + i (detached), step i's at row t) to every step i >= 1: both predict
+                         the same token, step 0 from the target's features (objective=coral)."""
 
     topk_weight: float = 0.0
     topk_k: int = 10
     keep_topk: int = 0
     detach_context: bool = False
     steps: int = 1
+    align_weight: float = 0.0
+    align_temperature: float = 0.1
 
 
 def topk_keep(top_ids: torch.Tensor, true_ids: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:

@@ -148,6 +148,35 @@ def cosine(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None =
     return masked_mean(1 - F.cosine_similarity(pred.float(), target.float(), dim=-1), mask)
 
 
+def cross_step_align(anchor: torch.Tensor, other: torch.Tensor, mask: torch.Tensor | None = None,
+                     temperature: float = 0.1) -> torch.Tensor:
+    """CORAL's cross-step representation alignment, in its soft-label InfoNCE form (objective=coral).
+
+    anchor [N, H]: step 0's hidden states (made from the target's true features), other [N, H]: a later
+    unrolled step's hidden states at the same positions (made from the drafter's own fed-back features);
+    `mask` [N] picks the rows that take part, as queries and as each other's negatives. With cosine
+    similarities s(a, b) over those rows, p_r = softmax_k(s(anchor_r, anchor_k) / temperature) and
+    q_r = softmax_k(s(other_r, anchor_k) / temperature); the loss is the mean over rows of KL(p_r || q_r).
+
+    Why this form: the paper's InfoNCE -log q_r[r] scores the later step's row against the same position
+    of step 0 (positive) and the other positions (negatives). Its floor is not 0 but
+    -log p_r[r], which depends on how far apart step 0's own rows are, so a loss that should say "aligned"
+    keeps a size set by the batch. Using step 0's own similarity profile p_r as the label keeps the
+    contrastive shape (q_r is pushed up at r and down at the other rows, and p_r -> one-hot at r as the
+    temperature falls, which is the hard InfoNCE) and is 0 exactly when the later step reproduces step 0.
+    Callers pass `anchor` detached: step 0 is the reference the later steps move towards."""
+    if mask is not None:
+        keep = mask.bool()
+        anchor, other = anchor[keep], other[keep]
+    if anchor.shape[0] == 0:
+        return other.sum() * 0.0  # no rows: a zero that keeps the graph (every rank runs backward)
+    a = F.normalize(anchor.float(), dim=-1)
+    o = F.normalize(other.float(), dim=-1)
+    logp = _logp(a @ a.t() / temperature)
+    logq = _logp(o @ a.t() / temperature)
+    return _plogp_ratio(logp.exp(), logp, logq).mean()
+
+
 def step_weights(steps: int, decay: float) -> list[float]:
     """Per-step weights decay**i for unrolled drafting (EAGLE-3's 0.8**i; Medusa-2's 0.8**k)."""
     return [decay**i for i in range(steps)]

@@ -188,6 +188,7 @@ def summarize(spec: list[list[GenRecord]], ar: list[list[GenRecord]], prompt_ids
         "speedup": tok_s_spec / tok_s_ar if tok_s_spec and tok_s_ar else None,
         "wall_s_spec": s_wall,
         "wall_s_ar": a_wall,
+        "draft_s": draft,  # drafter calls and tree building, seconds over every generation
         "time_split": {k: (v / cycle if cycle > 0 else None)
                        for k, v in (("draft", draft), ("verify", verify), ("other", other))},
         # what speculative decoding adds on top of the target: everything but its verification forward

@@ -26,7 +26,7 @@ def _results(tokens: list[int], cycles: int = 4) -> list[dict]:
     """Eval report rows at T=0 and T=1 for prompts "p0".. with the given speculative tokens per prompt (each
     over `cycles` target forwards); the autoregressive side takes twice the time."""
     def prompt(n):
-        return ([GenRecord(new_tokens=n, wall_s=1.0, forwards=cycles, forward_tokens=n, tokens=[1])],
+        return ([GenRecord(new_tokens=n, wall_s=1.0, forwards=cycles, forward_tokens=n, tokens=[1], draft_s=0.2)],
                 [GenRecord(new_tokens=n, wall_s=2.0, forwards=n, forward_tokens=n, tokens=[1])])
 
     ps = [prompt(n) for n in tokens]
@@ -47,11 +47,11 @@ def test_variant_table_has_intervals_prompts_and_cycles(bd):
     lines = bd.table(rows).splitlines()
     assert lines[0] == ("| variant | from | steps | train tok/s | final loss | τ sim | prompts | cycles T=0 | "
                         "τ T=0 [95 %] | speedup T=0 [95 %] | cycles T=1 | τ T=1 [95 %] | speedup T=1 [95 %] | "
-                        "= AR (T=0) |")
+                        "= AR (T=0) | draft ms/cycle T=0 |")
     # two prompts, τ 2.5 and 1.5: resamples 1.5, 2.0, 2.5; speedup exactly 2 on both prompts
     assert lines[2] == ("| eagle3 | scratch | 150 | 800 | 2.500 | 1.80 | 2 | 8 | 2.00 [1.50, 2.50] | 2.00× [2.00×, 2.00×] "
-                        "| 8 | 2.00 [1.50, 2.50] | 2.00× [2.00×, 2.00×] | 2/2 |")
-    assert lines[3] == "| medusa | scratch | failed: loss is NaN at step 3 |" + " |" * 11
+                        "| 8 | 2.00 [1.50, 2.50] | 2.00× [2.00×, 2.00×] | 2/2 | 50.0 |")  # 2 x 0.2 s drafting over 8 cycles
+    assert lines[3] == "| medusa | scratch | failed: loss is NaN at step 3 |" + " |" * 12
     assert all(ln.count("|") == lines[0].count("|") for ln in lines)
 
 

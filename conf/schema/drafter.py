@@ -64,6 +64,9 @@ class Eagle3Config(DrafterConfig):
     draft_vocab_size: Optional[int] = 32000
     ttt_steps: int = 7  # training-time test: unrolled steps
     step_decay: float = 0.8  # weight of step i is step_decay**i
+    # CORAL's LM-head grouping (drafters/head_groups.py): G groups of draft ids and a router; 0 = off
+    head_groups: int = 0
+    active_groups: int = 1  # groups whose logits decoding computes (the rest are -inf)
     # per step: soft_ce (-sum p log q over the draft vocab), ce (vs the target's argmax) or any distribution loss
     losses: Dict[str, float] = field(default_factory=lambda: {"soft_ce": 1.0})
 

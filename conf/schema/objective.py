@@ -4,6 +4,7 @@
     python train.py stage=train objective=hass       # + top-K distillation, HASS context alignment
     python train.py stage=train objective=griffin    # + GRIFFIN's top-3 row mask, 0.5 x top-K
     python train.py stage=train objective=gto drafter.checkpoint=runs/demo/train/final run.name=demo-gto
+    python train.py stage=train drafter=eagle3 objective=coral   # + CORAL's cross-step representation alignment
 """
 from __future__ import annotations
 
@@ -162,3 +163,30 @@ class AdaSPECConfig(ObjectiveConfig):
 
 OBJECTIVE_SCHEMAS["on_policy"] = OnPolicyConfig
 OBJECTIVE_SCHEMAS["adaspec"] = AdaSPECConfig
+
+
+@dataclass
+class CORALConfig(ObjectiveConfig):
+    """CORAL (Weng et al., 2025) on EAGLE drafters: every unrolled step i >= 1 adds align_weight x the
+    cross-step alignment of its hidden states with step 0's at the same positions (drafters.losses.
+    cross_step_align, a soft-label InfoNCE at `temperature`). The HASS fields stack HASS on top (off here,
+    so objective=coral alone measures the alignment term)."""
+
+    name: str = "coral"
+    align_weight: float = 0.5
+    temperature: float = 0.1  # of the cosine similarities (InfoNCE's tau)
+    topk_k: int = 10
+    topk_weight: float = 0.0  # HASS's top-K distillation (1.0 in HASS)
+    context_alignment: bool = False  # HASS's stop-gradient at fed-back features
+    align_steps: int = 3  # eagle1: unrolled steps (eagle3 unrolls drafter.ttt_steps)
+
+    def __post_init__(self) -> None:
+        if not self.align_weight > 0:
+            raise DraftsmithError(f"objective.align_weight={self.align_weight} must be > 0 (coral: 0.5; "
+                                  "for no alignment use objective=token or objective=hass)")
+        if not self.temperature > 0:
+            raise DraftsmithError(f"objective.temperature={self.temperature} must be > 0 (coral: 0.1; "
+                                  "smaller = sharper contrast between positions)")
+
+
+OBJECTIVE_SCHEMAS["coral"] = CORALConfig

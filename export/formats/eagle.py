@@ -146,7 +146,9 @@ def full_vocab(draft_vocab: int, vocab: int) -> bool:
 def write(fmt: str, model, target, out: Path, ctx: ExportContext) -> None:
     """Write config.json + model.safetensors of an Eagle1Drafter / Eagle3Drafter in format `fmt`."""
     family, dims = model.family, model.dims
-    state = dict(model.state_dict())
+    # CORAL's head router (drafter.head_groups) has no place in the engines' layouts: they run the full head,
+    # which drafts from all groups (the target verifies either way, so the output is the same)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("router.")}
     if family == "eagle3":
         layers = engine_layers(target.feature_layers, target.num_layers)
         state["fc.weight"] = remap_fc(state["fc.weight"], dims.hidden_size, list(target.feature_layers), layers)

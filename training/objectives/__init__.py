@@ -3,6 +3,7 @@
     python train.py stage=train objective=token          # the default: each family's own imitation loss
     python train.py stage=train drafter=eagle3 objective=hass
     python train.py stage=train drafter=eagle3 objective=griffin
+    python train.py stage=train drafter=eagle3 objective=coral
     python train.py stage=train drafter=eagle3 objective=gto drafter.checkpoint=runs/demo/train/final
 
 An objective is a function (drafter, signal) -> (loss, metrics). The train stage builds it once with
@@ -13,6 +14,7 @@ plug in here as entries of OBJECTIVES without touching the engine:
     adaspec    training/adaspec.py: distillation on the tokens a frozen reference drafter finds learnable
     hass       addons.py: top-K distillation + HASS context alignment in the unrolled steps (EAGLE families)
     griffin    addons.py: GRIFFIN's cumulative top-3 row mask + 0.5 x top-K distillation (EAGLE families)
+    coral      addons.py: CORAL's cross-step alignment of the unrolled steps' hidden states (EAGLE families)
     gto        gto.py: token loss + 0.5 x the Group Tree Optimization surrogate on draft-tree rewards
 """
 from __future__ import annotations
@@ -51,6 +53,12 @@ def _griffin(cfg, target):
     return build_griffin(cfg, target)
 
 
+def _coral(cfg, target):
+    from training.objectives.addons import build_coral
+
+    return build_coral(cfg, target)
+
+
 def _gto(cfg, target):
     from training.objectives.gto import build_gto
 
@@ -65,6 +73,7 @@ OBJECTIVES: dict[str, Callable] = {
     "hass": _hass,
     "griffin": _griffin,
     "gto": _gto,
+    "coral": _coral,
 }
 
 

@@ -1,4 +1,4 @@
-"""HASS and GRIFFIN training add-ons for the EAGLE families (objective=hass, objective=griffin).
+"""HASS, GRIFFIN and CORAL training add-ons for the EAGLE families (objective=hass, griffin, coral).
 
     python train.py stage=train drafter=eagle3 objective=hass
     python train.py stage=train drafter=eagle1 objective=griffin objective.align_steps=3
@@ -16,9 +16,16 @@ alignment, masks and weights are the family's:
 - GRIFFIN (Hu et al., 2025): a row stays in the loss of step j+1 only while the true token is among the
   drafter's top-3 at step j, cumulatively (a tree drafting top-3 children would still be on that path),
   plus 0.5 x the top-K term; its training code builds on HASS's, so context alignment is on by default.
-Metrics add loss/topk_distill and, for GRIFFIN, keep/<depth> (fraction of assistant rows still trained).
+- CORAL (Weng et al., 2025): "cross-step representation alignment": every step i >= 1 adds align_weight x
+  drafters.losses.cross_step_align between its hidden states and step 0's at the same positions (step 0's
+  detached: it reads the target's true features and is the reference), so the features later steps feed
+  back look like those the first step computes. Its LM-head grouping is a drafter option
+  (drafter.head_groups, drafters/head_groups.py), independent of the objective.
+Metrics add loss/align (CORAL), and, for GRIFFIN, keep/<depth> (fraction of assistant rows still trained).
 """
 from __future__ import annotations
+
+import dataclasses
 
 from conf.errors import DraftsmithError
 from drafters.eagle_base import UnrollOptions
@@ -56,3 +63,11 @@ def build_hass(cfg, target=None):
 def build_griffin(cfg, target=None):
     _check_family(cfg)
     return options_objective(unroll_options(cfg.objective, cfg.objective.keep_topk))
+
+
+def build_coral(cfg, target=None):
+    _check_family(cfg)
+    ocfg = cfg.objective
+    base = unroll_options(ocfg)
+    return options_objective(dataclasses.replace(base, align_weight=float(ocfg.align_weight),
+                                                 align_temperature=float(ocfg.temperature)))
