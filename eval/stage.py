@@ -23,6 +23,7 @@ import torch
 
 from conf.errors import DraftsmithError
 from conf.schema import Config, run_dir, save_config, trained_drafter_dir
+from data_gen.output import draft_vocab_view
 from data_gen.sources import SourceReport
 from decoding.tree import check_tree_config, fit_depth, tree_nodes
 from eval.benchmarks import BenchPrompt, check_benchmarks, load_benchmark, render_prompt
@@ -44,6 +45,10 @@ def validate(cfg: Config) -> None:
 
     if cfg.drafter.name not in REFERENCE and cfg.drafter.name not in TRAINABLE:
         raise DraftsmithError(f"unknown drafter {cfg.drafter.name!r}: choose from {', '.join([*TRAINABLE, *REFERENCE])}")
+    cfg.drafter.check()
+    if cfg.drafter.name in REFERENCE and cfg.drafter.draft_vocab is not None:
+        raise DraftsmithError(f"drafter.draft_vocab trims a trained drafter's LM head; drafter={cfg.drafter.name} "
+                              "has none: set drafter.draft_vocab=null")
     if cfg.drafter.name in TRAINABLE:
         trained_drafter_dir(cfg)
 
@@ -60,7 +65,7 @@ def build_drafter(cfg: Config, target):
             target = float32_target(target)
         return drafter_class(name).from_config(cfg.drafter, target), None
     d = trained_drafter_dir(cfg)  # before importing the family: the missing folder is the likelier mistake
-    trainable = drafter_class(name).from_pretrained(str(d), target)
+    trainable = draft_vocab_view(cfg, drafter_class(name).from_pretrained(str(d), target), target)
     return trainable.as_drafter(target), hf_assistant_model(trainable, d, target)
 
 

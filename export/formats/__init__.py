@@ -33,12 +33,15 @@ from export.formats.common import (
 )
 
 FORMATS = {"sglang": ("eagle1", "eagle3"), "vllm": ("eagle3",), "medusa": ("medusa",), "hf": ("small",)}
+# formats that hold a reduced draft vocabulary (drafter.draft_vocab) for a family: EAGLE-3's d2t / t2d maps; the
+# others carry the full LM head (the Medusa and transformers formats have no draft-vocabulary field)
+VOCAB_FORMATS = {"sglang": ("eagle3",), "vllm": ("eagle3",)}
 # why a format cannot hold a family whose drafters other formats do serve (named in the refusal)
 WHY_NOT = {("vllm", "eagle1"): "speculators 0.9.0 loads no EAGLE-1 checkpoint (its model types: dflash, dflash2, "
                                "dspark, eagle3, mtp, peagle, xpress) and vLLM reads only eagle3/peagle speculators "
                                "folders (its own EAGLE-1 model has no fc bias), so neither would load this folder; SGLang serves EAGLE-1"}
 
-__all__ = ["FORMATS", "ExportContext", "check_family", "check_format", "detect", "load_exported",
+__all__ = ["FORMATS", "VOCAB_FORMATS", "ExportContext", "check_family", "check_format", "detect", "load_exported",
            "load_exported_model", "write_export"]
 
 
