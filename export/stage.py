@@ -28,10 +28,17 @@ import torch
 
 from conf.errors import DraftsmithError
 from conf.schema import Config, run_dir, save_config, trained_drafter_dir
-from decoding.decoder import SpeculativeDecoder
 from data_gen.output import draft_vocab_view
+from decoding.decoder import SpeculativeDecoder
 from decoding.tree import fit_depth
-from export.formats import FORMATS, VOCAB_FORMATS, check_family, check_format, load_exported_model, write_export
+from export.formats import (
+    FORMATS,
+    VOCAB_FORMATS,
+    check_family,
+    check_format,
+    load_exported_model,
+    write_export,
+)
 from export.formats.common import (
     ExportContext,
     export_dtype,
