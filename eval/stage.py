@@ -291,7 +291,8 @@ def build_report(cfg: Config, target, results: list[dict]) -> dict:
     from omegaconf import OmegaConf
 
     ev = cfg.eval
-    return {"drafter": {"name": cfg.drafter.name, "checkpoint": cfg.drafter.checkpoint},
+    return {"drafter": {"name": cfg.drafter.name, "checkpoint": cfg.drafter.checkpoint,
+                        "draft_vocab": cfg.drafter.draft_vocab, "draft_vocab_source": cfg.drafter.draft_vocab_source},
             "target": cfg.target.path, "acceptance": ev.acceptance, "lossy": ev.acceptance == "typical",
             "tree": OmegaConf.to_container(OmegaConf.structured(ev.tree)), "max_new_tokens": ev.max_new_tokens,
             "exact": ev.exact, "verify_dtype": str(torch.float32 if ev.exact else target.dtype).removeprefix("torch."),

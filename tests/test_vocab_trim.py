@@ -226,3 +226,19 @@ def test_view_reads_the_configured_counts(llama_target, cfg_for, tmp_path):
     assert draft_vocab_view(cfg_for("drafter=hydra"), model, llama_target) is model
     with pytest.raises(DraftsmithError, match="no finished data_gen output"):  # this run has no data_gen
         draft_vocab_view(cfg_for("drafter=hydra", "drafter.draft_vocab=8"), model, llama_target)
+
+
+@pytest.mark.parametrize("fmt", ["sglang", "vllm"])
+def test_eagle3_exports_its_trimmed_draft_vocab(llama_target, tmp_path, fmt):
+    """The formats with a draft vocabulary (d2t / t2d) carry the trimmed one: the folder passes the format
+    check and reloads as an EAGLE-3 drafter over exactly the kept ids, with the kept rows of the head."""
+    from export.formats import ExportContext, check_format, load_exported_model, write_export
+
+    model, _ = trained("eagle3", llama_target)
+    small = trim_draft_vocab(model, counts_for(llama_target.vocab_size, 7), 40)
+    write_export(small, llama_target, fmt, tmp_path, ExportContext(dtype=torch.float32, target_ref="org/target"))
+    assert check_format(tmp_path, fmt) == []
+    back = load_exported_model(tmp_path, llama_target)
+    assert back.draft_vocab_size == 40 and torch.equal(back.draft_ids, small.draft_ids)
+    assert torch.equal(back.lm_head.weight, small.lm_head.weight)
+    assert model.draft_vocab_size == llama_target.vocab_size  # the trained drafter keeps its full vocabulary

@@ -21,6 +21,7 @@ class DrafterConfig:
     # Trained weights to load for eval/export; None = the run directory's latest train checkpoint.
     checkpoint: Optional[str] = None
     losses: Dict[str, float] = field(default_factory=dict)
+    # python train.py stage=eval drafter=medusa drafter.draft_vocab=0.25 drafter.draft_vocab_source=data
     # Draft-time vocabulary (FR-Spec / VocabTrim; eval and export of a trained drafter, never training): the
     # draft LM head keeps the `draft_vocab` most frequent tokens, an int count or a float fraction in (0, 1]
     # of the target vocabulary; null = the full head. The target still verifies over its full vocabulary.
