@@ -242,3 +242,25 @@ def test_eagle3_exports_its_trimmed_draft_vocab(llama_target, tmp_path, fmt):
     assert back.draft_vocab_size == 40 and torch.equal(back.draft_ids, small.draft_ids)
     assert torch.equal(back.lm_head.weight, small.lm_head.weight)
     assert model.draft_vocab_size == llama_target.vocab_size  # the trained drafter keeps its full vocabulary
+
+
+def test_eagle1_exports_its_trimmed_vocab_as_sglangs_token_map(llama_target, tmp_path):
+    """EAGLE-1 drafts through the target's LM head, so SGLang takes its reduced vocabulary as an FR-Spec token
+    map (--speculative-token-map): the folder has hot_token_ids.pt with the kept ids, the README passes it,
+    the weights are the untrimmed drafter's, and the reload drafts over exactly those ids (round trip checked
+    by the export stage's own verification)."""
+    from export.formats import ExportContext, check_format, load_exported_model, write_export
+    from export.stage import verify_export
+
+    model, cfg = trained("eagle1", llama_target)
+    small = trim_draft_vocab(model, counts_for(llama_target.vocab_size, 8), 50)
+    write_export(small, llama_target, "sglang", tmp_path, ExportContext(dtype=torch.bfloat16, target_ref="org/t"))
+    assert check_format(tmp_path, "sglang") == []
+    assert torch.load(tmp_path / "hot_token_ids.pt") == small.draft_head.ids.tolist()
+    assert "--speculative-token-map hot_token_ids.pt" in (tmp_path / "README.md").read_text()
+    back = load_exported_model(tmp_path, llama_target)
+    assert torch.equal(back.draft_head.ids, small.draft_head.ids) and back.draft_head.weight.shape[0] == 50
+    assert verify_export(small, llama_target, tmp_path, "sglang", torch.bfloat16, cfg.eval.tree, 0, 1)["violations"] == []
+    torch.save([3, 3, 9], tmp_path / "hot_token_ids.pt")
+    assert check_format(tmp_path, "sglang") == [
+        f"hot_token_ids.pt: must be a torch.save'd list of distinct increasing token ids in [0, {llama_target.vocab_size})"]
