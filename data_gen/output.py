@@ -4,12 +4,14 @@
     check_same_target("runs/demo/data_gen", target)   # DraftsmithError if made with another target
     ds = load_dataset_dir("runs/demo/data_gen")        # datasets.Dataset: input_ids, loss_mask, provenance
     counts = load_token_counts("runs/demo/data_gen")   # [V] int64 counts of assistant (loss-mask) tokens
+    drafter = draft_vocab_view(cfg, trained, target)    # drafter.draft_vocab applied (eval, export)
 
 Layout of <run_dir>/data_gen/:
     dataset/            the final Arrow dataset (datasets.save_to_disk), rows in source order
     meta.json           target identity, settings, sizes, cache bytes/token (written last: its presence = complete)
     accounting.json     read = written + skipped (by reason), truncation, tokens/s
-    token_counts.npy    [V] int64 assistant-token frequencies (reduced draft vocabularies)
+    token_counts.npy    [V] int64 assistant-token frequencies (reduced draft vocabularies); with
+                        data.regenerate=true they count the target's own answers (drafter.draft_vocab_source)
     cache_index.npy, cache_files.json   the optional target cache (data_gen/cache.py reads it)
     shards/             committed work units (the resume state; cache files live here)
     settings.json       what the rows depend on (a resume with other settings is refused)
@@ -87,3 +89,36 @@ def token_counts(dataset, vocab_size: int) -> np.ndarray:
         mask = batch.column("loss_mask").flatten().to_numpy(zero_copy_only=False)
         counts += np.bincount(ids[mask.astype(bool)], minlength=vocab_size)[:vocab_size]
     return counts
+
+
+def draft_vocab_counts(data_dir: str | Path, source: str, target) -> torch.Tensor:
+    """The token counts `drafter.draft_vocab` keeps the most frequent of: data_gen's assistant-token counts in
+    `data_dir` (source `data`: FR-Spec's training-data frequencies), or the same counts of a data_gen run with
+    data.regenerate=true, whose assistant tokens are all the target's own answers (source `generated`:
+    VocabTrim). One-line errors when that output is missing, of another target, or not regenerated."""
+    d = data_dir_of(data_dir)
+    fix = "run stage=data_gen first, or set drafter.draft_vocab_counts=<a data_gen folder> (or draft_vocab=null)"
+    if not (d / "meta.json").is_file() or not (d / "token_counts.npy").is_file():
+        raise DraftsmithError(f"drafter.draft_vocab needs data_gen's token counts, but {d} has no finished "
+                              f"data_gen output with token_counts.npy: {fix}")
+    meta = check_same_target(d, target)
+    if source == "generated" and not (meta.get("data") or {}).get("regenerate"):
+        raise DraftsmithError(
+            f"drafter.draft_vocab_source=generated counts the target's own answers, but data_gen in {d} kept the "
+            "dataset's answers (data.regenerate=false): point drafter.draft_vocab_counts at a data_gen run with "
+            "data.regenerate=true, or use drafter.draft_vocab_source=data")
+    return load_token_counts(d)
+
+
+def draft_vocab_view(cfg, model, target):
+    """`model` (a trained drafter) with cfg.drafter.draft_vocab applied at draft time (drafters.vocab_trim):
+    itself when the option is null; counts from cfg.drafter.draft_vocab_counts, else the run's data_gen."""
+    from conf.schema import run_dir
+    from drafters.vocab_trim import draft_vocab_size, trim_draft_vocab
+
+    dc = cfg.drafter
+    k = draft_vocab_size(dc.draft_vocab, int(target.vocab_size))
+    if k is None:
+        return model
+    counts = draft_vocab_counts(dc.draft_vocab_counts or run_dir(cfg) / "data_gen", dc.draft_vocab_source, target)
+    return trim_draft_vocab(model, counts, k)

@@ -81,7 +81,8 @@ class Eagle1Drafter(EagleBase):
         return x, kvs
 
     def target_vocab_logits(self, out):
-        return self.target.lm_head(out.to(self.target.dtype)).float()
+        head = getattr(self, "draft_head", None) or self.target.lm_head  # a reduced head: drafters/vocab_trim.py
+        return head(out.to(self.target.dtype)).float()
 
     def loss(self, signal: TargetSignal, options: UnrollOptions | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """The weighted cfg.losses terms (see the module docstring). `options` (HASS/GRIFFIN) may unroll

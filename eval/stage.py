@@ -23,6 +23,7 @@ import torch
 
 from conf.errors import DraftsmithError
 from conf.schema import Config, run_dir, save_config, trained_drafter_dir
+from data_gen.output import draft_vocab_view
 from data_gen.sources import SourceReport
 from decoding.tree import check_tree_config, fit_depth, tree_nodes
 from eval.benchmarks import BenchPrompt, check_benchmarks, load_benchmark, render_prompt
@@ -44,6 +45,10 @@ def validate(cfg: Config) -> None:
 
     if cfg.drafter.name not in REFERENCE and cfg.drafter.name not in TRAINABLE:
         raise DraftsmithError(f"unknown drafter {cfg.drafter.name!r}: choose from {', '.join([*TRAINABLE, *REFERENCE])}")
+    cfg.drafter.check()
+    if cfg.drafter.name in REFERENCE and cfg.drafter.draft_vocab is not None:
+        raise DraftsmithError(f"drafter.draft_vocab trims a trained drafter's LM head; drafter={cfg.drafter.name} "
+                              "has none: set drafter.draft_vocab=null")
     if cfg.drafter.name in TRAINABLE:
         trained_drafter_dir(cfg)
 
@@ -63,6 +68,7 @@ def build_drafter(cfg: Config, target):
     trainable = drafter_class(name).from_pretrained(str(d), target)
     for key in getattr(trainable, "decode_options", ()):  # decoding-time knobs: this command's, not the folder's
         setattr(trainable.cfg, key, getattr(cfg.drafter, key))
+    trainable = draft_vocab_view(cfg, trainable, target)
     return trainable.as_drafter(target), hf_assistant_model(trainable, d, target)
 
 
@@ -298,7 +304,8 @@ def build_report(cfg: Config, target, results: list[dict]) -> dict:
     from omegaconf import OmegaConf
 
     ev = cfg.eval
-    return {"drafter": {"name": cfg.drafter.name, "checkpoint": cfg.drafter.checkpoint},
+    return {"drafter": {"name": cfg.drafter.name, "checkpoint": cfg.drafter.checkpoint,
+                        "draft_vocab": cfg.drafter.draft_vocab, "draft_vocab_source": cfg.drafter.draft_vocab_source},
             "target": cfg.target.path, "acceptance": ev.acceptance, "lossy": ev.acceptance == "typical",
             "tree": OmegaConf.to_container(OmegaConf.structured(ev.tree)), "max_new_tokens": ev.max_new_tokens,
             "exact": ev.exact, "verify_dtype": str(torch.float32 if ev.exact else target.dtype).removeprefix("torch."),

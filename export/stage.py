@@ -28,9 +28,16 @@ import torch
 
 from conf.errors import DraftsmithError
 from conf.schema import Config, run_dir, save_config, trained_drafter_dir
+from data_gen.output import draft_vocab_view
 from decoding.decoder import SpeculativeDecoder
 from decoding.tree import fit_depth
-from export.formats import check_family, check_format, load_exported_model, write_export
+from export.formats import (
+    VOCAB_FORMATS,
+    check_family,
+    check_format,
+    load_exported_model,
+    write_export,
+)
 from export.formats.common import (
     ExportContext,
     export_dtype,
@@ -76,6 +83,11 @@ def _run(cfg: Config) -> dict:
 
     target = load_target(_target_config(cfg, meta, ckpt), device=cfg.run.device)
     model = drafter_class(family).from_pretrained(str(ckpt), target).eval()
+    if family in VOCAB_FORMATS.get(ex.format, ()):  # the format holds a reduced draft vocabulary (d2t / t2d)
+        model = draft_vocab_view(cfg, model, target)
+    elif cfg.drafter.draft_vocab is not None:
+        print(f"export: export.format={ex.format} has no reduced draft vocabulary for {family}: the folder carries "
+              "the full LM head (drafter.draft_vocab applies to stage=eval only)", flush=True)
     tree = cfg.eval.tree
     ctx = ExportContext(dtype=dtype, target_ref=target_ref(cfg.target.path, out),
                         speculative_tokens=ex.speculative_tokens or tree.depth, top_k=tree.top_k,

@@ -6,11 +6,13 @@ maps loss names (see drafters/losses.py) to weights.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 from omegaconf import MISSING
 
 from conf.errors import DraftsmithError
+
+DRAFT_VOCAB_SOURCES = ("data", "generated")
 
 
 @dataclass
@@ -19,6 +21,30 @@ class DrafterConfig:
     # Trained weights to load for eval/export; None = the run directory's latest train checkpoint.
     checkpoint: Optional[str] = None
     losses: Dict[str, float] = field(default_factory=dict)
+    # python train.py stage=eval drafter=medusa drafter.draft_vocab=0.25 drafter.draft_vocab_source=data
+    # Draft-time vocabulary (FR-Spec / VocabTrim; eval and export of a trained drafter, never training): the
+    # draft LM head keeps the `draft_vocab` most frequent tokens, an int count or a float fraction in (0, 1]
+    # of the target vocabulary; null = the full head. The target still verifies over its full vocabulary.
+    draft_vocab: Any = None
+    # where the frequencies come from: `data` = data_gen's assistant-token counts (FR-Spec), `generated` =
+    # the same counts of a data_gen run with data.regenerate=true, i.e. of the target's own answers (VocabTrim)
+    draft_vocab_source: str = "data"
+    draft_vocab_counts: Optional[str] = None  # that data_gen folder (or its run directory); null = this run's
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """The draft-vocabulary settings, each a one-line error (the size against the target's vocabulary
+        is checked when the target is loaded: drafters.vocab_trim.draft_vocab_size)."""
+        v = self.draft_vocab
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0
+                              or (isinstance(v, int) and v < 1) or (isinstance(v, float) and v > 1)):
+            raise DraftsmithError(f"drafter.draft_vocab={v!r}: give a token count (an int >= 1), a fraction in "
+                                  "(0, 1] of the target vocabulary, or null for the full vocabulary")
+        if self.draft_vocab_source not in DRAFT_VOCAB_SOURCES:
+            raise DraftsmithError(f"drafter.draft_vocab_source={self.draft_vocab_source!r}: use data (data_gen's "
+                                  "token counts) or generated (counts over the target's regenerated answers)")
 
 
 @dataclass

@@ -33,12 +33,16 @@ from export.formats.common import (
     is_hub_id,
 )
 
+# formats that hold a reduced draft vocabulary (drafter.draft_vocab) for a family: EAGLE-3's d2t / t2d maps,
+# EAGLE-1's hot_token_ids.pt (SGLang --speculative-token-map); the
+# others carry the full LM head (the Medusa and transformers formats have no draft-vocabulary field)
+VOCAB_FORMATS = {"sglang": ("eagle1", "eagle3"), "vllm": ("eagle3",)}  # EAGLE-1: SGLang's FR-Spec token map
 # why a format cannot hold a family whose drafters other formats do serve (named in the refusal)
 WHY_NOT = {("vllm", "eagle1"): "speculators 0.9.0 loads no EAGLE-1 checkpoint (its model types: dflash, dflash2, "
                                "dspark, eagle3, mtp, peagle, xpress) and vLLM reads only eagle3/peagle speculators "
                                "folders (its own EAGLE-1 model has no fc bias), so neither would load this folder; SGLang serves EAGLE-1"}
 
-__all__ = ["FORMATS", "ExportContext", "check_family", "check_format", "detect", "load_exported",
+__all__ = ["FORMATS", "VOCAB_FORMATS", "ExportContext", "check_family", "check_format", "detect", "load_exported",
            "load_exported_model", "write_export"]
 
 
@@ -176,7 +180,9 @@ def readme(fmt: str, family: str, model, target, out: Path, ctx: ExportContext) 
         lines += ["SGLang:", "", "```bash", f"python -m sglang.launch_server --model-path {tgt} --dtype {dt} \\",
                   f"    --speculative-algorithm {algo} --speculative-draft-model-path . \\",
                   f"    --speculative-num-steps {k} --speculative-eagle-topk {ctx.top_k} "
-                  f"--speculative-num-draft-tokens {ctx.draft_tokens}", "```", "",
+                  f"--speculative-num-draft-tokens {ctx.draft_tokens}"
+                  + (f" --speculative-token-map {eagle.TOKEN_MAP}" if (out / eagle.TOKEN_MAP).is_file() else ""),
+                  "```", "",
                   "vLLM: " + ("export this drafter with `export.format=vllm` (vLLM reads the speculators layout, "
                               "which numbers the target layers differently)." if family == "eagle3" else
                               "not supported (vLLM and speculators load no EAGLE-1 drafter with an fc bias); "

@@ -12,6 +12,9 @@ SGLang (`export.format=sglang`), checked against sglang/srt/models/llama_eagle3.
            No embed_tokens: SGLang shares the target's.
   EAGLE-1  architectures [LlamaForCausalLMEagle], num_hidden_layers = the drafter's; fc.{weight,bias},
            layers.<i>.* (layer 0 without input_layernorm); embeddings and LM head come from the target.
+           A reduced draft vocabulary (drafter.draft_vocab) is SGLang's FR-Spec token map: hot_token_ids.pt,
+           a torch.save'd list of the kept target ids, passed as --speculative-token-map (SGLang then cuts
+           the target's LM head to those rows: speculative/eagle_worker.py load_token_map, hot_token_id).
 vLLM (`export.format=vllm`), EAGLE-3 only: the speculators layout (speculators 0.9.0's
 Eagle3SpeculatorConfig / Eagle3DraftModel; vLLM 0.33.0's transformers_utils/configs/speculators and
 model_executor/models/llama_eagle3.py):
@@ -66,6 +69,7 @@ ENGINE_TAPS = 3  # SGLang's and vLLM's EAGLE-3 fc reads 3 target layers
 ARCH = {"eagle3": "LlamaForCausalLMEagle3", "eagle1": "LlamaForCausalLMEagle"}
 SPEC_TYPE = {"eagle3": "eagle3"}
 EMBED = "embed_tokens.weight"
+TOKEN_MAP = "hot_token_ids.pt"  # EAGLE-1's reduced draft vocabulary: SGLang's --speculative-token-map file
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
 
@@ -149,6 +153,10 @@ def write(fmt: str, model, target, out: Path, ctx: ExportContext) -> None:
     # CORAL's head router (drafter.head_groups) has no place in the engines' layouts: they run the full head,
     # which drafts from all groups (the target verifies either way, so the output is the same)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("router.")}
+    head = getattr(model, "draft_head", None) if family == "eagle1" else None  # drafters/vocab_trim.py
+    if head is not None:
+        state = {k: v for k, v in state.items() if not k.startswith("draft_head.")}
+        torch.save(head.ids.cpu().tolist(), out / TOKEN_MAP)
     if family == "eagle3":
         layers = engine_layers(target.feature_layers, target.num_layers)
         state["fc.weight"] = remap_fc(state["fc.weight"], dims.hidden_size, list(target.feature_layers), layers)
@@ -305,6 +313,11 @@ def check(ck: Checker, cfg: dict, family: str, fmt: str) -> None:
     want = {"fc.weight", "fc.bias"}.union(*(_layer_names(f"layers.{i}.", i > 0, False) for i in range(n)))
     ck.names(WEIGHTS, t, want)
     ck.float_dtypes(WEIGHTS, t)
+    if (ck.folder / TOKEN_MAP).is_file():
+        ids = token_map(ck.folder)
+        V = lc.get("vocab_size")
+        if ids is None or not ids or ids != sorted(set(ids)) or ids[0] < 0 or (isinstance(V, int) and ids[-1] >= V):
+            ck.fail(TOKEN_MAP, f"must be a torch.save'd list of distinct increasing token ids in [0, {V})")
     if ok:
         H = lc["hidden_size"]
         ck.shape(WEIGHTS, t, "fc.weight", (H, 2 * H))
@@ -374,7 +387,22 @@ def load(folder: Path, cfg: dict, family: str, fmt: str, target):
         model = Eagle1Drafter.from_meta(Eagle1Config(num_layers=n_layers), target, dims, {})
     model.to(dtype)
     model.load_state_dict({k: v.to(target.device) for k, v in state.items()}, strict=True)
+    if family == "eagle1" and (folder / TOKEN_MAP).is_file():  # FR-Spec: draft over the token map's ids only
+        from drafters.vocab_trim import ScatterHead, view
+
+        head = ScatterHead(target.model.get_output_embeddings(), torch.tensor(token_map(folder)), dims.vocab_size)
+        model = view(model, {"draft_head": head.to(dtype)})
     return model.eval()
+
+
+def token_map(folder: Path) -> list[int] | None:
+    """The ids of an EAGLE-1 folder's hot_token_ids.pt (as SGLang's load_token_map reads it); None when unreadable."""
+    try:
+        ids = torch.load(folder / TOKEN_MAP, weights_only=True)
+    except Exception:  # noqa: BLE001 - an unreadable file is a format violation, reported by check()
+        return None
+    ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
+    return ids if isinstance(ids, list) and all(isinstance(i, int) for i in ids) else None
 
 
 def check_embedding(folder: Path, embed: torch.Tensor, target) -> None:
