@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from conf.errors import DraftsmithError
-from decoding.tree import build_tree, check_tree_config
+from decoding.tree import build_tree
 from drafters.common import shifted
 from training.objectives.tree_reward import (
     BatchedTreeDrafter,
@@ -91,7 +91,7 @@ class GTOObjective:
                               ("token_weight", ocfg.token_weight < 0, ">= 0")):
             if bad:
                 raise DraftsmithError(f"objective.{key}={getattr(ocfg, key)} must be {fix}")
-        check_tree_config(tree_cfg)
+        tree_cfg.check()
         self.cfg, self.tree_cfg, self.target = ocfg, tree_cfg, target
         self.reference = reference.eval()
         for p in self.reference.parameters():
