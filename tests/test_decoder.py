@@ -252,7 +252,7 @@ def test_errors(tiny_target_dir):
         SpeculativeDecoder(target, ok, TreeConfig(kind="dynamic", total_tokens=0))
     with pytest.raises(DraftsmithError, match=r"has \[0, 1\] but not its prefix"):
         SpeculativeDecoder(target, ok, TreeConfig(kind="static", paths=[[1], [0, 1]]))
-    with pytest.raises(DraftsmithError, match="acceptance='medusa' is not a rule: use lossless or typical"):
+    with pytest.raises(DraftsmithError, match="acceptance='medusa' is not a rule: use lossless, traversal or typical"):
         SpeculativeDecoder(target, ok, TREES["chain"], acceptance="medusa")
     with pytest.raises(DraftsmithError, match=r"top_p=0 must be in \(0, 1\]"):
         SpeculativeDecoder(target, ok, TREES["chain"], temperature=1.0, top_p=0)
