@@ -60,6 +60,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--budgets", default="8,16,32", help="node budgets of the delay table's dynamic trees")
     ap.add_argument("--trees", default="chain,rollouts,dynamic", help="the rules table's trees")
     ap.add_argument("--tables", default="rules,delay", help="rules, delay (the first variant's) or both")
+    ap.add_argument("--delay-temperatures", default="0,1")
+    ap.add_argument("--no-rollouts", action="store_true", help="delay table: dynamic trees only")
+    ap.add_argument("--render", nargs="+", metavar="LOG", default=None,
+                    help="write the section from the JSON row lines of earlier runs' logs (runs split across "
+                         "processes, or stopped early) instead of measuring; --commands says what ran")
+    ap.add_argument("--commands", nargs="*", default=[], help="with --render: the commands behind the logs")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (fixed, printed)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--note", default="", help="what else ran on the machine")
@@ -133,12 +139,12 @@ def rules_rows(b: Bench, temps: list[float], which: list[str]) -> list[dict]:
     return rows
 
 
-def delay_rows(b: Bench, delays: list[int], budgets: list[int]) -> list[dict]:
+def delay_rows(b: Bench, delays: list[int], budgets: list[int], temps: list[float], rollout_rows: bool) -> list[dict]:
     from conf.schema.eval import TreeConfig
 
     rows = []
     depth = min(5, b.max_depth)
-    for t in (0.0, 1.0):
+    for t in temps:
         for n in budgets:
             for d in delays:
                 tree = TreeConfig(kind="dynamic", depth=depth, top_k=4, total_tokens=n, delay=d)
@@ -146,7 +152,7 @@ def delay_rows(b: Bench, delays: list[int], budgets: list[int]) -> list[dict]:
                 rows.append({"tree": f"dynamic {depth}/4", "T": t, "budget": n, "delay": d, "nodes": pp["nodes"],
                              "tau": tau(pp), "cycles": sum(pp["cycles"])})
                 print(json.dumps(rows[-1]), flush=True)
-    for d, k in zip(delays, (2, 2, 3)):  # rollouts 4 deep: d + k (4 - d) nodes, k chosen to keep them near 8
+    for d, k in zip(delays if rollout_rows else [], (2, 2, 3)):  # rollouts 4 deep: d + k (4 - d) nodes, k chosen to keep them near 8
         tree = TreeConfig(kind="static", paths=rollouts(k, min(4, b.max_depth) - d), delay=d)
         pp = b.per_prompt(tree, 1.0, "traversal", True)
         rows.append({"tree": f"{k} rollouts (sampled, traversal)", "T": 1.0, "budget": None, "delay": d,
@@ -189,11 +195,19 @@ def main(argv=None) -> int:
     root = Path(args.root)
     temps = [float(t) for t in args.temperatures.split(",")]
     rows, drows = [], []
-    for i, variant in enumerate(args.variants.split(",")):
+    if args.render:
+        for log in args.render:
+            for line in Path(log).read_text().splitlines():
+                if line.startswith("{"):
+                    r = json.loads(line)
+                    (rows if "drafter" in r else drows).append(r)
+        command = "; ".join(args.commands) or command
+    for i, variant in enumerate([] if args.render else args.variants.split(",")):
         print(f"=== {variant}", flush=True)
         b = Bench(root, variant, args)
         if i == 0 and "delay" in args.tables:
-            drows = delay_rows(b, [int(d) for d in args.delays.split(",")], [int(n) for n in args.budgets.split(",")])
+            drows = delay_rows(b, [int(d) for d in args.delays.split(",")], [int(n) for n in args.budgets.split(",")],
+                               [float(t) for t in args.delay_temperatures.split(",")], not args.no_rollouts)
         if "rules" in args.tables:
             rows += rules_rows(b, temps, args.trees.split(","))
     machine = machine_info(torch.device(args.device))
@@ -203,8 +217,8 @@ def main(argv=None) -> int:
         "## Traversal Verification and delayed tree expansion (`bench/bench_verify.py`)", "",
         f"- command: `{command}`",
         f"- machine: {machine['device_name']} ({machine['cpu_count']} CPUs){note}; torch {machine['torch']} "
-        f"({machine['torch_threads']} threads), transformers {machine['transformers']}; {machine['date']}; "
-        f"{time.time() - t0:.0f} s",
+        f"({machine['torch_threads']} threads), transformers {machine['transformers']}; {machine['date']}"
+        + ("" if args.render else f"; {time.time() - t0:.0f} s"),
         f"- demo target, drafters trained by bench_drafters.py; {args.prompts} held-out ShareGPT prompts x "
         f"{args.max_new_tokens} new tokens, the same per-prompt seed under both rules.", "",
         "τ under the token-level lossless rule and under Traversal Verification; Δτ = traversal − lossless, "

@@ -19,6 +19,9 @@ batched over B independent roots:
                     were chosen deterministically (top-k), which the verifier treats as point masses
                     (accept x with prob p(x), then zero p(x)).
 
+Delayed expansion (TreeConfig.delay = d): static and dynamic trees first draft a single d-node path (top-1, or
+one sample for sampled static trees) and branch below its last node.
+
 Only the depth loop is a Python loop; everything else is vectorised over B roots and N nodes, because
 tree-reward training builds trees for many positions at once.
 """

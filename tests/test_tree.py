@@ -15,8 +15,10 @@ from conf.schema.eval import TreeConfig
 from decoding.tree import (
     DraftTree,
     build_tree,
+    fit_depth,
     keep_cache_entries,
     tree_attention_mask,
+    tree_nodes,
     warp_probs,
 )
 from drafters.base import Drafter
@@ -306,6 +308,14 @@ def test_delayed_sampled_tree_keeps_every_draw_distribution():
     for row in (0, 1, 2):
         torch.testing.assert_close(tree.q[:, row], q.expand(3, 6))
     assert tree.q[:, 3:].abs().sum() == 0
+
+
+def test_delay_counts_in_nodes_and_follows_a_cut_depth():
+    assert tree_nodes(TreeConfig(kind="static", paths=[[0], [1]], delay=3)) == 5
+    assert tree_nodes(TreeConfig(kind="dynamic", total_tokens=20, delay=2)) == 20
+    cut = fit_depth(TreeConfig(kind="dynamic", depth=5, delay=4), 3)  # a 3-head drafter
+    assert (cut.depth, cut.delay) == (3, 2)
+    assert fit_depth(TreeConfig(kind="dynamic", depth=5, delay=1), 3).delay == 1
 
 
 def test_delayed_dynamic_tree_keeps_depth_and_budget():
