@@ -291,10 +291,8 @@ def _traversal(tree: DraftTree, probs: torch.Tensor, generator, ancestors: torch
         row = torch.where(ok, r, row)
         done = done | ok
         bad = judging & ~ok
-        if bool(done.all()):
+        if bool(done.all()):  # the walk's one host sync per iteration
             break
-        if not bool(bad.any()):
-            continue
         # reject node r - 1: delete it, move its parent Y to the residual, then its next sibling or Y itself
         m = (r - 1).clamp(min=0)
         y = tree.parents[ar, m] + 1
