@@ -196,9 +196,11 @@ def main(argv=None) -> int:
     temps = [float(t) for t in args.temperatures.split(",")]
     rows, drows = [], []
     if args.render:
+        seen = set()  # a row two runs both measured (same seeds: the same figures) is shown once
         for log in args.render:
             for line in Path(log).read_text().splitlines():
-                if line.startswith("{"):
+                if line.startswith("{") and line not in seen:
+                    seen.add(line)
                     r = json.loads(line)
                     (rows if "drafter" in r else drows).append(r)
         command = "; ".join(args.commands) or command
