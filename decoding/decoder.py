@@ -38,7 +38,7 @@ from conf.errors import DraftsmithError
 from conf.schema.eval import ACCEPTANCE
 from decoding.kvcache import StaticRunner, model_forward
 from decoding.opt_tree import OptCost, measure_counts, needs_cost
-from decoding.tree import build_tree, check_tree_attention, check_tree_config, tree_nodes
+from decoding.tree import build_tree, check_tree_attention, tree_nodes
 from decoding.verify import Accepted, SamplingRule, accept_paths, tree_block
 
 
@@ -109,7 +109,7 @@ def check_sampling(temperature: float, top_p: float, top_k: int, acceptance: str
     if top_k < 0:
         raise DraftsmithError(f"top_k={top_k} must be >= 0 (0 = off)")
     if acceptance not in ACCEPTANCE:
-        raise DraftsmithError(f"acceptance={acceptance!r} is not a rule: use lossless or typical (lossy)")
+        raise DraftsmithError(f"acceptance={acceptance!r} is not a rule: use lossless, traversal or typical (lossy)")
 
 
 class _PhaseClock:
@@ -223,7 +223,7 @@ class SpeculativeDecoder:
                 f"drafter {drafter.name} has vocab {drafter.vocab_size} but target {target.name} has "
                 f"{target.vocab_size}: build the drafter for this target (same tokenizer and vocabulary)")
         check_sampling(temperature, top_p, top_k, acceptance)
-        check_tree_config(tree_cfg)
+        tree_cfg.check()
         check_tree_attention(target.model, f"target {target.name}")
         self.target, self.drafter, self.tree_cfg = target, drafter, tree_cfg
         self.rule = SamplingRule(temperature, top_p, top_k, acceptance, typical_epsilon, typical_alpha)

@@ -42,8 +42,6 @@ import torch
 from conf.errors import DraftsmithError
 from decoding.tree import DraftTree, _expand, keep_best
 
-OPT_BUDGETS = ("cost", "fixed")
-
 
 @dataclass
 class OptCost:
@@ -90,27 +88,6 @@ class OptCost:
     def mean_expected(self) -> float | None:
         """Mean predicted E[accepted] per cycle (compare with the measured τ - 1)."""
         return sum(h[2] for h in self.history) / len(self.history) if self.history else None
-
-
-def check_opt_config(tree_cfg) -> None:
-    """One-line errors for the opt-only fields of eval.tree (depth, top_k, total_tokens: check_tree_config)."""
-    if tree_cfg.opt_budget not in OPT_BUDGETS:
-        raise DraftsmithError(f"eval.tree.opt_budget={tree_cfg.opt_budget!r}: use cost (chosen each cycle from the "
-                              "cost model) or fixed (always total_tokens nodes)")
-    if tree_cfg.opt_threshold is not None and tree_cfg.opt_threshold < 0:
-        raise DraftsmithError(f"eval.tree.opt_threshold={tree_cfg.opt_threshold} must be >= 0 (or null = the "
-                              "cost model's break-even)")
-    nodes, ms, draft = tree_cfg.opt_verify_nodes, tree_cfg.opt_verify_ms, tree_cfg.opt_draft_ms
-    if len({x is None for x in (nodes, ms, draft)}) > 1:
-        raise DraftsmithError("eval.tree.opt_verify_nodes, opt_verify_ms and opt_draft_ms go together: give all "
-                              "three (a cost model) or none (measured when the decoder starts)")
-    if ms is not None:
-        if not ms or len(nodes) != len(ms) or not all(n >= 1 for n in nodes) or not all(m > 0 for m in ms):
-            raise DraftsmithError(f"eval.tree.opt_verify_nodes={list(nodes)} / opt_verify_ms={list(ms)}: give as many "
-                                  "node counts (>= 1) as times (ms > 0), e.g. opt_verify_nodes=[1,60] "
-                                  "opt_verify_ms=[20,35]")
-        if draft <= 0:
-            raise DraftsmithError(f"eval.tree.opt_draft_ms={draft} must be > 0 (one drafter step in ms)")
 
 
 def needs_cost(tree_cfg) -> bool:

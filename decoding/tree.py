@@ -19,6 +19,9 @@ batched over B independent roots:
                     were chosen deterministically (top-k), which the verifier treats as point masses
                     (accept x with prob p(x), then zero p(x)).
 
+Delayed expansion (TreeConfig.delay = d): static and dynamic trees first draft a single d-node path (top-1, or
+one sample for sampled static trees) and branch below its last node.
+
 Only the depth loop is a Python loop; everything else is vectorised over B roots and N nodes, because
 tree-reward training builds trees for many positions at once.
 """
@@ -29,8 +32,6 @@ from dataclasses import dataclass, replace
 import torch
 
 from conf.errors import DraftsmithError
-
-TREE_KINDS = ("chain", "static", "dynamic", "opt")
 
 
 @dataclass
@@ -225,35 +226,15 @@ def keep_cache_entries(cache, start: int, keep: list[int]) -> None:
 # --------------------------------------------------------------------------------------------------
 # Builders
 # --------------------------------------------------------------------------------------------------
-def check_tree_config(tree_cfg) -> None:
-    """Raise a one-line DraftsmithError for an unusable eval.tree config."""
-    kind = tree_cfg.kind
-    if kind not in TREE_KINDS:
-        raise DraftsmithError(f"eval.tree.kind={kind!r} is not a tree kind: use chain, static, dynamic or opt")
-    if kind in ("chain", "dynamic", "opt") and tree_cfg.depth < 1:
-        raise DraftsmithError(f"eval.tree.depth={tree_cfg.depth} must be >= 1 (drafted tokens per path)")
-    if kind in ("dynamic", "opt"):  # opt: top_k = most nodes expanded per depth, total_tokens = largest budget
-        if tree_cfg.top_k < 1:
-            raise DraftsmithError(f"eval.tree.top_k={tree_cfg.top_k} must be >= 1 for a {kind} tree")
-        if tree_cfg.total_tokens < 1:
-            raise DraftsmithError(
-                f"eval.tree.total_tokens={tree_cfg.total_tokens} must be >= 1 (nodes kept after the rerank)")
-    if kind == "static":
-        _static_paths(tree_cfg.paths)
-    if kind == "opt":  # imported here, not on top: decoding.opt_tree builds on this module
-        from decoding.opt_tree import check_opt_config
-
-        check_opt_config(tree_cfg)
-
-
 def fit_depth(tree_cfg, max_depth: int | None):
     """The tree a drafter that drafts at most `max_depth` tokens deep can build (head drafters: one head per
     depth; None = no limit): a deeper chain or dynamic tree is cut to max_depth. Static paths are the user's
     own and are kept, so a too-deep one still fails in the drafter with its one-line error. A copy when
-    anything changes, else `tree_cfg` itself."""
+    anything changes, else `tree_cfg` itself. A delay that no longer fits is cut to max_depth - 1 (the tree
+    still branches at its last level)."""
     if max_depth is None or tree_cfg.kind == "static" or tree_cfg.depth <= max_depth:
         return tree_cfg
-    return replace(tree_cfg, depth=max_depth)
+    return replace(tree_cfg, depth=max_depth, delay=min(tree_cfg.delay, max_depth - 1))
 
 
 def tree_nodes(tree_cfg) -> int:
@@ -261,46 +242,24 @@ def tree_nodes(tree_cfg) -> int:
     if tree_cfg.kind == "chain":
         return tree_cfg.depth
     if tree_cfg.kind == "static":
-        return len(tree_cfg.paths or [])
+        return tree_cfg.delay + len(tree_cfg.paths or [])
     return tree_cfg.total_tokens  # dynamic, and opt's largest budget
-
-
-def _static_paths(paths) -> list[tuple[int, ...]]:
-    """Validated static paths sorted into node order (by depth, then lexicographically)."""
-    if not paths:
-        raise DraftsmithError("eval.tree.kind=static needs eval.tree.paths, e.g. [[0],[1],[0,0],[0,1]]")
-    out: list[tuple[int, ...]] = []
-    for p in paths:
-        if (not isinstance(p, (list, tuple)) or not p
-                or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in p)):
-            raise DraftsmithError(
-                f"eval.tree.paths has {p!r}: each path must be a non-empty list of top-k ranks >= 0, e.g. [0, 1]")
-        out.append(tuple(p))
-    seen = set(out)
-    if len(seen) != len(out):
-        dup = next(p for p in out if out.count(p) > 1)
-        raise DraftsmithError(f"eval.tree.paths has {list(dup)} twice: list every path once")
-    for p in out:
-        if len(p) > 1 and p[:-1] not in seen:
-            raise DraftsmithError(
-                f"eval.tree.paths has {list(p)} but not its prefix {list(p[:-1])}: every prefix of a path "
-                "must be a path too")
-    return sorted(out, key=lambda p: (len(p), p))
 
 
 def build_tree(drafter, tree_cfg, batch: int = 1, temperature: float = 0.0, top_p: float = 1.0,
                top_k: int = 0, generator: torch.Generator | None = None, sample: bool | None = None,
                device: torch.device | str | None = None, checked: bool = False, cost=None) -> DraftTree:
     """Build one draft tree per root (B = `batch`) by calling `drafter.expand(partial_tree, frontier)`
-    once per depth. `tree_cfg` is a conf.schema.eval.TreeConfig, validated here unless `checked` (callers
-    that build a tree every cycle, the decoder and GTO, validate it once when they are constructed).
+    once per depth. `tree_cfg` is a conf.schema.eval.TreeConfig: its own check() validates it (and puts static
+    paths into node order) when it is built; here again unless `checked` (callers that build a tree every
+    cycle, the decoder and GTO, check it once when they are constructed).
 
     `sample`: None = chains are sampled from the warped draft distribution at T > 0 and static/dynamic
     trees pick top-k children; True = chains and static trees sample (static siblings i.i.d., verified
     with the SpecInfer rule); False = always top-k. At T = 0 nothing is sampled. `cost`: an OPT-Tree cost
     model (decoding.opt_tree.OptCost; the decoder measures one), else the config's if it gives one."""
     if not checked:
-        check_tree_config(tree_cfg)
+        tree_cfg.check()
     if temperature < 0:
         raise DraftsmithError(f"temperature={temperature} must be >= 0 (0 = greedy)")
     if sample is None:
@@ -314,13 +273,16 @@ def build_tree(drafter, tree_cfg, batch: int = 1, temperature: float = 0.0, top_
     warp = (temperature, top_p, top_k)
     if tree_cfg.kind == "chain":
         return _chain(drafter, tree_cfg.depth, batch, device, sample, warp, generator)
+    # delayed expansion: a single path first (sampled like the tree below it, else top-1), branching below it
+    trunk = _chain(drafter, tree_cfg.delay, batch, device, sample, warp, generator) if tree_cfg.delay else None
     if tree_cfg.kind == "static":
-        return _static(drafter, _static_paths(tree_cfg.paths), batch, device, sample, warp, generator)
-    if tree_cfg.kind == "opt":
+        return _static(drafter, tree_cfg.paths, batch, device, sample, warp, generator, trunk)
+    if tree_cfg.kind == "opt":  # imported here: decoding.opt_tree builds on this module
         from decoding.opt_tree import OptCost, opt_tree
 
         return opt_tree(drafter, tree_cfg, batch, device, cost or OptCost.from_config(tree_cfg))
-    return _dynamic(drafter, tree_cfg.depth, tree_cfg.top_k, tree_cfg.total_tokens, batch, device)
+    return _dynamic(drafter, tree_cfg.depth - tree_cfg.delay, tree_cfg.top_k, tree_cfg.total_tokens, batch, device,
+                    trunk)
 
 
 def _expand(drafter, tree: DraftTree, frontier: torch.Tensor) -> torch.Tensor:
@@ -368,9 +330,10 @@ _STATIC_PLANS: dict = {}
 def _static_plan(paths, device) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]:
     """Per depth (frontier node ids [F], rows into the frontier [n_d], sibling ranks [n_d], kmax) of a static
     tree, built once per paths and device: host-to-device copies in the hot loop would each be a sync."""
-    key = (tuple(paths), str(device))
+    key = (tuple(map(tuple, paths)), str(device))
     plan = _STATIC_PLANS.get(key)
     if plan is None:
+        paths = [tuple(p) for p in paths]
         index = {p: i for i, p in enumerate(paths)}
         plan = []
         for d in range(1, max(len(p) for p in paths) + 1):
@@ -384,11 +347,14 @@ def _static_plan(paths, device) -> list[tuple[torch.Tensor, torch.Tensor, torch.
     return plan
 
 
-def _static(drafter, paths, B, device, sample, warp, generator) -> DraftTree:
-    tree = DraftTree.empty(B, device)
+def _static(drafter, paths, B, device, sample, warp, generator, trunk: DraftTree | None = None) -> DraftTree:
+    """The static paths below the root, or below the last node of `trunk` (a delayed tree's single path):
+    the plan's node ids shift by the trunk's length and its root (-1) becomes the trunk's last node."""
+    tree = DraftTree.empty(B, device) if trunk is None else trunk
+    d0 = tree.num_nodes
     q_full = None
     for frontier, rows, ranks, kmax in _static_plan(paths, device):
-        frontier = frontier.expand(B, -1)
+        frontier = (frontier + d0).expand(B, -1)  # -1 (the root) + d0 = the trunk's last node
         logits = _expand(drafter, tree, frontier)  # [B, F, V]
         dev = logits.device
         frontier, rows, ranks = frontier.to(dev), rows.to(dev), ranks.to(dev)
@@ -403,7 +369,9 @@ def _static(drafter, paths, B, device, sample, warp, generator) -> DraftTree:
             tok = draws[:, rows, ranks]  # [B, n_d]
             lq = q[:, rows].gather(2, tok.unsqueeze(-1)).squeeze(-1).log()
             if q_full is None:
-                q_full = torch.zeros(B, len(paths) + 1, V, device=dev)
+                q_full = torch.zeros(B, d0 + len(paths) + 1, V, device=dev)
+                if d0:  # the rows the trunk's nodes were drawn from
+                    q_full[:, :d0] = trunk.q[:, :d0].to(dev)
             q_full[:, frontier[0] + 1] = q
         else:
             lp = logits.log_softmax(-1)
@@ -414,16 +382,22 @@ def _static(drafter, paths, B, device, sample, warp, generator) -> DraftTree:
     return replace(tree, q=q_full) if sample else tree
 
 
-def _dynamic(drafter, depth, k, total_tokens, B, device) -> DraftTree:
-    tree = DraftTree.empty(B, device)
-    frontier = torch.full((B, 1), -1, dtype=torch.long, device=device)
+def _dynamic(drafter, depth, k, total_tokens, B, device, trunk: DraftTree | None = None) -> DraftTree:
+    """EAGLE-2's tree `depth` levels deep below the root, or below the last node of `trunk` (a delayed tree's
+    top-1 path, which then counts in total_tokens: its nodes outscore all their descendants, so the rerank
+    keeps them first)."""
+    tree = DraftTree.empty(B, device) if trunk is None else trunk
+    d0 = tree.num_nodes
+    frontier = torch.full((B, 1), d0 - 1, dtype=torch.long, device=device)  # -1 = the root
     lp = _expand(drafter, tree, frontier).log_softmax(-1)  # [B, 1, V]
     k = min(k, lp.shape[-1])
     topv, topi = lp[:, 0].topk(k, dim=-1)
     dev = topv.device
+    trunk_scores = tree.logq.to(dev).cumsum(1)  # [B, d0]: a chain's path scores
     tree = tree.extend(topi, frontier.to(dev).expand(B, k), topv)
-    scores = topv  # cumulative draft log-probability of every node so far
-    last = torch.arange(k, device=dev).expand(B, k)  # the candidates of the deepest level
+    # cumulative draft log-probability of every node so far
+    scores = torch.cat([trunk_scores, topv + (trunk_scores[:, -1:] if d0 else 0)], 1)
+    last = torch.arange(d0, d0 + k, device=dev).expand(B, k)  # the candidates of the deepest level
     for _ in range(depth - 1):
         # EAGLE-2: expand only the best top_k candidates of the last level ...
         sel = scores.gather(1, last).topk(min(k, last.shape[1]), dim=-1).indices

@@ -13,6 +13,15 @@ Rules (tests/test_verify.py checks each; all but `typical` keep the target's out
   sampled (T > 0)       children were drawn i.i.d. from q (tree.q): chain rule / SpecInfer multi-round:
                         accept x with min(1, p'(x) / q(x)), else p' <- norm(max(0, p' - q)) and try the
                         next sibling; bonus ~ p' when every sibling fails (p at a leaf).
+  traversal (T > 0)     Traversal Verification (Weng et al. 2025): sequence-level, leaf to root. Every node
+                        carries a weight a (root 1; child x of Y: min(1, a_Y p_Y(x) / q_Y(x))), the first
+                        leaf in depth-first order is accepted with probability a, whole path and all; a
+                        rejected node is deleted and its parent Y moves to the residual
+                        p_Y <- norm(max(0, a_Y p_Y - q_Y)), a_Y <- eta / (eta + 1 - a_Y), eta = the residual's
+                        mass, before its next child is weighed; a parent whose children are all gone is a
+                        leaf. Bonus ~ p of the accepted node. On a sampled chain this is block verification
+                        (the whole block is judged at once, never worse than the chain rule); top-k children
+                        are point masses q = onehot(x) (see _traversal).
   typical (opt-in)      Medusa's p(x) > min(eps, alpha * exp(-H(p))): NOT lossless, flagged by the decoder.
 """
 from __future__ import annotations
@@ -31,7 +40,7 @@ class SamplingRule:
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
-    acceptance: str = "lossless"  # lossless | typical (lossy, Medusa)
+    acceptance: str = "lossless"  # conf.schema.eval.ACCEPTANCE: lossless | traversal | typical (lossy, Medusa)
     typical_epsilon: float = 0.09  # Medusa's posterior_threshold
     typical_alpha: float = 0.3  # Medusa's posterior_alpha
 
@@ -90,7 +99,7 @@ def accept_paths(tree: DraftTree, logits: torch.Tensor, rule: SamplingRule, gene
                  ancestors: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`accept` as tensors, for the decoder's hot loop: (path [B, D] accepted node indices root -> leaf, -1
     padded, D = tree.depth_limit; bonus [B]). No host sync for greedy, deterministic, typical and sampled
-    chains (sampled trees loop over depth and sibling rank on the host)."""
+    chains (sampled trees loop over depth and sibling rank on the host, traversal over the tree's nodes)."""
     if ancestors is None:
         ancestors = tree.ancestor_mask()
     parent_rows = tree.parents + 1
@@ -102,6 +111,8 @@ def accept_paths(tree: DraftTree, logits: torch.Tensor, rule: SamplingRule, gene
     if rule.acceptance == "typical":
         y = torch.multinomial(probs.view(-1, V), 1, generator=generator).view(B, R)
         return _deepest(tree, _typical_ok(tree, probs, rule), y, ancestors)
+    if rule.acceptance == "traversal":
+        return _traversal(tree, probs, generator, ancestors)
     if tree.q is None:
         y = torch.multinomial(probs.view(-1, V), 1, generator=generator).view(B, R)
         return _deepest(tree, tree.tokens == y.gather(1, parent_rows), y, ancestors)
@@ -203,4 +214,101 @@ def _sampled_tree(tree: DraftTree, probs: torch.Tensor, generator) -> tuple[torc
         if bool(done.all()):
             break
     bonus = torch.multinomial(resid, 1, generator=generator).squeeze(-1)
+    return path, bonus
+
+
+def _tree_links(tree: DraftTree) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first child [B, 1+N] per row (row 0 = the root, row i+1 = node i), next sibling [B, N] per node), in
+    stored order, -1 = none: the depth-first walk's moves."""
+    B, N = tree.tokens.shape
+    dev = tree.tokens.device
+    ids = torch.arange(N, device=dev).expand(B, N)
+    first = torch.full((B, N + 1), N, dtype=torch.long, device=dev)
+    first.scatter_reduce_(1, tree.parents + 1, ids, reduce="amin")
+    later = torch.ones(N, N, dtype=torch.bool, device=dev).triu(1)  # [i, j]: j stored after i
+    sib = (tree.parents[:, :, None] == tree.parents[:, None, :]) & later
+    nxt = torch.where(sib, ids[:, None, :], N).amin(-1) if N else ids
+    return torch.where(first < N, first, -1), torch.where(nxt < N, nxt, -1)
+
+
+def _still_owed(a: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """After a child drawn from q [B, V] is rejected under weight a [B] and target p [B, V]: the parent's new
+    weight eta / (eta + 1 - a) and target norm(max(0, a p - q)), eta = sum(max(0, a p - q)). The rejection
+    had probability eta + 1 - a, and a p - min(a p, q) is the mass that trial still owes."""
+    res = (a[:, None] * p - q).clamp(min=0)
+    eta = res.sum(-1)
+    den = eta + 1 - a
+    # den = 0 only when a = 1 and p <= q everywhere (p = q): a rejection that only rounding reaches
+    a_new = torch.where(den > 0, eta / den.clamp(min=1e-30), a)
+    return a_new, torch.where((eta > 0)[:, None], res / eta.clamp(min=1e-30)[:, None], p)
+
+
+def _traversal(tree: DraftTree, probs: torch.Tensor, generator, ancestors: torch.Tensor):
+    """Traversal Verification, vectorised over B: every tree walks its own nodes depth-first, one move per
+    iteration (enter a node, or judge one), so at most 2N + 1 iterations.
+
+    Why it is lossless (induction over subtrees): judging the subtree of Y with weight a_Y accepts through Y
+    with probability a_Y, and then Y's next token follows p_Y and everything after it follows the target.
+    A child c of Y holding token x is itself such a subtree with weight min(1, a_Y p_Y(x) / q_Y(x)), so from
+    Y's side it is one speculative-sampling trial of the sub-probability a_Y p_Y against q_Y; after a
+    rejection the mass still owed is max(0, a_Y p_Y - q_Y), which is the residual and its weight above.
+
+    q_Y, the distribution c was drawn from: tree.q's row for sampled trees (siblings i.i.d., so the same q
+    for every sibling). Top-k children (tree.q is None) were not drawn at random; the choice made here is to
+    treat the j-th child as a draw from the point mass on its token, which is exactly how it was produced
+    given the tree so far, so the rule stays lossless (a child's weight is then a_Y p_Y(x), and a rejection
+    zeroes x in p_Y). Weighing top-k children by the drafter's own q instead would claim draws that never
+    happened and bias the output. With point masses the chance of accepting any path equals its target
+    probability, as under the token-level rule: traversal gains nothing on top-k trees, only on sampled ones."""
+    B, N = tree.tokens.shape
+    dev = probs.device
+    ar = torch.arange(B, device=dev)
+    first, nxt = _tree_links(tree)
+    P = probs.clone()  # [B, 1+N, V]: each row's current (residual) target distribution
+    a = torch.ones(B, N + 1, device=dev, dtype=probs.dtype)  # each row's current weight (root: 1)
+    cur = first[:, 0]  # node to enter, or (when judging) the row to judge
+    judge = cur < 0  # a tree without nodes: the root is judged (and accepted) at once
+    cur = torch.where(judge, 0, cur)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    row = torch.zeros(B, dtype=torch.long, device=dev)  # the accepted row
+    for _ in range(2 * N + 1):
+        # enter: the node's weight from its parent's current state; go down to its first child, or judge it
+        n = cur.clamp(min=0, max=max(N - 1, 0))
+        entering = ~done & ~judge
+        if N:
+            pr, x = tree.parents[ar, n] + 1, tree.tokens[ar, n]
+            qx = tree.q[ar, pr, x].clamp(min=1e-30) if tree.q is not None else 1.0
+            w = (a[ar, pr] * P[ar, pr, x] / qx).clamp(max=1.0)
+            a[ar, n + 1] = torch.where(entering, w, a[ar, n + 1])
+            child = first[ar, n + 1]
+            cur = torch.where(entering, torch.where(child >= 0, child, n + 1), cur)
+            judge = judge | (entering & (child < 0))
+        # judge row r: accept it (and its whole path) with probability a_r; the root is always accepted
+        u = torch.rand(B, generator=generator, device=dev)
+        judging = ~done & judge
+        r = cur
+        ok = judging & ((r == 0) | (u < a[ar, r]))
+        row = torch.where(ok, r, row)
+        done = done | ok
+        bad = judging & ~ok
+        if bool(done.all()):  # the walk's one host sync per iteration
+            break
+        # reject node r - 1: delete it, move its parent Y to the residual, then its next sibling or Y itself
+        m = (r - 1).clamp(min=0)
+        y = tree.parents[ar, m] + 1
+        qrow = (tree.q[ar, y] if tree.q is not None
+                else torch.nn.functional.one_hot(tree.tokens[ar, m], P.shape[-1]).to(P.dtype))
+        aY, pY = a[ar, y], P[ar, y]
+        a_new, p_new = _still_owed(aY, pY, qrow)
+        a[ar, y] = torch.where(bad, a_new, aY)
+        P[ar, y] = torch.where(bad[:, None], p_new, pY)
+        s = nxt[ar, m]
+        cur = torch.where(bad, torch.where(s >= 0, s, y), cur)
+        judge = torch.where(bad, s < 0, judge)
+    D = tree.depth_limit
+    if N == 0:
+        path = torch.full((B, D), -1, dtype=torch.long, device=dev)
+    else:
+        path = torch.where((row > 0)[:, None], tree.path_nodes(ancestors, D)[ar, (row - 1).clamp(min=0)], -1)
+    bonus = torch.multinomial(P[ar, row], 1, generator=generator).squeeze(-1)
     return path, bonus

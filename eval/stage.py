@@ -25,7 +25,7 @@ from conf.errors import DraftsmithError
 from conf.schema import Config, run_dir, save_config, trained_drafter_dir
 from data_gen.output import draft_vocab_view
 from data_gen.sources import SourceReport
-from decoding.tree import check_tree_config, fit_depth, tree_nodes
+from decoding.tree import fit_depth, tree_nodes
 from eval.benchmarks import BenchPrompt, check_benchmarks, load_benchmark, render_prompt
 from eval.metrics import GenRecord, summarize
 from eval.report import LOSSY, machine_info, markdown, with_interval, write_report
@@ -39,8 +39,7 @@ def validate(cfg: Config) -> None:
     """Every eval setting a user can get wrong, checked before a model is loaded."""
     ev = cfg.eval
     check_benchmarks(list(ev.benchmarks))
-    ev.check()  # the schema's own ranges (conf/schema/eval.py), again in case code changed them
-    check_tree_config(ev.tree)
+    ev.check()  # the schema's own ranges and tree (conf/schema/eval.py), again in case code changed them
     from drafters.registry import REFERENCE, TRAINABLE
 
     if cfg.drafter.name not in REFERENCE and cfg.drafter.name not in TRAINABLE:
@@ -103,7 +102,7 @@ def fit_tree(cfg: Config, drafter) -> None:
         why = getattr(drafter, "depth_why", None) or f"has {fitted.depth} heads"  # PARD: tokens per forward
         print(f"eval: drafter {cfg.drafter.name} {why}, so it drafts at most {fitted.depth} "
               f"tokens deep: eval.tree.depth {tree.depth} -> {fitted.depth}", flush=True)
-        tree.depth = fitted.depth
+        tree.depth, tree.delay = fitted.depth, fitted.delay
 
 
 def make_decoder(cfg: Config, target, drafter, temperature: float):

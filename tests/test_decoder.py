@@ -49,6 +49,19 @@ def test_greedy_equals_target_greedy(arch, tree_name, drafter_kind):
         assert base.tolist() == want.tolist() and bst.tau == 1.0
 
 
+@pytest.mark.parametrize("tree", [TREES["chain"], TREES["static"], TREES["dynamic"],
+                                  TreeConfig(kind="static", paths=[[0], [1], [0, 0]], delay=2),
+                                  TreeConfig(kind="dynamic", depth=4, top_k=3, total_tokens=12, delay=2)])
+def test_traversal_and_delayed_trees_at_t0_are_target_greedy(tree):
+    """eval.acceptance=traversal and delayed trees keep T = 0 output token for token the target's greedy."""
+    target = small_target("llama")
+    prompt = random_prompt(target, seed=7)
+    want = hf_greedy(target, prompt, 14, eos=None)
+    dec = SpeculativeDecoder(target, make_drafter("sometimes", target, seed=3), tree, acceptance="traversal")
+    got, st = dec.generate(prompt, 14, eos_ids=[])
+    assert got.tolist() == want.tolist() and st.tau > 1
+
+
 @pytest.mark.parametrize("depth", [1, 3])
 def test_target_drafter_reaches_depth_plus_one(tiny_target, depth):
     """The real loaded targets (with tokenizer) of all three shapes."""
@@ -204,7 +217,7 @@ def test_errors(tiny_target_dir):
         SpeculativeDecoder(target, ok, TreeConfig(kind="dynamic", total_tokens=0))
     with pytest.raises(DraftsmithError, match=r"has \[0, 1\] but not its prefix"):
         SpeculativeDecoder(target, ok, TreeConfig(kind="static", paths=[[1], [0, 1]]))
-    with pytest.raises(DraftsmithError, match="acceptance='medusa' is not a rule: use lossless or typical"):
+    with pytest.raises(DraftsmithError, match="acceptance='medusa' is not a rule: use lossless, traversal or typical"):
         SpeculativeDecoder(target, ok, TREES["chain"], acceptance="medusa")
     with pytest.raises(DraftsmithError, match=r"top_p=0 must be in \(0, 1\]"):
         SpeculativeDecoder(target, ok, TREES["chain"], temperature=1.0, top_p=0)

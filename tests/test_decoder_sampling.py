@@ -1,8 +1,9 @@
 """Speculative sampling end to end is lossless: on a Llama with a 5-token vocabulary, the 2nd and 3rd
 generated tokens (both decided by tree verification, the 3rd possibly in a second cycle) follow the
 target's own warped distribution, computed exactly from its logits (chi-square). Chain rule, SpecInfer
-trees, top-k point-mass trees with prompt lookup, OPT-Trees (given, fixed and measured cost models), and
-plain autoregressive sampling, with top-p / top-k.
+trees, top-k point-mass trees with prompt lookup, OPT-Trees (given, fixed and measured cost models),
+Traversal Verification on chains, sampled and dynamic trees, delayed tree expansion, and plain
+autoregressive sampling, with top-p / top-k.
 Drafters that cost no forward keep it quick: losslessness depends on the verifier, not on who drafts.
 
     python -m pytest -q tests/test_decoder_sampling.py
@@ -64,6 +65,19 @@ CASES = {
                             SamplingRule(temperature=0.7, top_p=0.8)),
     "opt-tree-measured-top-p": (dict(tree=TreeConfig(kind="opt", depth=2, top_k=2, total_tokens=4), drafter="table"),
                                 SamplingRule(temperature=1.0, top_p=0.9)),
+    # Traversal Verification: chain (block verification), sampled static tree, EAGLE-2 dynamic tree
+    "traversal-chain": (dict(tree=TreeConfig(kind="chain", depth=2), drafter="table"),
+                        SamplingRule(temperature=1.0, acceptance="traversal")),
+    "traversal-sampled-tree-top-p": (dict(tree=TreeConfig(kind="static", paths=[[0], [1], [0, 0], [1, 0]]),
+                                          drafter="table", sample=True),
+                                     SamplingRule(temperature=0.7, top_p=0.95, acceptance="traversal")),
+    "traversal-dynamic": (dict(tree=TreeConfig(kind="dynamic", depth=2, top_k=2, total_tokens=4), drafter="table"),
+                          SamplingRule(temperature=0.7, acceptance="traversal")),
+    # delayed expansion: one drafted token, then the tree
+    "delayed-sampled-tree": (dict(tree=TreeConfig(kind="static", paths=[[0], [1]], delay=1), drafter="table",
+                                  sample=True), SamplingRule(temperature=1.0, top_p=0.95)),
+    "delayed-dynamic-traversal": (dict(tree=TreeConfig(kind="dynamic", depth=2, top_k=2, total_tokens=3, delay=1),
+                                       drafter="table"), SamplingRule(temperature=1.0, acceptance="traversal")),
 }
 
 
@@ -71,7 +85,7 @@ def speculative(target, case):
     spec, rule = CASES[case]
     drafter = TableDrafter() if spec["drafter"] == "table" else NgramDrafter(V, 2, 1)
     return SpeculativeDecoder(target, drafter, spec["tree"], rule.temperature, rule.top_p, rule.top_k,
-                              sample=spec.get("sample")), rule
+                              rule.acceptance, sample=spec.get("sample")), rule
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -91,6 +105,17 @@ def test_end_to_end_test_catches_a_wrong_residual(target, monkeypatch):
     """Negative control: resampling from p instead of the residual after a rejection must fail the same test."""
     monkeypatch.setattr(verify, "_residual", lambda p, q: p)
     dec, rule = speculative(target, "specinfer-tree-top-p")
+    counts = sample_pairs(lambda g: dec.generate(PROMPT, 3, eos_ids=[], generator=g)[0].tolist(), N)
+    assert pvalue(counts, exact_pairs(target, rule)) < 1e-6
+
+
+def test_end_to_end_test_catches_a_wrong_traversal_update(target, monkeypatch):
+    """Negative control for traversal: a parent that keeps its target p after a child's rejection (instead of
+    the residual) must fail the same test. (A subtler bug, a parent that keeps its weight, needs the
+    12000-tree test in tests/test_verify.py to show.)"""
+    right = verify._still_owed
+    monkeypatch.setattr(verify, "_still_owed", lambda a, p, q: (right(a, p, q)[0], p))
+    dec, rule = speculative(target, "traversal-sampled-tree-top-p")
     counts = sample_pairs(lambda g: dec.generate(PROMPT, 3, eos_ids=[], generator=g)[0].tolist(), N)
     assert pvalue(counts, exact_pairs(target, rule)) < 1e-6
 

@@ -29,9 +29,9 @@ def llama(tiny_target_dir):
 @pytest.mark.parametrize("override,msg", [
     ("eval.temperatures=[0,-0.5]", "eval.temperatures has -0.5: temperatures must be >= 0 (0 = greedy)"),
     ("eval.benchmarks=[nope]", "unknown benchmark 'nope' in eval.benchmarks: choose from sharegpt_heldout"),
-    ("eval.acceptance=greedy", "eval.acceptance='greedy': choose lossless or typical"),
+    ("eval.acceptance=greedy", "eval.acceptance='greedy': choose lossless, traversal or typical"),
     ("eval.top_p=0", "eval.top_p=0.0: must be in (0, 1]"),
-    ("eval.tree.kind=bush", "eval.tree.kind='bush' is not a tree kind: use chain, static, dynamic or opt"),
+    ("eval.tree.kind=bush", "eval.tree.kind='bush' is not a tree kind: use one of chain, static, dynamic, opt"),
 ])
 def test_bad_eval_settings_fail_before_loading(cfg_for, override, msg):
     with pytest.raises(DraftsmithError) as e:

@@ -131,22 +131,27 @@ def test_given_cost_model_is_used_as_given():
     assert cost.draft_ms == 2.0  # a given model is not overwritten by measurements
 
 
-@pytest.mark.parametrize("cfg, msg", [
-    (opt(opt_budget="auto"), "eval.tree.opt_budget='auto': use cost"),
-    (opt(opt_threshold=-1.0), "eval.tree.opt_threshold=-1.0 must be >= 0"),
-    (opt(opt_verify_ms=[5.0]), "opt_verify_nodes, opt_verify_ms and opt_draft_ms go together"),
-    (opt(opt_verify_nodes=[0], opt_verify_ms=[5.0], opt_draft_ms=1.0),
+@pytest.mark.parametrize("kw, msg", [
+    (dict(opt_budget="auto"), "eval.tree.opt_budget='auto': use cost"),
+    (dict(opt_threshold=-1.0), "eval.tree.opt_threshold=-1.0 must be >= 0"),
+    (dict(opt_verify_ms=[5.0]), "opt_verify_nodes, opt_verify_ms and opt_draft_ms go together"),
+    (dict(opt_verify_nodes=[0], opt_verify_ms=[5.0], opt_draft_ms=1.0),
      r"opt_verify_nodes=\[0\] / opt_verify_ms=\[5.0\]: give as many node counts"),
-    (opt(opt_verify_nodes=[1, 2], opt_verify_ms=[5.0], opt_draft_ms=1.0), "give as many node counts"),
-    (opt(opt_verify_nodes=[1], opt_verify_ms=[5.0], opt_draft_ms=0.0), "opt_draft_ms=0.0 must be > 0"),
-    (opt(total_tokens=0), "eval.tree.total_tokens=0 must be >= 1"),
-    (opt(top_k=0), "eval.tree.top_k=0 must be >= 1"),
-    (opt(depth=0), "eval.tree.depth=0 must be >= 1"),
-    (opt(), "eval.tree.kind=opt needs a cost model here"),
+    (dict(opt_verify_nodes=[1, 2], opt_verify_ms=[5.0], opt_draft_ms=1.0), "give as many node counts"),
+    (dict(opt_verify_nodes=[1], opt_verify_ms=[5.0], opt_draft_ms=0.0), "opt_draft_ms=0.0 must be > 0"),
+    (dict(total_tokens=0), "eval.tree.total_tokens=0 must be >= 1"),
+    (dict(top_k=0), "eval.tree.top_k=0 must be >= 1"),
+    (dict(depth=0), "eval.tree.depth=0 must be >= 1"),
 ])
-def test_bad_opt_config(cfg, msg):
+def test_bad_opt_config(kw, msg):
+    """Refused when the config is built (TreeConfig's __post_init__), before any tree."""
     with pytest.raises(DraftsmithError, match=msg):
-        build_tree(PathDrafter(5, lambda b, p: [0.0] * 5), cfg)
+        opt(**kw)
+
+
+def test_an_opt_tree_outside_the_decoder_needs_a_given_cost_model():
+    with pytest.raises(DraftsmithError, match="eval.tree.kind=opt needs a cost model here"):
+        build_tree(PathDrafter(5, lambda b, p: [0.0] * 5), opt())
 
 
 def test_opt_trees_are_not_sampled():

@@ -13,8 +13,10 @@ from conf.schema.eval import TreeConfig
 from decoding.tree import (
     DraftTree,
     build_tree,
+    fit_depth,
     keep_cache_entries,
     tree_attention_mask,
+    tree_nodes,
     warp_probs,
 )
 from tests.tree_util import PathDrafter, dynamic_world, shifted
@@ -195,21 +197,81 @@ def test_keep_cache_entries():
     assert cache.get_seq_length() == 3
 
 
-@pytest.mark.parametrize("cfg, msg", [
-    (TreeConfig(kind="beam"), "eval.tree.kind='beam' is not a tree kind: use chain, static, dynamic or opt"),
-    (TreeConfig(kind="chain", depth=0), "eval.tree.depth=0 must be >= 1"),
-    (TreeConfig(kind="dynamic", depth=0), "eval.tree.depth=0 must be >= 1"),
-    (TreeConfig(kind="dynamic", total_tokens=0), "eval.tree.total_tokens=0 must be >= 1"),
-    (TreeConfig(kind="dynamic", top_k=0), "eval.tree.top_k=0 must be >= 1"),
-    (TreeConfig(kind="static"), "eval.tree.kind=static needs eval.tree.paths"),
-    (TreeConfig(kind="static", paths=[[0], [1, 0]]), r"has \[1, 0\] but not its prefix \[1\]"),
-    (TreeConfig(kind="static", paths=[[0], [0]]), r"eval.tree.paths has \[0\] twice"),
-    (TreeConfig(kind="static", paths=[[0], [-1]]), r"eval.tree.paths has \[-1\]: each path must be"),
-    (TreeConfig(kind="static", paths=[[0], []]), r"eval.tree.paths has \[\]: each path must be"),
+@pytest.mark.parametrize("kw, msg", [
+    (dict(kind="beam"), "eval.tree.kind='beam' is not a tree kind: use one of chain, static, dynamic, opt"),
+    (dict(kind="chain", depth=0), "eval.tree.depth=0 must be >= 1"),
+    (dict(kind="dynamic", depth=0), "eval.tree.depth=0 must be >= 1"),
+    (dict(kind="dynamic", total_tokens=0), "eval.tree.total_tokens=0 must be >= 1"),
+    (dict(kind="dynamic", top_k=0), "eval.tree.top_k=0 must be >= 1"),
+    (dict(kind="static"), "eval.tree.kind=static needs eval.tree.paths"),
+    (dict(kind="static", paths=[[0], [1, 0]]), r"has \[1, 0\] but not its prefix \[1\]"),
+    (dict(kind="static", paths=[[0], [0]]), r"eval.tree.paths has \[0\] twice"),
+    (dict(kind="static", paths=[[0], [-1]]), r"eval.tree.paths has \[-1\]: each path must be"),
+    (dict(kind="static", paths=[[0], []]), r"eval.tree.paths has \[\]: each path must be"),
+    (dict(kind="dynamic", depth=3, delay=3), r"eval.tree.delay=3 must be < eval.tree.depth=3"),
+    (dict(kind="dynamic", delay=-1), r"eval.tree.delay=-1 must be >= 0"),
+    (dict(kind="chain", delay=1), r"eval.tree.delay=1 needs a branching tree: a chain never branches"),
 ])
-def test_bad_tree_config(cfg, msg):
+def test_bad_tree_config(kw, msg):
+    """Refused when the config is built (the schema's __post_init__), and again by build_tree for a config
+    changed in code afterwards."""
+    with pytest.raises(DraftsmithError, match=msg):
+        TreeConfig(**kw)
+    cfg = TreeConfig(kind="chain")
+    for key, value in kw.items():
+        setattr(cfg, key, value)
     with pytest.raises(DraftsmithError, match=msg):
         build_tree(PathDrafter(5, shifted(5)), cfg)
+
+
+def test_static_paths_are_put_in_node_order_once():
+    cfg = TreeConfig(kind="static", paths=[[1, 0], [0], [0, 0, 0], [1], [0, 1], [0, 0]])
+    assert cfg.paths == [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]]
+    cfg.check()  # idempotent
+    assert cfg.paths == [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]]
+
+
+def test_delayed_static_tree_hangs_the_paths_below_a_trunk():
+    d = PathDrafter(10, shifted(10))
+    tree = build_tree(d, TreeConfig(kind="static", paths=[[0], [1], [0, 0]], delay=2))
+    # trunk 1 -> 2 (top-1), then below 2: its best (3) and second (4) children, and 3's best (4)
+    assert tree.tokens.tolist() == [[1, 2, 3, 4, 4]]
+    assert tree.parents.tolist() == [[-1, 0, 1, 1, 2]] and tree.depths.tolist() == [[1, 2, 3, 3, 4]]
+    assert tree.depth_limit == 4 and not tree.is_chain()
+    assert d.calls == [[[()]], [[(1,)]], [[(1, 2)]], [[(1, 2, 3)]]]
+
+
+def test_delayed_sampled_tree_keeps_every_draw_distribution():
+    g = torch.Generator().manual_seed(0)
+    d = PathDrafter(6, lambda b, path: [float(v % 3) for v in range(6)])
+    tree = build_tree(d, TreeConfig(kind="static", paths=[[0], [1], [0, 0]], delay=1), batch=3, temperature=1.0,
+                      generator=g, sample=True)
+    q = torch.tensor([float(v % 3) for v in range(6)]).softmax(-1)
+    assert tree.parents.tolist() == [[-1, 0, 0, 1]] * 3
+    # rows: root (the trunk's draw), trunk node (its two children), node 1 (its child), then leaves: zero
+    for row in (0, 1, 2):
+        torch.testing.assert_close(tree.q[:, row], q.expand(3, 6))
+    assert tree.q[:, 3:].abs().sum() == 0
+
+
+def test_delay_counts_in_nodes_and_follows_a_cut_depth():
+    assert tree_nodes(TreeConfig(kind="static", paths=[[0], [1]], delay=3)) == 5
+    assert tree_nodes(TreeConfig(kind="dynamic", total_tokens=20, delay=2)) == 20
+    cut = fit_depth(TreeConfig(kind="dynamic", depth=5, delay=4), 3)  # a 3-head drafter
+    assert (cut.depth, cut.delay) == (3, 2)
+    assert fit_depth(TreeConfig(kind="dynamic", depth=5, delay=1), 3).delay == 1
+
+
+def test_delayed_dynamic_tree_keeps_depth_and_budget():
+    V, fn = dynamic_world()
+    d = PathDrafter(V, fn)
+    tree = build_tree(d, TreeConfig(kind="dynamic", depth=3, top_k=2, total_tokens=5, delay=1))
+    # trunk a (.6); below it ac .33, ad .21; then acg .297, ad's best (uniform: .21 / 12 = .0175), ach .0165
+    assert tree.tokens[0, :4].tolist() == [1, 3, 4, 7]  # ad's children tie, so its kept one is any token
+    assert tree.parents.tolist() == [[-1, 0, 0, 1, 2]]
+    assert tree.depths.tolist() == [[1, 2, 2, 3, 3]]
+    torch.testing.assert_close(tree.cumulative_logq()[0].exp(), torch.tensor([.6, .33, .21, .297, .21 / 12]))
+    assert d.calls == [[[()]], [[(1,)]], [[(1, 3), (1, 4)]]]
 
 
 def test_bad_build_arguments():

@@ -20,6 +20,7 @@ from decoding.verify import SamplingRule, accept
 from drafters.base import Drafter
 
 V, ROOT = 4, 0
+TV = "traversal"
 
 
 
@@ -97,7 +98,32 @@ CASES = {
                               SamplingRule(temperature=1.0), 12000),
     "deterministic-static-top-k": (TreeConfig(kind="static", paths=[[0], [1], [0, 0], [1, 0], [0, 0, 0]]), {},
                                    SamplingRule(temperature=0.7, top_k=3, top_p=0.9), 12000),
+    # Traversal Verification on every tree kind the decoder builds, T = 1 and 0.7, with top-p
+    "traversal-chain": (TreeConfig(kind="chain", depth=3), {}, SamplingRule(temperature=1.0, acceptance=TV), 12000),
+    "traversal-chain-top-p": (TreeConfig(kind="chain", depth=3), {},
+                              SamplingRule(temperature=0.7, top_p=0.9, acceptance=TV), 12000),
+    "traversal-sampled-tree": (TreeConfig(kind="static", paths=[[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0]]),
+                               {"sample": True}, SamplingRule(temperature=1.0, acceptance=TV), 12000),
+    "traversal-sampled-tree-top-p": (TreeConfig(kind="static", paths=[[0], [1], [0, 0], [0, 1], [1, 0]]),
+                                     {"sample": True}, SamplingRule(temperature=0.7, top_p=0.85, acceptance=TV), 12000),
+    "traversal-dynamic": (TreeConfig(kind="dynamic", depth=3, top_k=2, total_tokens=5), {},
+                          SamplingRule(temperature=1.0, acceptance=TV), 12000),
+    "traversal-static-top-k": (TreeConfig(kind="static", paths=[[0], [1], [0, 0], [1, 0], [0, 0, 0]]), {},
+                               SamplingRule(temperature=0.7, top_p=0.9, acceptance=TV), 12000),
+    # delayed expansion: a single path first, the tree below it (both rules)
+    "delayed-sampled-tree": (TreeConfig(kind="static", paths=[[0], [1], [2], [0, 0]], delay=1), {"sample": True},
+                             SamplingRule(temperature=1.0), 12000),
+    "delayed-sampled-tree-traversal": (TreeConfig(kind="static", paths=[[0], [1], [0, 0]], delay=1), {"sample": True},
+                                       SamplingRule(temperature=0.7, top_p=0.9, acceptance=TV), 12000),
+    "delayed-dynamic": (TreeConfig(kind="dynamic", depth=3, top_k=2, total_tokens=5, delay=1), {},
+                        SamplingRule(temperature=1.0), 12000),
+    "delayed-dynamic-traversal": (TreeConfig(kind="dynamic", depth=3, top_k=2, total_tokens=5, delay=2), {},
+                                  SamplingRule(temperature=0.7, top_p=0.9, acceptance=TV), 12000),
 }
+
+
+def tree_depth(cfg: TreeConfig) -> int:
+    return cfg.delay + max(map(len, cfg.paths)) if cfg.kind == "static" else cfg.depth
 
 
 def run_case(name, seed=0):
@@ -115,7 +141,7 @@ def run_case(name, seed=0):
 def test_lossless_first_three_tokens(name):
     samples, P, acc = run_case(name)
     assert sum(len(a.path) for a in acc) > 0.3 * len(acc)  # drafts really get accepted...
-    depth = CASES[name][0].depth if CASES[name][0].kind != "static" else max(map(len, CASES[name][0].paths))
+    depth = tree_depth(CASES[name][0])
     assert sum(len(a.path) < depth for a in acc) > 0.05 * len(acc)  # ...and rejected
     assert joint_pvalue(samples, P) > 1e-3
 
@@ -127,6 +153,64 @@ def test_chi_square_catches_a_wrong_residual(name, monkeypatch):
     monkeypatch.setattr(verify, "_residual", lambda p, q: p)
     samples, P, _ = run_case(name)
     assert joint_pvalue(samples, P) < 1e-6
+
+
+def test_chi_square_catches_a_wrong_traversal_update(monkeypatch):
+    """Negative control for traversal: a parent that keeps its weight after a child is rejected (the residual
+    itself right) accepts too often, and the same test must see it."""
+    right = verify._still_owed
+    monkeypatch.setattr(verify, "_still_owed", lambda a, p, q: (a, right(a, p, q)[1]))
+    samples, P, _ = run_case("traversal-sampled-tree")
+    assert joint_pvalue(samples, P) < 1e-6
+
+
+def block_tau(p, q, gamma=2) -> float:
+    """Exact E[tokens per forward] of traversal (= block) verification on a chain of 2 i.i.d. drafts from
+    context-free q against p: tau = 1 + P(x1 accepted) + P(both accepted), enumerated over (x1, x2)."""
+    assert gamma == 2
+    a1 = (p / q).clamp(max=1)  # [x1]
+    a2 = (a1[:, None] * p[None] / q[None]).clamp(max=1)  # [x1, x2]: the leaf's sequence-level weight
+    eta = (a1[:, None] * p[None] - q[None]).clamp(min=0).sum(-1)  # [x1]
+    a1_after = eta / (eta + 1 - a1)  # x1's weight once x2 is rejected
+    qq = q[:, None] * q[None]
+    both = (qq * a2).sum()
+    one = (qq * (1 - a2) * a1_after[:, None]).sum()
+    return float(1 + both + one + both)
+
+
+def test_traversal_is_block_verification_on_a_chain():
+    """On a sampled chain traversal judges the block: depth 1 accepts with alpha = sum(min(p, q)) like the
+    chain rule; depth 2 reaches the exact block-verification tau, above the chain rule's."""
+    g = torch.Generator().manual_seed(0)
+    lp, lq = torch.randn(V, generator=g), torch.randn(V, generator=g)
+    p, q = lp.softmax(-1), lq.softmax(-1)
+    alpha = float(torch.minimum(p, q).sum())
+    rule = SamplingRule(temperature=1.0, acceptance=TV)
+    taus = {}
+    for gamma in (1, 2):
+        tree = build_tree(BigramDrafter(lq.expand(V, V)), TreeConfig(kind="chain", depth=gamma), batch=40000,
+                          temperature=1.0, generator=g)
+        acc = accept(tree, lp.expand(40000, gamma + 1, V), rule, g)
+        taus[gamma] = sum(len(a.path) + 1 for a in acc) / len(acc)
+    chain_rule = 1 + alpha + alpha ** 2
+    exact = block_tau(p, q)
+    assert taus[1] == pytest.approx(1 + alpha, abs=0.01)  # binomial sd ~0.0025
+    assert exact > chain_rule + 0.02  # the world has room for the block to win...
+    assert taus[2] == pytest.approx(exact, abs=0.015)  # ...and the rule takes it (sd ~0.004)
+
+
+def test_traversal_at_zero_temperature_is_greedy():
+    """T = 0 goes to the greedy rule; and the traversal walk itself, fed the one-hot argmax (the T -> 0
+    limit), picks the same path and bonus on top-k trees."""
+    tree = hand_tree()
+    for rows in ([7, 0, 3, 0, 0, 6, 4], [7, 0, 3, 0, 0, 8, 4], [5, 1, 0, 2, 0, 0, 0], [9, 1, 3, 0, 0, 8, 4]):
+        logits = greedy_logits(rows)
+        want = accept(tree, logits, SamplingRule())[0]
+        got = accept(tree, logits, SamplingRule(acceptance=TV))[0]
+        onehot = warp_probs(logits, 0.0)
+        path, bonus = verify._traversal(tree, onehot, torch.Generator().manual_seed(0), tree.ancestor_mask())
+        walked = [i for i in path[0].tolist() if i >= 0]
+        assert (got.path, got.bonus) == (want.path, want.bonus) == (walked, int(bonus))
 
 
 def test_tau_matches_alpha_formula():

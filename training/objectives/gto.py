@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from conf.errors import DraftsmithError
-from decoding.tree import build_tree, check_tree_config
+from decoding.tree import build_tree
 from drafters.common import shifted
 from training.objectives.tree_reward import (
     BatchedTreeDrafter,
@@ -85,7 +85,7 @@ class GTOObjective:
 
     def __init__(self, ocfg, tree_cfg, target, reference):
         ocfg.check()  # GTOConfig's ranges (conf/schema/objective.py), again for a config changed in code
-        check_tree_config(tree_cfg)
+        tree_cfg.check()
         self.cfg, self.tree_cfg, self.target = ocfg, tree_cfg, target
         self.reference = reference.eval()
         for p in self.reference.parameters():
