@@ -1,7 +1,7 @@
 """The built-in speculative decoder: draft a tree, verify it with one target forward, keep the accepted
 path; plus the autoregressive baseline on the same sampling rule and the same fast KV-cache machinery.
 
-    python -m pytest -q tests/test_decoder.py
+    python -m pytest -q tests/decoding/test_decoder.py
 
     from decoding.decoder import SpeculativeDecoder
     dec = SpeculativeDecoder(target, drafter, cfg.eval.tree, temperature=0.0)

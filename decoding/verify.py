@@ -1,9 +1,9 @@
 """Tree verification: the target's inputs for one forward over [root + every tree node], and the rules
 that turn its logits into the accepted path plus one bonus token.
 
-    python -m pytest -q tests/test_verify.py
+    python -m pytest -q tests/decoding/test_verify.py
 
-Rules (tests/test_verify.py checks each; all but `typical` keep the target's output distribution):
+Rules (tests/decoding/test_verify.py checks each; all but `typical` keep the target's output distribution):
   greedy (T = 0)        a node is accepted when it equals the target's argmax after its parent; the
                         deepest node whose whole path is accepted wins; bonus = the argmax after it.
   deterministic (T > 0) children chosen by top-k are point masses. "Try child x with prob p(x), else zero

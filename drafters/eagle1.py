@@ -2,7 +2,7 @@
 (drafters/eagle_base.py).
 
     python train.py drafter=eagle1                       # train it (stage=train) on the demo target
-    python -m pytest -q tests/test_eagle1.py             # its tests (CPU, seconds)
+    python -m pytest -q tests/drafters/test_eagle1.py             # its tests (CPU, seconds)
 
 Model. Row t pairs the target's top-layer feature f_t (TargetSignal.last_hidden: the final *normed*
 hidden state, what the LM head reads) with the next token x_{t+1}:

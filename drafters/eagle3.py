@@ -1,7 +1,7 @@
 """EAGLE-3: fused low/mid/high target features, a reduced draft vocabulary, training-time test (Li et al., 2025).
 
     python train.py drafter=eagle3                       # train it (stage=train) on the demo target
-    python -m pytest -q tests/test_eagle3.py             # its tests (CPU, seconds)
+    python -m pytest -q tests/drafters/test_eagle3.py             # its tests (CPU, seconds)
 
 Model (parameter names = SGLang's LlamaForCausalLMEagle3 checkpoint, so export is a plain dump):
     fc                 num_taps*H -> H (no bias): fuses the tapped features (TargetSignal.features)
@@ -18,7 +18,7 @@ pre-norm residual stream, what SGLang passes between draft steps). Step i at row
 against the target's distribution at t+1+i. Attention across steps is the official training-time test
 pattern (drafters.layers.ttt_attend): a step-i query at row t sees step 0's keys at rows 0..t and
 the keys of steps 1..i at row t only - the same keys a depth-i tree node sees at decode time, so
-TTT step i equals drafting a chain of depth i (tests/test_eagle3.py checks this).
+TTT step i equals drafting a chain of depth i (tests/drafters/test_eagle3.py checks this).
 
 Loss: for each step i, every cfg.losses term (soft_ce by default: -sum p log q over the draft vocab, p the
 target's distribution renormalised over the draft vocab) on rows whose predicted token is an assistant

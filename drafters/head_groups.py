@@ -1,7 +1,7 @@
 """CORAL's LM-head weight grouping (Weng et al., 2025) for EAGLE-3: drafter.head_groups / active_groups.
 
     python train.py stage=train drafter=eagle3 drafter.head_groups=8 drafter.active_groups=2
-    python -m pytest -q tests/test_coral.py
+    python -m pytest -q tests/training/test_coral.py
 
 The draft LM head [V_d, H] is cut into G groups of ceil(V_d / G) consecutive draft ids (the last may be
 shorter). A small router reads the normed hidden state h the head reads and scores the groups:

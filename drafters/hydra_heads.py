@@ -2,7 +2,7 @@
 
     python train.py stages=[data_gen,train,eval] drafter=hydra run.name=h1
     python train.py stages=[data_gen,train,eval] drafter=hydra_pp run.name=hpp   # Hydra++
-    python -m pytest -q tests/test_hydra.py
+    python -m pytest -q tests/drafters/test_hydra.py
 
 Medusa's heads guess token t+d+1 blind to the tokens drafted before it; Hydra's head d also reads them.
 With h_t the target's final normed hidden state at t (it has already predicted x_{t+1}), head d (1-based)

@@ -2,7 +2,7 @@
 
     python train.py drafter=kangaroo                                  # train the adapter (stage=train)
     python train.py stage=eval drafter=kangaroo eval.tree.kind=chain  # the paper's drafting: a chain, early exit
-    python -m pytest -q tests/test_kangaroo.py                        # its tests (CPU, seconds)
+    python -m pytest -q tests/drafters/test_kangaroo.py                        # its tests (CPU, seconds)
 
 Model (l = cfg.exit_layer). The drafter is the target cut after its first l decoder layers, plus an adapter:
     s_t = target layers 0..l-1 over embed(x_<=t)      the *target's own modules*, frozen, never copied

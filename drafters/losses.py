@@ -94,7 +94,7 @@ def linear_soft_ce(hidden: torch.Tensor, weight: torch.Tensor, target_logits: to
     gradient ever existing whole: rows go through in chunks of about chunk_elems logits. hidden [N, H],
     weight [V, H] (an LM head), target_logits [N, V], mask [N]. Also returns the drafter's top-k ids per
     row [N, k] (k = 1: the argmax), which callers need for accuracy and would otherwise recompute the
-    logits for. Equal to the unfused soft_ce up to float rounding (tests/test_losses.py)."""
+    logits for. Equal to the unfused soft_ce up to float rounding (tests/drafters/test_losses.py)."""
     m = mask.to(torch.float32)
     weights = m / m.sum().clamp_min(1.0)  # masked_mean as per-row weights
     chunk = max(1, chunk_elems // max(1, weight.shape[0]))

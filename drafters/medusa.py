@@ -2,7 +2,7 @@
 
     python train.py stages=[data_gen,train,eval] drafter=medusa run.name=m1     # Medusa-1: frozen target
     python train.py stages=[data_gen,train,eval] drafter=medusa2 run.name=m2    # Medusa-2: + LoRA on the target
-    python -m pytest -q tests/test_medusa.py
+    python -m pytest -q tests/drafters/test_medusa.py
 
 Head k (1-based) reads the target's final normed hidden state h_t and predicts token t+k+1 (the target's
 own LM head predicts t+1): `num_layers` ResBlocks (x + SiLU(Wx + b), W and b zero-initialised so a fresh

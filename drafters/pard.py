@@ -4,7 +4,7 @@ reads the context followed by k-1 mask tokens and drafts k tokens in one forward
     python train.py stages=[data_gen,train,eval] drafter=pard run.name=p1
     python train.py stage=train drafter=pard drafter.init=runs/s1/train/final      # adapt a trained small LM
     python train.py stage=export export=hf run.name=p1 drafter=pard
-    python -m pytest -q tests/test_pard.py
+    python -m pytest -q tests/drafters/test_pard.py
 
 Model: any HF causal LM, built like the `small` drafter (drafters/small_lm.py: fresh target-shaped config
 or a checkpoint, optional LoRA); it never reads the target's hidden states, so one trained PARD drafter

@@ -2,7 +2,7 @@
 
     python train.py stages=[data_gen,train,eval] drafter=small run.name=s1                  # fresh, half width
     python train.py stage=train drafter=small drafter.init=Qwen/Qwen2.5-0.5B-Instruct drafter.lora_r=16
-    python -m pytest -q tests/test_small.py
+    python -m pytest -q tests/drafters/test_small.py
 
 `init: fresh` builds a config of the target's own family (same class, vocab, rope, norms) with
 `num_layers` layers and `hidden_size` (default half the target's) at the target's head size, randomly

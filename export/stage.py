@@ -3,7 +3,7 @@
     python train.py stage=export export=sglang run.name=l31-eagle3          # -> runs/l31-eagle3/export/sglang/
     python train.py stage=export export=vllm export.dtype=float16 export.out_dir=/models/l31-eagle3
     python train.py stage=export export=medusa drafter.checkpoint=runs/m1/train/final
-    python -m pytest -q tests/test_export_stage.py
+    python -m pytest -q tests/export/test_export_stage.py
 
 Reads the drafter folder the train stage wrote (<run>/train/final, or drafter.checkpoint); its family comes
 from the folder's drafter_config.json. Writes export.out_dir (default <run>/export/<format>/) atomically:

@@ -3,7 +3,9 @@
 Parsed, not imported: every `import` / `from ... import` statement of every project file, including the
 ones inside functions and under `if TYPE_CHECKING:`, is checked against LAYERS. Packages of one layer are
 peers: they do not import each other. The entry points (train.py, bench/, tests/) sit above all of them.
-Inside tests/, no test module imports another: shared helpers live in conftest.py and helper modules.
+Inside tests/, no test module imports another: shared helpers live in conftest.py and helper modules. Tests
+mirror the packages: the tests of `<package>/<module>.py` are in tests/<package>/ (this file, about every
+package at once, is the only test at the top of tests/).
 """
 from __future__ import annotations
 
@@ -86,7 +88,7 @@ def test_an_upward_import_is_named_with_file_and_line(tmp_path, monkeypatch):
 
 
 def imported_test_modules(path: Path) -> list[str]:
-    """The test modules (tests/test_*.py) that `path` imports: tests share helpers through conftest.py and
+    """The test modules (tests/<package>/test_*.py) that `path` imports: tests share helpers through conftest.py and
     helper modules (tests/*_util.py, tests/train_fixtures.py), never by importing another test module, so
     each test file can be read, run and moved on its own."""
     found = []
@@ -101,12 +103,12 @@ def imported_test_modules(path: Path) -> list[str]:
         else:
             continue
         found += [f"{path.name}:{node.lineno}: imports {n}" for n in names
-                  if n.startswith("tests.test_") and n.count(".") == 1]
+                  if n.startswith("tests.") and n.rsplit(".", 1)[-1].startswith("test_")]
     return found
 
 
 def test_no_test_module_imports_another_test_module():
-    files = sorted((ROOT / "tests").glob("*.py"))
+    files = sorted((ROOT / "tests").rglob("*.py"))
     assert len(files) > 40
     found = [v for f in files for v in imported_test_modules(f)]
     assert not found, "test modules importing test modules (move the helper to conftest.py or a helper module):\n" \
@@ -118,8 +120,20 @@ def test_a_test_module_import_is_named(tmp_path):
     f = tmp_path / "test_x.py"
     f.write_text("import tests.conftest\nfrom tests.train_fixtures import ROOT\nfrom tests.test_medusa import grads\n"
                  "from tests import test_decoder, eagle_util\nfrom .test_data_stage import CONVS\n"
-                 "import tests.test_gto\n")
+                 "import tests.test_gto\nfrom tests.decoding.test_tree import PathDrafter\n")
     assert imported_test_modules(f) == ["test_x.py:3: imports tests.test_medusa",
                                       "test_x.py:4: imports tests.test_decoder",
                                       "test_x.py:5: imports tests.test_data_stage",
-                                      "test_x.py:6: imports tests.test_gto"]
+                                      "test_x.py:6: imports tests.test_gto",
+                                      "test_x.py:7: imports tests.decoding.test_tree"]
+
+
+def test_tests_mirror_the_packages():
+    """A newcomer finds a module's tests at once: every test file sits in tests/<package>/ for one of the
+    project's packages (or bench/), and nowhere else."""
+    homes = set(LAYER_OF) | {"bench"}
+    misplaced = [str(f.relative_to(ROOT)) for f in (ROOT / "tests").rglob("test_*.py")
+                 if f.parent.name not in homes and f != Path(__file__).resolve()]
+    assert not misplaced, f"test files outside tests/<package>/ (packages: {', '.join(sorted(homes))}):\n" \
+                          + "\n".join(misplaced)
+    assert {f.parent.name for f in (ROOT / "tests").rglob("test_*.py")} - {"tests"} == homes

@@ -2,7 +2,7 @@
 
     python train.py stage=train drafter=small objective=token run.name=ref                       # 1. reference
     python train.py stage=train drafter=small objective=adaspec objective.reference=runs/ref/train/final run.name=ada
-    python -m pytest -q tests/test_adaspec.py
+    python -m pytest -q tests/training/test_adaspec.py
 
 A small drafter cannot fit every token of a large target. AdaSPEC first distils a reference drafter with plain
 forward KL (any `objective=token` run of drafter=small: its train/final folder), then trains the drafter only on

@@ -3,7 +3,7 @@
     python train.py stage=train drafter=small objective=on_policy                                 # DistillSpec
     python train.py stage=train drafter=small objective=on_policy objective.divergence=jsd objective.beta=0.9
     python train.py stage=train drafter=small objective=on_policy objective.rollout=speculative   # Draft-OPD
-    python -m pytest -q tests/test_on_policy.py tests/test_on_policy_train.py
+    python -m pytest -q tests/training/test_on_policy.py tests/training/test_on_policy_train.py
 
 Supervised distillation shows the drafter only the target's text; at decode time it drafts from states its
 own proposals created. Here generation and training interleave in one job: before every optimizer step the

@@ -1,7 +1,7 @@
 """EAGLE-1 / EAGLE-3 drafters as SGLang and vLLM (speculators) load them.
 
     from export.formats import write_export, check_format, load_exported
-    python -m pytest -q tests/test_export_eagle.py
+    python -m pytest -q tests/export/test_export_eagle.py
 
 SGLang (`export.format=sglang`), checked against sglang/srt/models/llama_eagle3.py and llama_eagle.py:
   EAGLE-3  config.json: architectures [LlamaForCausalLMEagle3], a one-layer Llama config (vocab_size = the

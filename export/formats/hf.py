@@ -1,6 +1,6 @@
 """An independent small drafter (`small`, `pard`) as a plain Hugging Face causal-LM folder (`export.format=hf`).
 
-    python -m pytest -q tests/test_export_heads.py tests/test_pard.py
+    python -m pytest -q tests/export/test_export_heads.py tests/drafters/test_pard.py
 
 config.json + model.safetensors (any LoRA merged) + the target's tokenizer: transformers'
 `generate(assistant_model=AutoModelForCausalLM.from_pretrained(dir))` uses it as it is, and SGLang /

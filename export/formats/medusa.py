@@ -1,6 +1,6 @@
 """Medusa heads as the Medusa ecosystem loads them (`export.format=medusa`).
 
-    python -m pytest -q tests/test_export_heads.py
+    python -m pytest -q tests/export/test_export_heads.py
 
 Layout (FasterDecoding/Medusa's training script output; TGI reads the same config + safetensors file):
   config.json                   the target's config fields + medusa_num_heads, medusa_num_layers,

@@ -2,7 +2,7 @@
 
     python train.py stage=train drafter=eagle3 objective=hass
     python train.py stage=train drafter=eagle1 objective=griffin objective.align_steps=3
-    python -m pytest -q tests/test_hass.py tests/test_griffin.py
+    python -m pytest -q tests/training/test_hass.py tests/training/test_griffin.py
 
 Both are options of the drafters' own unrolled loss (drafters.eagle_base.UnrollOptions), so the step
 alignment, masks and weights are the family's:

@@ -2,7 +2,7 @@
 tree the decoder builds, against a frozen reference copy of its starting point.
 
     python train.py stage=train drafter=eagle3 objective=gto drafter.checkpoint=runs/demo/train/final run.name=demo-gto
-    python -m pytest -q tests/test_gto.py tests/test_gto_reward.py
+    python -m pytest -q tests/training/test_gto.py tests/training/test_gto_reward.py
 
 Per micro-batch (trees and rewards: training/objectives/tree_reward.py):
 1. Positions: each sequence's rows whose first draft is an assistant token are cut into groups of m

@@ -1,7 +1,7 @@
 """Draft-tree rewards at training time: the decoder's trees for many positions at once, and their exact
 expected accepted length under the target (GTO's "draft tree reward").
 
-    python -m pytest -q tests/test_gto_reward.py
+    python -m pytest -q tests/training/test_gto_reward.py
 
 Pieces, all batched over P roots = P training positions of one sequence:
 - `prefix_state(model, ids, feats)`: the EAGLE drafter's step 0 over the whole sequence (the committed
