@@ -55,10 +55,6 @@ class Eagle1Drafter(EagleBase):
         """Dimensions from target.config; token_counts is unused (EAGLE-1 keeps the full vocabulary)."""
         return cls(cfg, DrafterDims.from_target(target), target).to(target.device)
 
-    @classmethod
-    def from_meta(cls, cfg, target, dims, meta, folder=None):
-        return cls(cfg, dims, target).to(target.device)
-
     @property
     def feature_width(self) -> int:
         return self.dims.hidden_size

@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from conf.errors import DraftsmithError
 from drafters.base import Drafter, TargetSignal, TrainableDrafter
 from drafters.common import Shared, shifted
-from drafters.folder import FolderCheckpoint
+from drafters.folder import HeldTargetCheckpoint
 from drafters.layers import (
     DrafterDims,
     Rotary,
@@ -27,7 +27,6 @@ from drafters.layers import (
     masked_attention,
     ttt_rows_attend,
 )
-from drafters.target import target_identity
 
 
 @dataclass(frozen=True)
@@ -65,7 +64,7 @@ def topk_keep(top_ids: torch.Tensor, true_ids: torch.Tensor, keep: torch.Tensor 
     return hit if keep is None else hit & keep
 
 
-class EagleBase(FolderCheckpoint, TrainableDrafter):
+class EagleBase(HeldTargetCheckpoint, TrainableDrafter):
     """What EAGLE-1 and EAGLE-3 share: the frozen target reference, RoPE, checkpointing switch,
     the per-row core `core(hidden, embeds, positions, attends)` and the decoding adapter."""
 
@@ -82,17 +81,6 @@ class EagleBase(FolderCheckpoint, TrainableDrafter):
     def target(self):
         return self._target.obj
 
-    # --- checkpoint folder (drafters/folder.py) -----------------------------------------------------------
-    def checkpoint_dims(self) -> dict:
-        return self.dims.to_dict()
-
-    @classmethod
-    def read_dims(cls, dims: dict) -> DrafterDims:
-        return DrafterDims(**dims)
-
-    def checkpoint_target(self) -> dict:
-        """EAGLE holds its target: the identity is read from it at save time."""
-        return target_identity(self.target)
 
     @property
     def param_dtype(self) -> torch.dtype:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from conf.errors import DraftsmithError
+from drafters.layers import DrafterDims
 from drafters.target import target_identity
 from runtime.files import write_json
 
@@ -170,3 +171,23 @@ class FolderCheckpoint:
             load_tensors(model, state, directory)
         model._target_fp = meta["target"]
         return model.loaded(target, meta, directory, **options)
+
+
+class HeldTargetCheckpoint(FolderCheckpoint):
+    """FolderCheckpoint for the families that hold their target (`self.target`) and are shaped by a
+    DrafterDims (`self.dims`): EAGLE-1/3 and Kangaroo. The target identity is read from the held target at
+    save time, and the recorded dims are the DrafterDims."""
+
+    def checkpoint_dims(self) -> dict:
+        return self.dims.to_dict()
+
+    @classmethod
+    def read_dims(cls, dims: dict) -> DrafterDims:
+        return DrafterDims(**dims)
+
+    def checkpoint_target(self) -> dict:
+        return target_identity(self.target)
+
+    @classmethod
+    def from_meta(cls, cfg, target, dims, meta, folder=None):
+        return cls(cfg, dims, target).to(target.device)

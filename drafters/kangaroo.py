@@ -48,10 +48,9 @@ from conf.errors import DraftsmithError
 from drafters import losses as L
 from drafters.base import TargetSignal, TrainableDrafter
 from drafters.common import Shared, floats, ratio, require_last_hidden, shifted
-from drafters.folder import FolderCheckpoint
+from drafters.folder import HeldTargetCheckpoint
 from drafters.layers import DrafterDims
 from drafters.lm_drafter import LMTreeDrafter
-from drafters.target import target_identity
 
 
 def _base_layers(target):
@@ -131,7 +130,7 @@ def shallow_view(target, adapter: Adapter, config, exit_layer: int):
     return view
 
 
-class KangarooDrafter(FolderCheckpoint, TrainableDrafter):
+class KangarooDrafter(HeldTargetCheckpoint, TrainableDrafter):
     """The adapter on top of the target's first exit_layer layers (see the module docstring)."""
 
     family = "kangaroo"
@@ -165,20 +164,6 @@ class KangarooDrafter(FolderCheckpoint, TrainableDrafter):
         """Built from the loaded target; token_counts is unused (the full vocabulary, the target's LM head)."""
         return cls(cfg, DrafterDims.from_target(target), target).to(target.device)
 
-    @classmethod
-    def from_meta(cls, cfg, target, dims, meta, folder=None):
-        return cls(cfg, dims, target).to(target.device)
-
-    def checkpoint_dims(self) -> dict:
-        return self.dims.to_dict()
-
-    @classmethod
-    def read_dims(cls, dims: dict) -> DrafterDims:
-        return DrafterDims(**dims)
-
-    def checkpoint_target(self) -> dict:
-        """The identity of the target whose layers it shares (it holds that target, like the EAGLE families)."""
-        return target_identity(self.target)
 
     def view(self, adapter: Adapter | None = None):
         """The shallow causal LM over `adapter` (default: this drafter's own), rebuilt when the adapter object
