@@ -70,9 +70,7 @@ class HydraDrafter(FolderCheckpoint, TrainableDrafter):
 
     def __init__(self, cfg: HydraConfig, hidden_size: int, vocab_size: int, layer_config=None):
         super().__init__()
-        if cfg.num_heads < 1 or cfg.mlp_layers < 1:
-            raise DraftsmithError(
-                f"hydra needs num_heads >= 1 and mlp_layers >= 1, got {cfg.num_heads} and {cfg.mlp_layers}")
+        cfg.check()  # the schema's ranges, again for a config changed in code
         self.cfg = cfg
         self.hidden_size, self.vocab_size = hidden_size, vocab_size
         H = hidden_size

@@ -90,9 +90,7 @@ class MedusaDrafter(FolderCheckpoint, TrainableDrafter):
 
     def __init__(self, cfg: MedusaConfig, hidden_size: int, vocab_size: int):
         super().__init__()
-        if cfg.num_heads < 1 or cfg.num_layers < 0:
-            raise DraftsmithError(
-                f"medusa needs num_heads >= 1 and num_layers >= 0, got {cfg.num_heads} and {cfg.num_layers}")
+        cfg.check()  # the schema's ranges, again for a config changed in code
         self.cfg = cfg
         self.hidden_size, self.vocab_size = hidden_size, vocab_size
         self.medusa_head = nn.ModuleList(

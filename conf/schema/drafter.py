@@ -72,12 +72,10 @@ class Eagle1Config(DrafterConfig):
     # EAGLE-1 "CE"), ce (hard CE vs the target's argmax) or any distribution loss in drafters/losses.py
     losses: Dict[str, float] = field(default_factory=lambda: {"smooth_l1": 1.0, "soft_ce": 0.1})
 
-    def __post_init__(self) -> None:
-        self.check()
-
     def check(self) -> None:
         """One-line errors for shapes eagle1 cannot build (at construction and again when the drafter is built).
         The loss names are checked by the drafter, which owns the losses."""
+        super().check()
         if self.num_layers < 1:
             raise DraftsmithError(f"drafter.num_layers={self.num_layers}: eagle1 needs at least 1 decoder layer")
 
@@ -96,12 +94,10 @@ class Eagle3Config(DrafterConfig):
     # per step: soft_ce (-sum p log q over the draft vocab), ce (vs the target's argmax) or any distribution loss
     losses: Dict[str, float] = field(default_factory=lambda: {"soft_ce": 1.0})
 
-    def __post_init__(self) -> None:
-        self.check()
-
     def check(self) -> None:
         """One-line errors for shapes and unrolls eagle3 cannot train (at construction and again when the
         drafter is built). The draft vocabulary size is checked where the vocabulary is built (drafters/vocab.py)."""
+        super().check()
         if self.num_layers != 1:
             raise DraftsmithError(f"drafter.num_layers={self.num_layers}: eagle3 has exactly one decoder layer "
                                   "(the SGLang LlamaForCausalLMEagle3 layout); set drafter.num_layers=1")
@@ -126,6 +122,12 @@ class MedusaConfig(DrafterConfig):
     self_distill: bool = True  # Medusa-2: KL to the adapter-off logits instead of CE on data
     losses: Dict[str, float] = field(default_factory=lambda: {"ce": 1.0})
 
+    def check(self) -> None:
+        super().check()
+        if self.num_heads < 1 or self.num_layers < 0:
+            raise DraftsmithError(
+                f"medusa needs num_heads >= 1 and num_layers >= 0, got {self.num_heads} and {self.num_layers}")
+
 
 @dataclass
 class HydraConfig(DrafterConfig):
@@ -135,6 +137,12 @@ class HydraConfig(DrafterConfig):
     prefix_layer: bool = False  # Hydra++: one extra decoder layer over the base hidden states
     teacher_loss: bool = False  # Hydra++: soft CE to the base distribution instead of CE on data
     losses: Dict[str, float] = field(default_factory=lambda: {"ce": 1.0})
+
+    def check(self) -> None:
+        super().check()
+        if self.num_heads < 1 or self.mlp_layers < 1:
+            raise DraftsmithError(
+                f"hydra needs num_heads >= 1 and mlp_layers >= 1, got {self.num_heads} and {self.mlp_layers}")
 
 
 @dataclass
@@ -150,6 +158,13 @@ class SmallConfig(DrafterConfig):
     lora_target_modules: str = "all-linear"  # peft target_modules: "all-linear" or comma-separated names
     losses: Dict[str, float] = field(default_factory=lambda: {"forward_kl": 1.0})
 
+    def check(self) -> None:
+        super().check()
+        if self.init == "fresh" and self.lora_r > 0:
+            raise DraftsmithError(
+                "drafter.lora_r > 0 adapts a pretrained drafter, but drafter.init=fresh is random: set "
+                "drafter.lora_r=0 or drafter.init=<checkpoint path or hub id>")
+
 
 @dataclass
 class KangarooConfig(DrafterConfig):
@@ -162,13 +177,15 @@ class KangarooConfig(DrafterConfig):
     # adapter's normed output and the target's last hidden state), ce, or any distribution loss
     losses: Dict[str, float] = field(default_factory=lambda: {"soft_ce": 1.0})
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
+        super().check()
         if self.exit_layer < 1:
             raise DraftsmithError(f"drafter.exit_layer={self.exit_layer} must be >= 1 (the target layers the "
                                   "drafter shares): use 1 up to the target's layer count - 1")
         if not 0 <= self.threshold < 1:
             raise DraftsmithError(f"drafter.threshold={self.threshold} must be in [0, 1) (0 = no early exit; "
                                   "the paper uses 0.6)")
+
 
 @dataclass
 class PardConfig(SmallConfig):
@@ -184,7 +201,8 @@ class PardConfig(SmallConfig):
     retain: float = 0.7
     retain_min: float = 0.2
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
+        super().check()  # the small drafter's own settings too
         if self.k < 1:
             raise DraftsmithError(f"drafter.k={self.k} must be >= 1 (tokens drafted per forward)")
         if self.mask_token_id is not None and self.mask_token_id < 0:

@@ -57,6 +57,13 @@ def test_experiment_smoke_caps_budgets():
     (["objective=on_policy", "objective.rollout=both"], "objective.rollout='both': use drafter (DistillSpec: the"),
     (["drafter=eagle3", "drafter.step_decay=0"], "drafter.step_decay=0.0 must be > 0 (official: 0.8)"),
     (["drafter=eagle1", "drafter.num_layers=0"], "drafter.num_layers=0: eagle1 needs at least 1 decoder layer"),
+    (["drafter=medusa", "drafter.num_heads=0"], "medusa needs num_heads >= 1 and num_layers >= 0, got 0 and 1"),
+    (["drafter=hydra", "drafter.mlp_layers=0"], "hydra needs num_heads >= 1 and mlp_layers >= 1, got 4 and 0"),
+    (["drafter=small", "drafter.lora_r=4"], "drafter.lora_r > 0 adapts a pretrained drafter, but drafter.init=fresh"),
+    # a family's own check() runs the draft-vocabulary checks every family shares
+    (["drafter=eagle3", "drafter.draft_vocab=0"], "drafter.draft_vocab=0: give a token count"),
+    (["drafter=pard", "drafter.draft_vocab_source=web"], "drafter.draft_vocab_source='web': use data"),
+    (["drafter=kangaroo", "drafter.draft_vocab=2.0"], "drafter.draft_vocab=2.0: give a token count"),
     (["pretrain.num_heads=0"], "pretrain.num_heads must be >= 1 (got 0)"),
     (["export.check_max_new_tokens=0"], "export.check_prompts must be >= 0 and export.check_max_new_tokens >= 1"),
     (["data.split=test"], "data.split='test' is not a ShareGPT split: use train, heldout or all"),
