@@ -3,7 +3,7 @@ is the divergence on exactly the generated slots, a crashed or killed run resume
 rows, ZeRO-3, and the command line.
 
     python -m pytest -q tests/training/test_on_policy_train.py
-    python -m tests.test_on_policy_train <override>...      # one run in a subprocess (the SIGKILL test's child)
+    python -m tests.training.test_on_policy_train <override>...      # one run in a subprocess (the SIGKILL test's child)
 """
 from __future__ import annotations
 
@@ -213,7 +213,7 @@ def test_sigkill_mid_run_then_rerun_is_bit_identical(tmp_path, tiny_target_dir, 
     cmds = {}
     for name in ("ref", "k"):
         write_data_gen(tmp_path / "runs" / name, llama_target, n_rows=16)
-        cmds[name] = [sys.executable, "-m", "tests.test_on_policy_train",
+        cmds[name] = [sys.executable, "-m", "tests.training.test_on_policy_train",
                       *base_overrides(tiny_target_dir("llama"), tmp_path / "runs", name), *args]
     ref = subprocess.run(cmds["ref"], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
     assert ref.returncode == 0, ref.stderr[-3000:]
@@ -262,7 +262,7 @@ def test_two_ranks_under_zero3_match_zero2(tmp_path, tiny_target_dir, llama_targ
     for zero in ("zero2", "zero3"):
         write_data_gen(tmp_path / "runs" / zero, llama_target, n_rows=16)
         cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", str(fx.free_port()), "-m",
-               "tests.test_on_policy_train", *base_overrides(tiny_target_dir("llama"), tmp_path / "runs", zero),
+               "tests.training.test_on_policy_train", *base_overrides(tiny_target_dir("llama"), tmp_path / "runs", zero),
                *ON_POLICY, "train.max_steps=2", "objective.rollout=speculative", f"deepspeed={zero}"]
         r = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=480)
         assert r.returncode == 0, r.stderr[-3000:]
@@ -273,7 +273,7 @@ def test_two_ranks_under_zero3_match_zero2(tmp_path, tiny_target_dir, llama_targ
 
 
 def child_main(argv: list[str]) -> None:
-    """`python -m tests.test_on_policy_train <overrides>`: one run on the registry's small drafter; slows each
+    """`python -m tests.training.test_on_policy_train <overrides>`: one run on the registry's small drafter; slows each
     rollout by DRAFTSMITH_TEST_SLEEP seconds (so a test can kill it mid-run); prints the result as JSON."""
     pause = float(os.environ.get("DRAFTSMITH_TEST_SLEEP", "0"))
     if pause:
