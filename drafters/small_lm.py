@@ -119,8 +119,13 @@ class SmallDrafter(FolderCheckpoint, TrainableDrafter):
         """The HF causal LM to train: fresh or loaded, `adapt`ed by the family, LoRA-wrapped when asked."""
         from transformers import AutoModelForCausalLM
 
-        cfg.check()  # the schema's ranges (fresh init without LoRA), again for a config changed in code
         if cfg.init == "fresh":
+            # checked here, not in the schema: the on-policy and FastDraft preflights name the conflict of
+            # LoRA with their own settings first, which is the more useful line for those runs
+            if cfg.lora_r > 0:
+                raise DraftsmithError(
+                    "drafter.lora_r > 0 adapts a pretrained drafter, but drafter.init=fresh is random: set "
+                    "drafter.lora_r=0 or drafter.init=<checkpoint path or hub id>")
             config = fresh_config(target.config, cfg.num_layers, cfg.hidden_size)
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         else:

@@ -158,13 +158,6 @@ class SmallConfig(DrafterConfig):
     lora_target_modules: str = "all-linear"  # peft target_modules: "all-linear" or comma-separated names
     losses: Dict[str, float] = field(default_factory=lambda: {"forward_kl": 1.0})
 
-    def check(self) -> None:
-        super().check()
-        if self.init == "fresh" and self.lora_r > 0:
-            raise DraftsmithError(
-                "drafter.lora_r > 0 adapts a pretrained drafter, but drafter.init=fresh is random: set "
-                "drafter.lora_r=0 or drafter.init=<checkpoint path or hub id>")
-
 
 @dataclass
 class KangarooConfig(DrafterConfig):

@@ -59,7 +59,6 @@ def test_experiment_smoke_caps_budgets():
     (["drafter=eagle1", "drafter.num_layers=0"], "drafter.num_layers=0: eagle1 needs at least 1 decoder layer"),
     (["drafter=medusa", "drafter.num_heads=0"], "medusa needs num_heads >= 1 and num_layers >= 0, got 0 and 1"),
     (["drafter=hydra", "drafter.mlp_layers=0"], "hydra needs num_heads >= 1 and mlp_layers >= 1, got 4 and 0"),
-    (["drafter=small", "drafter.lora_r=4"], "drafter.lora_r > 0 adapts a pretrained drafter, but drafter.init=fresh"),
     # a family's own check() runs the draft-vocabulary checks every family shares
     (["drafter=eagle3", "drafter.draft_vocab=0"], "drafter.draft_vocab=0: give a token count"),
     (["drafter=pard", "drafter.draft_vocab_source=web"], "drafter.draft_vocab_source='web': use data"),
