@@ -9,7 +9,6 @@ a rename is atomic, so a SIGKILL leaves either the whole shard or a temp folder 
 from __future__ import annotations
 
 import os
-import signal
 import time
 from collections import Counter
 from pathlib import Path
@@ -19,17 +18,7 @@ from data_gen.cache import compute_cache, write_cache_file
 from data_gen.regenerate import regenerate
 from data_gen.render import render_conversation
 from runtime.files import replace_folder, write_json
-
-_hook_counts: Counter = Counter()
-
-
-def kill_hook(point: str) -> None:
-    """DRAFTSMITH_TEST_KILL_AT=<point>:<n> SIGKILLs this process the n-th time it reaches <point>."""
-    name, _, n = os.environ.get("DRAFTSMITH_TEST_KILL_AT", "").rpartition(":")
-    if name == point:
-        _hook_counts[point] += 1
-        if _hook_counts[point] == int(n):
-            os.kill(os.getpid(), signal.SIGKILL)
+from runtime.rundir import kill_hook
 
 
 def row_features():

@@ -33,12 +33,12 @@ from conf.errors import DraftsmithError
 from conf.schema import Config, run_dir, save_config
 from data_gen.output import read_meta, token_counts
 from data_gen.render import NOT_PREFIX_STABLE
-from data_gen.shard import ShardWriter, kill_hook
+from data_gen.shard import ShardWriter
 from data_gen.sources import SourceReport, iter_source
 from drafters.target import target_identity
 from runtime.distributed import GlooGroup
 from runtime.files import replace_folder, save_npy, write_json
-from runtime.rundir import stage_session
+from runtime.rundir import kill_hook, stage_session
 
 # DataConfig fields that change the rows; anything else (batch_size, shard_rows) only changes speed
 ROW_FIELDS = ("source", "path", "hf_config", "split", "max_conversations", "max_length", "regenerate",

@@ -22,14 +22,29 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import socket
 import time
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
 from conf.errors import DraftsmithError
 from runtime.distributed import is_main_rank
 from runtime.files import replace_folder
+
+_hook_counts: Counter = Counter()
+
+
+def kill_hook(point: str) -> None:
+    """DRAFTSMITH_TEST_KILL_AT=<point>:<n> SIGKILLs this process the n-th time it reaches <point>: the crash
+    tests of interrupted work (data_gen's shards, the train stage's checkpoints) stop it at a known place."""
+    name, _, n = os.environ.get("DRAFTSMITH_TEST_KILL_AT", "").rpartition(":")
+    if name == point:
+        _hook_counts[point] += 1
+        if _hook_counts[point] == int(n):
+            os.kill(os.getpid(), signal.SIGKILL)
+
 
 LOCK_NAME = ".lock"
 MANIFEST = "COMPLETE.json"  # written last into a sealed folder: {"files": {relative path: size}}

@@ -33,9 +33,8 @@ import torch
 
 from conf.errors import DraftsmithError
 from conf.schema import Config, final_drafter_dir, project_path, run_dir, save_config
-from data_gen.shard import kill_hook
 from runtime.files import write_json
-from runtime.rundir import check_replaceable, stage_session
+from runtime.rundir import check_replaceable, kill_hook, stage_session
 from training.checkpoint import CheckpointManager, TrainState, seal
 from training.data import DataPlan, collate, load_data_gen, require_data_gen
 from training.engine import (
