@@ -49,7 +49,7 @@ from drafters.common import floats, ratio, shifted
 from drafters.eagle_base import EagleBase, UnrollOptions, topk_keep
 from drafters.head_groups import HeadRouter, group_size, grouped_logits
 from drafters.layers import DecoderLayer, DrafterDims
-from drafters.vocab import DraftVocab, build_draft_vocab
+from drafters.vocab import DraftVocab, build_draft_vocab, on_target_vocab
 
 
 class Eagle3Drafter(EagleBase):
@@ -142,9 +142,7 @@ class Eagle3Drafter(EagleBase):
         else:  # CORAL: only the router's top active_groups groups of the head (-inf elsewhere)
             h = self.norm(out)
             d = grouped_logits(h, self.lm_head.weight, self.router(h), self.cfg.active_groups)
-        full = d.new_full((*d.shape[:-1], self.dims.vocab_size), float("-inf"))
-        full[..., self.draft_ids] = d
-        return full
+        return on_target_vocab(d, self.draft_ids, self.dims.vocab_size)
 
     # --- training -----------------------------------------------------------------------------------
     def loss(self, signal: TargetSignal, options: UnrollOptions | None = None) -> tuple[torch.Tensor, dict[str, float]]:

@@ -91,3 +91,10 @@ def build_draft_vocab(vocab_size: int, draft_vocab_size: int | None, token_count
     counts = torch.cat([counts, counts.new_zeros(vocab_size - counts.numel())])  # tokenizer < embedding rows
     order = torch.sort(counts, descending=True, stable=True).indices  # stable: ties keep ascending ids
     return maps_from_ids(order[:draft_vocab_size], vocab_size, "token_counts")
+
+
+def on_target_vocab(logits: torch.Tensor, ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Logits [.., k] of the token ids `ids` [k] as a [.., vocab_size] row, -inf elsewhere: what a drafter with
+    a reduced vocabulary returns, since the Drafter protocol's logits are over the target vocabulary."""
+    full = logits.new_full((*logits.shape[:-1], vocab_size), float("-inf"))
+    return full.index_copy_(-1, ids, logits)

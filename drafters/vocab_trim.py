@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from conf.errors import DraftsmithError
+from drafters.vocab import on_target_vocab
 
 
 def draft_vocab_size(spec, vocab_size: int) -> int | None:
@@ -69,8 +70,7 @@ class ScatterHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kept = nn.functional.linear(x.to(self.weight.dtype), self.weight, self.bias)
-        full = kept.new_full((*kept.shape[:-1], self.out_features), float("-inf"))
-        return full.index_copy_(-1, self.ids, kept)
+        return on_target_vocab(kept, self.ids, self.out_features)
 
 
 def view(module: nn.Module, replace: dict[str, object]) -> nn.Module:
