@@ -38,6 +38,8 @@ from conf.errors import DraftsmithError
 from conf.schema.eval import ACCEPTANCE
 from decoding.kvcache import StaticRunner, model_forward
 from decoding.opt_tree import OptCost, measure_counts, needs_cost
+from decoding.cycle import FixedCycle, supports
+from decoding.regions import decode_loop
 from decoding.tree import build_tree, check_tree_attention, tree_nodes
 from decoding.verify import Accepted, SamplingRule, accept_paths, tree_block
 
@@ -232,6 +234,7 @@ class SpeculativeDecoder:
         self.verifier = float32_target(target) if exact else target
         self.feature_source = getattr(drafter, "feature_source", "features") if drafter.uses_features else None
         self._run: StaticRunner | None = None
+        self._cycle: FixedCycle | None = None  # the fixed-shape draft / verify programs (decoding/cycle.py)
         # OPT-Tree's cost model: the config's, else measured on the first generate and kept for this decoder
         self.opt_cost: OptCost | None = OptCost.from_config(tree_cfg) if tree_cfg.kind == "opt" else None
 
@@ -278,35 +281,42 @@ class SpeculativeDecoder:
         done = tokens[0] in eos or max_new_tokens <= 1
         st.time_prefill = clock.wall() - t_begin
         marks = []
-        while not done:
-            t0 = clock.mark()
-            tree = build_tree(drafter, self.tree_cfg, 1, rule.temperature, rule.top_p, rule.top_k, generator,
-                              self.sample, device=ids.device, checked=True, cost=self.opt_cost)
-            t1 = clock.mark()
-            in_ids, pos, vis, anc = tree_block(tree, root)
-            logits, feats = run(in_ids, pos, vis[0], "verify")
-            path, bonus = accept_paths(tree, logits.float(), rule, generator, anc)
-            D = path.shape[1]
-            host = _cycle_summary(tree, path[0], bonus).tolist()  # the cycle's one host sync
-            t2 = clock.mark()
-            n, attempted, depth = host[2], host[1], host[3]
-            nodes = host[4:4 + n]
-            produced = host[4 + D:4 + D + n] + [host[0]]
-            if on_cycle is not None:
-                on_cycle(tree, Accepted(nodes, host[0]))
-            keep_dev = torch.cat([path.new_zeros(1), path[0, :n] + 1])  # rows of [root, nodes...] to keep
-            run.keep([0] + [1 + i for i in nodes], keep_dev)
-            self._count(st, depth, n, attempted, len(produced))
-            for t in produced:
-                tokens.append(t)
-                if t in eos or len(tokens) >= max_new_tokens:
-                    done = True
-                    break
-            if not done:
-                root = bonus
-                new_ids = torch.cat([tree.tokens[0, path[0, :n]], bonus])[None]
-                drafter.commit(new_ids, self._for_drafter(feats[:, keep_dev] if feats is not None else None))
-            marks.append((t0, t1, t2, clock.mark()))
+        with decode_loop():
+            if not done and supports(drafter, self.tree_cfg):
+                if self._cycle is None:
+                    self._cycle = FixedCycle(self, self.cuda_graphs and ids.device.type == "cuda")
+                marks = self._cycle.loop(run, root, st, tokens, eos, max_new_tokens, generator, clock, on_cycle,
+                                         self._count)
+                done = True
+            while not done:
+                t0 = clock.mark()
+                tree = build_tree(drafter, self.tree_cfg, 1, rule.temperature, rule.top_p, rule.top_k, generator,
+                                  self.sample, device=ids.device, checked=True, cost=self.opt_cost)
+                t1 = clock.mark()
+                in_ids, pos, vis, anc = tree_block(tree, root)
+                logits, feats = run(in_ids, pos, vis[0], "verify")
+                path, bonus = accept_paths(tree, logits.float(), rule, generator, anc)
+                D = path.shape[1]
+                host = _cycle_summary(tree, path[0], bonus).tolist()  # the cycle's one host sync
+                t2 = clock.mark()
+                n, attempted, depth = host[2], host[1], host[3]
+                nodes = host[4:4 + n]
+                produced = host[4 + D:4 + D + n] + [host[0]]
+                if on_cycle is not None:
+                    on_cycle(tree, Accepted(nodes, host[0]))
+                keep_dev = torch.cat([path.new_zeros(1), path[0, :n] + 1])  # rows of [root, nodes...] to keep
+                run.keep([0] + [1 + i for i in nodes], keep_dev)
+                self._count(st, depth, n, attempted, len(produced))
+                for t in produced:
+                    tokens.append(t)
+                    if t in eos or len(tokens) >= max_new_tokens:
+                        done = True
+                        break
+                if not done:
+                    root = bonus
+                    new_ids = torch.cat([tree.tokens[0, path[0, :n]], bonus])[None]
+                    drafter.commit(new_ids, self._for_drafter(feats[:, keep_dev] if feats is not None else None))
+                marks.append((t0, t1, t2, clock.mark()))
         drafter.close()
         if forwards0 is not None:
             st.drafter_forwards = drafter.forwards - forwards0

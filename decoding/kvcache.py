@@ -10,13 +10,19 @@ verification, fed from per-query-length preallocated input buffers, optionally r
                                                    # output is overwritten by the next replay: use it first)
     run.keep([0, 2, 3])                            # commit three of them (rows of that call), in place
 
+    run.keep_fixed(rows, count)                    # the same from device tensors: rows [K] padded, count [] real
+
 Layout of the cache: [committed entries (`length`) | `pending` entries written since the last keep | stale].
 A call writes its Q tokens after the pending ones; every row sees all committed entries plus the columns
 marked in `visible` [Q, pending + Q] (a causal prefix, a tree's ancestors, ...); stale columns are masked.
-Masks are additive 4D tensors over the whole capacity (what transformers passes through unchanged), kept per
-query length and updated incrementally: only the columns around the committed boundary change per call.
 
-Nothing here synchronises with the device: offsets are host integers the caller already knows.
+The committed length lives on the device (`length_t`): positions, the additive 4D mask over the whole
+capacity (what transformers passes through unchanged) and the cache's write offset are computed from it by
+tensor ops, so a call is a fixed-shape program for a given (query length, pending count) whatever the
+sequence's length, and can sit inside a CUDA graph (the speculative decoder captures a whole verification
+with its compaction that way; `keep_fixed` moves accepted entries by device indices). The host keeps
+`length` as a mirror for capacity checks: exact after `keep`, brought up to date with `advance` after a
+`keep_fixed` once the host has learnt the count. Nothing here synchronises with the device.
 """
 from __future__ import annotations
 
@@ -53,15 +59,13 @@ def _static_cache(config, capacity: int):
 
 
 class _Buffers:
-    """Input buffers for one query length Q and forward: ids, positions and the additive mask over the whole
-    capacity (and the CUDA graph reading them)."""
+    """Input buffers for one query length Q and forward: ids, relative positions and the visibility block
+    (and the CUDA graph reading them)."""
 
-    def __init__(self, Q: int, capacity: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, Q: int, W: int, device: torch.device):
         self.ids = torch.zeros(1, Q, dtype=torch.long, device=device)
-        self.pos = torch.zeros(1, Q, dtype=torch.long, device=device)
-        self.mask = torch.full((1, 1, Q, capacity), float("-inf"), dtype=dtype, device=device)
-        self.zero_upto = 0  # columns [0, zero_upto) are visible to every row
-        self.block_end = 0  # columns past this are all masked
+        self.rel = torch.zeros(1, Q, dtype=torch.long, device=device)
+        self.vis = torch.zeros(Q, W, dtype=torch.bool, device=device)
         self.graph = None  # (torch.cuda.CUDAGraph, its output) once captured
         self.calls = 0
 
@@ -70,7 +74,8 @@ class StaticRunner:
     """One model over one preallocated StaticCache (batch 1). `fns` names its forwards, each
     `fn(ids, mask, pos, cache)` returning a tensor or a tuple of tensors (e.g. "verify" with every row's
     logits, "ar" with the last row's). With `graphs=True` (CUDA only) each forward at each query length is
-    captured once into a CUDA graph (after `warm` eager calls) and replayed from then on."""
+    captured once into a CUDA graph (after `warm` eager calls) and replayed from then on; a call made with
+    graph=False runs eagerly (inside a caller's own graph region, or a one-off shape)."""
 
     def __init__(self, fns: dict[str, Callable], config, device: torch.device, dtype: torch.dtype,
                  graphs: bool = False, warm: int = 2):
@@ -79,9 +84,11 @@ class StaticRunner:
         self.warm = warm
         self.capacity = 0
         self.cache = None
-        self.buffers: dict[tuple[int, str], _Buffers] = {}
-        self.length = 0  # committed entries
+        self.buffers: dict[tuple[int, int, str], _Buffers] = {}
+        self.length_t = torch.zeros((), dtype=torch.long, device=self.device)  # committed entries (device)
+        self.length = 0  # the host's mirror of length_t
         self.pending = 0  # entries written after them since the last keep
+        self.version = 0  # bumped whenever the cache is re-allocated (graphs reading it are stale then)
 
     # --- lifetime ------------------------------------------------------------------------------------
     def reset(self, capacity: int) -> None:
@@ -91,13 +98,15 @@ class StaticRunner:
         want = round_capacity(capacity, 256 if self.graphs else 32)
         if self.cache is None or want > self.capacity or (not self.graphs and want != self.capacity):
             self.capacity = max(want, self.capacity) if self.graphs else want
-            self.cache = _static_cache(self.config, self.capacity)
-            self.buffers = {}
+            self._allocate()
         self.length = self.pending = 0
-        self._set_offset(0)
-        for b in self.buffers.values():
-            b.mask[..., :max(b.zero_upto, b.block_end)].fill_(float("-inf"))
-            b.zero_upto = b.block_end = 0
+        self.length_t.zero_()
+
+    def _allocate(self) -> None:
+        self.cache = _static_cache(self.config, self.capacity)
+        self.columns = torch.arange(self.capacity, device=self.device)
+        self.buffers = {}
+        self.version += 1
 
     def room(self) -> int:
         return self.capacity - self.length - self.pending
@@ -109,72 +118,70 @@ class StaticRunner:
             return
         old, used = self.cache, self.length + self.pending
         self.capacity = round_capacity(capacity)
-        self.cache = _static_cache(self.config, self.capacity)
+        self._allocate()
         for new, layer in zip(self.cache.layers, old.layers):
             if getattr(layer, "is_initialized", False):
                 new.lazy_initialization(layer.keys[:, :, :0], layer.values[:, :, :0])
                 new.keys[:, :, :used] = layer.keys[:, :, :used]
                 new.values[:, :, :used] = layer.values[:, :, :used]
-        self.buffers = {}
-        self._set_offset(self.length)
-
-    def _set_offset(self, n: int) -> None:
-        for layer in self.cache.layers:
-            layer.cumulative_length.fill_(n)
 
     # --- one forward -----------------------------------------------------------------------------------
     def __call__(self, ids: torch.Tensor, rel_pos: torch.Tensor, visible: torch.Tensor, fn: str,
                  graph: bool = True):
         """Run forward `fn` on ids [1, Q] at positions length + rel_pos [1, Q]; row i also sees the columns
         after the committed ones marked in visible [Q, pending + Q]. Writes Q entries, commits none.
-        graph=False: a one-off shape (a prompt): temporary buffers, never captured."""
+        graph=False: run eagerly (a one-off shape such as a prompt, or inside the caller's graph region)."""
         Q = ids.shape[1]
-        start, W = self.length, self.pending + Q
-        if start + W > self.capacity:
-            raise RuntimeError(f"StaticRunner: {start + W} entries exceed the capacity {self.capacity}")
-        zero = torch.zeros((), dtype=self.dtype, device=self.device)
-        block = torch.where(visible.to(self.device), zero, float("-inf"))
-        if not graph:
-            b = _Buffers(Q, self.capacity, self.dtype, self.device)
-            b.mask[..., :start] = 0
-        else:
-            b = self.buffers.get((Q, fn))
-            if b is None:
-                b = self.buffers[(Q, fn)] = _Buffers(Q, self.capacity, self.dtype, self.device)
-            # only the columns around the committed boundary change between calls
-            if b.zero_upto < start:
-                b.mask[..., b.zero_upto:start].zero_()
-            elif b.zero_upto > start:  # cannot happen within one sequence (reset clears), kept for safety
-                b.mask[..., start:b.zero_upto].fill_(float("-inf"))
-            b.zero_upto = start
-            if b.block_end > start + W:
-                b.mask[..., start + W:b.block_end].fill_(float("-inf"))
-            b.block_end = start + W
-        b.mask[0, 0, :, start:start + W] = block
+        W = self.pending + Q
+        if self.length + W > self.capacity:
+            raise RuntimeError(f"StaticRunner: {self.length + W} entries exceed the capacity {self.capacity}")
+        key = (Q, self.pending, fn)
+        b = self.buffers.get(key) if graph else None
+        if b is None:
+            b = _Buffers(Q, W, self.device)
+            if graph:
+                self.buffers[key] = b
         b.ids.copy_(ids)
-        torch.add(rel_pos, start, out=b.pos)
-        self._set_offset(start + self.pending)
+        b.rel.copy_(rel_pos)
+        b.vis.copy_(visible)
         out = self._forward(b, fn, graph)
         self.pending += Q
         return out
 
+    def _program(self, b: _Buffers, name: str):
+        """The forward as a fixed-shape program of the buffers and length_t (what a graph captures)."""
+        start, W, pending = self.length_t, b.vis.shape[1], self.pending
+        rel = self.columns - start  # [C]: column c holds block entry rel[c] when 0 <= rel < W
+        inside = (rel >= 0) & (rel < W)
+        seen = b.vis.index_select(1, rel.clamp(0, W - 1))  # [Q, C]
+        see = (rel < 0) | (inside & seen)
+        mask = torch.where(see, 0.0, float("-inf")).to(self.dtype)[None, None]
+        pos = b.rel + start
+        for layer in self.cache.layers:  # the new entries go after the pending ones
+            layer.cumulative_length.copy_(start + pending)
+        return self.fns[name](b.ids, mask, pos, self.cache)
+
     def _forward(self, b: _Buffers, name: str, graph: bool):
-        fn = self.fns[name]
+        from decoding.regions import captured, in_region
+
+        if in_region():  # part of a caller's graph region: its capture records this forward too
+            return self._program(b, name)
         if not (self.graphs and graph):
-            return fn(b.ids, b.mask, b.pos, self.cache)
+            if graph:  # the program a GPU replays as a graph
+                with captured(name):
+                    return self._program(b, name)
+            return self._program(b, name)
         if b.graph is not None:
             b.graph[0].replay()
             return b.graph[1]
         b.calls += 1
         if b.calls <= self.warm:  # eager warm-up calls (also what cuBLAS / allocator need before capture)
-            return fn(b.ids, b.mask, b.pos, self.cache)
-        offset = self.length + self.pending
+            return self._program(b, name)
         g = torch.cuda.CUDAGraph()
         # a private memory pool per graph: graphs here replay in any order, and a shared pool is only safe
         # when they replay in capture order
-        with torch.cuda.graph(g):  # recorded only: the cache is not written here
-            out = fn(b.ids, b.mask, b.pos, self.cache)
-        self._set_offset(offset)
+        with torch.cuda.graph(g):  # recorded only: nothing is written until the replay below
+            out = self._program(b, name)
         b.graph = (g, out)
         g.replay()
         return out
@@ -183,18 +190,35 @@ class StaticRunner:
     def keep(self, rows: list[int], index: torch.Tensor | None = None) -> None:
         """Commit the pending entries at `rows` (host ints, in order) and drop the other pending ones.
         `index` may give the same rows as a device tensor (no host-to-device copy then)."""
-        n, start = len(rows), self.length
+        n = len(rows)
         if rows != list(range(n)):  # a prefix stays where it is
             idx = index if index is not None else torch.tensor(rows, device=self.device)
-            idx = idx.to(self.device) + start
-            for layer in self.cache.layers:
-                # index_select gathers into a new tensor first, so the in-place write cannot read itself
-                layer.keys[:, :, start:start + n] = layer.keys.index_select(2, idx)
-                layer.values[:, :, start:start + n] = layer.values.index_select(2, idx)
+            self._move(idx.to(self.device))
+        self.length_t += n
         self.length += n
         self.pending = 0
-        self._set_offset(self.length)
+
+    def keep_fixed(self, rows: torch.Tensor | None, count: torch.Tensor) -> None:
+        """Commit the pending entries at rows[:count] (device tensors: rows [K], in order, padded with any
+        valid row, or None for the first `count`; count [] long) and drop the others: fixed shapes, no host
+        sync. The host's mirror of the length follows with `advance(count)` once it knows the count."""
+        if rows is not None:
+            self._move(rows)
+        self.length_t += count
+        self.pending = 0
+
+    def advance(self, n: int) -> None:
+        """Bring the host's mirror up to date after keep_fixed committed `n` entries."""
+        self.length += n
+
+    def _move(self, idx: torch.Tensor) -> None:
+        dst = self.length_t + torch.arange(idx.shape[0], device=self.device)
+        src = self.length_t + idx
+        for layer in self.cache.layers:
+            # index_select gathers into a new tensor first, so the in-place write cannot read itself
+            layer.keys.index_copy_(2, dst, layer.keys.index_select(2, src))
+            layer.values.index_copy_(2, dst, layer.values.index_select(2, src))
 
     def discard(self) -> None:
         """Drop every pending entry."""
-        self.keep([])
+        self.pending = 0

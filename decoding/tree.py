@@ -45,6 +45,7 @@ class DraftTree:
     # an upper bound on the depth (None = read it from `depths`) and "this is a chain".
     depth_bound: int | None = None
     chain: bool = False
+    width_bound: int | None = None  # at most this many children per node (None = read it from `parents`)
 
     @property
     def batch_size(self) -> int:
@@ -321,7 +322,7 @@ def _chain(drafter, depth, B, device, sample, warp, generator) -> DraftTree:
     if sample:
         q_rows.append(torch.zeros_like(q_rows[-1]))  # the last node has no children
         tree = replace(tree, q=torch.stack(q_rows, 1))
-    return replace(tree, chain=True)
+    return replace(tree, chain=True, width_bound=1)
 
 
 _STATIC_PLANS: dict = {}
@@ -379,7 +380,8 @@ def _static(drafter, paths, B, device, sample, warp, generator, trunk: DraftTree
             tok, lq = topi[:, rows, ranks], topv[:, rows, ranks]
         parents = frontier[:, rows]
         tree = tree.extend(tok, parents, lq)
-    return replace(tree, q=q_full) if sample else tree
+    width = max([kmax for *_, kmax in _static_plan(paths, device)] + [1])
+    return replace(tree, q=q_full if sample else None, width_bound=width)
 
 
 def _dynamic(drafter, depth, k, total_tokens, B, device, trunk: DraftTree | None = None) -> DraftTree:

@@ -99,7 +99,8 @@ def accept_paths(tree: DraftTree, logits: torch.Tensor, rule: SamplingRule, gene
                  ancestors: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`accept` as tensors, for the decoder's hot loop: (path [B, D] accepted node indices root -> leaf, -1
     padded, D = tree.depth_limit; bonus [B]). No host sync for greedy, deterministic, typical and sampled
-    chains (sampled trees loop over depth and sibling rank on the host, traversal over the tree's nodes)."""
+    chains, sampled trees and traversal (those loop a fixed number of times: over depth and sibling rank, or 2N + 1
+moves), as long as the builder set the tree's host-side bounds (depth_bound, width_bound)."""
     if ancestors is None:
         ancestors = tree.ancestor_mask()
     parent_rows = tree.parents + 1
@@ -116,7 +117,7 @@ def accept_paths(tree: DraftTree, logits: torch.Tensor, rule: SamplingRule, gene
     if tree.q is None:
         y = torch.multinomial(probs.view(-1, V), 1, generator=generator).view(B, R)
         return _deepest(tree, tree.tokens == y.gather(1, parent_rows), y, ancestors)
-    if tree.is_chain():
+    if tree.chain:  # the builder's host-side fact (a static tree that happens to be a chain takes the tree rule)
         path, bonus = _chain_rule(tree, probs, generator)
     else:
         path, bonus = _sampled_tree(tree, probs, generator)
@@ -186,7 +187,9 @@ def _sampled_tree(tree: DraftTree, probs: torch.Tensor, generator) -> tuple[torc
     ar = torch.arange(B, device=dev)
     earlier = torch.ones(N, N, dtype=torch.bool, device=dev).tril(-1)  # [i, j]: j stored before i
     rank = ((tree.parents[:, :, None] == tree.parents[:, None, :]) & earlier).sum(-1)  # rank among siblings
-    W, D = int(rank.max()) + 1, tree.max_depth
+    # host-side bounds (no sync): siblings per parent and depth, as the builder knows them
+    W = tree.width_bound if tree.width_bound is not None else int(rank.max()) + 1
+    D = tree.depth_limit
     child = torch.full((B, N + 1, W), -1, dtype=torch.long, device=dev)  # [b, parent row, rank] -> node
     child[ar[:, None], tree.parents + 1, rank] = torch.arange(N, device=dev).expand(B, N)
     cur = torch.full((B,), -1, dtype=torch.long, device=dev)
@@ -211,8 +214,6 @@ def _sampled_tree(tree: DraftTree, probs: torch.Tensor, generator) -> tuple[torc
         path[:, d] = torch.where(moved, nxt, -1)
         cur = nxt
         resid = torch.where(moved[:, None], probs[ar, cur + 1], resid)
-        if bool(done.all()):
-            break
     bonus = torch.multinomial(resid, 1, generator=generator).squeeze(-1)
     return path, bonus
 
@@ -291,13 +292,13 @@ def _traversal(tree: DraftTree, probs: torch.Tensor, generator, ancestors: torch
         row = torch.where(ok, r, row)
         done = done | ok
         bad = judging & ~ok
-        if bool(done.all()):  # the walk's one host sync per iteration
-            break
+        # no early exit: a fixed 2N + 1 moves (a finished walk's moves change nothing), so no host sync
         # reject node r - 1: delete it, move its parent Y to the residual, then its next sibling or Y itself
         m = (r - 1).clamp(min=0)
         y = tree.parents[ar, m] + 1
+        # (a point mass built by scatter: one_hot would check its input's range on the host)
         qrow = (tree.q[ar, y] if tree.q is not None
-                else torch.nn.functional.one_hot(tree.tokens[ar, m], P.shape[-1]).to(P.dtype))
+                else torch.zeros_like(P[:, 0]).scatter_(1, tree.tokens[ar, m][:, None], 1.0))
         aY, pY = a[ar, y], P[ar, y]
         a_new, p_new = _still_owed(aY, pY, qrow)
         a[ar, y] = torch.where(bad, a_new, aY)

@@ -128,7 +128,8 @@ def logits_at_depth(per_depth: torch.Tensor, tree, frontier: torch.Tensor, too_d
     -1, is depth 0). A node at depth >= K raises `too_deep`, the one-line error naming the fix."""
     depth = (torch.where(frontier < 0, 0, tree.depths.gather(1, frontier.clamp_min(0))) if tree.num_nodes
              else torch.zeros_like(frontier))
-    if int(depth.max()) >= per_depth.shape[1]:
+    # frontier nodes are at most as deep as the tree: its host-side bound, no sync when the builder set it
+    if (tree.depth_limit if tree.num_nodes else 0) >= per_depth.shape[1] and int(depth.max()) >= per_depth.shape[1]:
         raise DraftsmithError(too_deep)
     logits = per_depth.expand(frontier.shape[0], -1, -1)
     return logits.gather(1, depth[..., None].expand(-1, -1, per_depth.shape[-1]))

@@ -13,6 +13,12 @@ the committed tokens and its own ancestors). Re-reading the k accepted drafts co
 instead of a walk over the tree on the host, and keeps every step free of host syncs. The only assumption
 about the target is a shared tokenizer: logits are cut or padded with -inf to `vocab_size` (models of one
 family often pad their embeddings to different sizes).
+
+Fixed shapes (the decoder's graph regions, decoding/cycle.py): `commit_fixed` stores the accepted tokens + bonus
+in a padded buffer with their count on the device, and the next root expansion reads the whole padded buffer,
+commits its first `count` entries (the device-side length moves by the count) and takes the root's logits at
+row count - 1 (`logits_to_keep` given as a device index). Every step then has the same shapes each cycle and
+none synchronises; the host learns the count from the decoder (`synced`) to keep its capacity checks.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ class LMTreeDrafter(Drafter):
     """A causal LM proposing draft trees for one sequence (B = 1)."""
 
     uses_features = False
+    fixed_shape = True
 
     def __init__(self, model, vocab_size: int | None = None, name: str | None = None):
         self.model = model.eval()
@@ -42,10 +49,18 @@ class LMTreeDrafter(Drafter):
         self.run: StaticRunner | None = None
         self.pending: torch.Tensor | None = None
         self.forwards = 0  # model forwards so far: the decoder reports them per cycle
+        self.fixed = None  # (padded ids [1, P], count []) from commit_fixed, read by the next root expansion
+        self.at = None  # the logits row the next read keeps (a device index, set inside the program)
+        self.fixed_shape = self.model_vocab >= self.vocab_size  # else a commit must check ids (a host sync)
 
     @property
     def device(self) -> torch.device:
         return self.model.get_input_embeddings().weight.device
+
+    @property
+    def buffers_version(self) -> tuple:
+        """Changes whenever a buffer a captured program reads is re-allocated."""
+        return (self.run.version if self.run is not None else 0, id(self.fixed[0]) if self.fixed else 0)
 
     @property
     def past(self) -> int:
@@ -66,13 +81,14 @@ class LMTreeDrafter(Drafter):
     def _forwards(self) -> dict[str, int]:
         """The runner's forwards by name -> the logits rows each keeps (0 = all): reading the committed
         tokens needs the last row only, a tree level every row."""
-        return {"read": 1, "tree": 0}
+        return {"read": 1, "tree": 0, "read_at": None}
 
     def _runner(self) -> StaticRunner:
         def fn(keep):
             def forward(ids, mask, pos, cache):
+                rows = self.at if keep is None else keep  # None: the rows in self.at (a device index)
                 return model_forward(self.model, cache, input_ids=ids, attention_mask=mask, position_ids=pos,
-                                     logits_to_keep=keep).logits
+                                     logits_to_keep=rows).logits
             return forward
         return StaticRunner({name: fn(keep) for name, keep in self._forwards().items()}, self.model.config,
                             self.device, self.model.dtype, graphs=self.cuda_graphs)
@@ -88,6 +104,7 @@ class LMTreeDrafter(Drafter):
         self.first = True  # the first read is the prompt: a one-off shape, never graphed
         self.slots = torch.zeros(1, 0, dtype=torch.long, device=self.device)  # node held by each tree entry
         self.root_logits = None
+        self.fixed = None
 
     def _to_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         V = self.vocab_size
@@ -126,6 +143,8 @@ class LMTreeDrafter(Drafter):
     def _root(self) -> torch.Tensor:
         self.run.discard()  # the previous tree's entries
         self.slots = self.slots[:, :0]
+        if self.fixed is not None:
+            return self._root_fixed()
         n = self.pending.shape[1]
         if n:
             self._room(n)
@@ -138,6 +157,33 @@ class LMTreeDrafter(Drafter):
             self.pending, self.first = self.pending[:, :0], False
         return self.root_logits
 
+    def _root_fixed(self) -> torch.Tensor:
+        """Read the padded committed buffer, commit its first `count` entries, root logits at row count - 1."""
+        ids, count = self.fixed
+        P = ids.shape[1]
+        self._room(P)
+        self.at = (count - 1).clamp(min=0).view(1)
+        logits = self.run(ids, torch.arange(P, device=self.device)[None],
+                          torch.ones(P, P, dtype=torch.bool, device=self.device).tril(), "read_at", graph=False)
+        self.forwards += 1
+        self.run.keep_fixed(None, count)  # a prefix: the rows stay in place
+        self.root_logits.copy_(self._to_vocab(logits.float()))
+        return self.root_logits
+
+    def commit_fixed(self, new_ids: torch.Tensor, new_features: torch.Tensor | None, count: torch.Tensor) -> None:
+        """commit() for the decoder's graph regions: new_ids [1, P] of which the first `count` are real."""
+        if self.fixed is None or self.fixed[0].shape != new_ids.shape:
+            self.fixed = (torch.zeros_like(new_ids, device=self.device),
+                          torch.zeros((), dtype=torch.long, device=self.device))
+        self.fixed[0].copy_(new_ids)
+        self.fixed[1].copy_(count)
+
+    def synced(self, count: int) -> None:
+        """The host learnt the last commit's count: keep the capacity mirror and room for the next cycle."""
+        self.run.advance(count)
+        if self.fixed is not None:
+            self._room(self.fixed[0].shape[1] + self.run.pending + 1)
+
     def commit(self, new_ids: torch.Tensor, new_features: torch.Tensor | None = None) -> None:
         if new_ids.shape[0] != 1:
             raise ValueError("LMTreeDrafter.commit supports one sequence (B = 1)")
@@ -147,3 +193,4 @@ class LMTreeDrafter(Drafter):
 
     def close(self) -> None:
         self.pending = None
+        self.fixed = None

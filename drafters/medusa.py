@@ -254,6 +254,7 @@ class MedusaDecodeDrafter(Drafter):
     name = "medusa"
     uses_features = True
     feature_source = "last_hidden"  # the decoder passes TargetOutput.last_hidden, not the EAGLE-3 taps
+    fixed_shape = True  # commit_fixed updates the heads' logits in place (decoding/cycle.py)
 
     def __init__(self, model: MedusaDrafter):
         self.model = model
@@ -278,3 +279,10 @@ class MedusaDecodeDrafter(Drafter):
 
     def commit(self, new_ids: torch.Tensor, new_features: torch.Tensor | None) -> None:
         self._set_feature(new_features)
+
+    def commit_fixed(self, new_ids: torch.Tensor, new_features: torch.Tensor, count: torch.Tensor) -> None:
+        """commit() with padded features [1, P, H] of which the first `count` are real: the heads read row
+        count - 1, and their logits are written into the same buffer (a graph region reads it)."""
+        last = new_features.index_select(1, (count - 1).view(1))
+        with torch.no_grad():
+            self._logits.copy_(torch.stack(self.model.head_logits(last[:, -1]), dim=1).float())

@@ -213,7 +213,8 @@ class PardTreeDrafter(LMTreeDrafter):
         self.depth_logits: torch.Tensor | None = None  # [1, k, V] for the current root
 
     def _forwards(self) -> dict[str, int]:
-        return {"draft": self.k}  # the last committed token's row and the k-1 mask rows
+        # the last committed token's row and the k-1 mask rows; draft_at: the rows in self.at (fixed shapes)
+        return {"draft": self.k, "draft_at": None}
 
     @torch.no_grad()
     def expand(self, tree, frontier: torch.Tensor) -> torch.Tensor:
@@ -228,6 +229,8 @@ class PardTreeDrafter(LMTreeDrafter):
 
     def _draft(self) -> None:
         self.run.discard()
+        if self.fixed is not None:
+            return self._draft_fixed()
         n = self.pending.shape[1]
         ids = torch.cat([self.pending, self.masks], 1)
         Q = ids.shape[1]
@@ -239,3 +242,22 @@ class PardTreeDrafter(LMTreeDrafter):
         self.run.keep(list(range(n)))  # the committed tokens' entries; the masks' are dropped
         self.depth_logits = self._to_vocab(logits.float()).clone()  # kept past later (graph) calls
         self.pending, self.first = self.pending[:, :0], False
+
+    def _draft_fixed(self) -> None:
+        """_draft over the padded committed buffer (decoding/cycle.py): [P committed slots, k-1 masks]; the
+        masks sit right after the `count` real tokens and see only those, the logits kept are row count - 1
+        and the mask rows."""
+        ids, count = self.fixed
+        P, dev = ids.shape[1], self.device
+        Q = P + self.k - 1
+        self._room(Q)
+        r = torch.arange(Q, device=dev)
+        is_mask = r >= P
+        pos = torch.where(is_mask, count + r - P, r)[None]
+        causal = torch.ones(Q, Q, dtype=torch.bool, device=dev).tril()
+        vis = torch.where(is_mask[:, None], (r[None, :] < count) | (is_mask[None, :] & causal), causal)
+        self.at = torch.cat([(count - 1).clamp(min=0).view(1), r[P:]])
+        logits = self.run(torch.cat([ids, self.masks], 1), pos, vis, "draft_at", graph=False)
+        self.forwards += 1
+        self.run.keep_fixed(None, count)  # the committed tokens' entries; the masks' are dropped
+        self.depth_logits.copy_(self._to_vocab(logits.float()))

@@ -3,7 +3,12 @@
     python train.py stage=eval drafter=target eval.tree.kind=chain eval.tree.depth=4   # tau = 5 at T=0
     python train.py stage=eval drafter=ngram drafter.max_ngram=3
 
-Both build from (cfg, target) through `from_config`, so `drafters.registry.drafter_class(name)` can
+    python bench/bench_cycle.py --families oracle                                       # the cycle's own cost
+
+The oracle (`drafter=oracle`) replays the target's own greedy continuation, computed by an autoregressive pass
+first, at no model cost: tau = depth + 1 at T = 0, so its speedup is the decoder's mechanics alone.
+
+All three build from (cfg, target) through `from_config`, so `drafters.registry.drafter_class(name)` can
 construct them like any other family.
 """
 from __future__ import annotations
@@ -34,10 +39,17 @@ class NgramDrafter(Drafter):
 
     Proposals are logits (rank r gets PROPOSAL_LOGIT - r, every other token 0), so every tree builder works
     and sampled drafts get a proper q for lossless verification. With no match every token scores 0 (the
-    builder's pick is arbitrary and simply gets rejected)."""
+    builder's pick is arbitrary and simply gets rejected).
+
+    The lookup runs on the device over a preallocated context buffer (a fixed-shape drafter: its draft phase
+    is one graph on a GPU, and no token list crosses to the host). Every earlier window is compared with the
+    last n tokens at once; a follower token's score is n * (C + 1) + its position, so "longest n first, then
+    most recent" is a max over its occurrences, and the top `max_candidates` scores rank distinct tokens
+    exactly as a walk over the matches would (`candidates` is that walk, on the host, for reference)."""
 
     name = "ngram"
     uses_features = False
+    fixed_shape = True
     PROPOSAL_LOGIT = 20.0
 
     def __init__(self, vocab_size: int, max_ngram: int = 3, min_ngram: int = 1, max_candidates: int = 8,
@@ -49,20 +61,57 @@ class NgramDrafter(Drafter):
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self.max_candidates = max_candidates
         self.device = torch.device(device)
-        self.context: list[torch.Tensor] = []
+        self.room = 512
+        self.ctx = torch.zeros(0, dtype=torch.long, device=self.device)  # committed tokens, then stale
+        self.length = torch.zeros((), dtype=torch.long, device=self.device)  # committed tokens (device)
+        self.buffers_version = 0
 
     @classmethod
     def from_config(cls, cfg, target) -> NgramDrafter:
         return cls(target.vocab_size, cfg.max_ngram, cfg.min_ngram, device=target.device)
 
+    def prepare(self, room: int, cuda_graphs: bool = False) -> None:
+        self.room = room
+
     def start(self, input_ids: torch.Tensor, features: torch.Tensor | None = None) -> None:
-        self.context = [row.detach().cpu().long() for row in input_ids]
+        if input_ids.shape[0] != 1:
+            raise ValueError(f"NgramDrafter drafts for one sequence: start got {input_ids.shape[0]} rows")
+        n = input_ids.shape[1]
+        cap = n + 2 * self.room  # committed tokens plus a padded commit's worth of slack
+        if self.ctx.shape[0] < cap:
+            self.ctx = torch.zeros(-(-cap // 256) * 256, dtype=torch.long, device=self.device)
+            self.buffers_version += 1
+        self.ctx[:n] = input_ids[0].to(self.device)
+        self.length.fill_(n)
+        self.used = n  # host mirror
+
+    @property
+    def context(self) -> list[torch.Tensor]:
+        """The committed tokens (a host copy: for tests and inspection, not for the hot loop)."""
+        return [self.ctx[:int(self.length)].cpu()]
 
     def commit(self, new_ids: torch.Tensor, new_features: torch.Tensor | None = None) -> None:
-        self.context = [torch.cat([c, n.detach().cpu().long()]) for c, n in zip(self.context, new_ids)]
+        self.commit_fixed(new_ids, None, torch.tensor(new_ids.shape[1], device=self.device))
+        self.synced(new_ids.shape[1])
+
+    def commit_fixed(self, new_ids: torch.Tensor, new_features: torch.Tensor | None, count: torch.Tensor) -> None:
+        P = new_ids.shape[1]
+        self.ctx.index_copy_(0, self.length + torch.arange(P, device=self.device), new_ids[0].to(self.device))
+        self.length += count
+        self._width = P
+
+    def synced(self, count: int) -> None:
+        self.used += count
+        need = self.used + 2 * getattr(self, "_width", 1)
+        if need > self.ctx.shape[0]:  # keep room for the next padded commit (a rare re-allocation)
+            grown = torch.zeros(-(-2 * need // 256) * 256, dtype=torch.long, device=self.device)
+            grown[:self.ctx.shape[0]] = self.ctx
+            self.ctx = grown
+            self.buffers_version += 1
 
     def candidates(self, seq: torch.Tensor) -> list[int]:
-        """Distinct next tokens after earlier occurrences of the context's final n-gram, best first."""
+        """Distinct next tokens after earlier occurrences of the context's final n-gram, best first (the host
+        walk the device lookup reproduces)."""
         L = seq.shape[0]
         out: list[int] = []
         for n in range(min(self.max_ngram, L - 1), self.min_ngram - 1, -1):
@@ -78,14 +127,95 @@ class NgramDrafter(Drafter):
 
     def expand(self, tree: DraftTree, frontier: torch.Tensor) -> torch.Tensor:
         B, F = frontier.shape
-        logits = torch.zeros(B, F, self.vocab_size)
-        front = frontier.cpu().tolist()
-        anc = tree.ancestor_mask().cpu() if tree.num_nodes else None
-        tokens = tree.tokens.cpu()
-        for b in range(B):
-            for f, node in enumerate(front[b]):
-                path = tokens[b][anc[b, node]] if node >= 0 else tokens[b, :0]  # index order = depth order
-                cands = self.candidates(torch.cat([self.context[b], path]))
-                if cands:
-                    logits[b, f, cands] = self.PROPOSAL_LOGIT - torch.arange(len(cands), dtype=torch.float)
-        return logits.to(self.device)
+        if B != 1:
+            raise ValueError(f"NgramDrafter drafts for one sequence: got a frontier of {B} rows")
+        dev, C = self.device, self.ctx.shape[0]
+        frontier = frontier.to(dev)
+        D = tree.depth_limit if tree.num_nodes else 0
+        # seq[f] = the committed tokens, then the path root -> frontier node f (D + 1 columns of room)
+        col = torch.arange(C + D, device=dev)
+        seq = self.ctx[col.clamp(max=C - 1)].expand(F, -1)
+        if D:
+            node = frontier.clamp(min=0)[0]
+            path = tree.path_nodes(tree.ancestor_mask(), D)[0].index_select(0, node)  # [F, D], -1 padded
+            depth = torch.where(frontier[0] >= 0, tree.depths[0].index_select(0, node), 0)  # [F]
+            toks = tree.tokens[0][path.clamp(min=0)]  # [F, D]
+            j = (col - self.length).clamp(0, D - 1)  # path slot of each column past the committed ones
+            seq = torch.where(col >= self.length, toks.gather(1, j.expand(F, -1)), seq)
+        else:
+            depth = torch.zeros(F, dtype=torch.long, device=dev)
+        L = self.length + depth  # [F] tokens in each sequence
+        seq = torch.where(col < L[:, None], seq, -1)
+        best = torch.full((F, self.vocab_size), -1, dtype=torch.long, device=dev)
+        pos = torch.arange(C + D, device=dev)
+        for n in range(self.min_ngram, self.max_ngram + 1):
+            last = seq.gather(1, (L[:, None] - n + torch.arange(n, device=dev)).clamp(min=0))  # [F, n]
+            win = seq.unfold(1, n, 1)[:, :C + D - n]  # [F, W, n]: window i = seq[i:i+n], follower seq[i+n]
+            i = pos[:C + D - n]
+            hit = (win == last[:, None, :]).all(-1) & (i + n <= L[:, None] - 1) & (L[:, None] - 1 >= n)
+            follower = seq[:, n:]
+            score = torch.where(hit, n * (C + D + 1) + i, -1)
+            best.scatter_reduce_(1, follower.clamp(min=0), score, reduce="amax")
+        k = min(self.max_candidates, self.vocab_size)
+        top = best.topk(k, dim=1)  # distinct tokens, best first
+        rank = torch.arange(k, device=dev, dtype=torch.float)
+        logits = torch.zeros(F, self.vocab_size, device=dev)
+        logits.scatter_(1, top.indices, torch.where(top.values >= 0, self.PROPOSAL_LOGIT - rank, 0.0))
+        return logits[None]
+
+
+class OracleDrafter(Drafter):
+    """Proposes the target's own autoregressive continuation (given with `set_future`, or computed with
+    `replay_autoregressive`): an upper bound of the decoder's speed, since drafting costs almost nothing and
+    every draft is accepted at T = 0 (exact mode). A fixed-shape drafter: the committed length lives on the
+    device and every proposal is a gather, so its whole draft phase is one graph on a GPU.
+
+    Proposals are logits like the n-gram drafter's: PROPOSAL_LOGIT on the future token, 0 elsewhere; past the
+    end of the known future every token scores 0."""
+
+    name = "oracle"
+    uses_features = False
+    fixed_shape = True
+    PROPOSAL_LOGIT = NgramDrafter.PROPOSAL_LOGIT
+
+    def __init__(self, vocab_size: int, device: torch.device | str = "cpu"):
+        self.vocab_size = int(vocab_size)
+        self.device = torch.device(device)
+        self.future = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.length = torch.zeros((), dtype=torch.long, device=self.device)  # committed tokens, root included
+
+    @classmethod
+    def from_config(cls, cfg, target) -> OracleDrafter:
+        return cls(target.vocab_size, device=target.device)
+
+    def set_future(self, ids) -> None:
+        """The whole expected sequence, prompt first (host ints or a tensor)."""
+        ids = torch.as_tensor(ids, dtype=torch.long).flatten()
+        self.future = torch.cat([ids, ids.new_full((1,), -1)]).to(self.device)  # -1: nothing known past the end
+
+    def replay_autoregressive(self, decoder, prompt_ids, max_new_tokens: int) -> None:
+        """Learn the continuation from `decoder`'s own autoregressive baseline (greedy, no EOS stop)."""
+        tokens, _ = decoder.generate_autoregressive(prompt_ids, max_new_tokens, eos_ids=[])
+        self.set_future(torch.cat([torch.as_tensor(prompt_ids).flatten(), tokens]))
+
+    def start(self, input_ids: torch.Tensor, features: torch.Tensor | None = None) -> None:
+        self.length.fill_(input_ids.shape[1])
+
+    def expand(self, tree: DraftTree, frontier: torch.Tensor) -> torch.Tensor:
+        B, F = frontier.shape
+        frontier = frontier.to(self.device)
+        if tree.num_nodes:
+            depth = torch.where(frontier >= 0, tree.depths.to(self.device).gather(1, frontier.clamp(min=0)), 0)
+        else:
+            depth = torch.zeros_like(frontier)
+        at = (self.length + depth).clamp(max=self.future.shape[0] - 1)  # the token after the frontier node
+        tok = self.future[at]  # [B, F]
+        logits = torch.zeros(B, F, self.vocab_size, device=self.device)
+        hit = (tok >= 0).float() * self.PROPOSAL_LOGIT
+        return logits.scatter_(-1, tok.clamp(min=0).unsqueeze(-1), hit.unsqueeze(-1))
+
+    def commit(self, new_ids: torch.Tensor, new_features: torch.Tensor | None = None) -> None:
+        self.length += new_ids.shape[1]
+
+    def commit_fixed(self, new_ids: torch.Tensor, new_features: torch.Tensor | None, count: torch.Tensor) -> None:
+        self.length += count

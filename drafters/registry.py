@@ -22,6 +22,7 @@ TRAINABLE = {
 REFERENCE = {
     "ngram": "drafters.reference:NgramDrafter",
     "target": "drafters.reference:TargetDrafter",
+    "oracle": "drafters.reference:OracleDrafter",
 }
 
 

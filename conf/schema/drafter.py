@@ -64,6 +64,13 @@ class TargetDrafterConfig(DrafterConfig):
 
 
 @dataclass
+class OracleConfig(DrafterConfig):
+    """Replays the target's own autoregressive continuation (computed first, untimed): the decoder's ceiling."""
+
+    name: str = "oracle"
+
+
+@dataclass
 class Eagle1Config(DrafterConfig):
     name: str = "eagle1"
     num_layers: int = 1
@@ -211,6 +218,7 @@ class PardConfig(SmallConfig):
 DRAFTER_SCHEMAS = {
     "ngram": NgramConfig,
     "target": TargetDrafterConfig,
+    "oracle": OracleConfig,
     "eagle1": Eagle1Config,
     "eagle3": Eagle3Config,
     "medusa": MedusaConfig,

@@ -1,0 +1,125 @@
+"""The decode cycle as two fixed-shape device programs and one transfer to the host, for drafters that keep
+their state on the device (`Drafter.fixed_shape`).
+
+    draft   (graph region "draft")   the drafter's whole draft phase: build_tree over the drafter's steps
+    verify  (graph region "verify")  the target reads [root, nodes] (tree mask, positions and the cache's
+                                     write offset from the device-side length), the acceptance rule picks the
+                                     path and the bonus token, the cache keeps the root and the accepted
+                                     entries (fixed D + 1 rows, the count on the device), the drafter commits
+                                     the accepted tokens + bonus with their target features (padded, count on
+                                     the device), and the bonus becomes the next root
+    host    one transfer             [bonus, next depth tried, accepted n, tree depth, path (D), tokens (D)]
+
+Every shape is set by (drafter family, tree config, acceptance rule), never by what was accepted, so on a GPU
+each region is captured once as a CUDA graph and replayed every cycle (decoding/regions.py), and the host
+learns what happened in one device-to-host copy. Off CUDA (or with eval.cuda_graphs=false) the same programs
+run eagerly; decoding/counting.py counts what each cycle would cost a GPU.
+
+Host bookkeeping (EOS, max_new_tokens, stats, the runners' host-side length mirrors, capacity) happens after
+the transfer, in plain Python.
+"""
+from __future__ import annotations
+
+import torch
+
+from decoding.regions import GraphRegion
+from decoding.tree import build_tree
+from decoding.verify import Accepted, accept_paths, tree_block
+
+
+def _defined_by(cls, name: str):
+    return next((c for c in cls.__mro__ if name in vars(c)), None)
+
+
+def supports(drafter, tree_cfg) -> bool:
+    """Whether this decoder setup runs as fixed-shape programs: a drafter that says so (and whose commit_fixed
+    is not older than its commit: a subclass that overrides only commit keeps the step-by-step path), and a
+    tree whose shape is set by its config (OPT-Tree picks its node budget on the host each cycle)."""
+    if not getattr(drafter, "fixed_shape", False) or tree_cfg.kind == "opt":
+        return False
+    commit, fixed = _defined_by(type(drafter), "commit"), _defined_by(type(drafter), "commit_fixed")
+    return fixed is not None and issubclass(fixed, commit)
+
+
+class FixedCycle:
+    """The draft and verify programs of one decoder (one sequence at a time), captured per key: the target's
+    and the drafter's buffers (re-allocated buffers mean new programs)."""
+
+    def __init__(self, decoder, graphs: bool):
+        self.dec = decoder
+        self.graphs = graphs
+        self.draft = GraphRegion("draft", graphs)
+        self.verify = GraphRegion("verify", graphs)
+        self.root = None
+        self.key = None
+
+    def _key(self, run, drafter, generator):
+        return (run.version, getattr(drafter, "buffers_version", 0), id(generator))
+
+    def loop(self, run, root: torch.Tensor, st, tokens: list[int], eos: set[int], max_new_tokens: int,
+             generator, clock, on_cycle, count) -> list:
+        """Cycles until EOS or max_new_tokens; appends to `tokens`, counts into `st` with `count`; returns the
+        phase marks."""
+        dec, drafter = self.dec, self.dec.drafter
+        key = self._key(run, drafter, generator)
+        if key != self.key:  # new buffers (or another generator): programs captured for the old ones are stale
+            self.draft = GraphRegion("draft", self.graphs, generators=[generator])
+            self.verify = GraphRegion("verify", self.graphs, generators=[generator])
+            self.root, self.key = None, key
+        if self.root is None:
+            self.root = root.clone()
+        self.root.copy_(root)
+        effects = ((drafter, "forwards"),) if hasattr(drafter, "forwards") else ()
+        marks, done = [], False
+        while not done:
+            t0 = clock.mark()
+            tree = self.draft(lambda: self._draft(generator), host_effects=effects)
+            t1 = clock.mark()
+            summary = self.verify(lambda: self._verify(run, tree, generator), host_effects=effects)
+            host = summary.tolist()  # the cycle's one device-to-host transfer
+            D = (len(host) - 4) // 2
+            t2 = clock.mark()
+            n, attempted, depth = host[2], host[1], host[3]
+            produced = host[4 + D:4 + D + n] + [host[0]]
+            run.advance(1 + n)
+            synced = getattr(drafter, "synced", None)
+            if synced is not None:
+                synced(1 + n)
+            if on_cycle is not None:
+                on_cycle(tree, Accepted(host[4:4 + n], host[0]))
+            count(st, depth, n, attempted, len(produced))
+            for t in produced:
+                tokens.append(t)
+                if t in eos or len(tokens) >= max_new_tokens:
+                    done = True
+                    break
+            marks.append((t0, t1, t2, clock.mark()))
+        return marks
+
+    def _draft(self, generator):
+        dec = self.dec
+        rule = dec.rule
+        return build_tree(dec.drafter, dec.tree_cfg, 1, rule.temperature, rule.top_p, rule.top_k, generator,
+                          dec.sample, device=self.root.device, checked=True)
+
+    def _verify(self, run, tree, generator) -> torch.Tensor:
+        dec = self.dec
+        in_ids, pos, vis, anc = tree_block(tree, self.root)
+        logits, feats = run(in_ids, pos, vis[0], "verify", graph=False)
+        path, bonus = accept_paths(tree, logits.float(), dec.rule, generator, anc)
+        path = path[0]
+        D = path.shape[0]  # the tree's depth bound, known on the host
+        n = (path >= 0).sum()
+        rows = torch.cat([path.new_zeros(1), path.clamp(min=0) + 1])  # [D + 1] rows of [root, nodes]
+        run.keep_fixed(rows, n + 1)
+        toks = tree.tokens[0].gather(0, path.clamp(min=0))
+        step = torch.arange(D + 1, device=path.device)
+        new_ids = torch.where(step < n, torch.cat([toks, toks[:1]]), bonus)[None]  # accepted, then the bonus
+        new_feats = dec._for_drafter(feats.index_select(1, rows)) if feats is not None else None
+        dec.drafter.commit_fixed(new_ids, new_feats, n + 1)
+        self.root.copy_(bonus)
+        last = torch.where(n > 0, path.gather(0, (n - 1).clamp(min=0).view(1))[0], -1)
+        attempted = (tree.parents[0] == last).any()
+        top = tree.depths[0].max()
+        head = torch.stack([bonus[0], attempted.long(), n, top.long()])
+        return torch.cat([head, path, toks])
