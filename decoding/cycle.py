@@ -69,6 +69,9 @@ class FixedCycle:
         if self.root is None:
             self.root = root.clone()
         self.root.copy_(root)
+        begin = getattr(drafter, "begin_fixed", None)
+        if begin is not None:  # drafters with a step-by-step mode switch to their fixed-shape steps
+            begin()
         effects = ((drafter, "forwards"),) if hasattr(drafter, "forwards") else ()
         marks, done = [], False
         while not done:

@@ -198,6 +198,8 @@ class EagleDecoding(Drafter):
         self.name = model.family
         self.feature_source = model.feature_source
         self.vocab_size = int(target.vocab_size)
+        # CORAL's grouped head picks its row groups by value (data-dependent shapes): step by step then
+        self.fixed_shape = getattr(model, "router", None) is None
         self.close()
 
     # --- committed sequence -------------------------------------------------------------------------
@@ -206,6 +208,8 @@ class EagleDecoding(Drafter):
         self.n_pairs = 0
         self.root_hidden: torch.Tensor | None = None
         self._tree: dict | None = None
+        self.fixed_mode = False  # set by the decoder's fixed-shape cycle (begin_fixed)
+        self.nodes: dict | None = None
 
     def _check_features(self, features, n: int) -> torch.Tensor:
         want = self.model.feature_width
@@ -317,6 +321,8 @@ class EagleDecoding(Drafter):
     def expand(self, tree, frontier: torch.Tensor) -> torch.Tensor:
         if self.root_hidden is None:
             raise ValueError("expand before start")
+        if self.fixed_mode:
+            return self._expand_fixed(tree, frontier)
         B, N = tree.tokens.shape
         if frontier.dim() != 2 or frontier.shape[0] != B:
             raise ValueError(f"frontier has {frontier.shape[0]} rows but the tree has {B}: pass [B, F] node indices")
@@ -366,3 +372,96 @@ class EagleDecoding(Drafter):
         st["done"][b, idx] = True
         st["tokens"][b, idx] = tokens
         st["parents"][b, idx] = par
+
+    # --- fixed shapes (decoding/cycle.py) ----------------------------------------------------------------
+    # The decoder's fixed-shape cycle drafts one tree (B = 1) whose frontier nodes are always new: each
+    # expansion computes exactly the frontier nodes from their parents (computed one expansion earlier). The
+    # committed length lives on the device (n_t); attention runs over the whole committed buffer with a
+    # length mask, commits write a padded block of P pairs and move n_t by the real count. No step reads a
+    # device value on the host, so the draft phase and the commit are parts of graph regions on a GPU.
+    @property
+    def buffers_version(self) -> tuple:
+        kv = id(self.kv[0][0]) if self.kv else 0
+        return kv, id(self.nodes["hidden"]) if self.nodes else 0
+
+    def begin_fixed(self) -> None:
+        """The decoder switches to fixed-shape steps after start (until close)."""
+        dev = self.model.fc.weight.device
+        self.fixed_mode = True
+        self._reserve(self.n_pairs + 2 * getattr(self, "room", 256))  # padded commits need slack: grow now, once
+        self.n_t = torch.full((), self.n_pairs, dtype=torch.long, device=dev)
+        self.root_hidden = self.root_hidden.clone()  # a buffer of its own, written in place from now on
+
+    def synced(self, count: int) -> None:
+        """The host learnt the last commit's count: keep the host mirror and room for the next commit."""
+        self.n_pairs += count
+        self._reserve(self.n_pairs + 2 * getattr(self, "_width", 1) + 1)
+
+    def _node_state(self, n: int) -> dict:
+        """Per-node hidden and k/v buffers for n nodes plus a scratch row (root rows of a frontier write there)."""
+        if self.nodes is None or self.nodes["hidden"].shape[0] < n + 1:
+            d, dev, dt = self.model.dims, self.model.fc.weight.device, self.model.param_dtype
+            cap = max(n + 1, 16)
+            kv = (1, d.num_key_value_heads, cap, d.head_dim)
+            self.nodes = {"hidden": torch.zeros(cap, d.hidden_size, dtype=dt, device=dev),
+                          "k": [torch.zeros(kv, dtype=dt, device=dev) for _ in range(self.model.num_kv_layers)],
+                          "v": [torch.zeros(kv, dtype=dt, device=dev) for _ in range(self.model.num_kv_layers)]}
+        return self.nodes
+
+    @torch.no_grad()
+    def commit_fixed(self, new_ids: torch.Tensor, new_features: torch.Tensor, count: torch.Tensor) -> None:
+        """commit() with P padded pairs of which the first `count` are real."""
+        P, dev = new_ids.shape[1], self.model.fc.weight.device
+        self._width = P
+        hidden = self.model.project(self._check_features(new_features, P).to(dev))
+        steps = torch.arange(P, device=dev)
+        dst = self.n_t + steps
+        cap = self.kv[0][0].shape[2]
+        see = ((torch.arange(cap, device=dev) - self.n_t)[None, :] <= steps[:, None])[None, None]  # [1,1,P,cap]
+
+        def attend_for(layer):
+            def attend(q, k, v):
+                K, V = self.kv[layer]
+                K.index_copy_(2, dst, k)
+                V.index_copy_(2, dst, v)
+                return masked_attention(q, K, V, see)
+            return attend
+        out, _ = self.model.core(hidden, self.model.embed(new_ids.to(dev)), (self.n_t + steps)[None],
+                                 [attend_for(layer) for layer in range(self.model.num_kv_layers)])
+        self.root_hidden.copy_(out.index_select(1, (count - 1).view(1))[:, 0])
+        self.n_t += count
+
+    def _expand_fixed(self, tree, frontier: torch.Tensor) -> torch.Tensor:
+        dev = self.model.fc.weight.device
+        frontier = frontier.to(dev)
+        F, H = frontier.shape[1], self.root_hidden.shape[-1]
+        root = self.root_hidden[:, None].expand(1, F, H)
+        if tree.num_nodes == 0:
+            return self.model.target_vocab_logits(root)
+        N = tree.num_nodes
+        st = self._node_state(N)
+        fr = frontier[0]
+        slot = torch.where(fr >= 0, fr, N)  # root rows compute into the scratch row
+        nodes = fr.clamp(min=0)
+        par = tree.parents[0].index_select(0, nodes)
+        hidden_in = torch.where((par < 0)[:, None], self.root_hidden, st["hidden"].index_select(0, par.clamp(min=0)))
+        depth = tree.depths[0].index_select(0, nodes)
+        anc = tree.ancestor_mask()[0].index_select(0, nodes)  # [F, N]: ancestors and the node itself
+        cap = self.kv[0][0].shape[2]
+        committed = (torch.arange(cap, device=dev) < self.n_t).expand(F, cap)
+        see = torch.cat([committed, anc], 1)[None, None]  # [1, 1, F, cap + N]
+
+        def attend_for(layer):
+            def attend(q, k, v):
+                NK, NV = st["k"][layer], st["v"][layer]
+                NK.index_copy_(2, slot, k)
+                NV.index_copy_(2, slot, v)
+                K, V = self.kv[layer]
+                keys, vals = torch.cat([K, NK[:, :, :N]], 2), torch.cat([V, NV[:, :, :N]], 2)
+                return masked_attention(q, keys, vals, see)
+            return attend
+        out, _ = self.model.core(hidden_in[None], self.model.embed(tree.tokens[0].index_select(0, nodes)[None]),
+                                 (self.n_t - 1 + depth)[None],
+                                 [attend_for(layer) for layer in range(self.model.num_kv_layers)])
+        st["hidden"].index_copy_(0, slot, out[0])
+        return self.model.target_vocab_logits(torch.where((fr < 0)[None, :, None], root, out))
