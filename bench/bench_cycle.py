@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 
 import torch  # noqa: E402
 
-FAMILIES = ["ngram", "oracle", "target", "eagle1", "eagle3", "medusa", "hydra", "small", "pard", "kangaroo"]
+FAMILIES = ["ngram", "oracle", "target", "eagle1", "eagle3", "medusa", "hydra", "hydra_pp", "small", "pard", "kangaroo"]
 TREES = {  # name -> eval.tree overrides
     "chain": ["eval.tree.kind=chain", "eval.tree.depth=3"],
     "static": ["eval.tree.kind=static", "eval.tree.paths=[[0],[1],[0,0],[0,1],[1,0],[0,0,0]]"],
@@ -40,7 +40,7 @@ RULES = {  # name -> (temperature, eval overrides)
     "traversal": (1.0, ["eval.acceptance=traversal"]),
     "typical": (1.0, ["eval.acceptance=typical"]),
 }
-VOCAB_FAMILIES = {"eagle1", "eagle3", "medusa", "hydra", "small"}  # drafter.draft_vocab applies to these
+VOCAB_FAMILIES = {"eagle1", "eagle3", "medusa", "hydra", "hydra_pp", "small"}  # drafter.draft_vocab applies to these
 
 
 @dataclass
@@ -72,8 +72,8 @@ def build(case: Case, target, prompt: list[int], tokens: int):
     temp, rule_over = RULES[case.rule]
     cfg = load_config([f"drafter={case.family}", *TREES[case.tree], *rule_over, "eval.cuda_graphs=true"])
     torch.manual_seed(0)
-    if case.family in TRAINABLE:
-        model = drafter_class(case.family).from_target(cfg.drafter, target).eval()
+    if cfg.drafter.name in TRAINABLE:
+        model = drafter_class(cfg.drafter.name).from_target(cfg.drafter, target).eval()
         if case.tree == "vocab":  # FR-Spec / VocabTrim: the most frequent tokens of made-up counts
             from drafters.vocab_trim import trim_draft_vocab
 
@@ -83,7 +83,7 @@ def build(case: Case, target, prompt: list[int], tokens: int):
     elif case.family == "oracle":
         drafter = OracleDrafter.from_config(cfg.drafter, target)
     else:
-        drafter = drafter_class(case.family).from_config(cfg.drafter, target)
+        drafter = drafter_class(cfg.drafter.name).from_config(cfg.drafter, target)
     dec = make_decoder(cfg, target, drafter, temp)
     if case.family == "oracle":
         drafter.replay_autoregressive(dec, prompt, tokens)

@@ -117,6 +117,16 @@ def build(res: Path, machine: dict, command: str, wall: float) -> tuple[str, str
     lines += ["", "#### Autoregressive decoding: ours vs transformers vs the memory floor", "", *ar_summary(decode), ""]
     for name, rows in decode:
         lines += [f"#### {name}", "", *decode_block(rows)]
+    from bench.profile_cycle import table as profile_table
+
+    for s in steps:
+        prof = read_jsonl(res / f"{s['name']}.jsonl") if s["name"].startswith("profile") else []
+        if prof:
+            lines += [f"#### {s['name']}: per cycle, torch.profiler over one generate ({prof[0]['tokens']} new tokens, "
+                      f"{prof[0]['target']})", "", *profile_table(prof), "",
+                      "tau / speedup: best of 3 generates each way on one repeating prompt (no interval: one "
+                      "prompt); launches, syncs, copies and aten ops per cycle from the profiled fourth generate.",
+                      ""]
     train = [r for s in steps if s["name"].startswith("train") for r in read_jsonl(res / f"{s['name']}.jsonl")]
     lines += ["#### EAGLE-3 training throughput", ""]
     lines += [line for r in train for line in train_lines(r).splitlines()] or ["(the training step left no result)"]

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The whole GPU check in one prepared run (under 8 minutes on one H100/H200):
 #   decode-1b / decode-8b  autoregressive ms/token (ours, transformers generate with a static cache, the memory
-#                          floor) and prompt-lookup (ngram) chain:4, random Llama 1B / 8B shapes (Llama-3 vocab)
+#                          floor), prompt-lookup (ngram) chain:4 and the oracle (replays the target's own greedy
+#                          text: the decoder's ceiling) chain:4 and dynamic:5:8:60, random Llama 1B / 8B shapes
+#   profile-8b             torch.profiler per cycle (kernel launches, graph launches, stream syncs, copies) for
+#                          ngram, the oracle and a random EAGLE-3 on the 8B shape (bench/profile_cycle.py)
 #   pipeline               `python train.py run.device=cuda` on the demo target, exact mode: data_gen, EAGLE-3
 #                          training, eval (tau, speedup, = AR), export
 #   eagle3-8b              a random EAGLE-3 drafter, dynamic tree depth 5 / top-k 8 / 60 nodes, on the 8B shape
@@ -46,16 +49,17 @@ fi
 [ "$DEVICE" = cpu ] || export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}  # DeepSpeed's op builder rejects 9.0a
 
 if [ "$TINY" = 1 ]; then  # the dry run: same steps, tiny shapes and budgets, one thread (the CPU is shared)
-  BUDGET=${SUITE_BUDGET:-900}; LIM=(120 150 300 120 120 120); export OMP_NUM_THREADS=1
+  BUDGET=${SUITE_BUDGET:-900}; LIM=(120 150 300 120 120 120 150); export OMP_NUM_THREADS=1
   SMALL=tiny; LARGE=demo; VOCAB=(); PROMPTS=(--prompts 2 --max-new-tokens 16 --threads 1)
   TREE=dynamic:3:4:12; TRAIN=(--batch 2 --seq 64 --steps 2 --warmup 1 --threads 1)
+  PROF=(--tokens 16 --cases ngram=chain:4 oracle=chain:4 oracle=dynamic:3:4:12 eagle3=chain:4 eagle3=dynamic:3:4:12)
   PIPE=(experiment=smoke eval.num_prompts=1 eval.max_new_tokens=8 eval.tree.depth=3 eval.tree.top_k=4
         eval.tree.total_tokens=12)
   MD=$RES/BENCHMARKS.md; cp BENCHMARKS.md "$MD"
-else  # limits sum to 470 s, the budget (450 s) caps the last; expected ~5 min in all
-  BUDGET=${SUITE_BUDGET:-450}; LIM=(75 100 120 60 70 45)
+else  # limits sum to 505 s, the budget (480 s) caps the last; expected ~6 min in all
+  BUDGET=${SUITE_BUDGET:-480}; LIM=(75 100 110 50 70 40 60)
   SMALL=1b; LARGE=8b; VOCAB=(--vocab 128256); PROMPTS=(--prompts 3 --max-new-tokens 64 --hf-compile-limit 45)
-  TREE=dynamic:5:8:60; TRAIN=(--batch 4 --seq 1024 --steps 6 --warmup 2); PIPE=()
+  TREE=dynamic:5:8:60; TRAIN=(--batch 4 --seq 1024 --steps 6 --warmup 2); PIPE=(); PROF=(--tokens 64)
   MD=BENCHMARKS.md
 fi
 EXACT=eval.exact=true  # the float32 verification that makes T=0 output equal the autoregressive one
@@ -79,10 +83,12 @@ step() {  # step NAME LIMIT_S CMD...: bounded by timeout and by what is left of 
 DEC=($PY bench/bench_decode.py --device "$DEVICE" --no-write "${PROMPTS[@]}")
 { $PY -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), \
 'transformers', transformers.__version__)"; command -v nvidia-smi > /dev/null && nvidia-smi -L; } 2>&1 | tee "$RES/env.log"
-step decode-$SMALL "${LIM[0]}" "${DEC[@]}" --random-llama $SMALL "${VOCAB[@]}" --reference ngram --trees chain:4 \
-  --json "$RES/decode-$SMALL.jsonl"
-step decode-$LARGE "${LIM[1]}" "${DEC[@]}" --random-llama $LARGE "${VOCAB[@]}" --reference ngram --trees chain:4 \
-  --json "$RES/decode-$LARGE.jsonl"
+step decode-$SMALL "${LIM[0]}" "${DEC[@]}" --random-llama $SMALL "${VOCAB[@]}" --reference ngram oracle \
+  --trees chain:4 $TREE --json "$RES/decode-$SMALL.jsonl"
+step decode-$LARGE "${LIM[1]}" "${DEC[@]}" --random-llama $LARGE "${VOCAB[@]}" --reference ngram oracle \
+  --trees chain:4 $TREE --json "$RES/decode-$LARGE.jsonl"
+step profile-$LARGE "${LIM[6]}" $PY bench/profile_cycle.py --device "$DEVICE" --shape $LARGE "${VOCAB[@]}" "${PROF[@]}" \
+  --json "$RES/profile-$LARGE.jsonl"
 # shellcheck disable=SC2086  # $EXACT is zero or one override
 step pipeline "${LIM[2]}" $PY train.py run.device="$DEVICE" run.root="$RES/runs" $EXACT "${PIPE[@]}"
 step decode-eagle3-$LARGE "${LIM[3]}" "${DEC[@]}" --random-llama $LARGE "${VOCAB[@]}" --reference \

@@ -52,33 +52,50 @@ class FixedCycle:
         self.verify = GraphRegion("verify", graphs)
         self.root = None
         self.key = None
+        self.gen: torch.Generator | None = None
 
     def _key(self, run, drafter, generator):
-        return (run.version, getattr(drafter, "buffers_version", 0), id(generator))
+        return run.version, getattr(drafter, "buffers_version", 0), generator is None
 
-    def loop(self, run, root: torch.Tensor, st, tokens: list[int], eos: set[int], max_new_tokens: int,
-             generator, clock, on_cycle, count) -> list:
-        """Cycles until EOS or max_new_tokens; appends to `tokens`, counts into `st` with `count`; returns the
-        phase marks."""
-        dec, drafter = self.dec, self.dec.drafter
-        key = self._key(run, drafter, generator)
-        if key != self.key:  # new buffers (or another generator): programs captured for the old ones are stale
-            self.draft = GraphRegion("draft", self.graphs, generators=[generator])
-            self.verify = GraphRegion("verify", self.graphs, generators=[generator])
-            self.root, self.key = None, key
-        if self.root is None:
-            self.root = root.clone()
-        self.root.copy_(root)
+    def begin(self, run, root: torch.Tensor, generator) -> None:
+        """Before the first cycle of a generate (outside the loop the counting harness measures): the drafter in
+        its fixed-shape mode, the root in its buffer, the caller's generator state in the programs' own
+        generator (a graph draws from the generator it was captured with; the caller's gets the state back)."""
+        drafter = self.dec.drafter
         begin = getattr(drafter, "begin_fixed", None)
         if begin is not None:  # drafters with a step-by-step mode switch to their fixed-shape steps
             begin()
+        if generator is not None:
+            if self.gen is None or self.gen.device != generator.device:
+                self.gen = torch.Generator(device=generator.device)
+            self.gen.set_state(generator.get_state())
+        self._programs(run, generator)
+        if self.root is None:
+            self.root = root.clone()
+        self.root.copy_(root)
+
+    def _programs(self, run, generator) -> None:
+        drafter = self.dec.drafter
+        key = self._key(run, drafter, generator)
+        if key != self.key:  # new buffers: programs captured for the old ones are stale
+            gens = [self.gen if generator is not None else None, *getattr(drafter, "generators", ())]
+            self.draft = GraphRegion("draft", self.graphs, generators=gens)
+            self.verify = GraphRegion("verify", self.graphs, generators=gens)
+            self.key = key
+
+    def loop(self, run, st, tokens: list[int], eos: set[int], max_new_tokens: int, generator, clock, on_cycle,
+             count) -> list:
+        """Cycles until EOS or max_new_tokens; appends to `tokens`, counts into `st` with `count`; returns the
+        phase marks. `generator`: the caller's (its state moves as if it had drawn every sample)."""
+        drafter = self.dec.drafter
+        gen = self.gen if generator is not None else None
         effects = ((drafter, "forwards"),) if hasattr(drafter, "forwards") else ()
         marks, done = [], False
         while not done:
             t0 = clock.mark()
-            tree = self.draft(lambda: self._draft(generator), host_effects=effects)
+            tree = self.draft(lambda: self._draft(gen), host_effects=effects)
             t1 = clock.mark()
-            summary = self.verify(lambda: self._verify(run, tree, generator), host_effects=effects)
+            summary = self.verify(lambda: self._verify(run, tree, gen), host_effects=effects)
             host = summary.tolist()  # the cycle's one device-to-host transfer
             D = (len(host) - 4) // 2
             t2 = clock.mark()
@@ -97,6 +114,10 @@ class FixedCycle:
                     done = True
                     break
             marks.append((t0, t1, t2, clock.mark()))
+            if not done:  # a buffer that grew (a longer sequence than planned for) means new programs
+                self._programs(run, generator)
+        if generator is not None:
+            generator.set_state(self.gen.get_state())
         return marks
 
     def _draft(self, generator):

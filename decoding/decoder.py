@@ -281,11 +281,14 @@ class SpeculativeDecoder:
         done = tokens[0] in eos or max_new_tokens <= 1
         st.time_prefill = clock.wall() - t_begin
         marks = []
+        fixed = not done and supports(drafter, self.tree_cfg)
+        if fixed:
+            if self._cycle is None:
+                self._cycle = FixedCycle(self, self.cuda_graphs and ids.device.type == "cuda")
+            self._cycle.begin(run, root, generator)
         with decode_loop():
-            if not done and supports(drafter, self.tree_cfg):
-                if self._cycle is None:
-                    self._cycle = FixedCycle(self, self.cuda_graphs and ids.device.type == "cuda")
-                marks = self._cycle.loop(run, root, st, tokens, eos, max_new_tokens, generator, clock, on_cycle,
+            if fixed:
+                marks = self._cycle.loop(run, st, tokens, eos, max_new_tokens, generator, clock, on_cycle,
                                          self._count)
                 done = True
             while not done:

@@ -158,6 +158,17 @@ class HydraDrafter(FolderCheckpoint, TrainableDrafter):
             return checkpoint(run, x, use_reentrant=False)
         return run(x)
 
+    def prefix_at(self, hidden: torch.Tensor, cache, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """prefix() at given positions [1, T] with an explicit additive mask over a static cache (the decoder's
+        fixed-shape steps: positions and mask come from a device-side length)."""
+        x = hidden.to(self._dtype)
+        if self.prefix_layer is None:
+            return x
+        if self._rotary.inv_freq.device != x.device:
+            self._rotary.to(x.device)
+        return self.prefix_layer(x, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
+                                 position_embeddings=self._rotary(x, pos))
+
     def head(self, d: int, h: torch.Tensor, path_embeds: torch.Tensor) -> torch.Tensor:
         """Head d (1-based) on h [N, H] and the embeddings of the d tokens after it [N, d, H] -> [N, V]."""
         x = torch.cat([h, path_embeds.to(h.dtype).flatten(-2)], dim=-1)
@@ -240,12 +251,16 @@ class HydraDecodeDrafter(Drafter):
     def start(self, input_ids: torch.Tensor, features: torch.Tensor | None) -> None:
         from transformers import DynamicCache
 
+        self.fixed_mode = False
+        self._prompt_feats = features
         self._cache = DynamicCache() if self.model.prefix_layer is not None else None
         self._pos = 0
         self._root = input_ids[:, -1]
         self._read(features)
 
     def expand(self, tree, frontier: torch.Tensor) -> torch.Tensor:
+        if getattr(self, "fixed_mode", False):
+            return self._expand_fixed(tree, frontier)
         B, F = frontier.shape
         nodes = frontier.clamp_min(0)
         depth = torch.where(frontier < 0, 0, tree.depths.gather(1, nodes)) if tree.num_nodes \
@@ -277,3 +292,75 @@ class HydraDecodeDrafter(Drafter):
     def commit(self, new_ids: torch.Tensor, new_features: torch.Tensor | None) -> None:
         self._root = new_ids[:, -1]
         self._read(new_features)
+
+    # --- fixed shapes (decoding/cycle.py) ----------------------------------------------------------------
+    # In the decoder's fixed-shape cycle every frontier of one expansion sits at the tree's current depth (the
+    # builders grow trees level by level), a host-known number: one head runs on every frontier node, with the
+    # path tokens from path_nodes (no per-depth host loop). Hydra++'s prefix layer reads committed features
+    # over a static cache whose length lives on the device; commits are padded, the count moves the length.
+    fixed_shape = True
+
+    @property
+    def buffers_version(self) -> int:
+        return id(self._static) if getattr(self, "_static", None) is not None else 0
+
+    def begin_fixed(self) -> None:
+        from decoding.kvcache import _static_cache
+
+        self.fixed_mode = True
+        dev = self._h.device
+        self._h, self._root = self._h.clone(), self._root.clone()
+        self.n_t = torch.zeros((), dtype=torch.long, device=dev)
+        self._static = None
+        if self.model.prefix_layer is not None:  # re-read the prompt into a static cache (once per generate)
+            cap = self._pos + 2 * getattr(self, "room", 256) + 1
+            self._static = _static_cache(self.model.prefix_layer.self_attn.config, cap)
+            self._cap = cap
+            self._prefix_fixed(self._prompt_feats, None)
+        self.n_t.fill_(self._pos)
+
+    def prepare(self, room: int, cuda_graphs: bool = False) -> None:
+        self.room = room
+        self.fixed_mode = False
+
+    def _prefix_fixed(self, feats: torch.Tensor, count: torch.Tensor | None) -> None:
+        """Read P committed features at the device-side length; keep the state of row count - 1 (the last
+        row when count is None)."""
+        P, dev = feats.shape[1], feats.device
+        steps = torch.arange(P, device=dev)
+        cap = self._cap if self._static is not None else 0
+        if self._static is not None:
+            layer = self._static.layers[0]
+            if layer.is_initialized:  # (the first read initialises it at 0)
+                layer.cumulative_length.copy_(self.n_t)
+            see = (torch.arange(cap, device=dev) - self.n_t)[None, :] <= steps[:, None]
+            mask = torch.where(see, 0.0, float("-inf")).to(self.model._dtype)[None, None]
+            with torch.no_grad():
+                out = self.model.prefix_at(feats, self._static, (self.n_t + steps)[None], mask)
+        else:
+            out = feats.to(self.model._dtype)
+        row = (count - 1).view(1) if count is not None else steps[-1:]
+        self._h.copy_(out.index_select(1, row)[:, 0])
+
+    def commit_fixed(self, new_ids: torch.Tensor, new_features: torch.Tensor, count: torch.Tensor) -> None:
+        self._prefix_fixed(new_features, count)
+        self._root.copy_(new_ids.index_select(1, (count - 1).view(1))[:, 0])
+        self.n_t += count
+
+    def synced(self, count: int) -> None:
+        self._pos += count
+
+    def _expand_fixed(self, tree, frontier: torch.Tensor) -> torch.Tensor:
+        F = frontier.shape[1]
+        dd = tree.depth_limit if tree.num_nodes else 0  # every frontier node's depth (see above)
+        if dd >= self.max_depth:
+            raise DraftsmithError(
+                f"hydra has {self.max_depth} heads, so it drafts at most {self.max_depth} tokens deep: "
+                f"set the eval tree depth to <= {self.max_depth} or train more heads (drafter.num_heads)")
+        tokens = self._root[:, None].expand(F, 1)
+        if dd:
+            path = tree.path_nodes(tree.ancestor_mask(), dd)[0].index_select(0, frontier[0].clamp(min=0))  # [F, dd]
+            tokens = torch.cat([tokens, tree.tokens[0][path.clamp(min=0)]], 1)
+        with torch.no_grad():
+            out = self.model.head(dd + 1, self._h.expand(F, -1), self.model.embed(tokens)).float()
+        return out[None]

@@ -28,11 +28,13 @@ class NoisyTargetDrafter(TargetDrafter):
 
     def __init__(self, target, agree: float, seed: int = 0):
         super().__init__(target)
-        self.agree, self.g = agree, torch.Generator().manual_seed(seed)
+        # on the target's device: its draws mix with the target's logits there (a CPU generator cannot
+        # feed CUDA tensors)
+        self.agree, self.g = agree, torch.Generator(device=target.device).manual_seed(seed)
 
     def expand(self, tree, frontier):
         logits = super().expand(tree, frontier)
-        flip = torch.rand(frontier.shape, generator=self.g) >= self.agree
+        flip = torch.rand(frontier.shape, generator=self.g, device=logits.device) >= self.agree
         top2 = logits.topk(2, dim=-1)
         swapped = logits.scatter(-1, top2.indices, top2.values.flip(-1))
         return torch.where(flip.unsqueeze(-1), swapped, logits)
