@@ -14,6 +14,8 @@ until the device has caught up; the captured ops run inside CUDA graphs, launche
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,24 +24,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 
 import torch  # noqa: E402
 
-FAMILIES = ["ngram", "oracle", "target", "eagle1", "eagle3", "medusa", "hydra", "hydra_pp", "small", "pard", "kangaroo"]
-TREES = {  # name -> eval.tree overrides
-    "chain": ["eval.tree.kind=chain", "eval.tree.depth=3"],
-    "static": ["eval.tree.kind=static", "eval.tree.paths=[[0],[1],[0,0],[0,1],[1,0],[0,0,0]]"],
-    "dynamic": ["eval.tree.kind=dynamic", "eval.tree.depth=3", "eval.tree.top_k=3", "eval.tree.total_tokens=8"],
-    "delayed": ["eval.tree.kind=dynamic", "eval.tree.depth=3", "eval.tree.top_k=3", "eval.tree.total_tokens=8",
-                "eval.tree.delay=1"],
-    "opt": ["eval.tree.kind=opt", "eval.tree.depth=3", "eval.tree.top_k=3", "eval.tree.total_tokens=8",
-            "eval.tree.opt_budget=fixed"],
-    "vocab": ["eval.tree.kind=dynamic", "eval.tree.depth=3", "eval.tree.top_k=3", "eval.tree.total_tokens=8",
-              "drafter.draft_vocab=64"],
+# conf/drafter options; "+key=value" adds overrides (the tiny target has 2 layers: Kangaroo exits after 1)
+FAMILIES = ["ngram", "oracle", "target", "eagle1", "eagle3", "medusa", "hydra", "hydra_pp", "small", "pard",
+            "kangaroo+drafter.exit_layer=1+drafter.threshold=0", "kangaroo+drafter.exit_layer=1"]
+DYN = {"kind": "dynamic", "depth": 3, "top_k": 3, "total_tokens": 8}
+TREES = {  # name -> eval.tree fields (and "draft_vocab": drafter.draft_vocab)
+    "chain": {"kind": "chain", "depth": 3},
+    "static": {"kind": "static", "paths": [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]]},
+    "dynamic": DYN,
+    "delayed": {**DYN, "delay": 1},
+    "opt": {**DYN, "kind": "opt", "opt_budget": "fixed"},
+    "vocab": {**DYN, "draft_vocab": 64},
 }
-RULES = {  # name -> (temperature, eval overrides)
-    "greedy": (0.0, []),
-    "lossless": (1.0, []),
-    "traversal": (1.0, ["eval.acceptance=traversal"]),
-    "typical": (1.0, ["eval.acceptance=typical"]),
-}
+RULES = {"greedy": (0.0, "lossless"), "lossless": (1.0, "lossless"), "traversal": (1.0, "traversal"),
+         "typical": (1.0, "typical")}  # name -> (temperature, eval.acceptance)
 VOCAB_FAMILIES = {"eagle1", "eagle3", "medusa", "hydra", "hydra_pp", "small"}  # drafter.draft_vocab applies to these
 
 
@@ -50,7 +48,7 @@ class Case:
     rule: str
 
     def skip_reason(self) -> str | None:
-        if self.tree == "vocab" and self.family not in VOCAB_FAMILIES:
+        if self.tree == "vocab" and self.family.split("+")[0] not in VOCAB_FAMILIES:
             return "draft_vocab is not a setting of this family"
         return None
 
@@ -62,41 +60,57 @@ def tiny_target(device: str = "cpu"):
     return random_llama_target("tiny", "assets/demo-target", device)
 
 
-def build(case: Case, target, prompt: list[int], tokens: int):
-    """(decoder, temperature) for one case."""
+@functools.lru_cache(maxsize=None)
+def family_config(family: str):
+    """The composed config of one FAMILIES entry (Hydra composes once per family; trees and rules are set in
+    code below, through the same schema checks)."""
     from conf.schema import load_config
+
+    option, *extra = family.split("+")
+    return load_config([f"drafter={option}", *extra, "eval.cuda_graphs=true"])
+
+
+def build(case: Case, target, prompt: list[int], tokens: int):
+    """The decoder of one case (the oracle has learnt the prompt's continuation)."""
+    from conf.schema.eval import TreeConfig
     from drafters.reference import OracleDrafter
     from drafters.registry import TRAINABLE, drafter_class
     from eval.stage import make_decoder
 
-    temp, rule_over = RULES[case.rule]
-    cfg = load_config([f"drafter={case.family}", *TREES[case.tree], *rule_over, "eval.cuda_graphs=true"])
+    temp, acceptance = RULES[case.rule]
+    base = family_config(case.family)
+    fields = dict(TREES[case.tree])
+    vocab = fields.pop("draft_vocab", None)
+    tree = TreeConfig(**{**dataclasses.asdict(base.eval.tree), **fields})
+    cfg = dataclasses.replace(base, eval=dataclasses.replace(base.eval, tree=tree, acceptance=acceptance),
+                              drafter=dataclasses.replace(base.drafter, draft_vocab=vocab))
+    name = cfg.drafter.name
     torch.manual_seed(0)
-    if cfg.drafter.name in TRAINABLE:
-        model = drafter_class(cfg.drafter.name).from_target(cfg.drafter, target).eval()
-        if case.tree == "vocab":  # FR-Spec / VocabTrim: the most frequent tokens of made-up counts
+    if name in TRAINABLE:
+        model = drafter_class(name).from_target(cfg.drafter, target).eval()
+        if vocab is not None:  # FR-Spec / VocabTrim: the most frequent tokens of made-up counts
             from drafters.vocab_trim import trim_draft_vocab
 
-            counts = torch.arange(target.vocab_size, 0, -1).float()
-            model = trim_draft_vocab(model, counts, cfg.drafter.draft_vocab)
+            model = trim_draft_vocab(model, torch.arange(target.vocab_size, 0, -1).float(), vocab)
         drafter = model.as_drafter(target)
-    elif case.family == "oracle":
+    elif name == "oracle":
         drafter = OracleDrafter.from_config(cfg.drafter, target)
     else:
-        drafter = drafter_class(cfg.drafter.name).from_config(cfg.drafter, target)
+        drafter = drafter_class(name).from_config(cfg.drafter, target)
     dec = make_decoder(cfg, target, drafter, temp)
-    if case.family == "oracle":
+    if name == "oracle":
         drafter.replay_autoregressive(dec, prompt, tokens)
     return dec
 
 
-def count(case: Case, target, prompt: list[int], tokens: int = 16) -> dict:
-    """Per-cycle syncs / eager ops / captured ops of one case (a warm-up generate first)."""
+def count(case: Case, target, prompt: list[int], tokens: int = 16, warm: bool = True) -> dict:
+    """Per-cycle syncs / eager ops / captured ops of one case (after a warm-up generate unless warm=False)."""
     from decoding.counting import CycleCounter
 
     dec = build(case, target, prompt, tokens)
     g = torch.Generator().manual_seed(0)
-    dec.generate(prompt, tokens, eos_ids=[], generator=g)
+    if warm:
+        dec.generate(prompt, tokens, eos_ids=[], generator=g)
     with CycleCounter() as c:
         _, st = dec.generate(prompt, tokens, eos_ids=[], generator=g)
     out = c.per_cycle(st.cycles)

@@ -34,8 +34,11 @@ def _defined_by(cls, name: str):
 def supports(drafter, tree_cfg) -> bool:
     """Whether this decoder setup runs as fixed-shape programs: a drafter that says so (and whose commit_fixed
     is not older than its commit: a subclass that overrides only commit keeps the step-by-step path), and a
-    tree whose shape is set by its config (OPT-Tree picks its node budget on the host each cycle)."""
+    tree whose shape is set by its config (OPT-Tree picks its node budget on the host each cycle; Kangaroo's early
+    exit ends a chain, or a delayed tree's trunk, on the host)."""
     if not getattr(drafter, "fixed_shape", False) or tree_cfg.kind == "opt":
+        return False
+    if getattr(drafter, "stop_below", None) and (tree_cfg.kind == "chain" or tree_cfg.delay):
         return False
     commit, fixed = _defined_by(type(drafter), "commit"), _defined_by(type(drafter), "commit_fixed")
     return fixed is not None and issubclass(fixed, commit)

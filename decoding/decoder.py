@@ -40,7 +40,7 @@ from decoding.kvcache import StaticRunner, model_forward
 from decoding.opt_tree import OptCost, measure_counts, needs_cost
 from decoding.cycle import FixedCycle, supports
 from decoding.regions import decode_loop
-from decoding.tree import build_tree, check_tree_attention, tree_nodes
+from decoding.tree import build_tree, check_tree_attention, static_plan, tree_nodes
 from decoding.verify import Accepted, SamplingRule, accept_paths, tree_block
 
 
@@ -235,6 +235,8 @@ class SpeculativeDecoder:
         self.feature_source = getattr(drafter, "feature_source", "features") if drafter.uses_features else None
         self._run: StaticRunner | None = None
         self._cycle: FixedCycle | None = None  # the fixed-shape draft / verify programs (decoding/cycle.py)
+        if tree_cfg.kind == "static":  # its per-depth index tensors, made once here rather than in a cycle
+            static_plan(tree_cfg.paths, target.device)
         # OPT-Tree's cost model: the config's, else measured on the first generate and kept for this decoder
         self.opt_cost: OptCost | None = OptCost.from_config(tree_cfg) if tree_cfg.kind == "opt" else None
 

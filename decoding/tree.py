@@ -328,7 +328,7 @@ def _chain(drafter, depth, B, device, sample, warp, generator) -> DraftTree:
 _STATIC_PLANS: dict = {}
 
 
-def _static_plan(paths, device) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]:
+def static_plan(paths, device) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]:
     """Per depth (frontier node ids [F], rows into the frontier [n_d], sibling ranks [n_d], kmax) of a static
     tree, built once per paths and device: host-to-device copies in the hot loop would each be a sync."""
     key = (tuple(map(tuple, paths)), str(device))
@@ -354,7 +354,7 @@ def _static(drafter, paths, B, device, sample, warp, generator, trunk: DraftTree
     tree = DraftTree.empty(B, device) if trunk is None else trunk
     d0 = tree.num_nodes
     q_full = None
-    for frontier, rows, ranks, kmax in _static_plan(paths, device):
+    for frontier, rows, ranks, kmax in static_plan(paths, device):
         frontier = (frontier + d0).expand(B, -1)  # -1 (the root) + d0 = the trunk's last node
         logits = _expand(drafter, tree, frontier)  # [B, F, V]
         dev = logits.device
@@ -380,7 +380,7 @@ def _static(drafter, paths, B, device, sample, warp, generator, trunk: DraftTree
             tok, lq = topi[:, rows, ranks], topv[:, rows, ranks]
         parents = frontier[:, rows]
         tree = tree.extend(tok, parents, lq)
-    width = max([kmax for *_, kmax in _static_plan(paths, device)] + [1])
+    width = max([kmax for *_, kmax in static_plan(paths, device)] + [1])
     return replace(tree, q=q_full if sample else None, width_bound=width)
 
 

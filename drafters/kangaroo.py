@@ -226,5 +226,3 @@ class KangarooDecoding(LMTreeDrafter):
     def __init__(self, view, vocab_size: int, threshold: float):
         super().__init__(view, vocab_size=vocab_size, name="kangaroo")
         self.stop_below = float(threshold) if threshold > 0 else None
-        # the early exit decides on the host, depth by depth (a sync each): the step-by-step decode path
-        self.fixed_shape = self.fixed_shape and self.stop_below is None
