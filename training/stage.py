@@ -211,7 +211,7 @@ def train_phase(cfg: Config, phase: Phase, drafter_factory=None, target=None) ->
             if prepare is not None:
                 batches = prepare(eng, batches, state.step)
             lr = eng.lr
-            metrics, n_loss, n_input, finite = _train_step(eng, target, batches, t.mode, env, plan,
+            metrics, n_loss, n_input, finite = train_step(eng, target, batches, t.mode, env, plan,
                                                            **signal_args)
             if not finite:
                 where = f"{last_ckpt}" if last_ckpt else "none (no checkpoint was written yet)"
@@ -261,7 +261,7 @@ def throughput(tokens: int, spent: dict, t0: float) -> dict:
             **{f"{k}_seconds": round(v, 3) for k, v in spent.items()}}
 
 
-def _train_step(eng: Engine, target, batches, mode, env, plan, run_target: bool = True
+def train_step(eng: Engine, target, batches, mode, env, plan, run_target: bool = True
                 ) -> tuple[dict, int, int, bool]:
     """One optimizer step over this rank's micro-batches; returns the global metrics (token-weighted
     means), loss tokens, input tokens, and whether every rank's loss was finite. The update is NOT
