@@ -63,8 +63,11 @@ def save_folder(folder: str | os.PathLike, family: str, cfg, dims: dict, target_
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if tensors is not None:
+        # one metadata key: safetensors keeps them in a Rust HashMap whose order changes from one process to
+        # the next, so a second key would make the same tensors a different file (the family is in
+        # drafter_config.json, its one home); "pt" is what transformers' loaders require
         save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()},
-                  str(folder / WEIGHTS_NAME), metadata={"format": "pt", "family": family})
+                  str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
     meta = {"family": family, "config": dataclasses.asdict(cfg), "dims": dims, "target": target_fp, **(extra or {})}
     write_json(folder / CONFIG_NAME, meta)
     return folder
