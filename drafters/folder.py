@@ -73,15 +73,21 @@ def save_folder(folder: str | os.PathLike, family: str, cfg, dims: dict, target_
     return folder
 
 
+def check_family(meta: dict, family: str, folder) -> None:
+    """The folder (its drafter_config.json read as `meta`) must hold a `family` drafter: the one check that
+    eval (through read_folder) and export both make before loading anything."""
+    if meta.get("family") != family:
+        raise DraftsmithError(f"{folder} holds a {meta.get('family')!r} drafter, not {family!r}: "
+                              f"set drafter={meta.get('family')} or point drafter.checkpoint at a {family} folder")
+
+
 def read_folder(folder: str | os.PathLike, family: str, target, tensors: bool = True, uses_taps: bool = False,
                 device: str | torch.device = "cpu") -> tuple[dict, dict[str, torch.Tensor]]:
     """(meta, tensors) of a folder written by save_folder, checking its family and target first."""
     from safetensors.torch import load_file
 
     meta = read_checkpoint_config(folder)
-    if meta.get("family") != family:
-        raise DraftsmithError(f"{folder} holds a {meta.get('family')!r} drafter, not {family!r}: "
-                              f"set drafter={meta.get('family')} or point drafter.checkpoint at a {family} folder")
+    check_family(meta, family, folder)
     check_target(meta["target"], target, folder, uses_taps)
     if not tensors:
         return meta, {}

@@ -2,11 +2,11 @@
 
     python train.py stage=export export=sglang run.name=l31-eagle3          # -> runs/l31-eagle3/export/sglang/
     python train.py stage=export export=vllm export.dtype=float16 export.out_dir=/models/l31-eagle3
-    python train.py stage=export export=medusa drafter.checkpoint=runs/m1/train/final
+    python train.py stage=export export=medusa drafter=medusa drafter.checkpoint=runs/m1/train/final
     python -m pytest -q tests/export/test_export_stage.py
 
 Reads the drafter folder the train stage wrote (<run>/train/final, or drafter.checkpoint); its family comes
-from the folder's drafter_config.json. Writes export.out_dir (default <run>/export/<format>/) atomically:
+from the folder's drafter_config.json and must be the command's `drafter=` (as stage=eval requires). Writes export.out_dir (default <run>/export/<format>/) atomically:
 built beside it, then swapped in, so a crash never leaves half a folder; an existing out_dir is replaced
 only when it is empty or an earlier draftsmith export (runtime/rundir.py). Then every export is checked, and a broken one
 fails with a one-line error:
@@ -66,6 +66,7 @@ def run(cfg: Config) -> dict:
 
 
 def _run(cfg: Config) -> dict:
+    from drafters.folder import check_family as check_folder_family
     from drafters.folder import read_checkpoint_config
     from drafters.registry import drafter_class
     from drafters.target import load_target
@@ -77,6 +78,7 @@ def _run(cfg: Config) -> dict:
     meta = read_checkpoint_config(ckpt)
     family = meta.get("family")
     check_family(ex.format, family)  # before loading anything: the likelier mistakes fail in milliseconds
+    check_folder_family(meta, cfg.drafter.name, ckpt)  # drafter=<name> must name what the folder holds, as in eval
     out = out_dir(cfg)
     _check_replaceable(out)
     writable_dir(out.parent, "export.out_dir", "choose a writable export.out_dir")

@@ -180,7 +180,7 @@ def test_hf_bfloat16_and_violations(target, tmp_path):
 def test_stage_exports_head_families(family, fmt, cfg_for, target):
     from export.stage import run
 
-    cfg = cfg_for("stage=export", f"export={fmt}", "export.check_max_new_tokens=8")
+    cfg = cfg_for("stage=export", f"export={fmt}", f"drafter={family}", "export.check_max_new_tokens=8")
     (medusa(target, num_heads=3) if family == "medusa" else small(target)).save_pretrained(
         run_dir(cfg) / "train" / "final")
     res = run(cfg)

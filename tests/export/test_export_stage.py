@@ -175,3 +175,14 @@ def test_cli_end_to_end(trained):
     out = run_dir(cfg) / "export" / "sglang"
     assert f"export: eagle3 -> sglang at {out}" in p.stdout
     assert check_format(out, "sglang") == []
+
+
+def test_a_drafter_of_another_family_is_refused_before_anything_is_written(trained):
+    """As stage=eval refuses it: `drafter=kangaroo` on a run whose train/final holds an EAGLE-3 drafter would
+    otherwise export the EAGLE-3 drafter under a command that names another family."""
+    cfg = trained("export=sglang", "drafter=kangaroo")
+    final = run_dir(cfg) / "train" / "final"
+    with pytest.raises(DraftsmithError, match=f"^{final} holds a 'eagle3' drafter, not 'kangaroo': set drafter=eagle3 "
+                                              "or point drafter.checkpoint at a kangaroo folder$"):
+        run(cfg)
+    assert not (run_dir(cfg) / "export").exists()
