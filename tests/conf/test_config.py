@@ -73,6 +73,11 @@ def test_experiment_smoke_caps_budgets():
     (["train.betas=[0.9]"], "train.betas=[0.9] must be two numbers, e.g. [0.9,0.95]"),
     (["train.max_steps=0"], "train.max_steps=0 must be >= 1 (or null to use train.epochs)"),
     (["train.epochs=0"], "train.epochs=0.0 must be > 0"),
+    # one rule for the delayed trunk of both branching trees: shorter than eval.tree.depth
+    (["eval.tree.delay=5"], "eval.tree.delay=5 must be < eval.tree.depth=5 (the trunk is a single path: the tree "
+                            "branches below it"),
+    (["eval.tree.kind=static", "eval.tree.paths=[[0],[1]]", "eval.tree.delay=400"],
+     "eval.tree.delay=400 must be < eval.tree.depth=5 (the trunk is a single path: the tree branches below it"),
 ])
 def test_the_schema_rejects_bad_values_while_the_config_is_built(overrides, message):
     """Ranges and choices live in the schema's __post_init__ (conf/schema/*.py), for the typed groups and for
