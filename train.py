@@ -19,6 +19,7 @@ import sys
 import hydra
 from omegaconf import OmegaConf
 
+from conf.cli import override_error
 from conf.errors import DraftsmithError
 from conf.schema import STAGES, Config
 from runtime.device import resolve_device
@@ -88,4 +89,8 @@ def _absorb_local_rank(argv: list[str]) -> list[str]:
 
 if __name__ == "__main__":
     sys.argv = _absorb_local_rank(sys.argv)
+    bad = override_error(sys.argv[1:])  # a misspelt name or key: one line, not Hydra's report
+    if bad:
+        print(f"error: {bad}", file=sys.stderr)
+        sys.exit(2)
     main()

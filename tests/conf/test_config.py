@@ -124,3 +124,34 @@ def test_cli_bad_stage_prints_one_line(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         "error: unknown stage 'nope': choose from target_pretrain, data_gen, drafter_pretrain, train, eval, export"]
+
+
+def _cli(tmp_path, *overrides):
+    return subprocess.run([sys.executable, str(Path(PROJECT_ROOT) / "train.py"), *overrides, f"run.root={tmp_path}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("overrides,line", [
+    (["drafter=eagel3"], "error: unknown drafter 'eagel3': choose one of eagle1, eagle3, hydra, hydra_pp, kangaroo, "
+                         "medusa, medusa2, ngram, pard, small, target"),
+    (["objective=gtoo"], "error: unknown objective 'gtoo': choose one of adaspec, coral, griffin, gto, hass, "
+                         "on_policy, token"),
+    (["export=sglng"], "error: unknown export 'sglng': choose one of hf, medusa, sglang, vllm"),
+    (["train.stepz=3"], "error: unknown setting train.stepz (TrainConfig has no key 'stepz'; did you mean "
+                        "train.max_steps?): check the spelling, or see `python train.py --help`"),
+    (["drafter=medusa", "drafter.num_head=3"], "error: unknown setting drafter.num_head (MedusaConfig has no key "
+                                               "'num_head'; did you mean drafter.num_heads?): check the spelling, or "
+                                               "see `python train.py --help`"),
+    (["train.max_steps=abc"], "error: train.max_steps: Value 'abc' of type 'str' could not be converted to "
+                              "Integer"),
+    (["-m", "drafter=eagle3,medusa,eagel3", "stage=eval"], "error: unknown drafter 'eagel3': choose one of eagle1, "
+                                                           "eagle3, hydra, hydra_pp, kangaroo, medusa, medusa2, ngram, "
+                                                           "pard, small, target"),
+])
+def test_cli_bad_names_and_keys_print_one_line(tmp_path, overrides, line):
+    """Hydra's own report of these is five to twenty lines (options, the search path, HYDRA_FULL_ERROR):
+    train.py composes the command's overrides first and says what is wrong in one line, before any stage."""
+    r = _cli(tmp_path, *overrides)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [line]
+    assert not any(tmp_path.iterdir())  # nothing written: no Hydra output folder either
