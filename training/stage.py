@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from conf.errors import DraftsmithError
+from conf.errors import DraftsmithError, Interrupted
 from conf.schema import Config, final_drafter_dir, project_path, run_dir, save_config
 from runtime.files import write_json
 from runtime.rundir import check_replaceable, kill_hook, stage_session
@@ -240,6 +240,10 @@ def train_phase(cfg: Config, phase: Phase, drafter_factory=None, target=None) ->
         if resumed is not None and start_step == total and len(plan.eval_idx):
             evals = evaluate(eng, target, data, plan, t.mode, batch_args, **signal_args)  # nothing left to train: report anyway
         final = write_final(eng, drafter, phase.final, env, cfg, f"{phase.name}/final")
+    except KeyboardInterrupt:  # Ctrl-C: say where it stopped and that the rerun resumes, not a traceback
+        where = f"from {last_ckpt}" if last_ckpt else "from the start: no checkpoint was written yet"
+        raise Interrupted(f"interrupted at step {state.step} of {total}: rerun the same command to resume "
+                          f"({where})") from None
     finally:
         plot = tracker.close()
     epoch, pos = plan.cursor(state.rows)
