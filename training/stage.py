@@ -124,7 +124,19 @@ def seed_all(seed: int) -> None:
 def preflight(cfg: Config) -> None:
     """Checks that need no model, run before anything is written (train.py runs them for every stage first)."""
     cfg.train.check()
+    check_draft_vocab(cfg)
     check_replaceable(final_drafter_dir(cfg), "train/final", FINAL_FIX)
+
+
+def check_draft_vocab(cfg: Config) -> None:
+    """drafter.draft_vocab is a draft-time trim (drafters/vocab_trim.py: eval and export); training always trains
+    the full head. A command whose stages use it later keeps it; a train-only one would silently ignore it."""
+    stages = [cfg.stage] if cfg.stage else list(cfg.stages)
+    k = getattr(cfg.drafter, "draft_vocab", None)
+    if k is not None and not {"eval", "export"} & set(stages):
+        raise DraftsmithError(f"drafter.draft_vocab={k} trims the draft LM head when the drafter decodes (stage=eval, "
+                              "stage=export); training always trains the full head, and this command runs no eval or "
+                              "export: drop drafter.draft_vocab here and set it on the eval or export command")
 
 
 def train(cfg: Config, drafter_factory=None, target=None) -> dict:

@@ -247,3 +247,21 @@ def test_ctrl_c_in_training_is_one_line_naming_the_step(tmp_path, tiny_target_di
     assert "Traceback" not in r.stderr and "KeyboardInterrupt" not in r.stderr
     out = tmp_path / "runs" / "smoke" / "train"
     assert (out / "checkpoints" / "step_00000001").is_dir() and not (out / "final").exists()
+
+
+def test_a_draft_vocabulary_on_a_train_only_command_is_refused(tmp_path, trainer):
+    """drafter.draft_vocab trims the head at draft time (eval, export); training always trains the full head.
+    On a command that runs train alone nothing would use it, so it is refused, not silently ignored; a chain
+    that goes on to eval or export keeps it for them."""
+    from conf.schema import load_config
+    from training.stage import preflight
+
+    cfg = load_config(["stage=train", "drafter.draft_vocab=512", f"run.root={tmp_path}"])
+    with pytest.raises(DraftsmithError) as e:
+        trainer("stage=train", "drafter.draft_vocab=512")
+    assert str(e.value) == ("drafter.draft_vocab=512 trims the draft LM head when the drafter decodes (stage=eval, "
+                            "stage=export); training always trains the full head, and this command runs no eval or "
+                            "export: drop drafter.draft_vocab here and set it on the eval or export command")
+    assert not (tmp_path / "runs" / "t" / "train").exists()
+    preflight(load_config(["stages=[train,eval]", "drafter.draft_vocab=512", f"run.root={tmp_path}"]))  # kept for eval
+    assert cfg.drafter.draft_vocab == 512
