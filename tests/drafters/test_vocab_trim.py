@@ -259,7 +259,7 @@ def test_eagle1_exports_its_trimmed_vocab_as_sglangs_token_map(llama_target, tmp
     write_export(small, llama_target, "sglang", tmp_path, ExportContext(dtype=torch.bfloat16, target_ref="org/t"))
     assert check_format(tmp_path, "sglang") == []
     assert torch.load(tmp_path / "hot_token_ids.pt") == small.draft_head.ids.tolist()
-    assert "--speculative-token-map hot_token_ids.pt" in (tmp_path / "README.md").read_text()
+    assert '--speculative-token-map "$DRAFT/hot_token_ids.pt"' in (tmp_path / "README.md").read_text()
     back = load_exported_model(tmp_path, llama_target)
     assert torch.equal(back.draft_head.ids, small.draft_head.ids) and back.draft_head.weight.shape[0] == 50
     assert verify_export(small, llama_target, tmp_path, "sglang", torch.bfloat16, cfg.eval.tree, 0, 1)["violations"] == []
