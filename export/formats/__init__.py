@@ -215,8 +215,8 @@ def readme(fmt: str, family: str, model, target, out: Path, ctx: ExportContext) 
         lines += ["vLLM:", "", "```bash", *sh, f"vllm serve \"$TARGET\" --dtype {dt} --speculative-config \"{spec}\""]
         if is_hub_id(tgt):
             lines += ["# or, with the target config.json names (the hub id above):", f"vllm serve \"$DRAFT\" --dtype {dt}"]
-        lines += ["```", "", "The speculators library (0.9.0) loads the target's LM head from the verifier config.json "
-                  "names; give it the target explicitly:", "", "```python",
+        lines += ["```", "", "The speculators library (0.9.0) loads the target's LM head from the verifier that config.json "
+                  "names, so give it the target there:", "", "```python",
                   "from speculators import SpeculatorModel, SpeculatorModelConfig", *py,
                   "config = SpeculatorModelConfig.from_pretrained(DRAFT)",
                   "config.speculators_config.verifier.name_or_path = TARGET",

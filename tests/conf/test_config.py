@@ -155,3 +155,16 @@ def test_cli_bad_names_and_keys_print_one_line(tmp_path, overrides, line):
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines() == [line]
     assert not any(tmp_path.iterdir())  # nothing written: no Hydra output folder either
+
+
+def test_valid_commands_pass_the_override_check():
+    """The check before Hydra stops only what Hydra would refuse: Hydra's own groups and keys, appended and
+    deleted keys, sweeps it expands itself (glob) and its flags pass through."""
+    from conf.cli import override_error
+
+    for argv in (["hydra/job_logging=disabled", "hydra.run.dir=/tmp/x"], ["+train.foo=1"], ["stages=[train,eval]"],
+                 ["-m", "drafter=glob(*)"], ["-m", "train.lr=range(1,3)"], ["--cfg", "job", "drafter=eagel3"],
+                 ["experiment=smoke", "drafter=medusa", "drafter.num_heads=3"]):
+        assert override_error(argv) is None, argv
+    assert override_error(["-m", "train.lr=0.1,0.2", "train.max_steps=1,x"]) == (
+        "train.max_steps: Value 'x' of type 'str' could not be converted to Integer")
