@@ -19,7 +19,8 @@ import sys
 import hydra
 from omegaconf import OmegaConf
 
-from conf.errors import DraftsmithError
+from conf.cli import override_error
+from conf.errors import DraftsmithError, Interrupted
 from conf.schema import STAGES, Config
 from runtime.device import resolve_device
 
@@ -64,9 +65,20 @@ def main(dcfg) -> None:
     try:
         cfg: Config = OmegaConf.to_object(dcfg)  # the schema checks its own ranges here (__post_init__)
         run_stages(cfg)
+    except Interrupted as e:  # Ctrl-C where a stage knows how far it got (train: the step and checkpoint)
+        _interrupted(str(e))
+    except KeyboardInterrupt:
+        _interrupted("interrupted: rerun the same command to resume (every stage resumes its committed work)")
     except DraftsmithError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def _interrupted(message: str) -> None:
+    """Ctrl-C: one line (from rank 0: the terminal interrupts every rank) and the shell's status for SIGINT."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr)
+    sys.exit(130)
 
 
 def _absorb_local_rank(argv: list[str]) -> list[str]:
@@ -88,4 +100,8 @@ def _absorb_local_rank(argv: list[str]) -> list[str]:
 
 if __name__ == "__main__":
     sys.argv = _absorb_local_rank(sys.argv)
+    bad = override_error(sys.argv[1:])  # a misspelt name or key: one line, not Hydra's report
+    if bad:
+        print(f"error: {bad}", file=sys.stderr)
+        sys.exit(2)
     main()

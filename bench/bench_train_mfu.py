@@ -4,7 +4,7 @@ target of a given shape (the target's forward, the drafter's unrolled TTT steps,
     python bench/bench_train_mfu.py --random-llama 8b --vocab 128256 --device cuda   # the 8B shape
     python bench/bench_train_mfu.py --random-llama tiny --device cpu --steps 2       # dry run
 
-The step is training.stage's `_train_step` under training.engine's DeepSpeed Engine with the default
+The step is training.stage's `train_step` under training.engine's DeepSpeed Engine with the default
 config (bf16 on GPU, torch AdamW, ZeRO-0), on synthetic batches: random ids, every position after a
 16-token prompt scored. tokens/s counts input tokens, as the train stage's log does. MFU = useful FLOPs
 per step / step time / the GPU's dense bf16 peak (--peak-tflops, default from the datasheet), where
@@ -107,7 +107,7 @@ def run(args) -> dict:
     from eval.report import machine_info
     from training.engine import Engine, build_ds_config, setup_distributed
     from training.objectives import build_objective
-    from training.stage import _train_step, build_drafter
+    from training.stage import train_step, build_drafter
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -125,7 +125,7 @@ def run(args) -> dict:
     sync = torch.cuda.synchronize if env.device.type == "cuda" else (lambda: None)
     eng.train(True)
     for i in range(args.warmup):
-        _train_step(eng, target, [synthetic_batch(args.batch, args.seq, vocab, i)], "online", env, plan)
+        train_step(eng, target, [synthetic_batch(args.batch, args.seq, vocab, i)], "online", env, plan)
     if env.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(env.device)
     times, tokens, losses = [], 0, []
@@ -133,7 +133,7 @@ def run(args) -> dict:
         b = synthetic_batch(args.batch, args.seq, vocab, 100 + i)
         sync()
         t0 = time.perf_counter()
-        metrics, _, n_input, _ = _train_step(eng, target, [b], "online", env, plan)
+        metrics, _, n_input, _ = train_step(eng, target, [b], "online", env, plan)
         sync()
         times.append(time.perf_counter() - t0)
         tokens += n_input
@@ -142,7 +142,7 @@ def run(args) -> dict:
 
     counter = FlopCounterMode(display=False)
     with counter:
-        _train_step(eng, target, [synthetic_batch(args.batch, args.seq, vocab, 999)], "online", env, plan)
+        train_step(eng, target, [synthetic_batch(args.batch, args.seq, vocab, 999)], "online", env, plan)
     machine = machine_info(env.device)
     flops = eagle3_flops(target, drafter, synthetic_batch(args.batch, args.seq, vocab, 999)["loss_mask"])
     peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_for(machine["device_name"])[1]

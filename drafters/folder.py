@@ -63,11 +63,22 @@ def save_folder(folder: str | os.PathLike, family: str, cfg, dims: dict, target_
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if tensors is not None:
+        # one metadata key: safetensors keeps them in a Rust HashMap whose order changes from one process to
+        # the next, so a second key would make the same tensors a different file (the family is in
+        # drafter_config.json, its one home); "pt" is what transformers' loaders require
         save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()},
-                  str(folder / WEIGHTS_NAME), metadata={"format": "pt", "family": family})
+                  str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
     meta = {"family": family, "config": dataclasses.asdict(cfg), "dims": dims, "target": target_fp, **(extra or {})}
     write_json(folder / CONFIG_NAME, meta)
     return folder
+
+
+def check_family(meta: dict, family: str, folder) -> None:
+    """The folder (its drafter_config.json read as `meta`) must hold a `family` drafter: the one check that
+    eval (through read_folder) and export both make before loading anything."""
+    if meta.get("family") != family:
+        raise DraftsmithError(f"{folder} holds a {meta.get('family')!r} drafter, not {family!r}: "
+                              f"set drafter={meta.get('family')} or point drafter.checkpoint at a {family} folder")
 
 
 def read_folder(folder: str | os.PathLike, family: str, target, tensors: bool = True, uses_taps: bool = False,
@@ -76,9 +87,7 @@ def read_folder(folder: str | os.PathLike, family: str, target, tensors: bool = 
     from safetensors.torch import load_file
 
     meta = read_checkpoint_config(folder)
-    if meta.get("family") != family:
-        raise DraftsmithError(f"{folder} holds a {meta.get('family')!r} drafter, not {family!r}: "
-                              f"set drafter={meta.get('family')} or point drafter.checkpoint at a {family} folder")
+    check_family(meta, family, folder)
     check_target(meta["target"], target, folder, uses_taps)
     if not tensors:
         return meta, {}

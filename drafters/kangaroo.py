@@ -216,7 +216,14 @@ class KangarooDrafter(HeldTargetCheckpoint, TrainableDrafter):
         adapter = self.adapter
         if adapter.norm.weight.dtype != target.dtype:
             adapter = copy.deepcopy(adapter).to(target.dtype)
-        return KangarooDecoding(self.view(adapter), target.vocab_size, self.cfg.threshold)
+        lm = self.view(adapter)
+        head = self._modules.get("draft_head")  # drafter.draft_vocab: the kept rows of the target's LM head
+        if head is not None:  # (drafters/vocab_trim.py); a view of the view, so the shared one stays whole
+            from drafters.vocab_trim import view
+
+            out = lm.get_output_embeddings()
+            lm = view(lm, {next(n for n, m in lm.named_modules() if m is out): head})
+        return KangarooDecoding(lm, target.vocab_size, self.cfg.threshold)
 
 
 class KangarooDecoding(LMTreeDrafter):

@@ -19,6 +19,9 @@ Which rows each family drafts through:
   medusa   the final Linear(H -> V) of each head
   hydra    hydra_lm_head.<d>
   small    the HF model's output embedding (a tied one is copied: the input embedding stays whole)
+  pard     the same as small (its mask token's row lies above the target vocabulary, so it is never kept)
+  kangaroo the target's (frozen) LM head, which its shallow view drafts through: a reduced copy of its rows
+           (`draft_head`), swapped into the decoding view by KangarooDrafter.as_drafter
 The view is a shallow copy of the module tree along the replaced paths, so nothing is duplicated but the
 kept rows (K x H per head) and the trained drafter can still be saved or exported whole.
 """
@@ -123,14 +126,14 @@ def trim_draft_vocab(model, counts: torch.Tensor | None, k: int | None):
         d2t = (keep - torch.arange(len(keep))).to(model.d2t)
         return view(model, {"lm_head": head, "d2t": d2t, "t2d": t2d})
     keep = most_frequent(counts, k)
-    if family == "eagle1":
+    if family in ("eagle1", "kangaroo"):  # both draft through the target's own LM head: a reduced copy of its rows
         out = model.target.model.get_output_embeddings()
         return view(model, {"draft_head": ScatterHead(out, keep, model.target.vocab_size)})
     if family == "medusa":
         heads = {f"medusa_head.{i}.{len(h) - 1}": h[-1] for i, h in enumerate(model.medusa_head)}
     elif family == "hydra":
         heads = {f"hydra_lm_head.{d}": h for d, h in enumerate(model.hydra_lm_head)}
-    elif family == "small":
+    elif family in ("small", "pard"):  # PARD's mask row is above the target vocabulary: never a kept id
         return view(model, {"model": trimmed_lm(model.model, keep)})
     else:
         raise DraftsmithError(f"drafter.draft_vocab is not implemented for drafter family {family!r}: "

@@ -2,11 +2,11 @@
 
     python train.py stage=export export=sglang run.name=l31-eagle3          # -> runs/l31-eagle3/export/sglang/
     python train.py stage=export export=vllm export.dtype=float16 export.out_dir=/models/l31-eagle3
-    python train.py stage=export export=medusa drafter.checkpoint=runs/m1/train/final
+    python train.py stage=export export=medusa drafter=medusa drafter.checkpoint=runs/m1/train/final
     python -m pytest -q tests/export/test_export_stage.py
 
 Reads the drafter folder the train stage wrote (<run>/train/final, or drafter.checkpoint); its family comes
-from the folder's drafter_config.json. Writes export.out_dir (default <run>/export/<format>/) atomically:
+from the folder's drafter_config.json and must be the command's `drafter=` (as stage=eval requires). Writes export.out_dir (default <run>/export/<format>/) atomically:
 built beside it, then swapped in, so a crash never leaves half a folder; an existing out_dir is replaced
 only when it is empty or an earlier draftsmith export (runtime/rundir.py). Then every export is checked, and a broken one
 fails with a one-line error:
@@ -21,13 +21,14 @@ Formats, families and layouts: export/formats/__init__.py.
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 from pathlib import Path
 
 import torch
 
 from conf.errors import DraftsmithError
-from conf.schema import Config, run_dir, save_config, trained_drafter_dir
+from conf.schema import Config, run_dir, trained_drafter_dir
 from data_gen.output import draft_vocab_view
 from decoding.decoder import SpeculativeDecoder
 from decoding.tree import fit_depth
@@ -41,6 +42,7 @@ from export.formats import (
 from export.formats.common import (
     ExportContext,
     export_dtype,
+    placeholder,
     target_ref,
 )
 from runtime.rundir import check_replaceable, normalise_modes, stage_session, swap_in, writable_dir
@@ -66,6 +68,7 @@ def run(cfg: Config) -> dict:
 
 
 def _run(cfg: Config) -> dict:
+    from drafters.folder import check_family as check_folder_family
     from drafters.folder import read_checkpoint_config
     from drafters.registry import drafter_class
     from drafters.target import load_target
@@ -77,6 +80,7 @@ def _run(cfg: Config) -> dict:
     meta = read_checkpoint_config(ckpt)
     family = meta.get("family")
     check_family(ex.format, family)  # before loading anything: the likelier mistakes fail in milliseconds
+    check_folder_family(meta, cfg.drafter.name, ckpt)  # drafter=<name> must name what the folder holds, as in eval
     out = out_dir(cfg)
     _check_replaceable(out)
     writable_dir(out.parent, "export.out_dir", "choose a writable export.out_dir")
@@ -89,13 +93,13 @@ def _run(cfg: Config) -> dict:
         print(f"export: export.format={ex.format} has no reduced draft vocabulary for {family}: the folder carries "
               "the full LM head (drafter.draft_vocab applies to stage=eval only)", flush=True)
     tree = cfg.eval.tree
-    ctx = ExportContext(dtype=dtype, target_ref=target_ref(cfg.target.path, out),
+    ctx = ExportContext(dtype=dtype, target_ref=target_ref(cfg.target.path),
                         speculative_tokens=ex.speculative_tokens or tree.depth, top_k=tree.top_k,
                         draft_tokens=tree.total_tokens, final_dir=out)
 
     def build(tmp: Path) -> None:
         write_export(model, target, ex.format, tmp, ctx)
-        save_config(cfg, tmp)
+        save_portable_config(cfg, tmp)
     publish(out, build)
 
     result = verify_export(model, target, out, ex.format, dtype, tree, ex.check_prompts, ex.check_max_new_tokens)
@@ -122,6 +126,30 @@ def _target_config(cfg: Config, meta: dict, ckpt: Path):
             f"target.feature_layers={list(cfg.target.feature_layers)} but the drafter at {ckpt} was trained on "
             f"{list(trained)}: drop the override or set target.feature_layers={list(trained)}")
     return cfg.target
+
+
+def save_portable_config(cfg: Config, folder: Path) -> Path:
+    """The run's resolved config as `folder/config.yaml`, with no path of this machine in it: the folder is
+    shared and moved, and an absolute run.root or target path would be the only machine path in it. Each
+    absolute path becomes relative to the project when it lies inside it, else a `<path of NAME>` placeholder."""
+    from omegaconf import OmegaConf
+
+    from conf.schema import PROJECT_ROOT
+
+    def portable(v):
+        if isinstance(v, dict):
+            return {k: portable(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [portable(x) for x in v]
+        if isinstance(v, str) and os.path.isabs(os.path.expanduser(v)):
+            p = Path(os.path.expanduser(v)).resolve()
+            return str(p.relative_to(PROJECT_ROOT)) if p.is_relative_to(PROJECT_ROOT) else placeholder(p.name)
+        return v
+
+    tree = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    path = folder / "config.yaml"
+    path.write_text(OmegaConf.to_yaml(portable(tree)))
+    return path
 
 
 # --------------------------------------------------------------------------------------------------

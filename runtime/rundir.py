@@ -38,12 +38,13 @@ _hook_counts: Counter = Counter()
 
 def kill_hook(point: str) -> None:
     """DRAFTSMITH_TEST_KILL_AT=<point>:<n> SIGKILLs this process the n-th time it reaches <point>: the crash
-    tests of interrupted work (data_gen's shards, the train stage's checkpoints) stop it at a known place."""
+    tests of interrupted work (data_gen's shards, the train stage's checkpoints) stop it at a known place.
+    DRAFTSMITH_TEST_KILL_SIGNAL=SIGINT sends Ctrl-C's signal instead (the interrupt tests)."""
     name, _, n = os.environ.get("DRAFTSMITH_TEST_KILL_AT", "").rpartition(":")
     if name == point:
         _hook_counts[point] += 1
         if _hook_counts[point] == int(n):
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), getattr(signal, os.environ.get("DRAFTSMITH_TEST_KILL_SIGNAL", "SIGKILL")))
 
 
 LOCK_NAME = ".lock"

@@ -34,3 +34,17 @@ def noisy(model, seed=0):
             if p.requires_grad:
                 p.add_(0.05 * torch.randn(p.shape, generator=g))
     return model.eval()
+
+
+def readme_code(folder: Path, marker: str, lang: str = "python", **values: str) -> str:
+    """The first ```lang block after the line of the folder's README that contains `marker`, with the lines
+    that set each of `values` (`TARGET = "..."` in Python, `TARGET=...` in bash) set to the given value: the
+    commands exactly as a user runs them after filling in the two names."""
+    text = (Path(folder) / "README.md").read_text()
+    start = text.index(f"```{lang}\n", text.index(marker)) + len(lang) + 4
+    code = text[start:text.index("```", start)]
+    for name, value in values.items():
+        setter = rf"^{name} = .*$" if lang == "python" else rf"^{name}=.*$"
+        code, n = re.subn(setter, f"{name} = {value!r}" if lang == "python" else f"{name}={value}", code, flags=re.M)
+        assert n == 1, f"{name} is not set once in the README's {lang} block after {marker!r}"
+    return code

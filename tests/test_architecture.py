@@ -137,3 +137,33 @@ def test_tests_mirror_the_packages():
     assert not misplaced, f"test files outside tests/<package>/ (packages: {', '.join(sorted(homes))}):\n" \
                           + "\n".join(misplaced)
     assert {f.parent.name for f in (ROOT / "tests").rglob("test_*.py")} - {"tests"} == homes
+
+
+def private_imports(path: Path) -> list[str]:
+    """Names with a leading underscore that `path` imports from another top-level package of ours: a private
+    name is its module's to change, so a bench script or a stage that borrows one breaks silently when it
+    does (bench/bench_decode.py once imported eval.report's `_f`). Tests may reach into their own subject."""
+    rel = path.relative_to(ROOT)
+    own = rel.parts[0].removesuffix(".py")
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(rel))):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            top = node.module.split(".")[0]
+            if top in PROJECT and top != own:
+                found += [f"{rel}:{node.lineno}: imports {node.module}.{a.name}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]
+    return found
+
+
+def test_no_module_imports_a_private_name_of_another_package():
+    files = project_files() + sorted((ROOT / "bench").rglob("*.py")) + [ROOT / "train.py"]
+    found = [v for f in files for v in private_imports(f)]
+    assert not found, "private names imported across packages (make them public):\n" + "\n".join(found)
+
+
+def test_a_private_import_is_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    (tmp_path / "bench").mkdir()
+    f = tmp_path / "bench" / "b.py"
+    f.write_text("from eval.report import cell, _f\nfrom bench.peers import _x\nfrom decoding.tree import __all__\n")
+    assert private_imports(f) == ["bench/b.py:1: imports eval.report._f"]

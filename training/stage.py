@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from conf.errors import DraftsmithError
+from conf.errors import DraftsmithError, Interrupted
 from conf.schema import Config, final_drafter_dir, project_path, run_dir, save_config
 from runtime.files import write_json
 from runtime.rundir import check_replaceable, kill_hook, stage_session
@@ -124,7 +124,19 @@ def seed_all(seed: int) -> None:
 def preflight(cfg: Config) -> None:
     """Checks that need no model, run before anything is written (train.py runs them for every stage first)."""
     cfg.train.check()
+    check_draft_vocab(cfg)
     check_replaceable(final_drafter_dir(cfg), "train/final", FINAL_FIX)
+
+
+def check_draft_vocab(cfg: Config) -> None:
+    """drafter.draft_vocab is a draft-time trim (drafters/vocab_trim.py: eval and export); training always trains
+    the full head. A command whose stages use it later keeps it; a train-only one would silently ignore it."""
+    stages = [cfg.stage] if cfg.stage else list(cfg.stages)
+    k = getattr(cfg.drafter, "draft_vocab", None)
+    if k is not None and not {"eval", "export"} & set(stages):
+        raise DraftsmithError(f"drafter.draft_vocab={k} trims the draft LM head when the drafter decodes (stage=eval, "
+                              "stage=export); training always trains the full head, and this command runs no eval or "
+                              "export: drop drafter.draft_vocab here and set it on the eval or export command")
 
 
 def train(cfg: Config, drafter_factory=None, target=None) -> dict:
@@ -211,7 +223,7 @@ def train_phase(cfg: Config, phase: Phase, drafter_factory=None, target=None) ->
             if prepare is not None:
                 batches = prepare(eng, batches, state.step)
             lr = eng.lr
-            metrics, n_loss, n_input, finite = _train_step(eng, target, batches, t.mode, env, plan,
+            metrics, n_loss, n_input, finite = train_step(eng, target, batches, t.mode, env, plan,
                                                            **signal_args)
             if not finite:
                 where = f"{last_ckpt}" if last_ckpt else "none (no checkpoint was written yet)"
@@ -240,6 +252,10 @@ def train_phase(cfg: Config, phase: Phase, drafter_factory=None, target=None) ->
         if resumed is not None and start_step == total and len(plan.eval_idx):
             evals = evaluate(eng, target, data, plan, t.mode, batch_args, **signal_args)  # nothing left to train: report anyway
         final = write_final(eng, drafter, phase.final, env, cfg, f"{phase.name}/final")
+    except KeyboardInterrupt:  # Ctrl-C: say where it stopped and that the rerun resumes, not a traceback
+        where = f"from {last_ckpt}" if last_ckpt else "from the start: no checkpoint was written yet"
+        raise Interrupted(f"interrupted at step {state.step} of {total}: rerun the same command to resume "
+                          f"({where})") from None
     finally:
         plot = tracker.close()
     epoch, pos = plan.cursor(state.rows)
@@ -261,7 +277,7 @@ def throughput(tokens: int, spent: dict, t0: float) -> dict:
             **{f"{k}_seconds": round(v, 3) for k, v in spent.items()}}
 
 
-def _train_step(eng: Engine, target, batches, mode, env, plan, run_target: bool = True
+def train_step(eng: Engine, target, batches, mode, env, plan, run_target: bool = True
                 ) -> tuple[dict, int, int, bool]:
     """One optimizer step over this rank's micro-batches; returns the global metrics (token-weighted
     means), loss tokens, input tokens, and whether every rank's loss was finite. The update is NOT

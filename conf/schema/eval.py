@@ -36,8 +36,10 @@ class TreeConfig:
     opt_verify_ms: Optional[List[float]] = None
     opt_draft_ms: Optional[float] = None
     # Delayed expansion: the first `delay` levels are a single path (the drafter's top-1 token, or one sample
-    # for sampled static trees) and the tree branches only below it. 0 = branch at the root. dynamic: the
-    # total depth stays `depth` (0 <= delay < depth); static: `paths` hang below the delay-token trunk.
+    # for sampled static trees) and the tree branches only below it. 0 = branch at the root. One bound for both
+    # branching kinds, 0 <= delay < depth (a trunk as deep as the tree would never branch, and a static tree's
+    # trunk of hundreds of tokens ran at a crawl): dynamic trees keep their total depth `depth`; static
+    # `paths` hang below the delay-token trunk.
     delay: int = 0
 
     def __post_init__(self) -> None:
@@ -65,9 +67,11 @@ class TreeConfig:
         if self.delay and kind not in BRANCHING:
             raise DraftsmithError(f"eval.tree.delay={self.delay} needs a branching tree: a {kind} never branches; "
                                   f"use eval.tree.kind={' or '.join(BRANCHING)}, or eval.tree.delay=0")
-        if kind == "dynamic" and self.delay >= self.depth:
-            raise DraftsmithError(f"eval.tree.delay={self.delay} must be < eval.tree.depth={self.depth} "
-                                  "(the tree must branch before its last level)")
+        if kind in BRANCHING and self.delay >= max(self.depth, 1):  # one rule for static and dynamic trees
+            raise DraftsmithError(f"eval.tree.delay={self.delay} must be < eval.tree.depth={self.depth} (the trunk is "
+                                  "a single path: the tree branches below it, within eval.tree.depth levels for a "
+                                  "dynamic tree, with the static paths hung under it): lower eval.tree.delay or "
+                                  "raise eval.tree.depth")
         if kind == "opt":
             self._check_opt()
 

@@ -154,74 +154,112 @@ _TITLES = {("sglang", "eagle3"): "EAGLE-3 drafter for SGLang", ("sglang", "eagle
            ("hf", "pard"): "PARD parallel draft model (Hugging Face folder)"}
 
 
+def _variables(tgt: str, lang: str) -> list[str]:
+    """The two names every command below takes explicitly, so each runs from any working directory."""
+    if lang == "python":
+        return [f"TARGET = \"{tgt}\"  # the target (verifier): its path or hub id", "DRAFT = \".\"  # this folder: "
+                "its path when you run this from another directory"]
+    return [f"TARGET=\"{tgt}\"  # the target (verifier): its path or hub id",
+            "DRAFT=.  # this folder: its path when you run these from another directory"]
+
+
 def readme(fmt: str, family: str, model, target, out: Path, ctx: ExportContext) -> str:
-    """How to serve this folder, with the command lines filled in. Commands run from inside the folder and
-    name the target as config.json does (ctx.target_ref): no absolute path of this machine appears."""
+    """How to serve this folder, with the command lines filled in. Every command takes the target and this
+    folder explicitly (TARGET, DRAFT), so it runs from any directory: config files name the target only by a
+    hub id, or by the placeholder `<path of NAME>` for a local target (ctx.target_ref), never by a path of
+    this machine."""
     tgt, k, dt = ctx.target_ref, ctx.speculative_tokens, dtype_name(ctx.dtype)
     joint = fmt == "medusa" and model.cfg.joint
-    files = "these commands" + ("" if fmt in ("sglang", "hf") else " and config.json")
-    if is_hub_id(tgt):
-        where = "a hub id"
-    elif tgt.startswith("<"):
-        where = (f"a placeholder: the drafter was trained on a local folder that shares no folder with this one; "
-                 f"replace `{tgt}` in {files} with that target's path or hub id")
+    if joint:
+        tgt_line = (f"Base model (verifier): `base/`, the target `{tgt}` trained jointly with the heads (LoRA merged); "
+                    "config.json names it `base`, relative to this folder.")
+        tgt = "base"  # in the commands: set TARGET to $DRAFT/base when run from elsewhere
+    elif is_hub_id(tgt):
+        tgt_line = f"Target (verifier): `{tgt}`, a hub id (config files name it too)."
     else:
-        where = (f"the local folder `{Path(tgt).name}` the drafter was trained on, as a path relative to this "
-                 f"folder; if you move either folder, set the target's new path or hub id in {files}")
-    lines = [f"{README_HEADER}: {_TITLES[(fmt, family)]}", "",
-             (f"Base model (verifier): `base/`, the target `{tgt}` trained jointly with the heads (LoRA merged)."
-              if joint else f"Target (verifier): `{tgt}` ({where}).") +
+        tgt_line = (f"Target (verifier): the local folder the drafter was trained on. No path to a folder resolves "
+                    f"on every machine and from every directory, so config files name it `{tgt}`, a placeholder, "
+                    "and every command below takes the target as `TARGET`: set it to that folder's path (or the "
+                    "target's hub id).")
+    sh, py = _variables(tgt, "bash"), _variables(tgt, "python")
+    lines = [f"{README_HEADER}: {_TITLES[(fmt, family)]}", "", tgt_line +
              f" Weights in {dt}: serve with dtype {dt}. Written by `python train.py stage=export "
-             f"export.format={fmt}` on {time.strftime('%Y-%m-%d')}; `config.yaml` here is the run's resolved config.",
-             "", "## Serve", "", "Run these from inside this folder (`cd` into it): `.` is this folder, and "
-             "relative paths here and in config.json are relative to it.", ""]
+             f"export.format={fmt}` on {time.strftime('%Y-%m-%d')}; `config.yaml` here is the run's resolved config "
+             "(paths of the machine that wrote it replaced by `<path of NAME>`).", "", "## Serve", "",
+             "Each command passes the target (`TARGET`) and this folder (`DRAFT`) explicitly, so it runs from any "
+             "directory once the two are set.", ""]
     if fmt == "sglang":
         algo = "EAGLE3" if family == "eagle3" else "EAGLE"
-        lines += ["SGLang:", "", "```bash", f"python -m sglang.launch_server --model-path {tgt} --dtype {dt} \\",
-                  f"    --speculative-algorithm {algo} --speculative-draft-model-path . \\",
+        token_map = f" --speculative-token-map \"$DRAFT/{eagle.TOKEN_MAP}\"" if (out / eagle.TOKEN_MAP).is_file() else ""
+        lines += ["SGLang:", "", "```bash", *sh, f"python -m sglang.launch_server --model-path \"$TARGET\" --dtype {dt} \\",
+                  f"    --speculative-algorithm {algo} --speculative-draft-model-path \"$DRAFT\" \\",
                   f"    --speculative-num-steps {k} --speculative-eagle-topk {ctx.top_k} "
-                  f"--speculative-num-draft-tokens {ctx.draft_tokens}"
-                  + (f" --speculative-token-map {eagle.TOKEN_MAP}" if (out / eagle.TOKEN_MAP).is_file() else ""),
-                  "```", "",
-                  "vLLM: " + ("export this drafter with `export.format=vllm` (vLLM reads the speculators layout, "
+                  f"--speculative-num-draft-tokens {ctx.draft_tokens}{token_map}", "```", ""]
+        if family == "eagle3":
+            lines += ["SpecForge (0.2.0, which trains this layout): build the model from config.json and load the "
+                      "weights yourself. Its `AutoDraftModel.from_pretrained` leaves the rotary buffers "
+                      "uninitialised, so a model loaded that way drafts NaN from every EAGLE-3 folder, this one "
+                      "included.", "", "```python", "from safetensors.torch import load_file",
+                      "from specforge.modeling.auto import AutoDraftModel, AutoDraftModelConfig", *py,
+                      "config = AutoDraftModelConfig.from_file(f\"{DRAFT}/config.json\")",
+                      "model = AutoDraftModel.from_config(config, attention_backend=\"sdpa\")",
+                      "missing, unexpected = model.load_state_dict(load_file(f\"{DRAFT}/model.safetensors\"), "
+                      "strict=False)  # every tensor but embed_tokens",
+                      "model.load_embedding(TARGET)  # the target's input embedding, which SGLang shares", "```", ""]
+        lines += ["vLLM: " + ("export this drafter with `export.format=vllm` (vLLM reads the speculators layout, "
                               "which numbers the target layers differently)." if family == "eagle3" else
                               "not supported (vLLM and speculators load no EAGLE-1 drafter with an fc bias); "
                               "serve this folder with SGLang.")]
     elif fmt == "vllm":
-        lines += ["vLLM:", "", "```bash", f"vllm serve . --dtype {dt}    # config.json names the target (verifier)",
-                  "# or, naming the target yourself:",
-                  f"vllm serve {tgt} --dtype {dt} --speculative-config "
-                  f"'{{\"model\": \".\", \"method\": \"eagle3\", \"num_speculative_tokens\": {k}}}'", "```", "",
-                  "The speculators library:", "", "```python", "from speculators import SpeculatorModel",
-                  "model = SpeculatorModel.from_pretrained(\".\")", "```", "",
+        spec = f"{{\\\"model\\\": \\\"$DRAFT\\\", \\\"method\\\": \\\"eagle3\\\", \\\"num_speculative_tokens\\\": {k}}}"
+        lines += ["vLLM:", "", "```bash", *sh, f"vllm serve \"$TARGET\" --dtype {dt} --speculative-config \"{spec}\""]
+        if is_hub_id(tgt):
+            lines += ["# or, with the target config.json names (the hub id above):", f"vllm serve \"$DRAFT\" --dtype {dt}"]
+        lines += ["```", "", "The speculators library (0.9.0) loads the target's LM head from the verifier that config.json "
+                  "names, so give it the target there:", "", "```python",
+                  "from speculators import SpeculatorModel, SpeculatorModelConfig", *py,
+                  "config = SpeculatorModelConfig.from_pretrained(DRAFT)",
+                  "config.speculators_config.verifier.name_or_path = TARGET",
+                  "model = SpeculatorModel.from_pretrained(DRAFT, config=config)", "```", "",
                   "SGLang: export this drafter with `export.format=sglang` (SGLang reads the SpecForge layout)."]
     elif fmt == "medusa":
-        base = "base" if joint else tgt
-        lines += ["TGI (reads config.json + medusa_lm_head.safetensors, and the base model from "
-                  f"`base_model_name_or_path` = `{base}`):", "", "```bash",
-                  f"text-generation-launcher --model-id . --dtype {dt}", "```", "",
-                  "FasterDecoding/Medusa (`pip install medusa-llm`; reads medusa_lm_head.pt):", "", "```python",
-                  "import torch", "from medusa.model.medusa_model import MedusaModel",
-                  f"model = MedusaModel.from_pretrained(\".\", torch_dtype=torch.{dt})", "```", "",
+        lines += ["TGI reads config.json + medusa_lm_head.safetensors, and the base model from "
+                  f"`base_model_name_or_path` (`{ctx.target_ref if not joint else 'base'}`"
+                  + ("" if joint or is_hub_id(tgt) else ": set it to the target's path first")
+                  + (", relative to the directory TGI runs in" if joint else "") + "):", "", "```bash", *sh,
+                  f"text-generation-launcher --model-id \"$DRAFT\" --dtype {dt}", "```", "",
+                  "FasterDecoding/Medusa (`pip install medusa-llm`, 0.1; tested with transformers 5.25): "
+                  "`MedusaModel.from_pretrained` builds the base model with medusa-llm's own KV-cache Llama, which "
+                  "predates transformers 5 and fails there (`KeyError: 'type'`). Build the base model with "
+                  "transformers and load the heads (medusa_lm_head.pt) into a `MedusaModel`; its forward then gives "
+                  "the heads' logits:", "", "```python", "import torch",
+                  "from medusa.model.medusa_model import MedusaModel",
+                  "from transformers import AutoModelForCausalLM", *py,
+                  f"base = AutoModelForCausalLM.from_pretrained(TARGET, dtype=torch.{dt})",
+                  f"model = MedusaModel(base, medusa_num_heads={model.cfg.num_heads}, "
+                  f"medusa_num_layers={model.cfg.num_layers}, base_model_name_or_path=TARGET)",
+                  "model.medusa_head.load_state_dict(torch.load(f\"{DRAFT}/medusa_lm_head.pt\", map_location=base.device))",
+                  "```", "",
                   "vLLM 0.33 has no Medusa model and SGLang serves no Medusa heads: use TGI or FasterDecoding/Medusa."]
         if model.cfg.num_layers > 1:
             lines += ["", f"FasterDecoding/Medusa repeats one ResBlock object {model.cfg.num_layers} times per head, "
                       "so it keeps only the last block's weights: only TGI reads these heads faithfully."]
         if joint:
             lines += ["", "Medusa-2: `base/` is the jointly trained target (LoRA merged): the heads were trained on "
-                      "its hidden states, so it is the model to serve them with (`base_model_name_or_path` is `base`)."]
+                      "its hidden states, so it is the model to serve them with (`base_model_name_or_path` is `base`; "
+                      "from another directory set `TARGET` to `$DRAFT/base`)."]
     else:
         lines += ["transformers (assisted generation):", "", "```python", "import torch",
-                  "from transformers import AutoModelForCausalLM, AutoTokenizer",
-                  f"target = AutoModelForCausalLM.from_pretrained(\"{tgt}\", dtype=torch.{dt})",
-                  "draft = AutoModelForCausalLM.from_pretrained(\".\", dtype=\"auto\")",
-                  "tok = AutoTokenizer.from_pretrained(\".\")",
+                  "from transformers import AutoModelForCausalLM, AutoTokenizer", *py,
+                  f"target = AutoModelForCausalLM.from_pretrained(TARGET, dtype=torch.{dt})",
+                  "draft = AutoModelForCausalLM.from_pretrained(DRAFT, dtype=\"auto\")",
+                  "tok = AutoTokenizer.from_pretrained(DRAFT)",
                   "out = target.generate(**tok(\"Hello\", return_tensors=\"pt\"), assistant_model=draft, "
                   "do_sample=False, max_new_tokens=64)", "```", "", "SGLang and vLLM (standalone draft model):", "",
-                  "```bash", f"python -m sglang.launch_server --model-path {tgt} --dtype {dt} "
-                  f"--speculative-algorithm STANDALONE --speculative-draft-model-path . --speculative-num-steps {k}",
-                  f"vllm serve {tgt} --dtype {dt} --speculative-config '{{\"model\": \".\", \"method\": "
-                  f"\"draft_model\", \"num_speculative_tokens\": {k}}}'", "```"]
+                  "```bash", *sh, f"python -m sglang.launch_server --model-path \"$TARGET\" --dtype {dt} "
+                  f"--speculative-algorithm STANDALONE --speculative-draft-model-path \"$DRAFT\" --speculative-num-steps {k}",
+                  f"vllm serve \"$TARGET\" --dtype {dt} --speculative-config \"{{\\\"model\\\": \\\"$DRAFT\\\", "
+                  f"\\\"method\\\": \\\"draft_model\\\", \\\"num_speculative_tokens\\\": {k}}}\"", "```"]
         if family == "pard":
             lines += ["", "## PARD", "", f"config.json's `{hf.MASK_FIELD}` = {model.mask_id} is the mask token id: "
                       f"the model drafts `{hf.K_FIELD}` = {model.cfg.k} tokens in one forward by reading the context "

@@ -33,40 +33,42 @@ class ExportContext:
     """What a format writer needs beyond the drafter and the target."""
 
     dtype: torch.dtype = torch.bfloat16
-    target_ref: str = ""  # what serving configs name as the target: a hub id, or a path relative to the folder
+    target_ref: str = ""  # what serving configs name as the target: a hub id, or the placeholder <path of NAME>
     speculative_tokens: int = 5  # draft length the serving config proposes (vLLM speculative_tokens)
     top_k: int = 8  # README command lines: tree branching
     draft_tokens: int = 32  # README command lines: verified tokens per step
     final_dir: Path | None = None  # where the folder will live when written elsewhere first (paths in files)
 
 
-def target_ref(path: str, out: Path) -> str:
-    """How an export folder at `out` names its target in config files and README commands.
+def target_ref(path: str, out: Path | None = None) -> str:
+    """How an export folder names its target in config files and README commands.
 
     A hub id stays a hub id, and so does a local snapshot in the Hugging Face cache
-    (.../models--org--name/snapshots/<rev> -> org/name): that is what a folder that is shared or moved can
-    still resolve. Another local folder becomes its path relative to `out` (consumers resolve it against
-    their working directory, so the README's commands run from inside the export folder), as long as the
-    two share a folder below the filesystem root; otherwise a relative path would spell out the absolute
-    one, and the placeholder `<path of NAME>` stands there for the user to replace (the README says so).
-    Never an absolute path of this machine: it would break the folder on every other one."""
+    (.../models--org--name/snapshots/<rev> -> org/name): it resolves on every machine, from every directory.
+    A local folder has no such name: an absolute path breaks the folder on every other machine, and a
+    relative one resolves against the consumer's working directory (speculators, medusa-llm, vLLM and TGI
+    pass it to from_pretrained as it is), so it breaks as soon as they run anywhere but one place. It becomes
+    the placeholder `<path of NAME>`, and the README's commands take the target explicitly (`TARGET=`), as
+    every consumer allows. (`out`, the folder, is not needed any more: kept for callers that pass it.)"""
     from conf.schema import project_path
 
     local = project_path(path)
     if not os.path.isdir(local):
         return path
-    resolved, here = Path(local).resolve(), Path(out).resolve()
-    parts = resolved.parts
+    parts = Path(local).resolve().parts
     for i, part in enumerate(parts[:-2]):
         if part.startswith("models--") and parts[i + 1] == "snapshots" and part.count("--") >= 2:
             return part.removeprefix("models--").replace("--", "/", 1)
-    if Path(os.path.commonpath([resolved, here])) == Path(resolved.anchor):
-        return f"<path of {resolved.name}>"
-    return os.path.relpath(resolved, here)
+    return placeholder(Path(local).resolve().name)
+
+
+def placeholder(name: str) -> str:
+    """What an exported file writes where a path of this machine would be (the README says to replace it)."""
+    return f"<path of {name}>"
 
 
 def is_hub_id(ref: str) -> bool:
-    """True for what target_ref keeps as a hub id (not a relative path, not a placeholder)."""
+    """True for what target_ref keeps as a hub id (not a placeholder, not a path)."""
     return not ref.startswith((".", "<")) and not os.path.isabs(ref)
 
 

@@ -8,7 +8,8 @@ SGLang (`export.format=sglang`), checked against sglang/srt/models/llama_eagle3.
            target's), draft_vocab_size, tie_word_embeddings false (true would make SGLang use the
            embedding as LM head), eagle_config {eagle_aux_hidden_state_layer_ids, use_aux_hidden_state}.
            model.safetensors: fc.weight, midlayer.*, norm.weight, lm_head.weight, d2t (int64 offsets:
-           SGLang's hot_token_id = d2t + arange, as in SpecForge's output), t2d (bool; SGLang skips it).
+           SGLang's hot_token_id = d2t + arange, as in SpecForge's output), t2d (bool; SGLang skips it);
+           both also at full vocabulary (the identity maps, below).
            No embed_tokens: SGLang shares the target's.
   EAGLE-1  architectures [LlamaForCausalLMEagle], num_hidden_layers = the drafter's; fc.{weight,bias},
            layers.<i>.* (layer 0 without input_layernorm); embeddings and LM head come from the target.
@@ -32,11 +33,13 @@ model_executor/models/llama_eagle3.py):
   EAGLE-1 is refused: speculators 0.9.0 registers no `eagle` model type and vLLM 0.33.0 registers only
   eagle3/peagle speculators configs (transformers_utils/configs/speculators/algos.py) and builds its
   EAGLE-1 fc without the bias ours has (model_executor/models/llama_eagle.py:110-117).
-Full draft vocabulary (draft_vocab_size == the target's vocab_size): no d2t/t2d in either format. vLLM
-creates draft_id_to_target_id only when the vocabularies differ (llama_eagle3.py:339-345) but renames any
-d2t it is given to that name (llama_eagle3.py:428-429), so a full-vocab d2t fails to load ("no module or
-parameter named 'draft_id_to_target_id'"); SGLang treats a missing d2t as the identity map (hot_token_id
-stays None: sglang/srt/models/llama_eagle3.py:350-353, speculative/eagle_worker_v2.py:365-368).
+Full draft vocabulary (draft_vocab_size == the target's vocab_size): the SGLang layout writes the identity
+maps (d2t all zeros, t2d all true), as SpecForge's exporter does, which lists them as required; without them
+SpecForge's from_pretrained fills d2t with whatever memory held. SGLang loads them as an identity hot-token
+map (and would treat a missing d2t as the identity too: sglang/srt/models/llama_eagle3.py:350-353). The vLLM
+layout writes none: vLLM creates draft_id_to_target_id only when the vocabularies differ
+(llama_eagle3.py:339-345) but renames any d2t it is given to that name (llama_eagle3.py:428-429), so a
+full-vocab d2t fails to load ("no module or parameter named 'draft_id_to_target_id'").
 
 Feature taps. Engines capture the residual stream *entering* chosen target layers, each layer once, in
 increasing order, and EAGLE-3's fc reads exactly 3 of them. Our checkpoints fuse target.feature_layers in
@@ -161,8 +164,8 @@ def write(fmt: str, model, target, out: Path, ctx: ExportContext) -> None:
         layers = engine_layers(target.feature_layers, target.num_layers)
         state["fc.weight"] = remap_fc(state["fc.weight"], dims.hidden_size, list(target.feature_layers), layers)
         vd = int(state["d2t"].shape[0])
-        if full_vocab(vd, dims.vocab_size):
-            del state["d2t"], state["t2d"]
+        if fmt == "vllm" and full_vocab(vd, dims.vocab_size):  # vLLM fails on a full-vocabulary d2t; SGLang's
+            del state["d2t"], state["t2d"]  # layout keeps the identity maps SpecForge's loader needs
     if fmt == "sglang":
         n_layers = len(model.layers) if family == "eagle1" else 1
         cfg = {"architectures": [ARCH[family]], **layer_config(dims, n_layers, ctx.dtype), **_token_ids(target)}
@@ -289,12 +292,12 @@ def check(ck: Checker, cfg: dict, family: str, fmt: str) -> None:
         if fmt == "vllm":
             want.add(EMBED)
         maps = {"d2t", "t2d"}
-        if vd is not None and full_vocab(vd, V):
+        if fmt == "vllm" and vd is not None and full_vocab(vd, V):
             if maps & set(t):
                 ck.fail(WEIGHTS, "d2t/t2d with a full draft vocabulary: vLLM has no draft_id_to_target_id to load "
-                                 "d2t into and fails (SGLang needs no map either): re-export without them")
+                                 "d2t into and fails: re-export without them")
             t = {k: v for k, v in t.items() if k not in maps}
-        else:
+        else:  # SGLang's layout always has them (identity at full vocabulary: SpecForge's loader requires them)
             want |= maps
         ck.names(WEIGHTS, t, want)
         ck.float_dtypes(WEIGHTS, t, skip=maps)
@@ -376,7 +379,7 @@ def load(folder: Path, cfg: dict, family: str, fmt: str, target):
     if family == "eagle3":
         state["fc.weight"] = remap_fc(state["fc.weight"], dims.hidden_size, ids, list(target.feature_layers))
         vd = int(cfg["draft_vocab_size"])
-        if full_vocab(vd, dims.vocab_size):  # written without maps: the identity ones
+        if full_vocab(vd, dims.vocab_size) and "d2t" not in state:  # the vLLM layout has no maps: identity
             from drafters.vocab import maps_from_ids
 
             full = maps_from_ids(torch.arange(vd), vd, "full")

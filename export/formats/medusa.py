@@ -17,9 +17,12 @@ Layout (FasterDecoding/Medusa's training script output; TGI reads the same confi
                                 causal-LM folder + tokenizer. The heads were trained on *this* model's
                                 hidden states, so it is what must serve them.
 base_model_name_or_path: Medusa-2's is `base`; Medusa-1's is the target's hub id when it has one, else the
-target folder's path relative to the export folder. Both loaders resolve it against their working directory
-(MedusaModel.from_pretrained passes it to from_pretrained as is, medusa_model.py:123-126), so the README's
-commands run from inside the folder; an absolute path would break the folder on any other machine.
+placeholder `<path of NAME>` (export.formats.common.target_ref): both loaders resolve the field against their
+working directory (MedusaModel.from_pretrained passes it to from_pretrained as is, medusa_model.py:123-126),
+so no path to a local folder works from everywhere, and an absolute one would break the folder on any other
+machine. The README's commands pass the target explicitly. medusa-llm 0.1's MedusaModel.from_pretrained
+builds the base with its own KV-cache Llama, which fails under transformers 5 (KeyError: 'type'); the README
+gives the path that works (a MedusaModel over a transformers base, medusa_lm_head.pt loaded into its heads).
 Every ResBlock has its own weights here. FasterDecoding/Medusa's own model class repeats one block object
 num_layers times (medusa_model.py:87), so with medusa_num_layers > 1 only TGI reads these heads faithfully.
 """

@@ -73,6 +73,11 @@ def test_experiment_smoke_caps_budgets():
     (["train.betas=[0.9]"], "train.betas=[0.9] must be two numbers, e.g. [0.9,0.95]"),
     (["train.max_steps=0"], "train.max_steps=0 must be >= 1 (or null to use train.epochs)"),
     (["train.epochs=0"], "train.epochs=0.0 must be > 0"),
+    # one rule for the delayed trunk of both branching trees: shorter than eval.tree.depth
+    (["eval.tree.delay=5"], "eval.tree.delay=5 must be < eval.tree.depth=5 (the trunk is a single path: the tree "
+                            "branches below it"),
+    (["eval.tree.kind=static", "eval.tree.paths=[[0],[1]]", "eval.tree.delay=400"],
+     "eval.tree.delay=400 must be < eval.tree.depth=5 (the trunk is a single path: the tree branches below it"),
 ])
 def test_the_schema_rejects_bad_values_while_the_config_is_built(overrides, message):
     """Ranges and choices live in the schema's __post_init__ (conf/schema/*.py), for the typed groups and for
@@ -119,3 +124,47 @@ def test_cli_bad_stage_prints_one_line(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         "error: unknown stage 'nope': choose from target_pretrain, data_gen, drafter_pretrain, train, eval, export"]
+
+
+def _cli(tmp_path, *overrides):
+    return subprocess.run([sys.executable, str(Path(PROJECT_ROOT) / "train.py"), *overrides, f"run.root={tmp_path}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("overrides,line", [
+    (["drafter=eagel3"], "error: unknown drafter 'eagel3': choose one of eagle1, eagle3, hydra, hydra_pp, kangaroo, "
+                         "medusa, medusa2, ngram, pard, small, target"),
+    (["objective=gtoo"], "error: unknown objective 'gtoo': choose one of adaspec, coral, griffin, gto, hass, "
+                         "on_policy, token"),
+    (["export=sglng"], "error: unknown export 'sglng': choose one of hf, medusa, sglang, vllm"),
+    (["train.stepz=3"], "error: unknown setting train.stepz (TrainConfig has no key 'stepz'; did you mean "
+                        "train.max_steps?): check the spelling, or see `python train.py --help`"),
+    (["drafter=medusa", "drafter.num_head=3"], "error: unknown setting drafter.num_head (MedusaConfig has no key "
+                                               "'num_head'; did you mean drafter.num_heads?): check the spelling, or "
+                                               "see `python train.py --help`"),
+    (["train.max_steps=abc"], "error: train.max_steps: Value 'abc' of type 'str' could not be converted to "
+                              "Integer"),
+    (["-m", "drafter=eagle3,medusa,eagel3", "stage=eval"], "error: unknown drafter 'eagel3': choose one of eagle1, "
+                                                           "eagle3, hydra, hydra_pp, kangaroo, medusa, medusa2, ngram, "
+                                                           "pard, small, target"),
+])
+def test_cli_bad_names_and_keys_print_one_line(tmp_path, overrides, line):
+    """Hydra's own report of these is five to twenty lines (options, the search path, HYDRA_FULL_ERROR):
+    train.py composes the command's overrides first and says what is wrong in one line, before any stage."""
+    r = _cli(tmp_path, *overrides)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [line]
+    assert not any(tmp_path.iterdir())  # nothing written: no Hydra output folder either
+
+
+def test_valid_commands_pass_the_override_check():
+    """The check before Hydra stops only what Hydra would refuse: Hydra's own groups and keys, appended and
+    deleted keys, sweeps it expands itself (glob) and its flags pass through."""
+    from conf.cli import override_error
+
+    for argv in (["hydra/job_logging=disabled", "hydra.run.dir=/tmp/x"], ["+train.foo=1"], ["stages=[train,eval]"],
+                 ["-m", "drafter=glob(*)"], ["-m", "train.lr=range(1,3)"], ["--cfg", "job", "drafter=eagel3"],
+                 ["experiment=smoke", "drafter=medusa", "drafter.num_heads=3"]):
+        assert override_error(argv) is None, argv
+    assert override_error(["-m", "train.lr=0.1,0.2", "train.max_steps=1,x"]) == (
+        "train.max_steps: Value 'x' of type 'str' could not be converted to Integer")

@@ -209,6 +209,7 @@ def test_keep_cache_entries():
     (dict(kind="static", paths=[[0], [-1]]), r"eval.tree.paths has \[-1\]: each path must be"),
     (dict(kind="static", paths=[[0], []]), r"eval.tree.paths has \[\]: each path must be"),
     (dict(kind="dynamic", depth=3, delay=3), r"eval.tree.delay=3 must be < eval.tree.depth=3"),
+    (dict(kind="static", paths=[[0]], depth=3, delay=3), r"eval.tree.delay=3 must be < eval.tree.depth=3"),
     (dict(kind="dynamic", delay=-1), r"eval.tree.delay=-1 must be >= 0"),
     (dict(kind="chain", delay=1), r"eval.tree.delay=1 needs a branching tree: a chain never branches"),
 ])

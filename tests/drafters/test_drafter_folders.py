@@ -131,3 +131,24 @@ def test_a_folder_without_fingerprint_still_loads(llama_target, tmp_path):
     back = MedusaDrafter.from_pretrained(tmp_path / "m", llama_target)
     _same(back, m)
     assert back._target_fp == fp
+
+
+def test_a_folder_is_byte_identical_from_one_process_to_the_next(tmp_path):
+    """The README promises a bit-identical final after a kill: same tensors must make the same file, byte for
+    byte, in any process. safetensors keeps its header metadata in a Rust HashMap whose order is drawn afresh
+    per map, so two metadata keys come out in either order; four saves in each of two processes, all one
+    sha256 (with two keys, 8 equal orders by chance has probability 2^-7)."""
+    import hashlib
+    import subprocess
+    import sys
+
+    from conf.schema import PROJECT_ROOT
+
+    script = ("import sys, torch\nfrom drafters.folder import save_folder\nfrom conf.schema.drafter import "
+              "MedusaConfig\nt = {'a.weight': torch.arange(12.).reshape(3, 4), 'b.bias': torch.ones(5)}\n"
+              "for i in range(4):\n    save_folder(f'{sys.argv[1]}/{i}', 'medusa', MedusaConfig(), {'h': 4}, "
+              "{'path': 'x'}, t)\n")
+    for run in ("p", "q"):
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / run)], check=True, cwd=PROJECT_ROOT)
+    digests = {hashlib.sha256((d / WEIGHTS_NAME).read_bytes()).hexdigest() for d in tmp_path.glob("*/*")}
+    assert len(list(tmp_path.glob("*/*"))) == 8 and len(digests) == 1, digests

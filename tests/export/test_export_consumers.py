@@ -1,12 +1,15 @@
 """Exports as their consumers load them, with the consumers' own released code, on the demo target:
 
     speculators 0.9.0   SpeculatorModel.from_pretrained on the vLLM folder; its forward drafts
-    specforge 0.2.0     its LlamaForCausalLMEagle3 + load_state_dict on the SGLang folder; its forward drafts
-    medusa-llm 0.1      FasterDecoding/Medusa's MedusaModel.from_pretrained on the Medusa folder; its heads
+    specforge 0.2.0     its LlamaForCausalLMEagle3 from config.json + load_state_dict on the SGLang folder; its forward drafts
+    medusa-llm 0.1      FasterDecoding/Medusa's MedusaModel over a transformers base + medusa_lm_head.pt; its heads
     transformers        generate(assistant_model=<the hf folder>) on a tied-embedding small drafter
 
-Each must draft the same first tokens as our decoder's drafter (export.formats.load_exported) on real
-positions (chat prompts + the target's greedy continuation). SGLang and vLLM are GPU servers that do not
+Each loads the folder the way its README says, from another working directory (neither the folder nor the
+project: consumers resolve relative paths against it), with the README's own Python code, the target and the
+folder passed explicitly as the README has the user set them; then it must draft the same first tokens as our
+decoder's drafter (export.formats.load_exported) on real positions (chat prompts + the target's greedy
+continuation). SGLang and vLLM are GPU servers that do not
 install here: their loaders are replayed from their released source (file:line cited) as layout tests,
 which matter most for SGLang, since it ignores tensor names it does not know (a misnamed tensor would
 never raise there).
@@ -28,7 +31,7 @@ from conf.schema.drafter import Eagle1Config, Eagle3Config, MedusaConfig, SmallC
 from drafters.target import load_target
 from export.formats import ExportContext, check_format, load_exported, load_exported_model, write_export
 from export.formats.common import target_ref
-from tests.export_util import assert_portable_readme, noisy
+from tests.export_util import absolute_paths, assert_portable_readme, noisy, readme_code
 
 # The consumers' own code still passes transformers' deprecated `past_key_values` (pyproject turns that
 # warning into an error for our code); tests that run their forwards let it through.
@@ -72,12 +75,34 @@ def eagle3(target, draft_vocab):
 
 
 def export(model, target, fmt, out, dtype=torch.float32):
-    """As the export stage writes it: the target named by target_ref (relative to the folder)."""
+    """As the export stage writes it: a local target is named by a placeholder (target_ref), never a path of
+    this machine, in config files and README alike."""
     ref = target_ref(target.name, out)
-    assert ref.startswith("..")
+    assert ref == "<path of demo-target>"
     write_export(model, target, fmt, out, ExportContext(dtype=dtype, target_ref=ref, final_dir=out))
     assert check_format(out, fmt) == []
+    for f in out.glob("*.json"):
+        assert absolute_paths(f.read_text()) == [] and str(target.name) not in f.read_text()
+    assert_portable_readme(out, target.name)
     return out
+
+
+@pytest.fixture
+def elsewhere(tmp_path, monkeypatch):
+    """Run from a directory that is neither the export folder nor the project: a relative reference to the
+    target would not resolve here."""
+    d = tmp_path / "elsewhere"
+    d.mkdir()
+    monkeypatch.chdir(d)
+    return d
+
+
+def run_readme(folder, marker, target_dir) -> dict:
+    """Execute the README's Python block after `marker`, with TARGET and DRAFT set as the user sets them; its
+    variables come back."""
+    ns: dict = {}
+    exec(compile(readme_code(folder, marker, TARGET=str(target_dir), DRAFT=str(folder)), "README.md", "exec"), ns)
+    return ns
 
 
 def our_first_drafts(folder, target, ids) -> torch.Tensor:
@@ -117,15 +142,15 @@ def assert_same_drafts(theirs: list[torch.Tensor], ours: list[torch.Tensor]):
 # --------------------------------------------------------------------------------------------------
 @THEIR_OLD_CACHE_ARG
 @pytest.mark.parametrize("draft_vocab", [1024, None], ids=["vocab1024", "full-vocab"])
-def test_speculators_loads_the_vllm_folder_and_drafts_like_our_decoder(demo, sequences, draft_vocab, tmp_path,
-                                                                        monkeypatch):
+def test_speculators_loads_the_vllm_folder_and_drafts_like_our_decoder(demo, demo_dir, sequences, draft_vocab,
+                                                                        tmp_path, elsewhere):
     speculators = pytest.importorskip("speculators", reason="speculators is not installed" + INSTALL)
     model = eagle3(demo, draft_vocab)
     out = export(model, demo, "vllm", tmp_path / "vllm")
-    monkeypatch.chdir(out)  # as the README serves it: config.json names the target relative to the folder
-    config = speculators.SpeculatorModelConfig.from_pretrained(".")  # speculators' pydantic validation
+    ns = run_readme(out, "The speculators library", demo_dir)  # the README's code, from another directory
+    config = ns["config"]  # speculators' pydantic validation passed
     assert type(config).__name__ == "Eagle3SpeculatorConfig" and config.norm_before_residual is False
-    sm = speculators.SpeculatorModel.from_pretrained(".").eval()
+    sm = ns["model"].eval()
     assert type(sm).__name__ == "Eagle3DraftModel" and sm.draft_vocab_size == model.draft_vocab_size
     # the folder is self-sufficient: speculators drafts with its embedding, the target's
     assert torch.equal(sm.embed_tokens.weight, demo.model.get_input_embeddings().weight)
@@ -152,18 +177,20 @@ def test_speculators_loads_the_vllm_folder_and_drafts_like_our_decoder(demo, seq
 # SGLang folder <- SpecForge (which writes and trains SGLang's EAGLE-3 layout)
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("draft_vocab", [1024, None], ids=["vocab1024", "full-vocab"])
-def test_specforge_loads_the_sglang_folder_and_drafts_like_our_decoder(demo, demo_dir, sequences, draft_vocab, tmp_path):
-    auto = pytest.importorskip("specforge.modeling.auto", reason="specforge is not installed" + INSTALL)
+def test_specforge_loads_the_sglang_folder_and_drafts_like_our_decoder(demo, demo_dir, sequences, draft_vocab, tmp_path,
+                                                                        elsewhere):
+    pytest.importorskip("specforge.modeling.auto", reason="specforge is not installed" + INSTALL)
     model = eagle3(demo, draft_vocab)
     out = export(model, demo, "sglang", tmp_path / "sglang")
-    config = auto.AutoDraftModelConfig.from_file(str(out / "config.json"))
-    sf = auto.AutoDraftModel.from_config(config, attention_backend="sdpa").eval()
+    ns = run_readme(out, "SpecForge", demo_dir)  # the README's code, from another directory
+    sf, config = ns["model"].eval(), ns["config"]
     assert type(sf).__name__ == "LlamaForCausalLMEagle3"
-    missing, unexpected = sf.load_state_dict(load_file(out / "model.safetensors"), strict=False)
-    # every tensor has its place; only the embedding (and a full vocabulary's identity maps) come from elsewhere
-    assert unexpected == [] and sorted(missing) == (["embed_tokens.weight"] if draft_vocab else
-                                                    ["d2t", "embed_tokens.weight", "t2d"])
-    sf.load_embedding(demo_dir)  # SpecForge's own copy of the target's embedding, as SGLang shares it
+    # every tensor has its place, d2t/t2d included at full vocabulary (SpecForge's exporter requires them);
+    # only the embedding comes from the target (load_embedding, as SGLang shares it)
+    assert ns["unexpected"] == [] and ns["missing"] == ["embed_tokens.weight"]
+    if draft_vocab is None:  # the identity maps: draft id = target id
+        assert torch.equal(sf.d2t, torch.zeros(demo.vocab_size, dtype=torch.long)) and bool(sf.t2d.all())
+    assert torch.equal(sf.embed_tokens.weight, demo.model.get_input_embeddings().weight)
     layers = [i + 1 for i in config.eagle_config["eagle_aux_hidden_state_layer_ids"]]  # SGLang adds one
     theirs, ours = [], []
     for ids in sequences:
@@ -276,7 +303,7 @@ def test_sglang_and_vllm_loaders_place_every_tensor(tiny_target_dir, draft_vocab
     placed = sglang_eagle3_load(load_file(sg / "model.safetensors"), sglang_eagle3_params())
     assert None not in placed.values()  # nothing silently dropped
     assert _full_cover(_covered(placed), sglang_eagle3_params() - {"model.embed_tokens.weight"})
-    assert ("d2t" in placed) == (vd != V)
+    assert "d2t" in placed and placed["d2t"] == "hot_token_id"  # identity maps at full vocabulary too (SpecForge)
     vl = write_export(model, target, "vllm", tmp_path / "v", ExportContext(target_ref="org/t"))
     placed = vllm_eagle3_load(load_file(vl / "model.safetensors"), vllm_eagle3_params(vd, V))
     assert _full_cover(_covered(placed), vllm_eagle3_params(vd, V))  # embed_tokens included: self-sufficient
@@ -318,23 +345,26 @@ def test_sglang_eagle1_loader_places_every_tensor(tiny_target_dir, tmp_path):
 # Medusa folder <- FasterDecoding/Medusa (medusa-llm)
 # --------------------------------------------------------------------------------------------------
 @THEIR_OLD_CACHE_ARG
-def test_medusa_llm_loads_the_heads_and_drafts_like_our_decoder(demo, demo_dir, sequences, tmp_path, monkeypatch):
+def test_medusa_llm_loads_the_heads_and_drafts_like_our_decoder(demo, demo_dir, sequences, tmp_path, elsewhere):
     mm = pytest.importorskip("medusa.model.medusa_model", reason="medusa-llm is not installed" + INSTALL)
-    from transformers import LlamaForCausalLM
-
     from drafters.medusa import MedusaDrafter
 
     torch.manual_seed(0)
     # one ResBlock per head: medusa-llm repeats one block object per head (medusa_model.py:87)
     model = noisy(MedusaDrafter.from_target(MedusaConfig(num_heads=3, num_layers=1), demo))
     out = export(model, demo, "medusa", tmp_path / "medusa")
-    # medusa-llm 0.1's own KV-cache Llama (modeling_llama_kv.py) predates transformers 5 and cannot build
-    # a v5 config (rope_scaling["type"]); its head loading (MedusaModel.from_pretrained, medusa_model.py:
-    # 123-139: config, base model from base_model_name_or_path, tokenizer, medusa_lm_head.pt,
-    # load_state_dict) runs unchanged on transformers' Llama
-    monkeypatch.setattr(mm, "KVLlamaForCausalLM", LlamaForCausalLM)
-    monkeypatch.chdir(out)  # base_model_name_or_path is relative to the folder, as the README serves it
-    medusa = mm.MedusaModel.from_pretrained(".", dtype=torch.float32)
+    # medusa-llm 0.1's MedusaModel.from_pretrained builds the base with its own KV-cache Llama
+    # (modeling_llama_kv.py), which predates transformers 5: the README's path builds it with transformers
+    # (the README's claim, checked on a copy whose config names the target's real path)
+    import shutil
+
+    direct = shutil.copytree(out, tmp_path / "direct")
+    cfg = json.loads((direct / "config.json").read_text())
+    (direct / "config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": demo_dir}))
+    with pytest.raises(KeyError, match="type"):
+        mm.MedusaModel.from_pretrained(str(direct), dtype=torch.float32)
+    medusa = run_readme(out, "FasterDecoding/Medusa", demo_dir)["model"]  # the README's code (strict head load)
+    assert type(medusa) is mm.MedusaModel
     # load_state_dict(strict=False) there ignores a misnamed tensor: compare what it holds
     theirs_sd, ours_sd = medusa.medusa_head.state_dict(), model.heads_state_dict()
     assert {f"medusa_head.{k}" for k in theirs_sd} == set(ours_sd)
@@ -353,7 +383,7 @@ def test_medusa_llm_loads_the_heads_and_drafts_like_our_decoder(demo, demo_dir, 
 # --------------------------------------------------------------------------------------------------
 # hf folder <- transformers assisted generation
 # --------------------------------------------------------------------------------------------------
-def test_tied_small_drafter_exports_and_assists_exactly(demo, demo_dir, sequences, cfg_for):
+def test_tied_small_drafter_exports_and_assists_exactly(demo, demo_dir, sequences, cfg_for, elsewhere):
     """The demo target ties its embeddings, and so does a small drafter built from it: the stage's own
     checks pass and transformers' assisted generation with the published folder equals greedy output."""
     from transformers import AutoModelForCausalLM
@@ -371,6 +401,9 @@ def test_tied_small_drafter_exports_and_assists_exactly(demo, demo_dir, sequence
     out = res["out_dir"]
     assert "lm_head.weight" not in load_file(os.path.join(out, "model.safetensors"))  # tied: written once
     assert json.loads(open(os.path.join(out, "config.json")).read())["tie_word_embeddings"] is True
+    ns = run_readme(out, "transformers (assisted generation)", demo_dir)  # the README's code, from elsewhere
+    want = ns["target"].generate(**ns["tok"]("Hello", return_tensors="pt"), do_sample=False, max_new_tokens=64)
+    assert torch.equal(ns["out"], want)  # the same bf16 target with and without its assistant: lossless
     draft = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
     assert draft.lm_head.weight is draft.model.embed_tokens.weight and draft.dtype == torch.bfloat16
     kw = dict(max_new_tokens=20, do_sample=False, pad_token_id=0)

@@ -101,10 +101,12 @@ def test_sglang_eagle3_layout(target, tmp_path):
     assert t["fc.weight"].shape == (32, 96) and t["midlayer.self_attn.q_proj.weight"].shape == (32, 64)
     assert check_format(out, "sglang") == [] and detect(out) == ("sglang", "eagle3")
     readme = assert_portable_readme(out)
-    assert ("python -m sglang.launch_server --model-path org/tiny-target --dtype bfloat16 \\\n"
-            "    --speculative-algorithm EAGLE3 --speculative-draft-model-path . \\\n"
+    assert ('TARGET="org/tiny-target"  # the target (verifier): its path or hub id\n'
+            "DRAFT=.  # this folder: its path when you run these from another directory\n"
+            'python -m sglang.launch_server --model-path "$TARGET" --dtype bfloat16 \\\n'
+            '    --speculative-algorithm EAGLE3 --speculative-draft-model-path "$DRAFT" \\\n'
             "    --speculative-num-steps 5 --speculative-eagle-topk 8 --speculative-num-draft-tokens 32") in readme
-    assert "Target (verifier): `org/tiny-target` (a hub id). Weights in bfloat16" in readme
+    assert "Target (verifier): `org/tiny-target`, a hub id (config files name it too). Weights in bfloat16" in readme
 
 
 def test_vllm_eagle3_layout(target, tmp_path):
@@ -129,9 +131,10 @@ def test_vllm_eagle3_layout(target, tmp_path):
     assert torch.equal(t["embed_tokens.weight"], target.model.get_input_embeddings().weight.to(torch.bfloat16))
     assert check_format(out, "vllm") == [] and detect(out) == ("vllm", "eagle3")
     readme = assert_portable_readme(out)
-    assert "vllm serve . --dtype bfloat16" in readme and (
-        "vllm serve org/tiny-target --dtype bfloat16 --speculative-config '{\"model\": \".\", \"method\": \"eagle3\", "
-        "\"num_speculative_tokens\": 5}'") in readme and 'SpeculatorModel.from_pretrained(".")' in readme
+    assert 'vllm serve "$DRAFT" --dtype bfloat16' in readme and (  # a hub target: config.json names it
+        'vllm serve "$TARGET" --dtype bfloat16 --speculative-config "{\\"model\\": \\"$DRAFT\\", \\"method\\": '
+        '\\"eagle3\\", \\"num_speculative_tokens\\": 5}"') in readme
+    assert "model = SpeculatorModel.from_pretrained(DRAFT, config=config)" in readme
 
 
 def test_eagle1_layouts(target, tmp_path):
@@ -153,26 +156,41 @@ def test_eagle1_layouts(target, tmp_path):
     assert not (tmp_path / "v").exists()
 
 
-def test_full_draft_vocab_writes_no_vocab_maps(target, tmp_path):
-    """draft vocab = target vocab: vLLM builds no draft_id_to_target_id and fails on a d2t, SGLang reads no
-    d2t as the identity (export/formats/eagle.py cites both loaders); the importer restores identity maps."""
+def test_full_draft_vocab_maps_are_identity_for_sglang_and_absent_for_vllm(target, tmp_path):
+    """draft vocab = target vocab: SGLang's layout carries the identity maps (SpecForge's exporter lists d2t/t2d
+    as required, and its loader leaves a missing d2t as whatever memory held); vLLM builds no
+    draft_id_to_target_id and fails on a d2t, so its layout has none (export/formats/eagle.py cites the
+    loaders). The importer reads both back to the same drafter."""
     torch.manual_seed(0)
     from drafters.eagle3 import Eagle3Drafter
 
     model = Eagle3Drafter.from_target(Eagle3Config(draft_vocab_size=None), target)
-    assert model.draft_vocab_size == target.vocab_size
+    V = target.vocab_size
+    assert model.draft_vocab_size == V
     for fmt in ("sglang", "vllm"):
         out = export(model, target, fmt, tmp_path / fmt, dtype=torch.float32)
         t = load_file(out / "model.safetensors")
-        assert not {"d2t", "t2d"} & set(t) and t["lm_head.weight"].shape == (target.vocab_size, 32)
-        assert check_format(out) == []
+        assert t["lm_head.weight"].shape == (V, 32) and check_format(out) == []
+        if fmt == "sglang":
+            assert torch.equal(t["d2t"], torch.zeros(V, dtype=torch.long)) and torch.equal(t["t2d"], torch.ones(V, dtype=torch.bool))
+        else:
+            assert not {"d2t", "t2d"} & set(t)
         back = load_exported_model(out, target)
         assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())
-        t["d2t"] = model.d2t.clone()
-        save_file(t, out / "model.safetensors")
-        assert check_format(out) == ["model.safetensors: d2t/t2d with a full draft vocabulary: vLLM has no "
-                                     "draft_id_to_target_id to load d2t into and fails (SGLang needs no map either): "
-                                     "re-export without them"]
+        if fmt == "sglang":  # a map that is not the identity is caught
+            t["d2t"] = t["d2t"].clone()
+            t["d2t"][3] = 1
+            save_file(t, out / "model.safetensors")
+            assert check_format(out) == ["model.safetensors: d2t + arange must list distinct increasing target ids "
+                                         f"in [0, {V})"]
+            del t["d2t"], t["t2d"]
+            save_file(t, out / "model.safetensors")
+            assert check_format(out) == ["model.safetensors: tensor d2t is missing", "model.safetensors: tensor t2d is missing"]
+        else:
+            t["d2t"] = model.d2t.clone()
+            save_file(t, out / "model.safetensors")
+            assert check_format(out) == ["model.safetensors: d2t/t2d with a full draft vocabulary: vLLM has no "
+                                         "draft_id_to_target_id to load d2t into and fails: re-export without them"]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -59,8 +59,11 @@ def test_medusa_layout(target, tmp_path):
     assert set(pt) == set(t) and all(torch.equal(pt[k], t[k]) and pt[k].dtype == t[k].dtype for k in t)
     assert check_format(out, "medusa") == [] and detect(out) == ("medusa", "medusa") and base_path(out) is None
     readme = assert_portable_readme(out)
-    assert "text-generation-launcher --model-id . --dtype bfloat16" in readme
-    assert 'MedusaModel.from_pretrained(".", torch_dtype=torch.bfloat16)' in readme
+    assert 'text-generation-launcher --model-id "$DRAFT" --dtype bfloat16' in readme
+    # the path that runs under transformers 5 (tests/export/test_export_consumers.py runs it)
+    assert "model = MedusaModel(base, medusa_num_heads=3, medusa_num_layers=2, base_model_name_or_path=TARGET)" in readme
+    assert "KeyError: 'type'" in readme and "MedusaModel.from_pretrained(" not in readme.replace(
+        "`MedusaModel.from_pretrained` builds", "")
     assert "keeps only the last block's weights" in readme  # 2 ResBlocks per head
 
 
@@ -144,7 +147,7 @@ def test_hf_folder_is_a_plain_causal_lm_and_an_exact_assistant(target, tmp_path)
     assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= names
     assert "drafter_config.json" not in names and check_format(out, "hf") == [] and detect(out) == ("hf", "small")
     readme = assert_portable_readme(out)
-    assert "--speculative-algorithm STANDALONE --speculative-draft-model-path ." in readme
+    assert '--speculative-algorithm STANDALONE --speculative-draft-model-path "$DRAFT"' in readme
     draft = AutoModelForCausalLM.from_pretrained(out)
     assert AutoTokenizer.from_pretrained(out).get_vocab() == target.tokenizer.get_vocab()
     ids = torch.tensor([target.tokenizer("The quick brown fox")["input_ids"]])
@@ -180,7 +183,7 @@ def test_hf_bfloat16_and_violations(target, tmp_path):
 def test_stage_exports_head_families(family, fmt, cfg_for, target):
     from export.stage import run
 
-    cfg = cfg_for("stage=export", f"export={fmt}", "export.check_max_new_tokens=8")
+    cfg = cfg_for("stage=export", f"export={fmt}", f"drafter={family}", "export.check_max_new_tokens=8")
     (medusa(target, num_heads=3) if family == "medusa" else small(target)).save_pretrained(
         run_dir(cfg) / "train" / "final")
     res = run(cfg)

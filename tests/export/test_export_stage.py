@@ -67,14 +67,34 @@ def test_custom_out_dir_and_vllm(trained, tmp_path):
     res = run(cfg)
     cfg_json = json.loads((out / "config.json").read_text())
     assert cfg_json["speculators_config"]["proposal_methods"][0]["speculative_tokens"] == 3
-    # a local target is named by its path relative to the folder (never an absolute path of this machine);
-    # the README's commands run from inside the folder, where that path resolves
-    ref = cfg_json["speculators_config"]["verifier"]["name_or_path"]
-    assert not Path(ref).is_absolute() and (out / ref).resolve() == Path(cfg.target.path).resolve()
+    # a local target has no name that resolves on every machine and from every directory (a relative path
+    # resolves against the consumer's working directory, an absolute one on this machine only): a placeholder,
+    # and README commands that pass the target explicitly
+    name = Path(cfg.target.path).name
+    assert cfg_json["speculators_config"]["verifier"]["name_or_path"] == f"<path of {name}>"
     readme = assert_portable_readme(out, cfg.target.path)
-    assert f"vllm serve {ref} --dtype float32 --speculative-config" in readme
-    assert f"the local folder `{Path(cfg.target.path).name}` the drafter was trained on" in readme
+    assert f'TARGET="<path of {name}>"' in readme and "vllm serve \"$TARGET\" --dtype float32" in readme
+    assert "vllm serve ." not in readme  # only a hub target's folder names a target vLLM can load
     assert res["decode_check"] == {"skipped": "export.check_prompts=0"}
+
+
+def test_the_exported_config_yaml_names_no_path_of_this_machine(trained, tmp_path):
+    """config.yaml beside the export is the run's resolved config, shared with the folder: run.root, the target
+    and every other absolute path of this machine become a path relative to the project (when inside it) or a
+    `<path of NAME>` placeholder."""
+    from omegaconf import OmegaConf
+
+    from tests.export_util import absolute_paths
+
+    out = tmp_path / "models" / "e3"
+    cfg = trained("export=sglang", f"export.out_dir={out}", "export.check_prompts=0", "run.name=r1")
+    run(cfg)
+    text = (out / "config.yaml").read_text()
+    assert absolute_paths(text) == [] and str(tmp_path) not in text, absolute_paths(text)
+    saved = OmegaConf.create(text)
+    assert saved.run.root == "<path of runs>" and saved.run.name == "r1" and saved.export.out_dir == "<path of e3>"
+    assert saved.target.path == f"<path of {Path(cfg.target.path).name}>"
+    assert saved.target.feature_layers == [1, 2, 3] and saved.export.format == "sglang"  # the rest as it was
 
 
 def test_target_ref_prefers_a_hub_id(tmp_path):
@@ -85,8 +105,8 @@ def test_target_ref_prefers_a_hub_id(tmp_path):
     out = tmp_path / "runs" / "r" / "export" / "vllm"
     assert target_ref("meta-llama/Llama-3.1-8B-Instruct", out) == "meta-llama/Llama-3.1-8B-Instruct"
     assert target_ref(str(snap), out) == "meta-llama/Llama-3.1-8B-Instruct"  # a cached snapshot of a hub model
-    assert target_ref(str(local), out) == "../../../../models/my-target"
-    # sharing only the filesystem root, a relative path would spell out the absolute one: a placeholder
+    # a local folder: no reference resolves from every directory on every machine, so a placeholder
+    assert target_ref(str(local), out) == "<path of my-target>"
     assert target_ref(str(local), Path("/elsewhere-on-this-machine/export")) == "<path of my-target>"
 
 
@@ -175,3 +195,14 @@ def test_cli_end_to_end(trained):
     out = run_dir(cfg) / "export" / "sglang"
     assert f"export: eagle3 -> sglang at {out}" in p.stdout
     assert check_format(out, "sglang") == []
+
+
+def test_a_drafter_of_another_family_is_refused_before_anything_is_written(trained):
+    """As stage=eval refuses it: `drafter=kangaroo` on a run whose train/final holds an EAGLE-3 drafter would
+    otherwise export the EAGLE-3 drafter under a command that names another family."""
+    cfg = trained("export=sglang", "drafter=kangaroo")
+    final = run_dir(cfg) / "train" / "final"
+    with pytest.raises(DraftsmithError, match=f"^{final} holds a 'eagle3' drafter, not 'kangaroo': set drafter=eagle3 "
+                                              "or point drafter.checkpoint at a kangaroo folder$"):
+        run(cfg)
+    assert not (run_dir(cfg) / "export").exists()

@@ -229,3 +229,39 @@ def test_cli_trains_eagle3_end_to_end(tmp_path, tiny_target_dir, llama_target):
     out = tmp_path / "runs" / "smoke" / "train"
     assert (out / "final").is_dir() and (out / "checkpoints" / "step_00000002").is_dir()
     assert (out / "ds_config.json").exists() and (out / "metrics.jsonl").exists()
+
+
+def test_ctrl_c_in_training_is_one_line_naming_the_step(tmp_path, tiny_target_dir, llama_target):
+    """Ctrl-C (SIGINT, sent by the test hook right after the step-1 checkpoint) ends `python train.py
+    stage=train` with one line saying where it stopped and what to do, no traceback, exit status 130."""
+    write_data_gen(tmp_path / "runs" / "smoke", llama_target, n_rows=12)
+    env = {**child_env(), "DRAFTSMITH_TEST_KILL_AT": "checkpoint_saved:1", "DRAFTSMITH_TEST_KILL_SIGNAL": "SIGINT"}
+    r = subprocess.run([sys.executable, str(PROJECT_ROOT / "train.py"), "stage=train", "experiment=smoke",
+                        f"target.path={tiny_target_dir('llama')}", f"run.root={tmp_path / 'runs'}", "run.device=cpu",
+                        "drafter=medusa", "train.save_every=1"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 130, r.stderr[-3000:]
+    # the last line (the progress bar writes to stderr before it), and no traceback anywhere
+    assert r.stderr.strip().splitlines()[-1] == ("interrupted at step 1 of 2: rerun the same command to resume (from "
+                                                 f"{tmp_path / 'runs' / 'smoke' / 'train' / 'checkpoints' / 'step_00000001'})")
+    assert "Traceback" not in r.stderr and "KeyboardInterrupt" not in r.stderr
+    out = tmp_path / "runs" / "smoke" / "train"
+    assert (out / "checkpoints" / "step_00000001").is_dir() and not (out / "final").exists()
+
+
+def test_a_draft_vocabulary_on_a_train_only_command_is_refused(tmp_path, trainer):
+    """drafter.draft_vocab trims the head at draft time (eval, export); training always trains the full head.
+    On a command that runs train alone nothing would use it, so it is refused, not silently ignored; a chain
+    that goes on to eval or export keeps it for them."""
+    from conf.schema import load_config
+    from training.stage import preflight
+
+    cfg = load_config(["stage=train", "drafter.draft_vocab=512", f"run.root={tmp_path}"])
+    with pytest.raises(DraftsmithError) as e:
+        trainer("stage=train", "drafter.draft_vocab=512")
+    assert str(e.value) == ("drafter.draft_vocab=512 trims the draft LM head when the drafter decodes (stage=eval, "
+                            "stage=export); training always trains the full head, and this command runs no eval or "
+                            "export: drop drafter.draft_vocab here and set it on the eval or export command")
+    assert not (tmp_path / "runs" / "t" / "train").exists()
+    preflight(load_config(["stages=[train,eval]", "drafter.draft_vocab=512", f"run.root={tmp_path}"]))  # kept for eval
+    assert cfg.drafter.draft_vocab == 512
