@@ -197,4 +197,15 @@ def flex_attend(anchors: torch.Tensor, keep: torch.Tensor, T: int, block: int):
         return ctx | own
 
     mask = create_block_mask(mask_mod, B=B, H=None, Q_LEN=N * block, KV_LEN=T + N * block, device=dev)
-    return lambda q, k, v: flex_attention(q, k, v, block_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+    fn = _compiled(flex_attention) if dev.type == "cuda" else flex_attention  # eager elsewhere: slow but exact
+    return lambda q, k, v: fn(q, k, v, block_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(fn):
+    """torch.compile(fn), once per process: FlexAttention's fused kernels exist only compiled."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=True)
+    return _COMPILED[fn]
