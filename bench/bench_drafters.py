@@ -56,6 +56,8 @@ VARIANTS = {
     # DFlash (B=16, gamma 7) on EAGLE-3's tree (depth 5), and its ablation: each block size evaluated at its
     # full depth B-1 (a dynamic tree from per-position top-k, the same 60-node budget), gamma on / off
     "dflash": ("drafters", ["drafter=dflash"], None),
+    "dflash+distill": ("drafters", ["drafter=dflash", "drafter.loss=distill"], None),  # soft CE, as EAGLE-3 trains
+    "dflash+distill+2l": ("drafters", ["drafter=dflash", "drafter.loss=distill", "drafter.num_layers=2"], None),
     "dflash@depth15": ("dflash", ["drafter=dflash", "eval.tree.depth=15"], None),
     "dflash-flat": ("dflash", ["drafter=dflash", "drafter.gamma=0", "eval.tree.depth=15"], None),
     "dflash-b8": ("dflash", ["drafter=dflash", "drafter.block_size=8", "eval.tree.depth=7"], None),
@@ -71,7 +73,7 @@ CONTROL = {"eagle1": "eagle3", "medusa": "eagle3", "medusa2": "eagle3", "hydra":
            "eagle3+griffin": "eagle3", "eagle3+more": "eagle3",
            "eagle3+gto": "eagle3+more", "small+on_policy": "small", "small+adaspec": "small",
            "eagle3+coral": "eagle3", "eagle3+coral+groups": "eagle3+coral", "dflash": "eagle3",
-           "dflash@depth15": "eagle3", "dflash-flat": "dflash@depth15", "dflash-b8": "dflash@depth15",
+           "dflash+distill": "eagle3", "dflash+distill+2l": "dflash+distill", "dflash@depth15": "eagle3", "dflash-flat": "dflash@depth15", "dflash-b8": "dflash@depth15",
            "dflash-b8-flat": "dflash-b8"}
 TABLES = {"drafters": "drafter", "objectives": "objective", "dflash": "DFlash setting"}  # table -> what a row is
 TEMPS = (0.0, 1.0)
