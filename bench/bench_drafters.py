@@ -14,7 +14,9 @@ train from scratch with the same --steps as their baseline; gto fine-tunes the t
 --finetune-steps, and `eagle3+more` continues the same eagle3 for the same --finetune-steps with its plain
 token loss, so the GTO row is compared with an equal amount of extra training. `small+pard` adapts the trained
 `small` into a PARD drafter (drafter.init) for --finetune-steps at --finetune-lr, PARD's own recipe. adaspec's reference is the
-trained `small`. Writes both tables into BENCHMARKS.md (section per machine and target) and prints them.
+trained `small`. DFlash (table "dflash"): B=16 on EAGLE-3's tree, then its ablation (B 8 vs 16, position
+decay on/off), each at its full block depth; `dflash@depth15` evaluates the `dflash` run again without training it again.
+Writes the tables into BENCHMARKS.md (section per machine and target) and prints them.
 """
 from __future__ import annotations
 
@@ -51,14 +53,29 @@ VARIANTS = {
     "eagle3+coral": ("objectives", ["drafter=eagle3", "objective=coral"], None),
     "eagle3+coral+groups": ("objectives", ["drafter=eagle3", "objective=coral", "drafter.head_groups=16",
                                            "drafter.active_groups=4"], None),
+    # DFlash (B=16, gamma 7) on EAGLE-3's tree (depth 5), and its ablation: each block size evaluated at its
+    # full depth B-1 (a dynamic tree from per-position top-k, the same 60-node budget), gamma on / off
+    "dflash": ("drafters", ["drafter=dflash"], None),
+    "dflash+distill": ("drafters", ["drafter=dflash", "drafter.loss=distill"], None),  # soft CE, as EAGLE-3 trains
+    "dflash+distill+2l": ("drafters", ["drafter=dflash", "drafter.loss=distill", "drafter.num_layers=2"], None),
+    "dflash@depth15": ("dflash", ["drafter=dflash", "eval.tree.depth=15"], None),
+    "dflash-flat": ("dflash", ["drafter=dflash", "drafter.gamma=0", "eval.tree.depth=15"], None),
+    "dflash-b8": ("dflash", ["drafter=dflash", "drafter.block_size=8", "eval.tree.depth=7"], None),
+    "dflash-b8-flat": ("dflash", ["drafter=dflash", "drafter.block_size=8", "drafter.gamma=0", "eval.tree.depth=7"],
+                       None),
 }
+# variants that only evaluate another variant's trained drafter (with their own eval overrides)
+EVAL_OF = {"dflash@depth15": "dflash"}
 # name -> the row its τ is compared with, paired on the same prompts: objectives with their baseline or
 # equal-steps control, families with the default recipe
 CONTROL = {"eagle1": "eagle3", "medusa": "eagle3", "medusa2": "eagle3", "hydra": "eagle3", "hydra_pp": "eagle3",
            "small": "eagle3", "kangaroo": "eagle3", "pard": "small", "small+pard": "small", "eagle3+hass": "eagle3",
            "eagle3+griffin": "eagle3", "eagle3+more": "eagle3",
            "eagle3+gto": "eagle3+more", "small+on_policy": "small", "small+adaspec": "small",
-           "eagle3+coral": "eagle3", "eagle3+coral+groups": "eagle3+coral"}
+           "eagle3+coral": "eagle3", "eagle3+coral+groups": "eagle3+coral", "dflash": "eagle3",
+           "dflash+distill": "eagle3", "dflash+distill+2l": "dflash+distill", "dflash@depth15": "eagle3", "dflash-flat": "dflash@depth15", "dflash-b8": "dflash@depth15",
+           "dflash-b8-flat": "dflash-b8"}
+TABLES = {"drafters": "drafter", "objectives": "objective", "dflash": "DFlash setting"}  # table -> what a row is
 TEMPS = (0.0, 1.0)
 
 
@@ -94,7 +111,10 @@ def run_variant(name: str, args, common: list[str], root: Path, done: dict) -> d
     from training.stage import train
 
     table, overrides, start = VARIANTS[name]
-    run_name = name.replace("+", "-")
+    trained_by = EVAL_OF.get(name, name)
+    if trained_by not in done and trained_by != name:
+        raise SystemExit(f"error: variant {name} evaluates {trained_by}: put {trained_by} before it in --variants")
+    run_name = trained_by.replace("+", "-")
     (root / run_name).mkdir(exist_ok=True)
     link = root / run_name / "data_gen"
     if not link.exists():
@@ -278,7 +298,7 @@ def main(argv=None) -> int:
     where = f"{machine['device']} ({machine['device_name']})"
     note = f" — {args.note}" if args.note else ""
     comps = comparisons(rows)
-    for tab in ("drafters", "objectives"):
+    for tab in TABLES:
         sel = [r for r in rows if r["table"] == tab]
         if not sel:
             continue
@@ -293,7 +313,7 @@ def main(argv=None) -> int:
             f"prompts × {args.max_new_tokens} new tokens, the default dynamic tree", "", table(sel), "",
             *(["Drafter forwards per cycle (target forward) and tokens/s of the drafters that count them, with the "
                "autoregressive decoding timed beside each:", "", cost, ""] if (cost := cost_table(sel)) else []),
-            f"τ of each {tab[:-1]} minus its control's on the same prompts (paired bootstrap: both resampled "
+            f"τ of each {TABLES[tab]} minus its control's on the same prompts (paired bootstrap: both resampled "
             "with the same prompts); outside the noise = the 95 % interval of the difference excludes 0:", "",
             comparison_table([c for c in comps if c["variant"] in {r["variant"] for r in sel}]), "",
             INTERVAL_NOTE, "", "<!-- /bench_drafters -->"])

@@ -18,6 +18,7 @@ TRAINABLE = {
     "small": "drafters.small_lm:SmallDrafter",
     "kangaroo": "drafters.kangaroo:KangarooDrafter",
     "pard": "drafters.pard:PardDrafter",
+    "dflash": "drafters.dflash:DFlashDrafter",
 }
 REFERENCE = {
     "ngram": "drafters.reference:NgramDrafter",

@@ -114,10 +114,10 @@ def _run(cfg: Config) -> dict:
 
 def _target_config(cfg: Config, meta: dict, ckpt: Path):
     """cfg.target, with the feature layers the drafter was trained on when its checkpoint records them
-    (`target.feature_layers` in drafter_config.json): an EAGLE-3 export names those layers, and a
+    (`target.feature_layers` in drafter_config.json): an EAGLE-3 or DFlash export names those layers, and a
     different tap choice would be silently wrong."""
     trained = (meta.get("target") or {}).get("feature_layers")
-    if trained is None or meta.get("family") != "eagle3":
+    if trained is None or meta.get("family") not in ("eagle3", "dflash"):
         return cfg.target
     if cfg.target.feature_layers is None:
         return dataclasses.replace(cfg.target, feature_layers=list(trained))

@@ -6,7 +6,7 @@ maps loss names (see drafters/losses.py) to weights.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
@@ -214,6 +214,69 @@ class PardConfig(SmallConfig):
                                       "mask position in training)")
 
 
+DFLASH_LOSSES = ("hard", "distill")
+DFLASH_FUSIONS = ("none", "layerwise")
+DFLASH_ATTENTION = ("sdpa", "flex")
+
+
+@dataclass
+class DFlashConfig(DrafterConfig):
+    """DFlash (block diffusion drafter): a few decoder layers draft a whole block of tokens in one forward,
+    reading the target's tapped features as extra keys/values and the target's own embedding and LM head."""
+
+    name: str = "dflash"
+    block_size: int = 16  # B: the block is [anchor, mask x (B-1)], so one forward drafts B-1 tokens
+    num_layers: int = 1  # drafter decoder layers (z-lab ships 1 to 5)
+    # which tapped target layers the drafter fuses, as indices into the target's hidden states (the same
+    # numbering as target.feature_layers: i = the hidden state entering layer i); null = every tap the target
+    # has. A list must be a subset of target.feature_layers (the taps data_gen and the decoder produce).
+    target_layer_ids: Optional[List[int]] = None
+    # the id fed at masked block positions; null = auto: the tokenizer's mask token, else a reserved embedding
+    # row past the tokenizer's vocabulary, else the pad token when it is not an EOS token
+    mask_token_id: Optional[int] = None
+    anchors: int = 64  # blocks (random anchors on scored positions) per training sequence, all in one forward
+    # position decay of the loss: w_k = exp(-(k-1)/gamma) for block position k >= 1; null = the published
+    # value for the block size (7 for B=16, 4 for B=8, linear between and beyond); 0 = off (uniform weights)
+    gamma: Optional[float] = None
+    loss: str = "hard"  # hard: CE on the data tokens; distill: soft CE to the target's distribution
+    fusion: str = "none"  # none: one fc over the taps (z-lab); layerwise: each layer its own learned tap mix (DFlare)
+    attention: str = "sdpa"  # the training block mask: sdpa (a materialised bool mask) or flex (a FlexAttention BlockMask)
+
+    def check(self) -> None:
+        """One-line errors for settings DFlash cannot train (the mask token and the taps are checked against
+        the target when the drafter is built: drafters/dflash.py)."""
+        super().check()
+        if not 2 <= self.block_size <= 64:
+            raise DraftsmithError(f"drafter.block_size={self.block_size}: use 2..64 (the anchor + at least one "
+                                  "mask; z-lab uses 16, Model-Optimizer 8)")
+        if not 1 <= self.num_layers <= 5:
+            raise DraftsmithError(f"drafter.num_layers={self.num_layers}: dflash has 1 to 5 decoder layers")
+        if self.target_layer_ids is not None and (len(self.target_layer_ids) == 0 or min(self.target_layer_ids) < 0
+                                                  or len(set(self.target_layer_ids)) != len(self.target_layer_ids)):
+            raise DraftsmithError(f"drafter.target_layer_ids={list(self.target_layer_ids)}: give distinct layer "
+                                  "indices >= 0 (a subset of target.feature_layers), or null for every tap")
+        if self.mask_token_id is not None and self.mask_token_id < 0:
+            raise DraftsmithError(f"drafter.mask_token_id={self.mask_token_id} must be >= 0, or null to pick one "
+                                  "from the tokenizer")
+        if self.anchors < 1:
+            raise DraftsmithError(f"drafter.anchors={self.anchors}: sample at least 1 block per sequence")
+        if self.gamma is not None and self.gamma < 0:
+            raise DraftsmithError(f"drafter.gamma={self.gamma} must be >= 0 (0 = no position decay), or null for "
+                                  "the published value (7 for B=16, 4 for B=8)")
+        for field_name, allowed in (("loss", DFLASH_LOSSES), ("fusion", DFLASH_FUSIONS),
+                                    ("attention", DFLASH_ATTENTION)):
+            if getattr(self, field_name) not in allowed:
+                raise DraftsmithError(f"drafter.{field_name}={getattr(self, field_name)!r}: use one of "
+                                      f"{', '.join(allowed)}")
+
+    @property
+    def decay(self) -> float:
+        """The gamma in effect (0 = uniform weights)."""
+        if self.gamma is not None:
+            return float(self.gamma)
+        return 4.0 + 3.0 * (self.block_size - 8) / 8.0  # 7 at B=16, 4 at B=8; 1.75 at the smallest B=2
+
+
 # name used in conf/drafter/<name>.yaml -> schema
 DRAFTER_SCHEMAS = {
     "ngram": NgramConfig,
@@ -226,4 +289,5 @@ DRAFTER_SCHEMAS = {
     "small": SmallConfig,
     "kangaroo": KangarooConfig,
     "pard": PardConfig,
+    "dflash": DFlashConfig,
 }

@@ -7,13 +7,15 @@ from typing import Optional
 from conf.errors import DraftsmithError
 
 # export.format -> the drafter families it can hold (export/formats/ writes each)
-FORMATS = {"sglang": ("eagle1", "eagle3"), "vllm": ("eagle3",), "medusa": ("medusa",), "hf": ("small", "pard")}
+FORMATS = {"sglang": ("eagle1", "eagle3"), "vllm": ("eagle3",), "medusa": ("medusa",), "hf": ("small", "pard"),
+           "dflash": ("dflash",)}
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")  # export.dtype: the exported weights' dtype
 
 
 @dataclass
 class ExportConfig:
-    # sglang (eagle1, eagle3) | vllm (eagle3: speculators layout) | medusa (medusa) | hf (small)
+    # sglang (eagle1, eagle3) | vllm (eagle3: speculators layout) | medusa (medusa) | hf (small, pard)
+    # | dflash (dflash: z-lab's layout, served by vLLM and SGLang)
     format: str = "sglang"
     out_dir: Optional[str] = None  # None = <run dir>/export/<format>
     dtype: str = "bfloat16"  # float32 | bfloat16 | float16: the exported weights' dtype

@@ -12,6 +12,7 @@ and load an exported folder back as a decoding drafter.
 | vllm | eagle3 | speculators layout: vLLM and the speculators library (export/formats/eagle.py) |
 | medusa | medusa | Medusa heads file + config: TGI, TensorRT-LLM, FasterDecoding/Medusa (export/formats/medusa.py) |
 | hf | small, pard | a plain transformers causal LM: generate(assistant_model=...); PARD's mask token id in config.json (export/formats/hf.py) |
+| dflash | dflash | z-lab's DFlash layout: vLLM DFlashQwen3ForCausalLM, SGLang DFlashDraftModel (export/formats/dflash.py) |
 Hydra heads have no serving format (no engine implements them): evaluate them with stage=eval.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from conf.errors import DraftsmithError
 from conf.schema.export import FORMATS
-from export.formats import eagle, hf, medusa
+from export.formats import dflash, eagle, hf, medusa
 from export.formats.common import (
     CONFIG,
     README,
@@ -69,6 +70,8 @@ def write_export(model, target, fmt: str, out: str | Path, ctx: ExportContext) -
         eagle.write(fmt, model, target, out, ctx)
     elif fmt == "medusa":
         medusa.write(model, target, out, ctx)
+    elif fmt == "dflash":
+        dflash.write(model, target, out, ctx)
     else:
         hf.write(model, target, out, ctx)
     (out / README).write_text(readme(fmt, family, model, target, out, ctx))
@@ -93,6 +96,8 @@ def detect(folder: str | Path) -> tuple[str, str]:
             return "sglang", family
     if "medusa_num_heads" in cfg:
         return "medusa", "medusa"
+    if arch == [dflash.ARCH]:
+        return "dflash", "dflash"
     return "hf", "pard" if hf.MASK_FIELD in cfg else "small"
 
 
@@ -118,6 +123,8 @@ def check_format(folder: str | Path, fmt: str | None = None) -> list[str]:
         eagle.check(ck, cfg, family, fmt)
     elif fmt == "medusa":
         medusa.check(ck, cfg)
+    elif fmt == "dflash":
+        dflash.check(ck, cfg)
     else:
         hf.check(ck, cfg, family)
     return ck.violations
@@ -136,6 +143,8 @@ def load_exported_model(folder: str | Path, target):
         return eagle.load(folder, cfg, family, fmt, target)
     if fmt == "medusa":
         return medusa.load(folder, cfg, target)
+    if fmt == "dflash":
+        return dflash.load(folder, cfg, target)
     return hf.load(folder, cfg, target)
 
 
@@ -151,7 +160,8 @@ def load_exported(folder: str | Path, target):
 _TITLES = {("sglang", "eagle3"): "EAGLE-3 drafter for SGLang", ("sglang", "eagle1"): "EAGLE-1 drafter for SGLang",
            ("vllm", "eagle3"): "EAGLE-3 speculator for vLLM (speculators format)",
            ("medusa", "medusa"): "Medusa heads", ("hf", "small"): "independent draft model (Hugging Face folder)",
-           ("hf", "pard"): "PARD parallel draft model (Hugging Face folder)"}
+           ("hf", "pard"): "PARD parallel draft model (Hugging Face folder)",
+           ("dflash", "dflash"): "DFlash block drafter (z-lab layout) for vLLM and SGLang"}
 
 
 def _variables(tgt: str, lang: str) -> list[str]:
@@ -222,6 +232,19 @@ def readme(fmt: str, family: str, model, target, out: Path, ctx: ExportContext) 
                   "config.speculators_config.verifier.name_or_path = TARGET",
                   "model = SpeculatorModel.from_pretrained(DRAFT, config=config)", "```", "",
                   "SGLang: export this drafter with `export.format=sglang` (SGLang reads the SpecForge layout)."]
+    elif fmt == "dflash":
+        n = model.cfg.block_size - 1
+        lines += ["vLLM:", "", "```bash", f"vllm serve {tgt} --dtype {dt} --speculative-config "
+                  f"'{{\"model\": \".\", \"method\": \"dflash\", \"num_speculative_tokens\": {n}}}'", "```", "",
+                  "SGLang:", "", "```bash", f"python -m sglang.launch_server --model-path {tgt} --dtype {dt} \\",
+                  "    --speculative-algorithm DFLASH --speculative-draft-model-path .", "```", "",
+                  "## DFlash", "", f"One forward drafts {n} tokens: the block is the last accepted token and "
+                  f"{n} copies of the mask token (dflash_config.mask_token_id = {model.mask_id}, a row of the "
+                  f"target's own embedding). The drafter reads the outputs of target layers "
+                  f"{dflash.zlab_layer_ids(model.target_layer_ids, target.num_layers)} (dflash_config.target_layer_ids;"
+                  " eagle_aux_hidden_state_layer_ids lists each plus one) and uses the target's embedding and LM "
+                  "head: the folder ships neither. The target architecture must support hidden-state capture in "
+                  "the engine."]
     elif fmt == "medusa":
         lines += ["TGI reads config.json + medusa_lm_head.safetensors, and the base model from "
                   f"`base_model_name_or_path` (`{ctx.target_ref if not joint else 'base'}`"

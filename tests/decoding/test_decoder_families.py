@@ -9,7 +9,7 @@ from conf.schema import load_config
 from decoding.decoder import SpeculativeDecoder
 from drafters.registry import drafter_class
 
-OPTIONS = ["eagle1", "eagle3", "medusa", "medusa2", "hydra", "hydra_pp", "small", "pard"]  # conf/drafter/<option>.yaml
+OPTIONS = ["eagle1", "eagle3", "medusa", "medusa2", "hydra", "hydra_pp", "small", "pard", "dflash"]  # conf/drafter/<option>.yaml
 
 
 @pytest.mark.parametrize("option", OPTIONS)
