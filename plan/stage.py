@@ -59,7 +59,7 @@ def _weight_bytes(cfg: Config, dev: Device) -> int:
     return 4 if dt in ("float32", "fp32") else 2
 
 
-def data_size(cfg: Config, shape: TargetShape) -> dict:
+def data_size(cfg: Config, shape: TargetShape, sample: bool = True) -> dict:
     """Rows, tokens and assistant tokens: data_gen's meta.json when this run has one, else a sample of the
     prompt source rendered with the target's tokenizer, else plan.rows / plan.row_tokens or assumptions."""
     meta = run_dir(cfg) / "data_gen" / "meta.json"
@@ -69,7 +69,7 @@ def data_size(cfg: Config, shape: TargetShape) -> dict:
                 "source": f"{meta} (measured)"}
     pl = cfg.plan
     rows = pl.rows or cfg.data.max_conversations or (SHAREGPT_ROWS if cfg.data.source == "sharegpt" else None)
-    sample = _sample_source(cfg) if pl.row_tokens is None else None
+    sample = _sample_source(cfg) if sample and pl.row_tokens is None else None
     if sample:
         rows = pl.rows or int((rows or sample["read"]) * sample["kept"])
         per_row, share, src = sample["row_tokens"], sample["scored_share"], f"{sample['n']} rows rendered with the tokenizer"
@@ -351,14 +351,16 @@ def smallest_change(cfg: Config, shape: TargetShape, dev: Device, usable: int, s
 # --------------------------------------------------------------------------------------------------
 # The plan
 # --------------------------------------------------------------------------------------------------
-def build_plan(cfg: Config) -> dict:
+def build_plan(cfg: Config, sample: bool = True) -> dict:
+    """The plan as a JSON-ready dict. `sample=False` (the train stage's preflight) never renders the prompt
+    source: memory does not depend on the data's size, and the preflight must stay instant."""
     cfg.plan.check()
     raw, source = read_target_config(cfg.target.path)
     shape = TargetShape.from_config(raw)
     gpu = cfg.plan.gpu
     dev = device_for(gpu, cfg.run.device)
     usable = int(dev.memory * cfg.plan.headroom)
-    data = data_size(cfg, shape)
+    data = data_size(cfg, shape, sample)
     est = stage_estimates(cfg, shape, dev, data, gpu)
     disk_free = cfg.plan.disk_gb * 1e9 if cfg.plan.disk_gb is not None else _free_disk(cfg)
     rec = recommend(cfg, shape, dev, usable, est, disk_free)
