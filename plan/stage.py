@@ -26,7 +26,7 @@ from plan.shapes import TargetShape, read_target_config
 
 SHAREGPT_ROWS = 17671  # complete conversations in the bundled ShareGPT file (data_gen/sources.py)
 DEFAULT_SCORED_SHARE = 0.78  # share of positions whose next token is an assistant token (demo data_gen: 0.781)
-RUNTIME_CPU = int(0.78 * 2**30)  # the CPU process before any tensor: Python, torch, transformers, DeepSpeed (bench/bench_plan.py)
+RUNTIME_CPU = int(0.64 * 2**30)  # the CPU process beside its tensors: Python, torch, transformers, DeepSpeed (bench/bench_plan.py: peak RSS - tracked tensors)
 RUNTIME_CUDA = int(0.5 * 2**30)  # CUDA context and kernels, outside torch's allocated figure
 
 
@@ -146,7 +146,7 @@ def train_memory(cfg: Config, shape: TargetShape, dev: Device, world: int, micro
     elif fam in ("medusa", "hydra"):
         act = {"signal": T * shape.hidden * a + T * shape.vocab * E.F32, "transient": 0,
                "saved": E.lm_activation_bytes(shape.hidden, 0, 0, 0, shape.vocab, micro, seq, a, d.num_heads, gc)
-               + d.num_heads * T * shape.hidden * a * (2 + getattr(d, "mlp_layers", d.num_layers))}
+               + d.num_heads * T * shape.hidden * a * (2 + (getattr(d, "mlp_layers", None) or getattr(d, "num_layers", 1)))}
     elif fam in ("small", "pard"):
         Hs, heads, _, I = E.small_shape(shape, d.hidden_size)
         outs = getattr(d, "k", 1)
