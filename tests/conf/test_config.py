@@ -118,4 +118,4 @@ def test_cli_bad_stage_prints_one_line(tmp_path):
                         f"run.root={tmp_path}"], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
-        "error: unknown stage 'nope': choose from target_pretrain, data_gen, drafter_pretrain, train, eval, export"]
+        "error: unknown stage 'nope': choose from target_pretrain, data_gen, drafter_pretrain, train, eval, export, plan"]
