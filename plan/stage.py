@@ -414,7 +414,9 @@ def render(p: dict) -> str:
     from rich.table import Table
 
     tg, dv, s = p["target"], p["device"], p["settings"]
-    console = Console(record=True, width=120, force_terminal=False)
+    import io
+
+    console = Console(record=True, width=120, force_terminal=False, file=io.StringIO())  # the caller prints
     moe = f", MoE {tg['active_params'] / 1e9:.1f}B active" if tg["experts"] else ""
     console.print(f"[bold]plan[/bold]: {tg['path']} ({tg['params'] / 1e9:.2f}B params{moe}; {tg['config']}) + "
                   f"{p['drafter']['family']} ({p['drafter']['params'] / 1e6:.1f}M trainable) on {dv['count']} x "
