@@ -63,8 +63,8 @@ def data_size(cfg: Config, shape: TargetShape, sample: bool = True) -> dict:
     """Rows, tokens and assistant tokens: data_gen's meta.json when this run has one, else a sample of the
     prompt source rendered with the target's tokenizer, else plan.rows / plan.row_tokens or assumptions."""
     meta = run_dir(cfg) / "data_gen" / "meta.json"
-    if meta.exists():
-        m = json.loads(meta.read_text())
+    m = json.loads(meta.read_text()) if meta.exists() else {}
+    if "rows" in m and "tokens" in m:
         return {"rows": m["rows"], "tokens": m["tokens"], "scored": m.get("assistant_tokens", 0),
                 "source": f"{meta} (measured)"}
     pl = cfg.plan
@@ -126,7 +126,7 @@ def train_memory(cfg: Config, shape: TargetShape, dev: Device, world: int, micro
                  offload: bool, gc: bool, vd: int | None = None) -> dict:
     """Per-device bytes of one train micro-step at its peak, by part."""
     d = cfg.drafter
-    fam = d.name if d.name != "medusa" or not getattr(d, "joint", False) else "medusa"
+    fam = d.name
     prec = _precision(cfg, dev)
     a = 4 if prec == "fp32" else 2
     taps = _taps(cfg, shape)
@@ -230,7 +230,7 @@ def stage_estimates(cfg: Config, shape: TargetShape, dev: Device, data: dict, gp
     dg_parts = {"target weights": tw, "forward activations": dg_act}
     return {
         "data_gen": {"memory": dg_parts, "peak": sum(dg_parts.values()) + runtime, "runtime": runtime,
-                     "disk": {"dataset (token ids, masks)": data["tokens"] * 9, "feature cache": cache},
+                     "disk": {"dataset (token ids, masks)": data["tokens"] * 5, "feature cache": cache},  # int32 + int8 (demo: 5.1 B/token)
                      "time": {"tokens": data["tokens"], "seconds": dg_time,
                               "basis": f"prefill at {PREFILL_MFU:.0%} MFU; regeneration at {GEN_BANDWIDTH_UTIL:.0%} "
                                        "of the memory bandwidth"}},
