@@ -138,10 +138,12 @@ def eagle3_row_step_bytes(s: TargetShape, seq: int, step: int, a: int) -> int:
               + _norm_saved(H, a)  # post_attention_layernorm
               + 4 * a * I  # SwiGLU: gate, silu(gate), up, their product
               + a * H + _norm_saved(H, a) + a * H)  # scored rows: out[pick], the final norm, linear_soft_ce's grad_h
+    rep = s.heads != s.kv_heads  # grouped-query attention: repeat_kv copies k and v to every query head
     if step == 0:
-        return common + 3 * a * q  # SDPA keeps the repeated k, v and its output
-    # ttt_rows_attend: repeated k_j and v_j of steps 1..i, the prefix block's fp32 softmax (+ its a copy), v0's rows
-    return common + 2 * step * a * q + (F32 + (a if a != F32 else 0)) * s.heads * seq + a * q
+        return common + (3 if rep else 1) * a * q  # SDPA keeps the repeated k, v (copies only under GQA), its output
+    # ttt_rows_attend: repeated k_j and v_j of steps 1..i (GQA copies), the prefix block's fp32 softmax (+ its a
+    # copy), v0's rows
+    return common + (2 * step * a * q if rep else 0) + (F32 + (a if a != F32 else 0)) * s.heads * seq + a * q
 
 
 def eagle3_activation_bytes(s: TargetShape, micro: int, seq: int, steps: int, vd: int, taps: int, a: int,
