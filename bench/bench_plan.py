@@ -4,7 +4,7 @@ bytes), the 8B EAGLE-3 online bench's 41.4 GiB (H200, measured 2026-12-04), the 
     python bench/bench_plan.py --root /tmp/plan-runs --steps 3     # after data_gen with the cache (below)
     python train.py stage=data_gen run.root=/tmp/plan-runs data.cache_features=true data.cache_topk=10
 
-Tracked tensor bytes: a TorchDispatchMode sees every tensor an op returns and counts its storage once until
+The demo train step runs in <root>/demo/train, which is deleted first (use a scratch root). Tracked tensor bytes: a TorchDispatchMode sees every tensor an op returns and counts its storage once until
 the storage is freed (weakref finalizer), so the figure is the peak of live storages made inside the train
 stage (target weights loaded there included). Peak RSS is the process's ru_maxrss (everything: Python,
 libraries, allocator slack).
@@ -65,6 +65,9 @@ def demo_train(root: str, steps: int) -> dict:
     over = [f"run.root={root}", "run.name=demo", f"train.max_steps={steps}", "train.eval_every=0", "run.threads=1",
             "train.save_every=0", "train.tensorboard=false"]
     cfg = load_config(over)
+    import shutil
+
+    shutil.rmtree(Path(root) / "demo" / "train", ignore_errors=True)  # a scratch root: train from step 0 every time
     p = build_plan(cfg, sample=False)
     before = rss()
     tracker = StorageTracker()
@@ -104,12 +107,62 @@ def demo_cache(root: str) -> dict:
     return {"on_disk": on_disk, "estimate_from_meta": after, "estimate_before_data_gen": before, "files": len(files)}
 
 
+GPU_CASES = [(4, 1024, False), (2, 2048, False), (4, 1024, True), (8, 1024, True)]
+
+
+def gpu_check() -> list[dict]:
+    """On a CUDA device: the train step's peak torch.cuda.max_memory_allocated for a random 8B Llama (vocab
+    128256) with eagle3 under the train stage's Engine (bf16, AdamW, ZeRO-0), per (micro batch, length,
+    gradient checkpointing), against the planner's tensor estimate for the same settings on an H200."""
+    from bench.bench_train_mfu import synthetic_batch
+    from bench.targets import random_llama_target
+    from conf.schema import load_config
+    from plan.stage import build_plan
+    from training.engine import Engine, build_ds_config, setup_distributed
+    from training.objectives import build_objective
+    from training.stage import _train_step, build_drafter
+    from types import SimpleNamespace
+
+    env = setup_distributed("cuda")
+    target = random_llama_target("8b", "assets/demo-target", str(env.device), 128256, "auto")
+    out = []
+    for micro, seq, gc in GPU_CASES:
+        over = ["drafter=eagle3", "run.device=cuda", f"train.micro_batch_size={micro}", "train.grad_accum=1",
+                f"train.max_length={seq}", f"data.max_length={seq}", f"train.gradient_checkpointing={str(gc).lower()}"]
+        cfg = load_config(over)
+        est = build_plan(load_config([*over, "target=llama3_8b", "plan.gpu=h200", "plan.rows=1000",
+                                      f"plan.row_tokens={seq}", "run.root=/tmp/plan-gpu"]), sample=False)
+        torch.manual_seed(0)
+        with torch.device(env.device):
+            drafter = build_drafter(cfg, target, None)
+        drafter.set_gradient_checkpointing(gc)
+        eng = Engine(drafter, build_objective(cfg, target), cfg, build_ds_config(cfg, 1, env.device), 10, env)
+        eng.train(True)
+        torch.cuda.reset_peak_memory_stats(env.device)
+        for i in range(2):
+            _train_step(eng, target, [synthetic_batch(micro, seq, len(target.tokenizer), i)], "online", env,
+                        SimpleNamespace(accum=1, world=1))
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated(env.device)
+        row = {"micro": micro, "seq": seq, "gc": gc, "measured": peak, "estimate": est["stages"]["train"]["tensors"]}
+        print(f"8B eagle3 micro {micro} x {seq}, checkpointing {gc}: measured {peak / GiB:.1f} GiB, estimate "
+              f"{row['estimate'] / GiB:.1f} GiB ({row['estimate'] / peak:.3f}x)", flush=True)
+        out.append(row)
+        del eng, drafter
+        torch.cuda.empty_cache()
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--root", default="/tmp/plan-runs")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--skip-train", action="store_true")
+    ap.add_argument("--gpu", action="store_true", help="only the GPU check (gpu_check): needs CUDA, ~1 min on an H200")
     args = ap.parse_args(argv)
+    if args.gpu:
+        gpu_check()
+        return 0
     torch.set_num_threads(1)
     print(f"threads: {torch.get_num_threads()}")
     b = bench_8b()

@@ -27,6 +27,7 @@ from plan.shapes import TargetShape, read_target_config
 SHAREGPT_ROWS = 17671  # complete conversations in the bundled ShareGPT file (data_gen/sources.py)
 DEFAULT_SCORED_SHARE = 0.78  # share of positions whose next token is an assistant token (demo data_gen: 0.781)
 RUNTIME_CPU = int(0.64 * 2**30)  # the CPU process beside its tensors: Python, torch, transformers, DeepSpeed (bench/bench_plan.py: peak RSS - tracked tensors)
+RENDER_TOKENS_S = 64912  # data_gen without the target: chat template + masks (bench_data_gen.py, demo, 2026-11-23)
 RUNTIME_CUDA = int(0.5 * 2**30)  # CUDA context and kernels, outside torch's allocated figure
 
 
@@ -194,7 +195,8 @@ def stage_estimates(cfg: Config, shape: TargetShape, dev: Device, data: dict, gp
     offline_cache = E.feature_cache_bytes(data["tokens"], data["scored"], data["rows"], files, shape.hidden, taps,
                                           0, True)
     prefill = E.target_forward_flops(shape, data["tokens"], seq, False)
-    dg_time = E.seconds(prefill, world, dev.peak_flops, PREFILL_MFU) if (dg.cache_features or dg.cache_topk) else 0.0
+    caching = dg.cache_features or dg.cache_topk
+    dg_time = E.seconds(prefill, world, dev.peak_flops, PREFILL_MFU) if caching else data["tokens"] / (RENDER_TOKENS_S * world)
     if dg.regenerate and dev.bandwidth:
         new = data["rows"] * dg.gen_max_new_tokens
         dg_time = (dg_time or 0) + new * tw / (dg.batch_size * world * dev.bandwidth * GEN_BANDWIDTH_UTIL)
@@ -232,8 +234,10 @@ def stage_estimates(cfg: Config, shape: TargetShape, dev: Device, data: dict, gp
         "data_gen": {"memory": dg_parts, "peak": sum(dg_parts.values()) + runtime, "runtime": runtime,
                      "disk": {"dataset (token ids, masks)": data["tokens"] * 5, "feature cache": cache},  # int32 + int8 (demo: 5.1 B/token)
                      "time": {"tokens": data["tokens"], "seconds": dg_time,
-                              "basis": f"prefill at {PREFILL_MFU:.0%} MFU; regeneration at {GEN_BANDWIDTH_UTIL:.0%} "
-                                       "of the memory bandwidth"}},
+                              "basis": (f"prefill at {PREFILL_MFU:.0%} MFU" if caching else
+                                        f"rendering at {RENDER_TOKENS_S:,} tokens/s a process (measured, demo)")
+                                       + (f"; regeneration at {GEN_BANDWIDTH_UTIL:.0%} of the memory bandwidth"
+                                          if dg.regenerate else "")}},
         "train": {"memory": tm["parts"], "activation_detail": tm["activation_detail"], "peak": tm["peak"],
                   "tensors": tm["tensors"], "runtime": tm["runtime"], "host_offload": tm["host_offload"],
                   "disk": {f"checkpoints (keep {t.keep_checkpoints})": ckpt * t.keep_checkpoints, "final drafter": final},
@@ -438,6 +442,8 @@ def render(p: dict) -> str:
             t.add_row(name if i == 0 else "", k, E.fmt_bytes(v), fit, disk if i == 0 else "", time if i == 0 else "")
         t.add_section()
     console.print(t)
+    for name, st in p["stages"].items():
+        console.print(f"time of {name}: {st['time']['basis']}")
     r = p["recommendations"]
     z = ", ".join(f"{k}: {v or 'none'}" for k, v in r["micro_batch_by_zero"].items())
     console.print(f"largest micro batch per ZeRO stage: {z}")
