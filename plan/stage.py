@@ -422,7 +422,8 @@ def render(p: dict) -> str:
 
     console = Console(record=True, width=120, force_terminal=False, file=io.StringIO())  # the caller prints
     moe = f", MoE {tg['active_params'] / 1e9:.1f}B active" if tg["experts"] else ""
-    console.print(f"[bold]plan[/bold]: {tg['path']} ({tg['params'] / 1e9:.2f}B params{moe}; {tg['config']}) + "
+    size = f"{tg['params'] / 1e9:.2f}B" if tg["params"] >= 1e9 else f"{tg['params'] / 1e6:.1f}M"
+    console.print(f"[bold]plan[/bold]: {tg['path']} ({size} params{moe}; {tg['config']}) + "
                   f"{p['drafter']['family']} ({p['drafter']['params'] / 1e6:.1f}M trainable) on {dv['count']} x "
                   f"{dv['name']} ({E.fmt_bytes(dv['memory'])}, {E.fmt_bytes(dv['usable'])} usable)")
     console.print(f"settings: micro batch {s['micro_batch']} x {s['seq']} tokens, accumulation {s['grad_accum']}, "
