@@ -108,12 +108,14 @@ def demo_cache(root: str) -> dict:
 
 
 GPU_CASES = [(4, 1024, False), (2, 2048, False), (4, 1024, True), (8, 1024, True)]
+DRY_CASES = [(1, 64, False), (1, 64, True)]
 
 
-def gpu_check() -> list[dict]:
+def gpu_check(device: str = "cuda", shape: str = "8b") -> list[dict]:
     """On a CUDA device: the train step's peak torch.cuda.max_memory_allocated for a random 8B Llama (vocab
     128256) with eagle3 under the train stage's Engine (bf16, AdamW, ZeRO-0), per (micro batch, length,
-    gradient checkpointing), against the planner's tensor estimate for the same settings on an H200."""
+    gradient checkpointing), against the planner's tensor estimate for the same settings on an H200.
+    `device="cpu", shape="tiny"` is a dry run of the code path (its figures mean nothing)."""
     from bench.bench_train_mfu import synthetic_batch
     from bench.targets import random_llama_target
     from conf.schema import load_config
@@ -123,11 +125,12 @@ def gpu_check() -> list[dict]:
     from training.stage import _train_step, build_drafter
     from types import SimpleNamespace
 
-    env = setup_distributed("cuda")
-    target = random_llama_target("8b", "assets/demo-target", str(env.device), 128256, "auto")
+    env = setup_distributed(device)
+    target = random_llama_target(shape, "assets/demo-target", str(env.device), 128256, "auto")
+    cuda = env.device.type == "cuda"
     out = []
-    for micro, seq, gc in GPU_CASES:
-        over = ["drafter=eagle3", "run.device=cuda", f"train.micro_batch_size={micro}", "train.grad_accum=1",
+    for micro, seq, gc in (GPU_CASES if device == "cuda" else DRY_CASES):
+        over = ["drafter=eagle3", f"run.device={device}", f"train.micro_batch_size={micro}", "train.grad_accum=1",
                 f"train.max_length={seq}", f"data.max_length={seq}", f"train.gradient_checkpointing={str(gc).lower()}"]
         cfg = load_config(over)
         est = build_plan(load_config([*over, "target=llama3_8b", "plan.gpu=h200", "plan.rows=1000",
@@ -138,18 +141,19 @@ def gpu_check() -> list[dict]:
         drafter.set_gradient_checkpointing(gc)
         eng = Engine(drafter, build_objective(cfg, target), cfg, build_ds_config(cfg, 1, env.device), 10, env)
         eng.train(True)
-        torch.cuda.reset_peak_memory_stats(env.device)
-        for i in range(2):
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(env.device)
+        for i in range(2 if cuda else 1):
             _train_step(eng, target, [synthetic_batch(micro, seq, len(target.tokenizer), i)], "online", env,
                         SimpleNamespace(accum=1, world=1))
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated(env.device)
+        peak = torch.cuda.max_memory_allocated(env.device) if cuda else 1
         row = {"micro": micro, "seq": seq, "gc": gc, "measured": peak, "estimate": est["stages"]["train"]["tensors"]}
         print(f"8B eagle3 micro {micro} x {seq}, checkpointing {gc}: measured {peak / GiB:.1f} GiB, estimate "
               f"{row['estimate'] / GiB:.1f} GiB ({row['estimate'] / peak:.3f}x)", flush=True)
         out.append(row)
         del eng, drafter
-        torch.cuda.empty_cache()
+        if cuda:
+            torch.cuda.empty_cache()
     return out
 
 
@@ -159,9 +163,10 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--gpu", action="store_true", help="only the GPU check (gpu_check): needs CUDA, ~1 min on an H200")
+    ap.add_argument("--gpu-dry-run", action="store_true", help="the GPU check's code path on the CPU, tiny shape")
     args = ap.parse_args(argv)
-    if args.gpu:
-        gpu_check()
+    if args.gpu or args.gpu_dry_run:
+        gpu_check(*(("cpu", "tiny") if args.gpu_dry_run else ()))
         return 0
     torch.set_num_threads(1)
     print(f"threads: {torch.get_num_threads()}")
