@@ -32,6 +32,7 @@ STAGE_FUNCS = {
     "train": "training.stage:run",
     "eval": "eval.stage:run",
     "export": "export.stage:run",
+    "plan": "plan.stage:run",
 }
 assert tuple(STAGE_FUNCS) == STAGES
 

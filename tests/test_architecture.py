@@ -22,6 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("decoding",),                      # draft trees, verification rules, static KV cache, the decoder
     ("drafters",),                      # the target wrapper, losses, drafter families, checkpoint folders
     ("data_gen",),                      # prompts, templating, regeneration, caches
+    ("plan",),                          # memory / disk / time estimates from config.json (train's preflight reads it)
     ("training", "eval", "export"),     # the stages that train, measure and ship a drafter
 ]
 ENTRY = ("train", "bench", "tests")  # above every layer: may import anything, imported by none

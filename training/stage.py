@@ -121,8 +121,8 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def preflight(cfg: Config) -> None:
-    """Checks that need no model, run before anything is written (train.py runs them for every stage first)."""
+def checks(cfg: Config) -> None:
+    """Checks that need no model, run before anything is written."""
     cfg.train.check()
     check_draft_vocab(cfg)
     check_replaceable(final_drafter_dir(cfg), "train/final", FINAL_FIX)
@@ -139,10 +139,35 @@ def check_draft_vocab(cfg: Config) -> None:
                               "export: drop drafter.draft_vocab here and set it on the eval or export command")
 
 
+def preflight(cfg: Config) -> None:
+    """train.py runs this for every listed stage before the first starts: the checks above, then the memory
+    plan (plan/stage.py) for this machine and world size, printed; a run the plan says cannot fit is refused
+    with one line naming the smallest change that fits (train.force=true starts it anyway)."""
+    checks(cfg)
+    check_memory_plan(cfg)
+
+
+def check_memory_plan(cfg: Config) -> dict:
+    from plan.stage import build_plan, refusal, render
+    from runtime.distributed import launcher_ranks
+
+    rank, world, _ = launcher_ranks()
+    planned = dataclasses.replace(cfg, plan=dataclasses.replace(cfg.plan, gpus=world, gpu="auto"))
+    p = build_plan(planned, sample=False)
+    reason = refusal(p)
+    if rank == 0:
+        print(render(p), flush=True)
+        if reason and cfg.train.force:
+            print(f"warning: {reason.split(': set ')[0]}; starting anyway (train.force=true)", flush=True)
+    if reason and not cfg.train.force:
+        raise DraftsmithError(reason)
+    return p
+
+
 def train(cfg: Config, drafter_factory=None, target=None) -> dict:
     """Train and return a summary dict. `drafter_factory(cfg, target, token_counts)` replaces the
     registry lookup (tests use it for a tiny drafter); `target` skips loading one."""
-    preflight(cfg)
+    checks(cfg)
     with stage_session(cfg, "train"):
         data_dir = require_data_gen(run_dir(cfg) / "data_gen")
         phase = Phase("train", final_drafter_dir(cfg).parent,

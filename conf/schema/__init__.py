@@ -20,12 +20,13 @@ from conf.schema.drafter_pretrain import DrafterPretrainConfig
 from conf.schema.eval import EvalConfig
 from conf.schema.export import ExportConfig
 from conf.schema.objective import OBJECTIVE_SCHEMAS
+from conf.schema.plan import PlanConfig
 from conf.schema.pretrain import PretrainConfig
 from conf.schema.training import DeepSpeedConfig, TrainConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent
 PROJECT_ROOT = CONF_DIR.parent
-STAGES = ("target_pretrain", "data_gen", "drafter_pretrain", "train", "eval", "export")
+STAGES = ("target_pretrain", "data_gen", "drafter_pretrain", "train", "eval", "export", "plan")
 
 
 @dataclass
@@ -67,6 +68,7 @@ class Config:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)  # stage=plan and the train stage's preflight
 
 
 def register() -> None:

@@ -39,6 +39,8 @@ class TrainConfig:
     # A saved drafter folder (same family and shape) whose weights training starts from instead of the
     # drafter's own initialisation, e.g. experiment=fastdraft's <run>/drafter_pretrain/final. None = none.
     init_from: Optional[str] = None
+    # The preflight refuses a run whose memory plan (plan/) says it cannot fit the device; true = start it anyway
+    force: bool = False
 
     def __post_init__(self) -> None:
         self.check()

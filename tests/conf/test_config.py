@@ -123,7 +123,7 @@ def test_cli_bad_stage_prints_one_line(tmp_path):
                         f"run.root={tmp_path}"], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
-        "error: unknown stage 'nope': choose from target_pretrain, data_gen, drafter_pretrain, train, eval, export"]
+        "error: unknown stage 'nope': choose from target_pretrain, data_gen, drafter_pretrain, train, eval, export, plan"]
 
 
 def _cli(tmp_path, *overrides):
@@ -132,8 +132,8 @@ def _cli(tmp_path, *overrides):
 
 
 @pytest.mark.parametrize("overrides,line", [
-    (["drafter=eagel3"], "error: unknown drafter 'eagel3': choose one of eagle1, eagle3, hydra, hydra_pp, kangaroo, "
-                         "medusa, medusa2, ngram, pard, small, target"),
+    (["drafter=eagel3"], "error: unknown drafter 'eagel3': choose one of dflash, eagle1, eagle3, hydra, hydra_pp, "
+                         "kangaroo, medusa, medusa2, ngram, oracle, pard, small, target"),
     (["objective=gtoo"], "error: unknown objective 'gtoo': choose one of adaspec, coral, griffin, gto, hass, "
                          "on_policy, token"),
     (["export=sglng"], "error: unknown export 'sglng': choose one of hf, medusa, sglang, vllm"),
