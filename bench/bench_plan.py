@@ -122,7 +122,7 @@ def gpu_check(device: str = "cuda", shape: str = "8b") -> list[dict]:
     from plan.stage import build_plan
     from training.engine import Engine, build_ds_config, setup_distributed
     from training.objectives import build_objective
-    from training.stage import _train_step, build_drafter
+    from training.stage import train_step, build_drafter
     from types import SimpleNamespace
 
     env = setup_distributed(device)
@@ -144,7 +144,7 @@ def gpu_check(device: str = "cuda", shape: str = "8b") -> list[dict]:
         if cuda:
             torch.cuda.reset_peak_memory_stats(env.device)
         for i in range(2 if cuda else 1):
-            _train_step(eng, target, [synthetic_batch(micro, seq, len(target.tokenizer), i)], "online", env,
+            train_step(eng, target, [synthetic_batch(micro, seq, len(target.tokenizer), i)], "online", env,
                         SimpleNamespace(accum=1, world=1))
         peak = torch.cuda.max_memory_allocated(env.device) if cuda else 1
         row = {"micro": micro, "seq": seq, "gc": gc, "measured": peak, "estimate": est["stages"]["train"]["tensors"]}

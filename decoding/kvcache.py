@@ -43,7 +43,7 @@ def round_capacity(n: int, step: int = 256) -> int:
     return -(-n // step) * step
 
 
-def _static_cache(config, capacity: int):
+def static_cache(config, capacity: int):
     from transformers import StaticCache
 
     cache = StaticCache(config=config, max_cache_len=capacity)
@@ -103,7 +103,7 @@ class StaticRunner:
         self.length_t.zero_()
 
     def _allocate(self) -> None:
-        self.cache = _static_cache(self.config, self.capacity)
+        self.cache = static_cache(self.config, self.capacity)
         self.columns = torch.arange(self.capacity, device=self.device)
         self.buffers = {}
         self.version += 1

@@ -305,7 +305,7 @@ class HydraDecodeDrafter(Drafter):
         return id(self._static) if getattr(self, "_static", None) is not None else 0
 
     def begin_fixed(self) -> None:
-        from decoding.kvcache import _static_cache
+        from decoding.kvcache import static_cache
 
         self.fixed_mode = True
         dev = self._h.device
@@ -314,7 +314,7 @@ class HydraDecodeDrafter(Drafter):
         self._static = None
         if self.model.prefix_layer is not None:  # re-read the prompt into a static cache (once per generate)
             cap = self._pos + 2 * getattr(self, "room", 256) + 1
-            self._static = _static_cache(self.model.prefix_layer.self_attn.config, cap)
+            self._static = static_cache(self.model.prefix_layer.self_attn.config, cap)
             self._cap = cap
             self._prefix_fixed(self._prompt_feats, None)
         self.n_t.fill_(self._pos)

@@ -136,7 +136,7 @@ def _cli(tmp_path, *overrides):
                          "kangaroo, medusa, medusa2, ngram, oracle, pard, small, target"),
     (["objective=gtoo"], "error: unknown objective 'gtoo': choose one of adaspec, coral, griffin, gto, hass, "
                          "on_policy, token"),
-    (["export=sglng"], "error: unknown export 'sglng': choose one of hf, medusa, sglang, vllm"),
+    (["export=sglng"], "error: unknown export 'sglng': choose one of dflash, hf, medusa, sglang, vllm"),
     (["train.stepz=3"], "error: unknown setting train.stepz (TrainConfig has no key 'stepz'; did you mean "
                         "train.max_steps?): check the spelling, or see `python train.py --help`"),
     (["drafter=medusa", "drafter.num_head=3"], "error: unknown setting drafter.num_head (MedusaConfig has no key "
@@ -144,9 +144,9 @@ def _cli(tmp_path, *overrides):
                                                "see `python train.py --help`"),
     (["train.max_steps=abc"], "error: train.max_steps: Value 'abc' of type 'str' could not be converted to "
                               "Integer"),
-    (["-m", "drafter=eagle3,medusa,eagel3", "stage=eval"], "error: unknown drafter 'eagel3': choose one of eagle1, "
-                                                           "eagle3, hydra, hydra_pp, kangaroo, medusa, medusa2, ngram, "
-                                                           "pard, small, target"),
+    (["-m", "drafter=eagle3,medusa,eagel3", "stage=eval"], "error: unknown drafter 'eagel3': choose one of dflash, "
+                                                           "eagle1, eagle3, hydra, hydra_pp, kangaroo, medusa, medusa2, "
+                                                           "ngram, oracle, pard, small, target"),
 ])
 def test_cli_bad_names_and_keys_print_one_line(tmp_path, overrides, line):
     """Hydra's own report of these is five to twenty lines (options, the search path, HYDRA_FULL_ERROR):
