@@ -60,7 +60,7 @@ def tiny_target(device: str = "cpu"):
     return random_llama_target("tiny", "assets/demo-target", device)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def family_config(family: str):
     """The composed config of one FAMILIES entry (Hydra composes once per family; trees and rules are set in
     code below, through the same schema checks)."""

@@ -116,14 +116,15 @@ def gpu_check(device: str = "cuda", shape: str = "8b") -> list[dict]:
     128256) with eagle3 under the train stage's Engine (bf16, AdamW, ZeRO-0), per (micro batch, length,
     gradient checkpointing), against the planner's tensor estimate for the same settings on an H200.
     `device="cpu", shape="tiny"` is a dry run of the code path (its figures mean nothing)."""
+    from types import SimpleNamespace
+
     from bench.bench_train_mfu import synthetic_batch
     from bench.targets import random_llama_target
     from conf.schema import load_config
     from plan.stage import build_plan
     from training.engine import Engine, build_ds_config, setup_distributed
     from training.objectives import build_objective
-    from training.stage import train_step, build_drafter
-    from types import SimpleNamespace
+    from training.stage import build_drafter, train_step
 
     env = setup_distributed(device)
     target = random_llama_target(shape, "assets/demo-target", str(env.device), 128256, "auto")

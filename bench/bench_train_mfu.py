@@ -107,7 +107,7 @@ def run(args) -> dict:
     from eval.report import machine_info
     from training.engine import Engine, build_ds_config, setup_distributed
     from training.objectives import build_objective
-    from training.stage import train_step, build_drafter
+    from training.stage import build_drafter, train_step
 
     if args.threads:
         torch.set_num_threads(args.threads)

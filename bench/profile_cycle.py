@@ -36,7 +36,6 @@ def _sync(dev) -> None:
 
 
 def profile_case(target, family: str, tree: str, tokens: int, device: str) -> dict:
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     from bench.bench_decode import random_drafter, tree_overrides

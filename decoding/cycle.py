@@ -98,7 +98,7 @@ class FixedCycle:
             t0 = clock.mark()
             tree = self.draft(lambda: self._draft(gen), host_effects=effects)
             t1 = clock.mark()
-            summary = self.verify(lambda: self._verify(run, tree, gen), host_effects=effects)
+            summary = self.verify(lambda t=tree: self._verify(run, t, gen), host_effects=effects)
             host = summary.tolist()  # the cycle's one device-to-host transfer
             D = (len(host) - 4) // 2
             t2 = clock.mark()

@@ -36,9 +36,9 @@ import torch
 
 from conf.errors import DraftsmithError
 from conf.schema.eval import ACCEPTANCE
+from decoding.cycle import FixedCycle, supports
 from decoding.kvcache import StaticRunner, model_forward
 from decoding.opt_tree import OptCost, measure_counts, needs_cost
-from decoding.cycle import FixedCycle, supports
 from decoding.regions import decode_loop
 from decoding.tree import build_tree, check_tree_attention, static_plan, tree_nodes
 from decoding.verify import Accepted, SamplingRule, accept_paths, tree_block

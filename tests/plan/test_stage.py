@@ -11,8 +11,8 @@ import pytest
 from conf.errors import DraftsmithError
 from conf.schema import PROJECT_ROOT, load_config
 from plan.hardware import DEVICES
-from plan.stage import build_plan, run, train_memory
 from plan.shapes import TargetShape, read_target_config
+from plan.stage import build_plan, run, train_memory
 
 SMALL = ["plan.rows=1000", "plan.row_tokens=512", "train.max_length=512", "data.max_length=512", "train.micro_batch_size=1"]
 
