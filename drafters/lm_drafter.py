@@ -99,7 +99,9 @@ class LMTreeDrafter(Drafter):
         self._check_ids(input_ids)
         if self.run is None:
             self.run = self._runner()
-        self.run.reset(input_ids.shape[1] + self.room)
+        # room for the tokens still to come, plus the fixed cycle's slack: its padded commit buffer and the next
+        # tree sit past the committed entries, so the cache never re-allocates inside the loop
+        self.run.reset(input_ids.shape[1] + 2 * self.room)
         self.pending = input_ids.to(self.device)  # committed tokens not read yet (always holds the root)
         self.first = True  # the first read is the prompt: a one-off shape, never graphed
         self.slots = torch.zeros(1, 0, dtype=torch.long, device=self.device)  # node held by each tree entry

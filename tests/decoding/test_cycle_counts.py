@@ -27,11 +27,8 @@ def setup():
 
 def _cases():
     # every family x tree at T = 0, every rule x tree on one family (the rules' code is the drafter's own
-    # business only through expand); the whole matrix is bench/bench_cycle.py's table. Kangaroo is left out
-    # here: its static trees still sync (open, see BENCHMARKS.md)
+    # business only through expand); the whole matrix is bench/bench_cycle.py's table
     for fam in FAMILIES:
-        if fam.startswith("kangaroo"):
-            continue
         for tree in TREES:
             for rule in RULES if fam == "ngram" else ["greedy"]:
                 case = Case(fam, tree, rule)
