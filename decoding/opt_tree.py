@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from conf.errors import DraftsmithError
-from decoding.tree import DraftTree, _expand, keep_best
+from decoding.draft_tree import DraftTree, expand_logits, keep_best
 
 
 @dataclass
@@ -108,7 +108,7 @@ def _timed_expand(drafter, tree, frontier, cost: OptCost | None) -> torch.Tensor
     """The drafter's logits [B, F, V], its time fed to a measured cost model (a device sync on CUDA: the
     builder reads its stopping decision on the host after each depth anyway)."""
     t0 = time.perf_counter()
-    logits = _expand(drafter, tree, frontier)
+    logits = expand_logits(drafter, tree, frontier)
     if cost is not None and cost.source != "given":
         if logits.is_cuda:
             torch.cuda.synchronize(logits.device)

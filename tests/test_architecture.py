@@ -168,3 +168,70 @@ def test_a_private_import_is_named(tmp_path, monkeypatch):
     f = tmp_path / "bench" / "b.py"
     f.write_text("from eval.report import cell, _f\nfrom bench.peers import _x\nfrom decoding.tree import __all__\n")
     assert private_imports(f) == ["bench/b.py:1: imports eval.report._f"]
+
+
+def module_graph(root: Path) -> dict[str, set[str]]:
+    """module -> the project modules it imports (anywhere in the file, function bodies included), dotted names;
+    `from pkg import name` counts as importing pkg.name when that is a module, else pkg itself."""
+    files = {".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): p
+             for pkg in LAYER_OF if (root / pkg).is_dir() for p in (root / pkg).rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for mod, path in files.items():
+        deps = graph.setdefault(mod, set())
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in files else node.module
+                         for a in node.names]
+            else:
+                continue
+            deps.update(n for n in names if n in files and n != mod)
+    return graph
+
+
+def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every strongly connected group of more than one module (Tarjan), each sorted: modules that import
+    each other, directly or around a loop."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                out.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_two_modules_import_each_other():
+    """Inside a package too, imports point one way: a circle (even through an import deferred into a function)
+    means neither module can be read, tested or moved without the other."""
+    assert import_circles(module_graph(ROOT)) == []
+
+
+def test_an_import_circle_is_named(tmp_path):
+    (tmp_path / "decoding").mkdir()
+    (tmp_path / "decoding" / "a.py").write_text("from decoding.b import x\n")
+    (tmp_path / "decoding" / "b.py").write_text("def f():\n    from decoding import c\n")
+    (tmp_path / "decoding" / "c.py").write_text("import decoding.a\n")
+    (tmp_path / "decoding" / "d.py").write_text("from decoding.a import y\n")  # imports into the circle: not in it
+    assert import_circles(module_graph(tmp_path)) == [["decoding.a", "decoding.b", "decoding.c"]]
