@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from conf.errors import DraftsmithError
-from decoding.tree import DraftTree
+from decoding.tree import DraftTree, tree_nodes
 from drafters.base import Drafter
 from drafters.lm_drafter import LMTreeDrafter
 
@@ -194,8 +194,10 @@ class OracleDrafter(Drafter):
         self.future = torch.cat([ids, ids.new_full((1,), -1)]).to(self.device)  # -1: nothing known past the end
 
     def replay_autoregressive(self, decoder, prompt_ids, max_new_tokens: int) -> None:
-        """Learn the continuation from `decoder`'s own autoregressive baseline (greedy, no EOS stop)."""
-        tokens, _ = decoder.generate_autoregressive(prompt_ids, max_new_tokens, eos_ids=[])
+        """Learn the continuation from `decoder`'s own autoregressive baseline (greedy, no EOS stop), a tree's
+        worth past `max_new_tokens`: the last cycle drafts beyond the end too, and should still be right."""
+        extra = tree_nodes(decoder.tree_cfg) if getattr(decoder, "tree_cfg", None) is not None else 0
+        tokens, _ = decoder.generate_autoregressive(prompt_ids, max_new_tokens + extra, eos_ids=[])
         self.set_future(torch.cat([torch.as_tensor(prompt_ids).flatten(), tokens]))
 
     def start(self, input_ids: torch.Tensor, features: torch.Tensor | None = None) -> None:

@@ -16,7 +16,7 @@ from decoding.decoder import DecodeStats, SpeculativeDecoder, autoregressive_gen
 from decoding.tree import DraftTree, keep_cache_entries
 from decoding.verify import SamplingRule, accept, tree_inputs
 from drafters.lm_drafter import LMTreeDrafter
-from drafters.reference import NgramDrafter, TargetDrafter
+from drafters.reference import NgramDrafter, OracleDrafter, TargetDrafter
 from tests.decoder_util import TREES, NoisyTargetDrafter, hf_greedy, make_drafter, random_prompt, small_target
 
 GREEDY_CASES = ([("llama", t, d) for t in TREES for d in ("never", "always", "sometimes", "ngram")]
@@ -172,6 +172,25 @@ def test_ngram_candidates():
         NgramDrafter(20, max_ngram=2, min_ngram=3)
 
 
+@pytest.mark.parametrize("tree_name", ["chain", "static", "dynamic"])
+def test_oracle_drafts_the_target_greedy_text_to_the_last_cycle(tree_name):
+    """drafter=oracle replays the target's greedy continuation: the output is the target's greedy text, every
+    draft is accepted, and a chain's every cycle yields depth + 1 tokens, the last one included (the replay
+    runs a tree past max_new_tokens)."""
+    target = small_target("llama")
+    prompt = random_prompt(target, seed=11)
+    want = hf_greedy(target, prompt, 19, eos=None)
+    oracle = OracleDrafter(target.vocab_size)
+    dec = SpeculativeDecoder(target, oracle, TREES[tree_name])
+    oracle.replay_autoregressive(dec, prompt, 19)
+    got, st = dec.generate(prompt, 19, eos_ids=[])
+    assert got.tolist() == want.tolist()
+    assert st.depth_accepted == st.depth_attempted and sum(st.depth_accepted) > 0
+    if tree_name == "chain":
+        depth = TREES["chain"].depth
+        assert st.cycles == -(-(19 - 1) // (depth + 1))  # the prefill's token, then depth + 1 per cycle
+
+
 def test_typical_acceptance_is_flagged_lossy():
     target = small_target("qwen2")
     prompt = random_prompt(target, 5)
@@ -234,7 +253,7 @@ def test_registry_builds_reference_drafters(cfg_for):
     from drafters.registry import drafter_class
     from drafters.target import load_target
 
-    for name, cls in (("ngram", NgramDrafter), ("target", TargetDrafter)):
+    for name, cls in (("ngram", NgramDrafter), ("target", TargetDrafter), ("oracle", OracleDrafter)):
         cfg = cfg_for(f"drafter={name}")
         target = load_target(cfg.target, device="cpu")
         d = drafter_class(name).from_config(cfg.drafter, target)
