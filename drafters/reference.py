@@ -41,26 +41,34 @@ class NgramDrafter(Drafter):
     and sampled drafts get a proper q for lossless verification. With no match every token scores 0 (the
     builder's pick is arbitrary and simply gets rejected).
 
-    The lookup runs on the device over a preallocated context buffer (a fixed-shape drafter: its draft phase
-    is one graph on a GPU, and no token list crosses to the host). Every earlier window is compared with the
-    last n tokens at once; a follower token's score is n * (C + 1) + its position, so "longest n first, then
-    most recent" is a max over its occurrences, and the top `max_candidates` scores rank distinct tokens
-    exactly as a walk over the matches would (`candidates` is that walk, on the host, for reference)."""
+    Two lookups give the same proposals (`lookup`):
+    - device: tensor code over a preallocated context buffer, a fixed-shape drafter whose draft phase is one
+      graph on a GPU (no token list crosses to the host). Every earlier window is compared with the last n
+      tokens at once; a follower token's score is n * (C + 1) + its position, so "longest n first, then most
+      recent" is a max over its occurrences, and the top `max_candidates` scores rank distinct tokens exactly
+      as the host walk does;
+    - host: `candidates`, a walk over the matches (a handful of small ops per n-gram length instead of ~50
+      per step: cheaper on a CPU, where nothing is graphed and every op costs its dispatch). It reads the
+      draft tree on the host, so the decoder takes its step-by-step loop.
+    auto (the default): device on CUDA, host elsewhere."""
 
     name = "ngram"
     uses_features = False
-    fixed_shape = True
     PROPOSAL_LOGIT = 20.0
 
     def __init__(self, vocab_size: int, max_ngram: int = 3, min_ngram: int = 1, max_candidates: int = 8,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", lookup: str = "auto"):
         if not 1 <= min_ngram <= max_ngram:
             raise DraftsmithError(f"drafter.min_ngram={min_ngram} and max_ngram={max_ngram}: need "
                                   "1 <= min_ngram <= max_ngram")
+        if lookup not in ("auto", "device", "host"):
+            raise DraftsmithError(f"drafter.lookup={lookup!r}: use auto, device or host")
         self.vocab_size = int(vocab_size)
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self.max_candidates = max_candidates
         self.device = torch.device(device)
+        self.lookup = lookup if lookup != "auto" else ("device" if self.device.type == "cuda" else "host")
+        self.fixed_shape = self.lookup == "device"  # the decoder's fixed cycle needs the device lookup
         self.room = 512
         self.ctx = torch.zeros(0, dtype=torch.long, device=self.device)  # committed tokens, then stale
         self.length = torch.zeros((), dtype=torch.long, device=self.device)  # committed tokens (device)
@@ -68,7 +76,8 @@ class NgramDrafter(Drafter):
 
     @classmethod
     def from_config(cls, cfg, target) -> NgramDrafter:
-        return cls(target.vocab_size, cfg.max_ngram, cfg.min_ngram, device=target.device)
+        return cls(target.vocab_size, cfg.max_ngram, cfg.min_ngram, device=target.device,
+                   lookup=getattr(cfg, "lookup", "auto"))
 
     def prepare(self, room: int, cuda_graphs: bool = False) -> None:
         self.room = room
@@ -129,6 +138,22 @@ class NgramDrafter(Drafter):
         B, F = frontier.shape
         if B != 1:
             raise ValueError(f"NgramDrafter drafts for one sequence: got a frontier of {B} rows")
+        return self._expand_device(tree, frontier) if self.lookup == "device" else self._expand_host(tree, frontier)
+
+    def _expand_host(self, tree: DraftTree, frontier: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(1, frontier.shape[1], self.vocab_size)
+        context = self.ctx[:self.used].cpu()
+        anc = tree.ancestor_mask()[0].cpu() if tree.num_nodes else None
+        tokens = tree.tokens[0].cpu()
+        for f, node in enumerate(frontier[0].tolist()):
+            path = tokens[anc[node]] if node >= 0 else tokens[:0]  # index order = depth order
+            cands = self.candidates(torch.cat([context, path]))
+            if cands:
+                logits[0, f, cands] = self.PROPOSAL_LOGIT - torch.arange(len(cands), dtype=torch.float)
+        return logits.to(self.device)
+
+    def _expand_device(self, tree: DraftTree, frontier: torch.Tensor) -> torch.Tensor:
+        F = frontier.shape[1]
         dev, C = self.device, self.ctx.shape[0]
         frontier = frontier.to(dev)
         D = tree.depth_limit if tree.num_nodes else 0

@@ -54,6 +54,15 @@ class NgramConfig(DrafterConfig):
     name: str = "ngram"
     max_ngram: int = 3
     min_ngram: int = 1
+    # where the lookup runs: device = tensor code over a preallocated buffer (a fixed-shape step, part of the
+    # draft graph on a GPU), host = a walk over the committed tokens (fewer, cheaper ops: faster on a CPU,
+    # where no graph hides the launch count), auto = device on CUDA, host elsewhere
+    lookup: str = "auto"
+
+    def check(self) -> None:
+        super().check()
+        if self.lookup not in ("auto", "device", "host"):
+            raise DraftsmithError(f"drafter.lookup={self.lookup!r}: use auto, device or host")
 
 
 @dataclass

@@ -47,10 +47,11 @@ def test_one_sync_and_few_eager_ops_per_cycle(setup, case):
     assert r["captured"] > 0  # the work happened inside the regions
 
 
-@pytest.mark.parametrize("tree,family", [("opt", "ngram"), ("chain", "kangaroo+drafter.exit_layer=1")])
+@pytest.mark.parametrize("tree,family", [("opt", "ngram+drafter.lookup=device"), ("chain", "kangaroo+drafter.exit_layer=1"),
+                                         ("chain", "ngram+drafter.lookup=host")])
 def test_host_decisions_take_the_step_by_step_path(setup, tree, family):
-    """OPT-Tree's per-cycle budget and Kangaroo's early exit are host decisions: more than one sync a cycle,
-    and the decoder says which path it took."""
+    """OPT-Tree's per-cycle budget, Kangaroo's early exit and the n-gram host walk decide on the host: more
+    than one sync a cycle (the step-by-step loop)."""
     target, prompt = setup
     r = count(Case(family, tree, "greedy"), target, prompt, tokens=8, warm=False)
     assert r["syncs"] > 1

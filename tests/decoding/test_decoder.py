@@ -13,7 +13,7 @@ import torch
 from conf.errors import DraftsmithError
 from conf.schema.eval import TreeConfig
 from decoding.decoder import DecodeStats, SpeculativeDecoder, autoregressive_generate
-from decoding.tree import DraftTree, keep_cache_entries
+from decoding.tree import DraftTree, build_tree, keep_cache_entries
 from decoding.verify import SamplingRule, accept, tree_inputs
 from drafters.lm_drafter import LMTreeDrafter
 from drafters.reference import NgramDrafter, OracleDrafter, TargetDrafter
@@ -157,8 +157,10 @@ def test_lm_drafter_state_equals_fresh_forwards(arch):
                                fresh(12, 14, 30, 7, 8), atol=1e-5, rtol=0)
 
 
-def test_ngram_candidates():
-    d = NgramDrafter(20, max_ngram=3, min_ngram=1)
+@pytest.mark.parametrize("lookup", ["device", "host"])
+def test_ngram_candidates(lookup):
+    d = NgramDrafter(20, max_ngram=3, min_ngram=1, lookup=lookup)
+    assert d.fixed_shape == (lookup == "device")
     seq = torch.tensor([1, 2, 3, 9, 1, 2, 3, 7, 5, 4, 2, 3])
     assert d.candidates(seq) == [7, 9]  # (2, 3) seen twice: most recent continuation first
     assert d.candidates(torch.tensor([5, 6, 5, 8, 6])) == [5]
@@ -170,6 +172,29 @@ def test_ngram_candidates():
     assert logits[0, 1, 7] == 20 and logits[0, 1, 9] == 19 and logits[0, 1].count_nonzero() == 2  # ... 1, 2, 3
     with pytest.raises(DraftsmithError, match="need 1 <= min_ngram <= max_ngram"):
         NgramDrafter(20, max_ngram=2, min_ngram=3)
+    with pytest.raises(DraftsmithError, match="drafter.lookup='gpu': use auto, device or host"):
+        NgramDrafter(20, lookup="gpu")
+
+
+def test_ngram_lookups_draft_the_same_trees():
+    """The device lookup and the host walk propose the same logits for every node of every tree kind, on a
+    context with repeats at every n-gram length, and commits keep them in step."""
+    g = torch.Generator().manual_seed(3)
+    ctx = torch.randint(3, 12, (1, 60), generator=g)  # 9 distinct tokens: many matches, ties by recency
+    dev, host = (NgramDrafter(16, 3, 1, lookup=k) for k in ("device", "host"))
+    for d in (dev, host):
+        d.prepare(32)
+        d.start(ctx)
+    for tree_cfg in (TREES["chain"], TREES["static"], TREES["dynamic"]):
+        for step in range(3):
+            trees = [build_tree(d, tree_cfg) for d in (dev, host)]
+            assert trees[0].tokens.tolist() == trees[1].tokens.tolist()
+            assert trees[0].parents.tolist() == trees[1].parents.tolist()
+            front = torch.arange(-1, trees[0].num_nodes)[None]
+            torch.testing.assert_close(dev.expand(trees[0], front), host.expand(trees[1], front), rtol=0, atol=0)
+            new = torch.randint(3, 12, (1, 1 + step), generator=g)
+            for d in (dev, host):
+                d.commit(new)
 
 
 @pytest.mark.parametrize("tree_name", ["chain", "static", "dynamic"])
