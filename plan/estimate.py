@@ -60,10 +60,10 @@ def drafter_params(family: str, s: TargetShape, d, taps: int) -> int:
         prefix = s.attention_params() + 3 * H * s.intermediate + 2 * H if d.prefix_layer else 0
         return heads + prefix
     if family in ("small", "pard"):
-        Hs, heads, kv, I = small_shape(s, d.hidden_size)
+        Hs, heads, kv, inter = small_shape(s, d.hidden_size)
         rows = V + (1 if family == "pard" and d.mask_token_id is None else 0)
         q, k = heads * s.head_dim, kv * s.head_dim
-        layer = Hs * q + 2 * Hs * k + q * Hs + 3 * Hs * I + 2 * Hs
+        layer = Hs * q + 2 * Hs * k + q * Hs + 3 * Hs * inter + 2 * Hs
         return rows * Hs * (1 if s.tied else 2) + d.num_layers * layer + Hs
     if family == "kangaroo":
         return s.attention_params() + 2 * H
@@ -129,14 +129,14 @@ def _norm_saved(H: int, a: int) -> int:
 
 def eagle3_row_step_bytes(s: TargetShape, seq: int, step: int, a: int) -> int:
     """Bytes autograd keeps per unrolled row for TTT step `step` (0 = the causal pass over true features)."""
-    H, q, kv, I = s.hidden, s.heads * s.head_dim, s.kv_heads * s.head_dim, s.intermediate
+    H, q, kv, inter = s.hidden, s.heads * s.head_dim, s.kv_heads * s.head_dim, s.intermediate
     common = (a * H  # input_layernorm(embed): the normed embeddings
               + _norm_saved(H, a)  # hidden_norm(hidden)
               + 2 * a * H  # concat -> q/k/v input
               + 2 * a * q + 3 * a * kv  # RoPE keeps q, rotate_half(q), k, rotate_half(k); v is kept for later steps
               + a * q  # attention output reshaped for o_proj
               + _norm_saved(H, a)  # post_attention_layernorm
-              + 4 * a * I  # SwiGLU: gate, silu(gate), up, their product
+              + 4 * a * inter  # SwiGLU: gate, silu(gate), up, their product
               + a * H + _norm_saved(H, a) + a * H)  # scored rows: out[pick], the final norm, linear_soft_ce's grad_h
     rep = s.heads != s.kv_heads  # grouped-query attention: repeat_kv copies k and v to every query head
     if step == 0:

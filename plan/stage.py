@@ -149,10 +149,10 @@ def train_memory(cfg: Config, shape: TargetShape, dev: Device, world: int, micro
                "saved": E.lm_activation_bytes(shape.hidden, 0, 0, 0, shape.vocab, micro, seq, a, d.num_heads, gc)
                + d.num_heads * T * shape.hidden * a * (2 + (getattr(d, "mlp_layers", None) or getattr(d, "num_layers", 1)))}
     elif fam in ("small", "pard"):
-        Hs, heads, _, I = E.small_shape(shape, d.hidden_size)
+        Hs, heads, _, inter = E.small_shape(shape, d.hidden_size)
         outs = getattr(d, "k", 1)
         act = {"signal": T * shape.vocab * E.F32, "transient": 0,
-               "saved": E.lm_activation_bytes(Hs, heads, d.num_layers, I, shape.vocab, micro, seq * outs, a, 1, gc)}
+               "saved": E.lm_activation_bytes(Hs, heads, d.num_layers, inter, shape.vocab, micro, seq * outs, a, 1, gc)}
     elif fam == "kangaroo":
         act = {"signal": T * shape.vocab * E.F32, "transient": E.target_forward_bytes(shape, micro, seq, a, False),
                "saved": E.lm_activation_bytes(shape.hidden, shape.heads, 1, 0, shape.vocab, micro, seq, a, 1, gc)}
@@ -369,7 +369,7 @@ def build_plan(cfg: Config, sample: bool = True) -> dict:
     disk_free = cfg.plan.disk_gb * 1e9 if cfg.plan.disk_gb is not None else _free_disk(cfg)
     rec = recommend(cfg, shape, dev, usable, est, disk_free)
     stages = {k: v for k, v in est.items() if not k.startswith("_")}
-    for name, st in stages.items():
+    for st in stages.values():
         st["fits"] = st["peak"] <= usable
     return {"target": {"path": cfg.target.path, "config": source, "model_type": shape.model_type,
                        "params": shape.params, "active_params": shape.active_params, "layers": shape.layers,

@@ -144,7 +144,7 @@ def assert_same_drafts(theirs: list[torch.Tensor], ours: list[torch.Tensor]):
 @pytest.mark.parametrize("draft_vocab", [1024, None], ids=["vocab1024", "full-vocab"])
 def test_speculators_loads_the_vllm_folder_and_drafts_like_our_decoder(demo, demo_dir, sequences, draft_vocab,
                                                                         tmp_path, elsewhere):
-    speculators = pytest.importorskip("speculators", reason="speculators is not installed" + INSTALL)
+    pytest.importorskip("speculators", reason="speculators is not installed" + INSTALL)
     model = eagle3(demo, draft_vocab)
     out = export(model, demo, "vllm", tmp_path / "vllm")
     ns = run_readme(out, "The speculators library", demo_dir)  # the README's code, from another directory
