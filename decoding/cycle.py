@@ -24,21 +24,24 @@ import torch
 
 from decoding.regions import GraphRegion
 from decoding.tree import build_tree
-from decoding.verify import Accepted, accept_paths, tree_block
+from decoding.verify import Accepted, accept_paths, cycle_summary, tree_block
 
 
 def _defined_by(cls, name: str):
     return next((c for c in cls.__mro__ if name in vars(c)), None)
 
 
-def supports(drafter, tree_cfg) -> bool:
+def supports(drafter, tree_cfg, acceptance: str = "lossless") -> bool:
     """Whether this decoder setup runs as fixed-shape programs: a drafter that says so (and whose commit_fixed
     is not older than its commit: a subclass that overrides only commit keeps the step-by-step path), and a
-    tree whose shape is set by its config (OPT-Tree picks its node budget on the host each cycle; Kangaroo's early
-    exit ends a chain, or a delayed tree's trunk, on the host)."""
+    tree whose shape is set by its config. OPT-Tree picks its node budget on the host each cycle. Kangaroo's
+    early exit on a chain is a device-side cut (build_tree's cut_on_device) for every rule but traversal,
+    which walks whole paths and has no notion of a dead node; on a delayed tree's trunk it would change the
+    tree's shape below the cut, so that stays on the host."""
     if not getattr(drafter, "fixed_shape", False) or tree_cfg.kind == "opt":
         return False
-    if getattr(drafter, "stop_below", None) and (tree_cfg.kind == "chain" or tree_cfg.delay):
+    if getattr(drafter, "stop_below", None) and (tree_cfg.delay or (tree_cfg.kind == "chain"
+                                                                     and acceptance == "traversal")):
         return False
     commit, fixed = _defined_by(type(drafter), "commit"), _defined_by(type(drafter), "commit_fixed")
     return fixed is not None and issubclass(fixed, commit)
@@ -127,7 +130,7 @@ class FixedCycle:
         dec = self.dec
         rule = dec.rule
         return build_tree(dec.drafter, dec.tree_cfg, 1, rule.temperature, rule.top_p, rule.top_k, generator,
-                          dec.sample, device=self.root.device, checked=True)
+                          dec.sample, device=self.root.device, checked=True, cut_on_device=True)
 
     def _verify(self, run, tree, generator) -> torch.Tensor:
         dec = self.dec
@@ -145,8 +148,4 @@ class FixedCycle:
         new_feats = dec._for_drafter(feats.index_select(1, rows)) if feats is not None else None
         dec.drafter.commit_fixed(new_ids, new_feats, n + 1)
         self.root.copy_(bonus)
-        last = torch.where(n > 0, path.gather(0, (n - 1).clamp(min=0).view(1))[0], -1)
-        attempted = (tree.parents[0] == last).any()
-        top = tree.depths[0].max()
-        head = torch.stack([bonus[0], attempted.long(), n, top.long()])
-        return torch.cat([head, path, toks])
+        return cycle_summary(tree, path, bonus, toks)

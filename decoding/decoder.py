@@ -41,7 +41,7 @@ from decoding.kvcache import StaticRunner, model_forward
 from decoding.opt_tree import OptCost, measure_counts, needs_cost
 from decoding.regions import decode_loop
 from decoding.tree import build_tree, check_tree_attention, static_plan, tree_nodes
-from decoding.verify import Accepted, SamplingRule, accept_paths, tree_block
+from decoding.verify import Accepted, SamplingRule, accept_paths, cycle_summary, tree_block
 
 
 @dataclass
@@ -283,7 +283,7 @@ class SpeculativeDecoder:
         done = tokens[0] in eos or max_new_tokens <= 1
         st.time_prefill = clock.wall() - t_begin
         marks = []
-        fixed = not done and supports(drafter, self.tree_cfg)
+        fixed = not done and supports(drafter, self.tree_cfg, rule.acceptance if rule.temperature > 0 else "greedy")
         if fixed:
             if self._cycle is None:
                 self._cycle = FixedCycle(self, self.cuda_graphs and ids.device.type == "cuda")
@@ -302,7 +302,7 @@ class SpeculativeDecoder:
                 logits, feats = run(in_ids, pos, vis[0], "verify")
                 path, bonus = accept_paths(tree, logits.float(), rule, generator, anc)
                 D = path.shape[1]
-                host = _cycle_summary(tree, path[0], bonus).tolist()  # the cycle's one host sync
+                host = cycle_summary(tree, path[0], bonus).tolist()  # the cycle's one host sync
                 t2 = clock.mark()
                 n, attempted, depth = host[2], host[1], host[3]
                 nodes = host[4:4 + n]
@@ -383,19 +383,6 @@ class SpeculativeDecoder:
         """The baseline with this decoder's sampling rule, target (float32 in exact mode) and cache machinery."""
         return autoregressive_generate(self.verifier, prompt_ids, max_new_tokens, self.rule, eos_ids, generator,
                                        runner=self.runner)
-
-
-def _cycle_summary(tree, path: torch.Tensor, bonus: torch.Tensor) -> torch.Tensor:
-    """[bonus, next depth attempted, accepted n, tree depth, path (D), path tokens (D)] as one long tensor,
-    so a cycle moves everything the host needs in a single transfer."""
-    ok = path >= 0
-    n = ok.sum()
-    last = torch.where(n > 0, path.gather(0, (n - 1).clamp(min=0).view(1))[0], -1)  # no 0-d index: .item()
-    depth = tree.depths[0].max() if tree.num_nodes else n.new_zeros(())
-    attempted = (tree.parents[0] == last).any()
-    toks = tree.tokens[0].gather(0, path.clamp(min=0))
-    head = torch.stack([bonus[0], attempted.long(), n, depth.long()])
-    return torch.cat([head, path, toks])
 
 
 @torch.no_grad()

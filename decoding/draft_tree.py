@@ -36,6 +36,9 @@ class DraftTree:
     depth_bound: int | None = None
     chain: bool = False
     width_bound: int | None = None  # at most this many children per node (None = read it from `parents`)
+    # [B, N] bool, None = every node: the nodes the verifier may accept. A chain cut short on the device
+    # (Kangaroo's early exit in the fixed-shape cycle) keeps its shape and marks the nodes after the cut dead.
+    alive: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:

@@ -144,7 +144,8 @@ def tree_nodes(tree_cfg) -> int:
 
 def build_tree(drafter, tree_cfg, batch: int = 1, temperature: float = 0.0, top_p: float = 1.0,
                top_k: int = 0, generator: torch.Generator | None = None, sample: bool | None = None,
-               device: torch.device | str | None = None, checked: bool = False, cost=None) -> DraftTree:
+               device: torch.device | str | None = None, checked: bool = False, cost=None,
+               cut_on_device: bool = False) -> DraftTree:
     """Build one draft tree per root (B = `batch`) by calling `drafter.expand(partial_tree, frontier)`
     once per depth. `tree_cfg` is a conf.schema.eval.TreeConfig: its own check() validates it (and puts static
     paths into node order) when it is built; here again unless `checked` (callers that build a tree every
@@ -153,7 +154,9 @@ def build_tree(drafter, tree_cfg, batch: int = 1, temperature: float = 0.0, top_
     `sample`: None = chains are sampled from the warped draft distribution at T > 0 and static/dynamic
     trees pick top-k children; True = chains and static trees sample (static siblings i.i.d., verified
     with the SpecInfer rule); False = always top-k. At T = 0 nothing is sampled. `cost`: an OPT-Tree cost
-    model (decoding.opt_tree.OptCost; the decoder measures one), else the config's if it gives one."""
+    model (decoding.opt_tree.OptCost; the decoder measures one), else the config's if it gives one.
+    `cut_on_device`: a chain that a drafter's `stop_below` ends keeps its depth and marks the rest dead
+    (the fixed-shape cycle's way; see _chain)."""
     if not checked:
         tree_cfg.check()
     if temperature < 0:
@@ -168,7 +171,7 @@ def build_tree(drafter, tree_cfg, batch: int = 1, temperature: float = 0.0, top_
         device = getattr(drafter, "device", "cpu")
     warp = (temperature, top_p, top_k)
     if tree_cfg.kind == "chain":
-        return _chain(drafter, tree_cfg.depth, batch, device, sample, warp, generator)
+        return _chain(drafter, tree_cfg.depth, batch, device, sample, warp, generator, cut_on_device)
     # delayed expansion: a single path first (sampled like the tree below it, else top-1), branching below it
     trunk = _chain(drafter, tree_cfg.delay, batch, device, sample, warp, generator) if tree_cfg.delay else None
     if tree_cfg.kind == "static":
@@ -182,34 +185,42 @@ def build_tree(drafter, tree_cfg, batch: int = 1, temperature: float = 0.0, top_
 
 
 
-def _chain(drafter, depth, B, device, sample, warp, generator) -> DraftTree:
+def _chain(drafter, depth, B, device, sample, warp, generator, cut_on_device: bool = False) -> DraftTree:
     # Kangaroo's second early exit: a drafter may set `stop_below`; the chain then ends after a draft whose
-    # top-1 draft probability (plain softmax, every root) is below it. A function of the drafter's outputs
-    # only, so verification stays lossless; one host sync per depth.
+    # top-1 draft probability (plain softmax) is below it. A function of the drafter's outputs only, so
+    # verification stays lossless. Step by step the host stops drafting there (one sync per depth, every
+    # root low); with `cut_on_device` (the fixed-shape cycle) the chain keeps its depth and the nodes after
+    # the cut are marked dead (`alive`), per root: no sync, the same accepted tokens, no drafter step saved.
     stop_below = getattr(drafter, "stop_below", None)
     tree = DraftTree.empty(B, device)
     frontier = torch.full((B, 1), -1, dtype=torch.long, device=device)
-    q_rows = []
+    q_rows, alive = [], []
+    ended = None  # [B] bool: a draft before this one ended the chain
     for d in range(depth):
         logits = expand_logits(drafter, tree, frontier)[:, 0]  # [B, V]
-        last = bool(stop_below) and bool((logits.softmax(-1).amax(-1) < stop_below).all())  # this draft ends it
+        low = logits.softmax(-1).amax(-1) < stop_below if stop_below else None  # this draft ends it
+        last = low is not None and not cut_on_device and bool(low.all())
         if sample:
             q = warp_probs(logits, *warp)
             tok = torch.multinomial(q, 1, generator=generator)
             lq = q.gather(1, tok).log()
-            q_rows.append(q)
+            q_rows.append(q if ended is None else q * ~ended[:, None])  # a dead node was never drawn
         else:
             lp = logits.log_softmax(-1)
             tok = lp.argmax(-1, keepdim=True)
             lq = lp.gather(1, tok)
         tree = tree.extend(tok, frontier.to(tok.device), lq)
         frontier = torch.full_like(tok, d)
+        if low is not None and cut_on_device:
+            ended = torch.zeros_like(low) if ended is None else ended
+            alive.append(~ended)
+            ended = ended | low
         if last:
             break
     if sample:
         q_rows.append(torch.zeros_like(q_rows[-1]))  # the last node has no children
         tree = replace(tree, q=torch.stack(q_rows, 1))
-    return replace(tree, chain=True, width_bound=1)
+    return replace(tree, chain=True, width_bound=1, alive=torch.stack(alive, 1) if alive else None)
 
 
 _STATIC_PLANS: dict = {}

@@ -134,6 +134,8 @@ def _deepest(tree: DraftTree, node_ok: torch.Tensor, y: torch.Tensor, anc: torch
     D = tree.depth_limit
     if N == 0:
         return torch.full((B, D), -1, dtype=torch.long, device=y.device), y[:, 0]
+    if tree.alive is not None:  # nodes after a device-side cut are never accepted
+        node_ok = node_ok & tree.alive
     valid = ~(anc & ~node_ok[:, None, :]).any(-1)  # [B, N]
     key = torch.where(valid, tree.depths, 0)
     best = key.argmax(1)
@@ -170,6 +172,8 @@ def _chain_rule(tree: DraftTree, probs: torch.Tensor, generator) -> tuple[torch.
     qx = tree.q[:, :N].gather(2, x).squeeze(-1)
     u = torch.rand(B, N, generator=generator, device=probs.device)
     ok = u * qx < px  # u < min(1, p/q)
+    if tree.alive is not None:  # a dead node's q row is zero, so the residual after it is p: a plain end
+        ok = ok & tree.alive
     n = ok.long().cumprod(1).sum(1)  # leading accepts
     ar = torch.arange(B, device=probs.device)
     # rejected at n < N: residual of row n; all accepted: q's row N is zero (a leaf), so this is p
@@ -313,3 +317,22 @@ def _traversal(tree: DraftTree, probs: torch.Tensor, generator, ancestors: torch
         path = torch.where((row > 0)[:, None], tree.path_nodes(ancestors, D)[ar, (row - 1).clamp(min=0)], -1)
     bonus = torch.multinomial(P[ar, row], 1, generator=generator).squeeze(-1)
     return path, bonus
+
+
+def cycle_summary(tree: DraftTree, path: torch.Tensor, bonus: torch.Tensor,
+                  toks: torch.Tensor | None = None) -> torch.Tensor:
+    """[bonus, next depth attempted, accepted n, tree depth, path (D), path tokens (D)] for one root (path [D],
+    bonus [1]) as one long tensor, so a cycle moves everything the host needs in a single transfer. Dead
+    nodes (`tree.alive`) were never offered: they neither count as attempted nor deepen the tree."""
+    n = (path >= 0).sum()
+    last = torch.where(n > 0, path.gather(0, (n - 1).clamp(min=0).view(1))[0], -1)  # no 0-d index: .item()
+    nodes = tree.parents[0] == last
+    depths = tree.depths[0]
+    if tree.alive is not None:
+        nodes = nodes & tree.alive[0]
+        depths = torch.where(tree.alive[0], depths, 0)
+    depth = depths.max() if tree.num_nodes else n.new_zeros(())
+    if toks is None:
+        toks = tree.tokens[0].gather(0, path.clamp(min=0))
+    head = torch.stack([bonus[0], nodes.any().long(), n, depth.long()])
+    return torch.cat([head, path, toks])

@@ -1,7 +1,8 @@
 """What one decode cycle would cost a GPU, counted on the CPU (decoding/counting.py): for every drafter family x
 tree kind x acceptance rule, at most one host sync and at most 40 ops outside the graph regions per cycle; the
-setups that decide on the host each cycle (OPT-Tree's budget, Kangaroo's early exit on a chain) take the
-step-by-step path, and the harness itself catches what it must.
+setups that decide on the host each cycle (OPT-Tree's budget, Kangaroo's early exit on a delayed tree's
+trunk or under traversal, the n-gram host walk) take the step-by-step path, and the harness itself catches
+what it must.
 
     python -m pytest -q tests/decoding/test_cycle_counts.py
 """
@@ -15,7 +16,8 @@ from decoding.counting import CycleCounter
 from decoding.regions import captured, decode_loop
 
 # the step-by-step cases (decoding/cycle.py `supports`): the host decides something every cycle
-STEP_BY_STEP = {("opt", None), ("chain", "kangaroo+drafter.exit_layer=1"), ("delayed", "kangaroo+drafter.exit_layer=1")}
+EXIT = "kangaroo+drafter.exit_layer=1"  # Kangaroo with its early exit (threshold 0.6: a random model stops at once)
+STEP_BY_STEP = {("opt", None), ("delayed", EXIT)}
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +32,11 @@ def _cases():
     # business only through expand); the whole matrix is bench/bench_cycle.py's table
     for fam in FAMILIES:
         for tree in TREES:
-            for rule in RULES if fam == "ngram" else ["greedy"]:
+            every_rule = fam.startswith("ngram") or fam == EXIT  # the rules' own code, and the early exit's cut
+            for rule in RULES if every_rule else ["greedy"]:
                 case = Case(fam, tree, rule)
-                if case.skip_reason() is None and (tree, None) not in STEP_BY_STEP and (tree, fam) not in STEP_BY_STEP:
+                host = {(tree, None), (tree, fam)} & STEP_BY_STEP or (fam, tree, rule) == (EXIT, "chain", "traversal")
+                if case.skip_reason() is None and not host:
                     yield pytest.param(case, id=f"{fam.split('+')[0]}{'-exit' if fam.endswith('exit_layer=1') else ''}"
                                                 f"-{tree}-{rule}")
 
@@ -47,11 +51,12 @@ def test_one_sync_and_few_eager_ops_per_cycle(setup, case):
     assert r["captured"] > 0  # the work happened inside the regions
 
 
-@pytest.mark.parametrize("tree,family", [("opt", "ngram+drafter.lookup=device"), ("chain", "kangaroo+drafter.exit_layer=1"),
+@pytest.mark.parametrize("tree,family", [("opt", "ngram+drafter.lookup=device"),
+                                         ("delayed", EXIT),
                                          ("chain", "ngram+drafter.lookup=host")])
 def test_host_decisions_take_the_step_by_step_path(setup, tree, family):
-    """OPT-Tree's per-cycle budget, Kangaroo's early exit and the n-gram host walk decide on the host: more
-    than one sync a cycle (the step-by-step loop)."""
+    """OPT-Tree's per-cycle budget, Kangaroo's early exit on a delayed tree's trunk and the n-gram host walk
+    decide on the host: more than one sync a cycle (the step-by-step loop)."""
     target, prompt = setup
     r = count(Case(family, tree, "greedy"), target, prompt, tokens=8, warm=False)
     assert r["syncs"] > 1

@@ -134,6 +134,11 @@ def test_greedy_equals_target_greedy_with_early_exit(tiny_target_dir, arch):
         assert st.tau > 1.2, (arch, tree.kind, st.as_dict())  # the drafts are really accepted
 
 
+def offered(tree) -> int:
+    """Nodes a cycle offered the verifier: all of a host-cut chain, the live ones of a device-cut one."""
+    return int(tree.alive.sum()) if tree.alive is not None else tree.num_nodes
+
+
 def test_early_exit_ends_a_chain_after_its_first_unsure_draft(peaked_llama):
     """A chain with threshold t is the threshold-0 chain cut after the first draft whose top-1 probability is
     below t, and the decoder then drafts fewer tokens per cycle."""
@@ -154,13 +159,16 @@ def test_early_exit_ends_a_chain_after_its_first_unsure_draft(peaked_llama):
         cut = build_tree(d, TreeConfig(kind="chain", depth=6))
         want = next((i + 1 for i, c in enumerate(conf) if c < t), 6)
         assert cut.num_nodes == want and torch.equal(cut.tokens, full.tokens[:, :want]), (t, conf)
+        # the fixed-shape cycle's cut: the whole chain, the nodes after the cut marked dead
+        dead = build_tree(d, TreeConfig(kind="chain", depth=6), cut_on_device=True)
+        assert torch.equal(dead.tokens, full.tokens) and dead.alive[0].tolist() == [i < want for i in range(6)]
     prompt = ids[0]
     drafted = {}
     for t in (0.0, 0.9):
         m.cfg.threshold = t
         dec = SpeculativeDecoder(peaked_llama, m.as_drafter(), TreeConfig(kind="chain", depth=6))
         nodes = []
-        out, _ = dec.generate(prompt, 30, eos_ids=[], on_cycle=lambda tree, acc, nodes=nodes: nodes.append(tree.num_nodes))
+        out, _ = dec.generate(prompt, 30, eos_ids=[], on_cycle=lambda tree, acc, nodes=nodes: nodes.append(offered(tree)))
         drafted[t] = (sum(nodes) / len(nodes), out.tolist())
     assert drafted[0.0][0] == 6 and drafted[0.9][0] < 5, drafted
     assert drafted[0.0][1] == drafted[0.9][1]  # greedy output is the target's either way
@@ -195,7 +203,7 @@ def test_sampling_with_early_exit_is_lossless():
 
     def generate(g):
         return dec.generate(PROMPT, 3, eos_ids=[], generator=g,
-                            on_cycle=lambda tree, acc: sizes.append(tree.num_nodes))[0].tolist()
+                            on_cycle=lambda tree, acc: sizes.append(offered(tree)))[0].tolist()
     counts = sample_pairs(generate, 200)
     assert pvalue(counts, exact_pairs(target, rule)) > 1e-3
     assert 0 < sum(s < 3 for s in sizes) < len(sizes), sizes  # the early exit fired, and not always
