@@ -39,7 +39,7 @@ TREES = {  # name -> eval.tree fields (and "draft_vocab": drafter.draft_vocab)
 }
 RULES = {"greedy": (0.0, "lossless"), "lossless": (1.0, "lossless"), "traversal": (1.0, "traversal"),
          "typical": (1.0, "typical")}  # name -> (temperature, eval.acceptance)
-VOCAB_FAMILIES = {"eagle1", "eagle3", "medusa", "hydra", "hydra_pp", "small"}  # drafter.draft_vocab applies to these
+VOCAB_FAMILIES = {"eagle1", "eagle3", "medusa", "hydra", "hydra_pp", "small", "pard", "kangaroo"}  # drafter.draft_vocab applies to these
 
 
 @dataclass

@@ -221,11 +221,17 @@ class DFlashDrafter(HeldTargetCheckpoint, TrainableDrafter):
 # Decoding adapter
 # --------------------------------------------------------------------------------------------------
 class DFlashDecoding(Drafter):
-    """drafters.base.Drafter over a DFlash model: cached context keys/values, one block forward per cycle."""
+    """drafters.base.Drafter over a DFlash model: cached context keys/values, one block forward per cycle.
+
+    A fixed-shape drafter (decoding/cycle.py): the context k/v live in preallocated buffers, the committed
+    row count on the device (`n_t`), and the block attends to every buffer column under a mask that hides
+    the ones not yet written, so its draft is one graph on a GPU. A commit writes its padded rows at
+    n_t.. and moves n_t by the real count; the next commit overwrites the padding."""
 
     uses_features = True
     feature_source = "features"
     name = "dflash"
+    fixed_shape = True
 
     def __init__(self, model: DFlashDrafter, target):
         self.model = model
@@ -235,13 +241,16 @@ class DFlashDecoding(Drafter):
         self.depth_why = f"drafts {self.max_depth} tokens per forward (drafter.block_size={self.block_size})"
         self.forwards = 0
         self.room = 256
+        self.buffers_version = 0  # bumped when the k/v buffers are re-allocated (graphs reading them are stale)
         self.close()
 
     def close(self) -> None:
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer [1, kv, capacity, d]
-        self.n = 0  # context rows cached = committed tokens the target has read
+        self.n = 0  # context rows cached = committed tokens the target has read (the host's mirror of n_t)
+        self.n_t: torch.Tensor | None = None  # the same count on the device
         self.anchor: torch.Tensor | None = None  # [1, 1] the last committed token
         self.depth_logits: torch.Tensor | None = None  # [1, B-1, V] for the current root
+        self.width = 1  # rows of the last commit, padding included
 
     def prepare(self, room: int, cuda_graphs: bool = False) -> None:
         self.room = room
@@ -252,38 +261,67 @@ class DFlashDecoding(Drafter):
         if input_ids.shape[0] != 1 or n < 1:
             raise ValueError(f"start expects ids [1, n+1] with n >= 1, got {list(input_ids.shape)}")
         self.close()
-        self._append(features, n, n + self.room + self.block_size)
-        self.anchor = input_ids[:, -1:]
+        dev = self.model.fc.weight.device
+        self.n_t = torch.zeros((), dtype=torch.long, device=dev)
+        self._check(features, n)
+        self._reserve(n + self.room + self.block_size)
+        self._write(features, torch.full((), n, dtype=torch.long, device=dev))
+        self.n = n
+        self.anchor = input_ids[:, -1:].to(dev).clone()
 
     @torch.no_grad()
     def commit(self, new_ids: torch.Tensor, new_features: torch.Tensor | None) -> None:
         if self.kv is None:
             raise ValueError("commit before start")
-        self._append(new_features, new_ids.shape[1], self.n + new_ids.shape[1] + self.room)
-        self.anchor = new_ids[:, -1:]
+        self._check(new_features, new_ids.shape[1])
+        m = new_ids.shape[1]
+        self.commit_fixed(new_ids, new_features, torch.full((), m, dtype=torch.long, device=self.n_t.device))
+        self.synced(m)
+
+    @torch.no_grad()
+    def commit_fixed(self, new_ids: torch.Tensor, new_features: torch.Tensor | None, count: torch.Tensor) -> None:
+        """commit() for the decoder's graph regions: rows [1, P] of which the first `count` are real."""
+        self._write(new_features, count)
+        self.anchor.copy_(new_ids.to(self.anchor.device).gather(1, (count - 1).view(1, 1)))
+        self.width = new_ids.shape[1]
         self.depth_logits = None
 
-    def _append(self, features: torch.Tensor | None, m: int, capacity: int) -> None:
-        """Cache the context k/v of m new feature rows (positions n..n+m-1), growing the buffers by doubling."""
+    def synced(self, count: int) -> None:
+        """The host learnt the last commit's count: keep the mirror, and room for the next padded commit."""
+        self.n += count
+        self._reserve(self.n + self.width + self.block_size)
+
+    def _check(self, features: torch.Tensor | None, m: int) -> None:
         if features is None or features.shape[1] != m:
             raise ValueError(f"dflash expects features [1, {m}, {self.model.feature_width}] (target features), got "
                              f"{None if features is None else list(features.shape)}")
-        dev = self.model.fc.weight.device
-        pos = torch.arange(self.n, self.n + m, device=dev)[None]
-        new = self.model.context_kv(features.to(dev), pos)
-        if self.kv is None or self.kv[0][0].shape[2] < self.n + m:
-            cap = max(capacity, 2 * (self.kv[0][0].shape[2] if self.kv else 0))
-            grown = []
-            for i, (k, _) in enumerate(new):
-                K = k.new_zeros(1, k.shape[1], cap, k.shape[3])
-                V = torch.zeros_like(K)
-                if self.kv is not None:
-                    K[:, :, :self.n], V[:, :, :self.n] = self.kv[i][0][:, :, :self.n], self.kv[i][1][:, :, :self.n]
-                grown.append((K, V))
-            self.kv = grown
-        for (K, V), (k, v) in zip(self.kv, new):
-            K[:, :, self.n:self.n + m], V[:, :, self.n:self.n + m] = k, v
-        self.n += m
+
+    def _reserve(self, capacity: int) -> None:
+        """Buffers of at least `capacity` rows, keeping the written ones (a rare re-allocation: doubling)."""
+        have = self.kv[0][0].shape[2] if self.kv is not None else 0
+        if have >= capacity:
+            return
+        cap = max(capacity, 2 * have)
+        m, dev = self.model, self.model.fc.weight.device
+        kv_heads, head_dim = m.layers[0].self_attn.kv, m.layers[0].self_attn.hd
+        grown = []
+        for i in range(len(m.layers)):
+            K = torch.zeros(1, kv_heads, cap, head_dim, dtype=m.param_dtype, device=dev)
+            V = torch.zeros_like(K)
+            if self.kv is not None:
+                K[:, :, :have], V[:, :, :have] = self.kv[i]
+            grown.append((K, V))
+        self.kv = grown
+        self.buffers_version += 1
+
+    def _write(self, features: torch.Tensor, count: torch.Tensor) -> None:
+        """Cache the context k/v of the feature rows [1, P, F] at positions n_t.., then count them."""
+        dev = self.n_t.device
+        at = self.n_t + torch.arange(features.shape[1], device=dev)
+        for (K, V), (k, v) in zip(self.kv, self.model.context_kv(features.to(dev), at[None])):
+            K.index_copy_(2, at, k.to(K.dtype))
+            V.index_copy_(2, at, v.to(V.dtype))
+        self.n_t += count
 
     @torch.no_grad()
     def expand(self, tree, frontier: torch.Tensor) -> torch.Tensor:
@@ -297,12 +335,14 @@ class DFlashDecoding(Drafter):
                                f"set the eval tree depth to <= {self.max_depth} or train a larger drafter.block_size")
 
     def _draft(self) -> None:
-        """The cycle's one forward: block [anchor, mask...] at positions n..n+B-1 over every cached context row."""
+        """The cycle's one forward: block [anchor, mask...] at positions n..n+B-1 over the cached context rows
+        (every buffer column, the unwritten ones masked out)."""
         dev, B = self.model.fc.weight.device, self.block_size
-        ids = torch.cat([self.anchor.to(dev), torch.full((1, B - 1), self.model.mask_id, dtype=torch.long, device=dev)], 1)
-        pos = torch.arange(self.n, self.n + B, device=dev)[None]
-        kvs = [(K[:, :, :self.n], V[:, :, :self.n]) for K, V in self.kv]
-        see_all = torch.ones(1, 1, B, self.n + B, dtype=torch.bool, device=dev)
-        out = self.model.block(kvs, ids, pos, lambda q, k, v: masked_attention(q, k, v, see_all))
+        C = self.kv[0][0].shape[2]
+        ids = torch.cat([self.anchor, torch.full((1, B - 1), self.model.mask_id, dtype=torch.long, device=dev)], 1)
+        pos = (self.n_t + torch.arange(B, device=dev))[None]
+        written = torch.arange(C, device=dev) < self.n_t
+        see = torch.cat([written, torch.ones(B, dtype=torch.bool, device=dev)]).expand(1, 1, B, C + B)
+        out = self.model.block(self.kv, ids, pos, lambda q, k, v: masked_attention(q, k, v, see))
         self.depth_logits = self.model.logits(out[:, 1:])
         self.forwards += 1
