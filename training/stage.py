@@ -88,6 +88,8 @@ def build_drafter(cfg: Config, target, token_counts):
         raise DraftsmithError(f"drafter family {name!r} is not installed in this checkout ({e.name} is missing): "
                               f"pick another drafter=") from None
     drafter = cls.from_target(cfg.drafter, target, token_counts=token_counts)
+    if hasattr(drafter, "set_attention"):  # the EAGLE families: train.attention, resolved for the target's device
+        drafter.set_attention(cfg.train.attention, target.device)
     # fine-tuning (objective=gto): start from a trained drafter folder's weights, unless train.init_from names one
     if cfg.drafter.checkpoint and not cfg.train.init_from:
         init_from_checkpoint(drafter, cls, cfg.drafter.checkpoint, target)
