@@ -43,7 +43,7 @@ def test_dry_run_prints_the_phase_table(tmp_path, capsys):
     step's layer and loss, backward, optimizer), the phases add up to the step, the FLOP count is positive
     (GQA target included) and the step's callables are put back afterwards."""
     import training.stage as stage
-    from bench.bench_train_mfu import main
+    from bench.bench_train_mfu import main, report
 
     before = stage.make_signal
     out = tmp_path / "r.jsonl"
@@ -60,3 +60,5 @@ def test_dry_run_prints_the_phase_table(tmp_path, capsys):
     assert r["flops_counted"] > 0 and r["attention"] == "sdpa"
     assert "| backward |" in text and "| optimizer step |" in text and "Time by phase" in text
     assert stage.make_signal is before
+    # a counter that failed is said in the report, not a crash (gpu_report reads these records too)
+    assert "FlopCounterMode could not count the step (RuntimeError: x)" in report({**r, "flops_counted": "RuntimeError: x"})
