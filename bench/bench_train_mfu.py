@@ -11,7 +11,11 @@ per step / step time / the GPU's dense bf16 peak (--peak-tflops, default from th
 useful FLOPs are printed as a formula (eagle3_flops): the target's forward (linear layers, full-vocab LM
 head for the soft targets, causal attention) plus 3x the drafter's forward (forward + backward) over the
 rows each TTT step runs. torch's FlopCounterMode count of one step (what the kernels actually execute, masked attention
-entries included) is printed beside it. Random weights: speed only.
+entries included) is printed beside it; attention kernels are counted by our own formula
+(bench/train_phases.py: attention_flops), since torch's asserts equal query and key heads and fails on GQA.
+The report ends with the step's time by phase (target forward, each TTT step's layer and loss, backward,
+optimizer; CUDA events on a GPU, perf_counter on the CPU), averaged over the timed steps. Random weights:
+speed only.
 """
 from __future__ import annotations
 
@@ -103,6 +107,7 @@ def synthetic_batch(batch: int, seq: int, vocab: int, seed: int) -> dict:
 
 def run(args) -> dict:
     from bench.targets import peak_for, random_llama_target
+    from bench.train_phases import PhaseClock, counted_flops, phase_rows
     from conf.schema import load_config
     from eval.report import machine_info
     from training.engine import Engine, build_ds_config, setup_distributed
@@ -129,20 +134,27 @@ def run(args) -> dict:
     if env.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(env.device)
     times, tokens, losses = [], 0, []
-    for i in range(args.steps):
-        b = synthetic_batch(args.batch, args.seq, vocab, 100 + i)
-        sync()
-        t0 = time.perf_counter()
-        metrics, _, n_input, _ = train_step(eng, target, [b], "online", env, plan)
-        sync()
-        times.append(time.perf_counter() - t0)
-        tokens += n_input
-        losses.append(metrics["loss"])
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        train_step(eng, target, [synthetic_batch(args.batch, args.seq, vocab, 999)], "online", env, plan)
+    clock = PhaseClock(env.device)
+    undo = clock.attach(eng, drafter, target)
+    try:
+        for i in range(args.steps):
+            b = synthetic_batch(args.batch, args.seq, vocab, 100 + i)
+            sync()
+            t0 = time.perf_counter()
+            clock.begin_step()
+            metrics, _, n_input, _ = train_step(eng, target, [b], "online", env, plan)
+            sync()
+            times.append(time.perf_counter() - t0)
+            clock.end_step()
+            tokens += n_input
+            losses.append(metrics["loss"])
+    finally:
+        undo()
+    try:  # a cross-check after the timing: a counter that cannot follow a kernel must not lose the result
+        counted = counted_flops(lambda: train_step(eng, target, [synthetic_batch(args.batch, args.seq, vocab, 999)],
+                                                   "online", env, plan))
+    except Exception as e:  # noqa: BLE001 - e.g. compiled FlexAttention under a dispatch mode; said in the report
+        counted = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
     machine = machine_info(env.device)
     flops = eagle3_flops(target, drafter, synthetic_batch(args.batch, args.seq, vocab, 999)["loss_mask"])
     peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_for(machine["device_name"])[1]
@@ -152,26 +164,37 @@ def run(args) -> dict:
             "ttt_steps": drafter.cfg.ttt_steps, "draft_vocab": drafter.draft_vocab_size, "steps": args.steps,
             "step_s": step_s, "tokens_per_s": tokens / sum(times), "flops_per_step": flops["total"],
             "flops_target": flops["target"], "flops_drafter": flops["drafter"], "formula": flops["formula"],
-            "flops_counted": counter.get_total_flops(), "achieved_tflops": flops["total"] / step_s / 1e12,
+            "flops_counted": counted, "achieved_tflops": flops["total"] / step_s / 1e12,
             "peak_tflops": peak and peak / 1e12, "peak_from": "--peak-tflops" if args.peak_tflops else "datasheet",
             "mfu": flops["total"] / step_s / peak if peak else None, "loss_first": losses[0], "loss_last": losses[-1],
             "peak_mem_gib": torch.cuda.max_memory_allocated(env.device) / 2**30 if env.device.type == "cuda" else None,
-            "precision": build_ds_config(cfg, 1, env.device)["bf16"]["enabled"] and "bf16" or "fp32"}
+            "precision": build_ds_config(cfg, 1, env.device)["bf16"]["enabled"] and "bf16" or "fp32",
+            "attention": drafter.attention, "threads": torch.get_num_threads(),
+            "phases": phase_rows(clock.mean()),
+            "phase_clock": "CUDA events" if env.device.type == "cuda" else "perf_counter (CPU ops are synchronous)"}
 
 
 def report(r: dict) -> str:
+    from bench.train_phases import phase_table
+
+    counted = (f"torch FlopCounterMode counted {r['flops_counted'] / 1e12:.4g} TFLOP for one step (as executed: "
+               "full attention matrices, masked entries included; attention by attention_flops)"
+               if isinstance(r["flops_counted"], (int, float)) else
+               f"torch FlopCounterMode could not count the step ({r['flops_counted']})")
     mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f} %"
     peak = "no peak known: pass --peak-tflops" if r["peak_tflops"] is None else \
         f"{r['peak_tflops']:.0f} TFLOP/s ({r['peak_from']})"
     mem = "" if r["peak_mem_gib"] is None else f"; peak GPU memory {r['peak_mem_gib']:.1f} GiB"
     return "\n".join([
         f"- EAGLE-3 online training, {r['target']}, {r['precision']}, batch {r['batch']} x {r['seq']} tokens, "
-        f"{r['ttt_steps']} TTT steps, draft vocab {r['draft_vocab']}, {r['steps']} timed steps on {r['device_name']}: "
+        f"{r['ttt_steps']} TTT steps, draft vocab {r['draft_vocab']}, train.attention -> {r.get('attention', 'sdpa')}, "
+        f"{r['steps']} timed steps on {r['device_name']}: "
         f"**{r['tokens_per_s']:.0f} tokens/s** ({1000 * r['step_s']:.1f} ms/step), {r['achieved_tflops']:.1f} TFLOP/s "
         f"useful, **MFU {mfu}** of {peak}{mem}; loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}",
         f"- {r['formula']} = {r['flops_per_step'] / 1e12:.4g} TFLOP (target {r['flops_target'] / 1e12:.4g}, drafter "
-        f"{r['flops_drafter'] / 1e12:.4g}); torch FlopCounterMode counted {r['flops_counted'] / 1e12:.4g} TFLOP for one "
-        "step (as executed: full attention matrices, masked entries included)"])
+        f"{r['flops_drafter'] / 1e12:.4g}); {counted}",
+        *([""] + phase_table(r["phases"], f"mean of {r['steps']} timed steps, {r['phase_clock']}")
+          if r.get("phases") else [])])
 
 
 def main(argv=None) -> int:

@@ -86,8 +86,13 @@ def ar_summary(decode_steps: list[tuple[str, list[dict]]]) -> list[str]:
     return out if len(out) > 2 else ["(no autoregressive baseline finished)"]
 
 
-def pipeline_block(res: Path) -> list[str]:
-    reports = sorted((res / "runs").glob("*/eval/*/report.json"))
+DEMO_RUN = "gpu-demo"  # run names of the --demo step (gpu-demo, gpu-demo-dflash): bench/gpu_suite.sh
+
+
+def pipeline_block(res: Path, demo: bool = False) -> list[str]:
+    """The eval reports of the default pipeline's runs, or (demo) of the --demo step's runs."""
+    reports = sorted(p for p in (res / "runs").glob("*/eval/*/report.json")
+                     if p.parts[-4].startswith(DEMO_RUN) == demo)
     if not reports:
         return ["(no eval report: the pipeline step did not reach its eval stage)", ""]
     out = []
@@ -98,6 +103,27 @@ def pipeline_block(res: Path) -> list[str]:
     return out
 
 
+def demo_block(res: Path) -> list[str]:
+    """experiment=gpu_demo: the pretrained target's size, budget and held-out loss, its autoregressive cost, then
+    the eval tables of EAGLE-3 and DFlash on it."""
+    f = res / "runs" / DEMO_RUN / "target_pretrain" / "metrics.json"
+    if not f.exists():
+        return ["(no pretrained target: the demo step did not finish target_pretrain)", ""]
+    m = json.loads(f.read_text())
+    a = m["architecture"]
+    out = [f"- target: {m['parameters'] / 1e6:.1f}M parameters ({a['num_layers']} layers x {a['hidden_size']}, "
+           f"{a['num_heads']} query / {a['num_kv_heads']} key-value heads, vocab {a['vocab_size']}), pretrained "
+           f"{m['train_seconds']:.0f} s on {m['tokens_seen']:,} tokens ({m['tokens_per_s']:,.0f} tokens/s; "
+           f"{m['total_seconds']:.0f} s with setup and measurement), held-out loss {m['heldout_loss']:.3f} nats/token"]
+    for p in sorted((res / "runs").glob(f"{DEMO_RUN}*/eval/*/report.json")):
+        rep = json.loads(p.read_text())
+        ar = [r["tok_s_ar"] for r in rep["results"] if r.get("tok_s_ar")]
+        if ar:
+            out.append(f"- autoregressive decoding ({rep['drafter']['name']} run, verify dtype "
+                       f"{rep.get('verify_dtype')}): {1000 / ar[0]:.2f} ms/token")
+    return out + ["", *pipeline_block(res, demo=True)]
+
+
 def _tree(t: dict) -> str:
     return f"{t['kind']}:{t['depth']}" + (f":{t['top_k']}:{t['total_tokens']}" if t["kind"] == "dynamic" else "")
 
@@ -105,8 +131,10 @@ def _tree(t: dict) -> str:
 def build(res: Path, machine: dict, command: str, wall: float) -> tuple[str, str]:
     """(key, Markdown block) of one suite run."""
     steps = read_steps(res)
-    key = machine["device_name"]
-    lines = [f"<!-- gpu_suite: {key} -->", f"### GPU suite on {machine['device_name']}", "",
+    demo_only = bool(steps) and all(s["name"] == "demo" for s in steps)
+    # --demo has a block of its own: it must not replace the full suite's block of the same machine
+    key = machine["device_name"] + (" --demo" if demo_only else "")
+    lines = [f"<!-- gpu_suite: {key} -->", f"### GPU suite{' --demo' if demo_only else ''} on {machine['device_name']}", "",
              f"- machine: {machine['device']} ({machine['device_name']}), {machine['cpu_count']} CPU cores; torch "
              f"{machine['torch']}, transformers {machine['transformers']}, Python {machine['python']}",
              f"- date: {machine['date']}; wall time {wall:.0f} s", f"- command: `{command}`", "",
@@ -114,7 +142,9 @@ def build(res: Path, machine: dict, command: str, wall: float) -> tuple[str, str
     lines += [f"| {s['name']} | {status(s)} | {s['seconds']:.0f} | `{s['command']}` |" for s in steps]
     decode = [(s["name"], read_jsonl(res / f"{s['name']}.jsonl")) for s in steps if s["name"].startswith("decode")]
     decode = [(n, rows) for n, rows in decode if rows]
-    lines += ["", "#### Autoregressive decoding: ours vs transformers vs the memory floor", "", *ar_summary(decode), ""]
+    if not demo_only:
+        lines += ["", "#### Autoregressive decoding: ours vs transformers vs the memory floor", "", *ar_summary(decode)]
+    lines.append("")
     for name, rows in decode:
         lines += [f"#### {name}", "", *decode_block(rows)]
     from bench.profile_cycle import table as profile_table
@@ -128,9 +158,12 @@ def build(res: Path, machine: dict, command: str, wall: float) -> tuple[str, str
                       "prompt); launches, syncs, copies and aten ops per cycle from the profiled fourth generate.",
                       ""]
     train = [r for s in steps if s["name"].startswith("train") for r in read_jsonl(res / f"{s['name']}.jsonl")]
-    lines += ["#### EAGLE-3 training throughput", ""]
-    lines += [line for r in train for line in train_lines(r).splitlines()] or ["(the training step left no result)"]
-    lines += ["", "#### Default pipeline (`python train.py`) on this machine", "", *pipeline_block(res)]
+    if any(s["name"] == "demo" for s in steps):
+        lines += ["#### experiment=gpu_demo: a pretrained target, EAGLE-3 and DFlash", "", *demo_block(res)]
+    if any(not s["name"].startswith("demo") for s in steps):
+        lines += ["#### EAGLE-3 training throughput", ""]
+        lines += [line for r in train for line in train_lines(r).splitlines()] or ["(the training step left no result)"]
+        lines += ["", "#### Default pipeline (`python train.py`) on this machine", "", *pipeline_block(res)]
     lines.append("<!-- /gpu_suite -->")
     return key, "\n".join(lines)
 

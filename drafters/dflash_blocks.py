@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from conf.errors import DraftsmithError
-from drafters.layers import DrafterDims, masked_attention
+from drafters.layers import DrafterDims, block_mask, flex_call, flex_kernel, masked_attention
 
 # --------------------------------------------------------------------------------------------------
 # The mask token
@@ -177,17 +177,9 @@ def sdpa_attend(vis: torch.Tensor):
 def flex_attend(anchors: torch.Tensor, keep: torch.Tensor, T: int, block: int):
     """The same visibility as block_visibility as a FlexAttention BlockMask: only the key tiles a block can
     see are computed (on GPU the context tiles after every anchor are skipped). Torch without FlexAttention,
-    or a CPU backward (unsupported there), is a one-line error."""
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    except ImportError:
-        raise DraftsmithError(f"drafter.attention=flex needs torch.nn.attention.flex_attention (torch >= 2.5; this is "
-                              f"{torch.__version__}): use drafter.attention=sdpa") from None
+    or a CPU backward (unsupported there), is a one-line error (drafters.layers.flex_kernel)."""
     B, N = anchors.shape
-    dev = anchors.device
-    if dev.type == "cpu" and torch.is_grad_enabled():
-        raise DraftsmithError("drafter.attention=flex cannot train on CPU (FlexAttention has no CPU backward in "
-                              f"torch {torch.__version__}): use drafter.attention=sdpa there")
+    fn = flex_kernel(anchors.device, "drafter.attention")
 
     def mask_mod(b, h, q, kv):
         qb = q // block
@@ -196,16 +188,5 @@ def flex_attend(anchors: torch.Tensor, keep: torch.Tensor, T: int, block: int):
         own = (kv >= T) & ((kv - T) // block == qb)
         return ctx | own
 
-    mask = create_block_mask(mask_mod, B=B, H=None, Q_LEN=N * block, KV_LEN=T + N * block, device=dev)
-    fn = _compiled(flex_attention) if dev.type == "cuda" else flex_attention  # eager elsewhere: slow but exact
-    return lambda q, k, v: fn(q, k, v, block_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
-
-
-_COMPILED: dict = {}
-
-
-def _compiled(fn):
-    """torch.compile(fn), once per process: FlexAttention's fused kernels exist only compiled."""
-    if fn not in _COMPILED:
-        _COMPILED[fn] = torch.compile(fn, dynamic=True)
-    return _COMPILED[fn]
+    mask = block_mask(mask_mod, N * block, T + N * block, anchors.device, batch=B)
+    return lambda q, k, v: flex_call(fn, q, k, v, mask)

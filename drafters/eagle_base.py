@@ -24,7 +24,10 @@ from drafters.layers import (
     DrafterDims,
     Rotary,
     causal_attend,
+    flex_causal_attend,
     masked_attention,
+    resolve_attention,
+    ttt_flex_attend,
     ttt_rows_attend,
 )
 
@@ -76,6 +79,7 @@ class EagleBase(HeldTargetCheckpoint, TrainableDrafter):
         self._target = Shared(target)  # the frozen target must not become a submodule (state dict, ZeRO)
         self._rope = Rotary(dims)
         self._gc = False
+        self.attention = "sdpa"  # the training attention backend (set_attention; decoding always uses sdpa)
 
     @property
     def target(self):
@@ -115,6 +119,14 @@ class EagleBase(HeldTargetCheckpoint, TrainableDrafter):
         closures over earlier steps' keys and the frozen target still get their gradients right."""
         self._gc = bool(enabled)
 
+    def set_attention(self, choice: str, device=None) -> str:
+        """train.attention (auto | flex | sdpa) for the unrolled training steps, resolved for `device` (default:
+        the drafter's) by drafters.layers.resolve_attention; returns the backend used. Both backends compute
+        the same attention (tests/drafters/test_ttt_attention.py); flex skips masked tiles and never
+        repeats grouped key/value heads."""
+        self.attention = resolve_attention(choice, device if device is not None else self.fc.weight.device)
+        return self.attention
+
     def _ckpt(self, fn, *args):
         if self._gc and self.training and torch.is_grad_enabled():
             return checkpoint(fn, *args, use_reentrant=False)
@@ -149,8 +161,11 @@ class EagleBase(HeldTargetCheckpoint, TrainableDrafter):
         into earlier steps' computation. EAGLE-3's official TTT backpropagates through the whole chain."""
         B, n = hidden.shape[:2]
         dev = hidden.device
+        flex = self.attention == "flex"
+        causal = flex_causal_attend(n, dev) if flex else causal_attend
+        ttt = ttt_flex_attend if flex else ttt_rows_attend
         out, first = self._ckpt(self.core, hidden, self.embed(shifted(input_ids, 1, n)),
-                                torch.arange(n, device=dev).expand(B, n), [causal_attend] * self.num_kv_layers)
+                                torch.arange(n, device=dev).expand(B, n), [causal] * self.num_kv_layers)
         yield out if rows is None else out.flatten(0, 1)
         out, idx = out.flatten(0, 1), torch.arange(B * n, device=dev)
         prev = [([], []) for _ in range(self.num_kv_layers)]
@@ -160,7 +175,7 @@ class EagleBase(HeldTargetCheckpoint, TrainableDrafter):
                 idx, out = rows[i - 1], out[sel]
                 prev = [([k[:, :, sel] for k in pk], [v[:, :, sel] for v in pv]) for pk, pv in prev]
             batch, pos = idx // n, idx % n
-            attends = [ttt_rows_attend(k0, v0, pk, pv, batch, pos) for (k0, v0), (pk, pv) in zip(first, prev)]
+            attends = [ttt(k0, v0, pk, pv, batch, pos) for (k0, v0), (pk, pv) in zip(first, prev)]
             hidden = out.detach() if detach_context else out
             embeds = self.embed(shifted(input_ids, 1 + i, n).flatten()[idx])
             out, kvs = self._ckpt(self.core, hidden[None], embeds[None], (pos + i)[None], attends)

@@ -12,6 +12,11 @@ so exports are plain state-dict dumps.
 Attention is pluggable: the layer computes q/k/v (RoPE applied) and hands them to an `attend(q, k, v)`
 callable, which decides what the queries see: a causal window (training), a cached prefix plus a 4D
 tree mask (decoding), or EAGLE-3's training-time-test pattern (`ttt_attend`, `ttt_rows_attend`).
+
+Training attention has two backends (train.attention, `resolve_attention`): sdpa (repeat_kv for grouped
+queries, a materialised mask per sequence) and FlexAttention (`flex_causal_attend`, `ttt_flex_attend`: one
+BlockMask call over all rows, grouped queries read their shared key head via enable_gqa, nothing repeated).
+`flex_kernel` is the one place that knows where FlexAttention runs and how (DFlash's block mask uses it too).
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conf.errors import DraftsmithError
+from conf.schema.training import ATTENTIONS
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -192,6 +198,94 @@ def ttt_rows_attend(k0: torch.Tensor, v0: torch.Tensor, prev_k: list[torch.Tenso
                 out = out + p[..., L + j, None] * repeat_kv(vj[:, :, lo:hi], n)
             outs.append(out)
         return torch.cat(outs, dim=2) if outs else torch.zeros_like(q)
+    return attend
+
+
+# --------------------------------------------------------------------------------------------------
+# FlexAttention: where it runs, and the training patterns as BlockMasks
+# --------------------------------------------------------------------------------------------------
+def flex_supported() -> bool:
+    """Whether this torch has FlexAttention (torch >= 2.5)."""
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_attention(choice: str, device) -> str:
+    """train.attention -> the backend used: auto is flex on CUDA when torch has FlexAttention, else sdpa. Not
+    on the CPU: torch (2.13 included) raises NotImplementedError for FlexAttention's backward there, and
+    its eager CPU forward is a reference loop, not a kernel; so training on the CPU stays on sdpa."""
+    if choice not in ATTENTIONS:
+        raise DraftsmithError(f"train.attention={choice!r}: use one of {', '.join(ATTENTIONS)}")
+    if choice != "auto":
+        return choice
+    return "flex" if torch.device(device).type == "cuda" and flex_supported() else "sdpa"
+
+
+def flex_kernel(device, setting: str = "train.attention"):
+    """flex_attention to call on `device`: compiled once per process on CUDA (its fused kernels exist only
+    compiled), eager elsewhere (slow but exact). No FlexAttention in this torch, or a CPU call that will need
+    a backward (grad enabled), is a one-line error naming `setting`, the key that asked for flex."""
+    if not flex_supported():
+        raise DraftsmithError(f"{setting}=flex needs torch.nn.attention.flex_attention (torch >= 2.5; this is "
+                              f"{torch.__version__}): use {setting}=sdpa")
+    from torch.nn.attention.flex_attention import flex_attention
+
+    dev = torch.device(device)
+    if dev.type == "cpu" and torch.is_grad_enabled():
+        raise DraftsmithError(f"{setting}=flex cannot train on CPU (FlexAttention has no CPU backward in "
+                              f"torch {torch.__version__}): use {setting}=sdpa there (or auto)")
+    if dev.type != "cuda":
+        return flex_attention
+    if flex_attention not in _COMPILED:
+        _COMPILED[flex_attention] = torch.compile(flex_attention, dynamic=True)
+    return _COMPILED[flex_attention]
+
+
+_COMPILED: dict = {}
+
+
+def block_mask(mask_mod, q_len: int, kv_len: int, device, batch: int | None = None):
+    """A FlexAttention BlockMask of mask_mod(b, h, q, kv) -> bool (True = see), shared by every head."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(mask_mod, B=batch, H=None, Q_LEN=q_len, KV_LEN=kv_len, device=device)
+
+
+def flex_call(fn, q, k, v, mask) -> torch.Tensor:
+    """fn (flex_kernel's) over q [B, h, Tq, d] and k/v [B, kv, S, d]: grouped heads via enable_gqa."""
+    return fn(q, k, v, block_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+
+
+def flex_causal_attend(n: int, device) -> Attend:
+    """causal_attend over n positions as a FlexAttention BlockMask (the tiles above the diagonal skipped)."""
+    fn = flex_kernel(device)
+    mask = block_mask(lambda b, h, q, kv: kv <= q, n, n, device)
+    return lambda q, k, v: flex_call(fn, q, k, v, mask)
+
+
+def ttt_flex_attend(k0: torch.Tensor, v0: torch.Tensor, prev_k: list[torch.Tensor], prev_v: list[torch.Tensor],
+                    batch: torch.Tensor, pos: torch.Tensor) -> Attend:
+    """ttt_rows_attend's pattern in one FlexAttention call: keys = [step 0's keys of every sequence, flattened
+    to B*n rows ; steps 1..i, N rows each]. Row r sees key j < B*n when j is in its sequence at a position
+    <= pos[r], and key B*n + s*N + r' when r' == r (its own entry of step s + 1). One softmax covers both, as
+    in ttt_rows_attend; the other sequences' key tiles are skipped, not computed and masked."""
+    prev_k, prev_v = list(prev_k), list(prev_v)  # snapshot: checkpoint recomputation reruns this later
+    B, _, n, _ = k0.shape
+    base, N = B * n, len(pos)
+    fn = flex_kernel(k0.device)
+    k0r, v0r = _as_rows(k0), _as_rows(v0)
+
+    def mask_mod(b, h, q, kv):
+        prefix = (kv < base) & (kv // n == batch[q]) & (kv % n <= pos[q])
+        return prefix | ((kv >= base) & ((kv - base) % N == q))
+    mask = block_mask(mask_mod, N, base + N * (len(prev_k) + 1), k0.device, batch=1)
+
+    def attend(q, k, v):
+        keys, values = torch.cat([k0r, *prev_k, k], dim=2), torch.cat([v0r, *prev_v, v], dim=2)
+        return flex_call(fn, q, keys, values, mask)
     return attend
 
 

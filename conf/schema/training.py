@@ -10,6 +10,10 @@ from conf.errors import DraftsmithError
 MODES = ("online", "offline")  # where the target signal comes from: the step itself, or data_gen's cache
 SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+# EAGLE's unrolled training attention. auto = flex on CUDA (a BlockMask skips masked tiles, grouped key/value
+# heads are read in place instead of repeated), sdpa elsewhere: FlexAttention has no CPU backward (torch 2.13
+# included) and its eager CPU forward is a reference loop. drafters.layers.resolve_attention decides.
+ATTENTIONS = ("auto", "flex", "sdpa")
 
 
 @dataclass
@@ -28,6 +32,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     max_length: int = 2048  # rows longer than this are truncated (right side) when batched
     gradient_checkpointing: bool = False
+    attention: str = "auto"  # auto | flex | sdpa: EAGLE's training attention backend (ATTENTIONS above says why)
     log_every: int = 10
     eval_every: int = 100  # held-out evaluation (per-depth accuracy, simulated tau); 0 = off (end only)
     eval_rows: int = 64  # rows of the held-out slice (taken out of data_gen's rows before training)
@@ -51,6 +56,9 @@ class TrainConfig:
         if self.mode not in MODES:
             raise DraftsmithError(f"train.mode={self.mode!r}: use online (target runs in the step) or offline "
                                   "(data_gen's cache)")
+        if self.attention not in ATTENTIONS:
+            raise DraftsmithError(f"train.attention={self.attention!r}: use one of {', '.join(ATTENTIONS)} (auto = flex "
+                                  "on CUDA, sdpa elsewhere)")
         if self.schedule not in SCHEDULES:
             raise DraftsmithError(f"train.schedule={self.schedule!r}: use one of {', '.join(SCHEDULES)}")
         if self.max_steps is not None and self.max_steps < 1:

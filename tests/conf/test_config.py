@@ -73,6 +73,8 @@ def test_experiment_smoke_caps_budgets():
     (["train.betas=[0.9]"], "train.betas=[0.9] must be two numbers, e.g. [0.9,0.95]"),
     (["train.max_steps=0"], "train.max_steps=0 must be >= 1 (or null to use train.epochs)"),
     (["train.epochs=0"], "train.epochs=0.0 must be > 0"),
+    (["train.attention=eager"], "train.attention='eager': use one of auto, flex, sdpa (auto = flex on CUDA, sdpa "
+                                "elsewhere)"),
     # one rule for the delayed trunk of both branching trees: shorter than eval.tree.depth
     (["eval.tree.delay=5"], "eval.tree.delay=5 must be < eval.tree.depth=5 (the trunk is a single path: the tree "
                             "branches below it"),
@@ -85,6 +87,13 @@ def test_the_schema_rejects_bad_values_while_the_config_is_built(overrides, mess
     with pytest.raises(DraftsmithError) as e:
         load_config(overrides)
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_train_attention_choices_compose():
+    """train.attention: auto by default (flex on CUDA, sdpa elsewhere: drafters.layers.resolve_attention), and
+    each choice as given."""
+    assert load_config([]).train.attention == "auto"
+    assert [load_config([f"train.attention={a}"]).train.attention for a in ("flex", "sdpa")] == ["flex", "sdpa"]
 
 
 def test_epochs_are_not_checked_when_max_steps_counts():
@@ -137,6 +146,9 @@ def _cli(tmp_path, *overrides):
     (["objective=gtoo"], "error: unknown objective 'gtoo': choose one of adaspec, coral, griffin, gto, hass, "
                          "on_policy, token"),
     (["export=sglng"], "error: unknown export 'sglng': choose one of dflash, hf, medusa, sglang, vllm"),
+    (["experiment=gpu_dem"], "error: unknown experiment 'gpu_dem': choose one of demo, fastdraft, full, gpu_demo, "
+                             "smoke"),
+    (["pretrain=gpu_dem"], "error: unknown pretrain 'gpu_dem': choose one of cpu, gpu, gpu_demo"),
     (["train.stepz=3"], "error: unknown setting train.stepz (TrainConfig has no key 'stepz'; did you mean "
                         "train.max_steps?): check the spelling, or see `python train.py --help`"),
     (["drafter=medusa", "drafter.num_head=3"], "error: unknown setting drafter.num_head (MedusaConfig has no key "
