@@ -27,7 +27,7 @@ import torch  # noqa: E402
 # conf/drafter options; "+key=value" adds overrides (the tiny target has 2 layers: Kangaroo exits after 1;
 # ngram's lookup is the one a GPU runs: on a CPU `auto` picks the host walk, which syncs by design)
 FAMILIES = ["ngram+drafter.lookup=device", "oracle", "target", "eagle1", "eagle3", "medusa", "hydra", "hydra_pp", "small", "pard",
-            "kangaroo+drafter.exit_layer=1+drafter.threshold=0", "kangaroo+drafter.exit_layer=1"]
+            "kangaroo+drafter.exit_layer=1+drafter.threshold=0", "kangaroo+drafter.exit_layer=1", "dflash"]
 DYN = {"kind": "dynamic", "depth": 3, "top_k": 3, "total_tokens": 8}
 TREES = {  # name -> eval.tree fields (and "draft_vocab": drafter.draft_vocab)
     "chain": {"kind": "chain", "depth": 3},
