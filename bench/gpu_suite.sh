@@ -22,7 +22,7 @@
 #   bash bench/gpu_suite.sh                       # on the GPU machine (installs .whl/*.whl first when present)
 #   bash bench/gpu_suite.sh --device cpu --tiny   # the dry run: tiny shapes on the CPU, BENCHMARKS.md untouched
 #   bash bench/gpu_suite.sh --demo                # experiment=gpu_demo alone (--device cpu --tiny --demo: its dry run)
-#   SUITE_BUDGET=600 bash bench/gpu_suite.sh      # seconds for all steps together (default 450 on GPU)
+#   SUITE_BUDGET=600 bash bench/gpu_suite.sh      # seconds for all steps together (default 480 on GPU)
 set -u
 cd "$(dirname "$0")/.."
 DEVICE=${SUITE_DEVICE:-cuda}
