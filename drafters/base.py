@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 if TYPE_CHECKING:
     from decoding.tree import DraftTree
@@ -140,7 +141,19 @@ class TrainableDrafter(nn.Module, ABC):
         return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:  # noqa: B027 - optional
-        """Recompute activations in backward (families with decoder layers implement it)."""
+        """Recompute activations in backward (families with decoder layers implement it, e.g. by setting
+        `_gc` and running their layers through `_ckpt`)."""
+
+    def _ckpt(self, fn, *args):
+        """fn(*args), recomputed in backward when the family turned checkpointing on (`_gc`) and this is a
+        training step; non-reentrant, so closures over earlier steps and the frozen target get their gradients."""
+        if getattr(self, "_gc", False) and self.training and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def forward(self, signal: TargetSignal) -> tuple[torch.Tensor, dict[str, float]]:
+        """= loss(signal), so engines that call the module (DeepSpeed's engine(batch)) train it."""
+        return self.loss(signal)
 
 
 def topk_to_logits(values: torch.Tensor, indices: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from conf.errors import DraftsmithError
 from drafters import losses as L
@@ -120,15 +119,6 @@ class DFlashDrafter(HeldTargetCheckpoint, TrainableDrafter):
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         self._gc = bool(enabled)
-
-    def _ckpt(self, fn, *args):
-        if self._gc and self.training and torch.is_grad_enabled():
-            return checkpoint(fn, *args, use_reentrant=False)
-        return fn(*args)
-
-    def forward(self, signal: TargetSignal) -> tuple[torch.Tensor, dict[str, float]]:
-        """= loss(signal), so engines that call the module (DeepSpeed's engine(batch)) train it."""
-        return self.loss(signal)
 
     def as_drafter(self, target=None) -> DFlashDecoding:
         return DFlashDecoding(self, target if target is not None else self.target)

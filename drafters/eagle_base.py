@@ -14,10 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from conf.errors import DraftsmithError
-from drafters.base import Drafter, TargetSignal, TrainableDrafter
+from drafters.base import Drafter, TrainableDrafter
 from drafters.common import Shared, shifted
 from drafters.folder import HeldTargetCheckpoint
 from drafters.layers import (
@@ -126,15 +125,6 @@ class EagleBase(HeldTargetCheckpoint, TrainableDrafter):
         repeats grouped key/value heads."""
         self.attention = resolve_attention(choice, device if device is not None else self.fc.weight.device)
         return self.attention
-
-    def _ckpt(self, fn, *args):
-        if self._gc and self.training and torch.is_grad_enabled():
-            return checkpoint(fn, *args, use_reentrant=False)
-        return fn(*args)
-
-    def forward(self, signal: TargetSignal) -> tuple[torch.Tensor, dict[str, float]]:
-        """= loss(signal), so engines that call the module (DeepSpeed's engine(batch)) train it."""
-        return self.loss(signal)
 
     def as_drafter(self, target=None) -> EagleDecoding:
         return EagleDecoding(self, target if target is not None else self.target)

@@ -174,9 +174,6 @@ class HydraDrafter(FolderCheckpoint, TrainableDrafter):
         x = torch.cat([h, path_embeds.to(h.dtype).flatten(-2)], dim=-1)
         return self.hydra_lm_head[d - 1](self.hydra_mlp[d - 1](x))
 
-    def forward(self, signal: TargetSignal):
-        return self.loss(signal)
-
     def loss(self, signal: TargetSignal) -> tuple[torch.Tensor, dict[str, float]]:
         """sum_d losses_d, head d teacher-forced with the true tokens x_{t+1..t+d}."""
         h = self.prefix(require_last_hidden(signal, "hydra"))

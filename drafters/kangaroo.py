@@ -174,10 +174,6 @@ class KangarooDrafter(HeldTargetCheckpoint, TrainableDrafter):
             self._view_of = Shared((adapter, shallow_view(self.target, adapter, self.hf_config, self.cfg.exit_layer)))
         return self._view_of.obj[1]
 
-    def forward(self, signal: TargetSignal) -> tuple[torch.Tensor, dict[str, float]]:
-        """= loss(signal), so engines that call the module (DeepSpeed's engine(batch)) train it."""
-        return self.loss(signal)
-
     def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """norm_2(a_t) [B, T, H] for every position (what the LM head reads)."""
         return self.view().base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

@@ -146,9 +146,6 @@ class MedusaDrafter(FolderCheckpoint, TrainableDrafter):
         x = hidden.to(self.medusa_head[0][-1].weight.dtype)
         return [head(x) for head in self.medusa_head]
 
-    def forward(self, signal: TargetSignal):
-        return self.loss(signal)
-
     def loss(self, signal: TargetSignal) -> tuple[torch.Tensor, dict[str, float]]:
         """Medusa-1: sum_k losses_k. Medusa-2: L_LM + sum_k head_weight * head_decay**k * losses_k."""
         if self.cfg.joint:

@@ -153,9 +153,6 @@ class SmallDrafter(FolderCheckpoint, TrainableDrafter):
         return {}
 
     # --- forward -------------------------------------------------------------------------------------
-    def forward(self, signal: TargetSignal):
-        return self.loss(signal)
-
     def loss(self, signal: TargetSignal) -> tuple[torch.Tensor, dict[str, float]]:
         """Distillation on the positions whose next token is an assistant token."""
         logits = self.model(input_ids=signal.input_ids, attention_mask=signal.attention_mask).logits
