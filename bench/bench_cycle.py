@@ -54,11 +54,11 @@ class Case:
         return None
 
 
-def tiny_target(device: str = "cpu"):
+def tiny_target(device: str = "cpu", dtype: str = "auto"):
     """A 2-layer, 64-wide random Llama with the demo target's tokenizer (families read its special tokens)."""
     from bench.targets import random_llama_target
 
-    return random_llama_target("tiny", "assets/demo-target", device)
+    return random_llama_target("tiny", "assets/demo-target", device, dtype=dtype)
 
 
 @functools.cache
@@ -71,8 +71,8 @@ def family_config(family: str):
     return load_config([f"drafter={option}", *extra, "eval.cuda_graphs=true"])
 
 
-def build(case: Case, target, prompt: list[int], tokens: int):
-    """The decoder of one case (the oracle has learnt the prompt's continuation)."""
+def build(case: Case, target, prompt: list[int], tokens: int, graphs: bool = True):
+    """The decoder of one case (the oracle has learnt the prompt's continuation); `graphs`: eval.cuda_graphs."""
     from conf.schema.eval import TreeConfig
     from drafters.reference import OracleDrafter
     from drafters.registry import TRAINABLE, drafter_class
@@ -83,7 +83,8 @@ def build(case: Case, target, prompt: list[int], tokens: int):
     fields = dict(TREES[case.tree])
     vocab = fields.pop("draft_vocab", None)
     tree = TreeConfig(**{**dataclasses.asdict(base.eval.tree), **fields})
-    cfg = dataclasses.replace(base, eval=dataclasses.replace(base.eval, tree=tree, acceptance=acceptance),
+    cfg = dataclasses.replace(base, eval=dataclasses.replace(base.eval, tree=tree, acceptance=acceptance,
+                                                             cuda_graphs=graphs),
                               drafter=dataclasses.replace(base.drafter, draft_vocab=vocab))
     name = cfg.drafter.name
     torch.manual_seed(0)
