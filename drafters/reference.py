@@ -43,10 +43,11 @@ class NgramDrafter(Drafter):
 
     Two lookups give the same proposals (`lookup`):
     - device: tensor code over a preallocated context buffer, a fixed-shape drafter whose draft phase is one
-      graph on a GPU (no token list crosses to the host). Every earlier window is compared with the last n
-      tokens at once; a follower token's score is n * (C + 1) + its position, so "longest n first, then most
-      recent" is a max over its occurrences, and the top `max_candidates` scores rank distinct tokens exactly
-      as the host walk does;
+      graph on a GPU (no token list crosses to the host). Every follower position gets the length of the
+      match between the tokens before it and the context's last tokens, all lengths in one compare; its
+      score is that length * (W + 1) + its position, so "longest n first, then most recent" is a max over a
+      token's occurrences, and the top `max_candidates` scores rank distinct tokens exactly as the host walk
+      does;
     - host: `candidates`, a walk over the matches (a handful of small ops per n-gram length instead of ~50
       per step: cheaper on a CPU, where nothing is graphed and every op costs its dispatch). It reads the
       draft tree on the host, so the decoder takes its step-by-step loop.
@@ -171,16 +172,19 @@ class NgramDrafter(Drafter):
             depth = torch.zeros(F, dtype=torch.long, device=dev)
         L = self.length + depth  # [F] tokens in each sequence
         seq = torch.where(col < L[:, None], seq, -1)
+        # all n-gram lengths in one pass: for a follower at column j, m(j) = how many tokens before it match the
+        # sequence's last tokens (seq[j-1-k] == seq[L-1-k] for k < m, at most max_ngram); its score is the
+        # longest n it follows, then recency, n * (W + 1) + (j - n) with n = m(j), as the walk ranks them
+        K, W = self.max_ngram, C + D
+        back = (L[:, None] - 1 - torch.arange(K, device=dev))  # [F, K] the last K columns, newest first
+        query = torch.where(back >= 0, seq.gather(1, back.clamp(min=0)), -3)  # -3: no token there
+        padded = torch.cat([seq.new_full((F, K), -2), seq], 1)  # -2: before the first token
+        before = padded.unfold(1, K, 1)[:, :W].flip(-1)  # [F, W, K]: seq[j-1-k] for the follower at column j
+        m = (before == query[:, None, :]).long().cumprod(-1).sum(-1)  # [F, W]
+        ok = (m >= self.min_ngram) & (col < L[:, None])  # a real follower after a long enough match
+        score = torch.where(ok, m * (W + 1) + col - m, -1)
         best = torch.full((F, self.vocab_size), -1, dtype=torch.long, device=dev)
-        pos = torch.arange(C + D, device=dev)
-        for n in range(self.min_ngram, self.max_ngram + 1):
-            last = seq.gather(1, (L[:, None] - n + torch.arange(n, device=dev)).clamp(min=0))  # [F, n]
-            win = seq.unfold(1, n, 1)[:, :C + D - n]  # [F, W, n]: window i = seq[i:i+n], follower seq[i+n]
-            i = pos[:C + D - n]
-            hit = (win == last[:, None, :]).all(-1) & (i + n <= L[:, None] - 1) & (L[:, None] - 1 >= n)
-            follower = seq[:, n:]
-            score = torch.where(hit, n * (C + D + 1) + i, -1)
-            best.scatter_reduce_(1, follower.clamp(min=0), score, reduce="amax")
+        best.scatter_reduce_(1, seq.clamp(min=0), score, reduce="amax")
         k = min(self.max_candidates, self.vocab_size)
         top = best.topk(k, dim=1)  # distinct tokens, best first
         rank = torch.arange(k, device=dev, dtype=torch.float)

@@ -176,6 +176,24 @@ def test_ngram_candidates(lookup):
         NgramDrafter(20, lookup="gpu")
 
 
+def test_ngram_device_lookup_equals_the_walk_on_random_contexts():
+    """The one-pass device lookup (every n-gram length in one compare) ranks exactly the tokens the host walk
+    finds, on 300 random contexts: short ones (fewer tokens than max_ngram), small vocabularies (long and
+    overlapping matches), every min/max n-gram pair up to 4, any number of candidates."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        V, n, lo = (int(torch.randint(a, b, (1,), generator=g)) for a, b in ((2, 12), (2, 40), (1, 3)))
+        hi, cands = lo + int(torch.randint(0, 3, (1,), generator=g)), int(torch.randint(1, 9, (1,), generator=g))
+        ctx = torch.randint(0, V, (1, n), generator=g)
+        d = NgramDrafter(16, hi, lo, max_candidates=cands, lookup="device")
+        d.prepare(8)
+        d.start(ctx)
+        want = torch.zeros(16)
+        walk = d.candidates(ctx[0])
+        want[walk] = NgramDrafter.PROPOSAL_LOGIT - torch.arange(len(walk), dtype=torch.float)
+        assert d.expand(DraftTree.empty(1), torch.tensor([[-1]]))[0, 0].tolist() == want.tolist(), (ctx, lo, hi)
+
+
 def test_ngram_lookups_draft_the_same_trees():
     """The device lookup and the host walk propose the same logits for every node of every tree kind, on a
     context with repeats at every n-gram length, and commits keep them in step."""
