@@ -75,6 +75,9 @@ class FixedCycle:
             if self.gen is None or self.gen.device != generator.device:
                 self.gen = torch.Generator(device=generator.device)
             self.gen.set_state(generator.get_state())
+        if not getattr(drafter, "keeps_programs", False):
+            self.key = None  # its state tensors are new objects each sequence: programs captured for the last
+            # sequence would read freed memory (drafters.base: keeps_programs)
         self._programs(run, generator)
         if self.root is None:
             self.root = root.clone()

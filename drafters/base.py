@@ -26,6 +26,12 @@ hidden states, [.., n_taps * H]: EAGLE-3) or "last_hidden" (TargetOutput.last_hi
 Drafters that run a model of their own may count its forwards in an int attribute `forwards`; the decoder
 then reports drafter forwards per cycle (an autoregressive LM drafter needs one per tree level, a parallel
 drafter one per cycle).
+
+Fixed-shape drafters (`fixed_shape = True`, decoding/cycle.py) also implement commit_fixed and may set
+`keeps_programs = True`: every tensor their draft and commit read or write is a buffer that outlives one
+sequence (start and begin_fixed write into it in place, a re-allocation changes `buffers_version`), so the
+decoder's captured CUDA graphs stay valid from one generate to the next. Without it the decoder captures
+them again for every sequence (correct, but each sequence then pays the eager warm-up and the capture).
 """
 from __future__ import annotations
 
@@ -46,6 +52,7 @@ class Drafter(ABC):
     """Proposes draft tokens; stateful across one generation, reset by `start`."""
 
     name: str = "drafter"
+    keeps_programs: bool = False  # see the module docstring (fixed-shape drafters with persistent buffers)
     uses_features: bool = False
     feature_source: str = "features"  # "features" | "last_hidden": which TargetOutput field start/commit get
     vocab_size: int

@@ -222,6 +222,7 @@ class DFlashDecoding(Drafter):
     feature_source = "features"
     name = "dflash"
     fixed_shape = True
+    keeps_programs = True  # the k/v buffers, n_t and the anchor outlive a sequence (drafters.base)
 
     def __init__(self, model: DFlashDrafter, target):
         self.model = model
@@ -232,13 +233,17 @@ class DFlashDecoding(Drafter):
         self.forwards = 0
         self.room = 256
         self.buffers_version = 0  # bumped when the k/v buffers are re-allocated (graphs reading them are stale)
+        # buffers kept from one sequence to the next (captured graphs read them)
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer [1, kv, capacity, d]
+        dev = model.fc.weight.device
+        self.n_t = torch.zeros((), dtype=torch.long, device=dev)  # context rows cached, on the device
+        self.anchor = torch.zeros(1, 1, dtype=torch.long, device=dev)  # the last committed token
         self.close()
 
     def close(self) -> None:
-        self.kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer [1, kv, capacity, d]
+        """End a sequence; the buffers stay for the next one (rows past n_t are never read)."""
         self.n = 0  # context rows cached = committed tokens the target has read (the host's mirror of n_t)
-        self.n_t: torch.Tensor | None = None  # the same count on the device
-        self.anchor: torch.Tensor | None = None  # [1, 1] the last committed token
+        self.started = False
         self.depth_logits: torch.Tensor | None = None  # [1, B-1, V] for the current root
         self.width = 1  # rows of the last commit, padding included
 
@@ -252,16 +257,17 @@ class DFlashDecoding(Drafter):
             raise ValueError(f"start expects ids [1, n+1] with n >= 1, got {list(input_ids.shape)}")
         self.close()
         dev = self.model.fc.weight.device
-        self.n_t = torch.zeros((), dtype=torch.long, device=dev)
+        self.n_t.zero_()
         self._check(features, n)
         self._reserve(n + self.room + self.block_size)
         self._write(features, torch.full((), n, dtype=torch.long, device=dev))
         self.n = n
-        self.anchor = input_ids[:, -1:].to(dev).clone()
+        self.anchor.copy_(input_ids[:, -1:])
+        self.started = True
 
     @torch.no_grad()
     def commit(self, new_ids: torch.Tensor, new_features: torch.Tensor | None) -> None:
-        if self.kv is None:
+        if not self.started:
             raise ValueError("commit before start")
         self._check(new_features, new_ids.shape[1])
         m = new_ids.shape[1]
@@ -315,7 +321,7 @@ class DFlashDecoding(Drafter):
 
     @torch.no_grad()
     def expand(self, tree, frontier: torch.Tensor) -> torch.Tensor:
-        if self.anchor is None:
+        if not self.started:
             raise ValueError("expand before start")
         frontier = frontier.to(self.anchor.device)
         if tree.num_nodes == 0 or self.depth_logits is None:  # every builder expands the root first

@@ -205,16 +205,23 @@ class EagleDecoding(Drafter):
         self.vocab_size = int(target.vocab_size)
         # CORAL's grouped head picks its row groups by value (data-dependent shapes): step by step then
         self.fixed_shape = getattr(model, "router", None) is None
+        self.keeps_programs = self.fixed_shape  # the buffers below outlive a sequence (drafters.base)
+        # buffers kept from one sequence to the next (captured graphs read them): committed k/v, per-node
+        # state, the device-side length and the root's hidden state; re-allocations count in buffers_version
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer [1, kv_heads, cap, head_dim]
+        self.nodes: dict | None = None
+        self.n_t: torch.Tensor | None = None
+        self._root_buf: torch.Tensor | None = None
+        self._versions = [0, 0]  # (kv, nodes) re-allocations
         self.close()
 
     # --- committed sequence -------------------------------------------------------------------------
     def close(self) -> None:
-        self.kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer [1, kv_heads, cap, head_dim]
+        """End a sequence; the buffers stay for the next one (their content past n_pairs is never read)."""
         self.n_pairs = 0
         self.root_hidden: torch.Tensor | None = None
         self._tree: dict | None = None
         self.fixed_mode = False  # set by the decoder's fixed-shape cycle (begin_fixed)
-        self.nodes: dict | None = None
 
     def _check_features(self, features, n: int) -> torch.Tensor:
         want = self.model.feature_width
@@ -253,6 +260,7 @@ class EagleDecoding(Drafter):
             k[:, :, :self.n_pairs] = k0[:, :, :self.n_pairs]
             v[:, :, :self.n_pairs] = v0[:, :, :self.n_pairs]
         self.kv = new
+        self._versions[0] += 1
 
     def _committed(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = self.kv[layer]
@@ -386,16 +394,21 @@ class EagleDecoding(Drafter):
     # device value on the host, so the draft phase and the commit are parts of graph regions on a GPU.
     @property
     def buffers_version(self) -> tuple:
-        kv = id(self.kv[0][0]) if self.kv else 0
-        return kv, id(self.nodes["hidden"]) if self.nodes else 0
+        return tuple(self._versions)
 
     def begin_fixed(self) -> None:
-        """The decoder switches to fixed-shape steps after start (until close)."""
+        """The decoder switches to fixed-shape steps after start (until close): the length and the root's
+        hidden state move into the buffers the captured programs read."""
         dev = self.model.fc.weight.device
         self.fixed_mode = True
         self._reserve(self.n_pairs + 2 * getattr(self, "room", 256))  # padded commits need slack: grow now, once
-        self.n_t = torch.full((), self.n_pairs, dtype=torch.long, device=dev)
-        self.root_hidden = self.root_hidden.clone()  # a buffer of its own, written in place from now on
+        if self.n_t is None:
+            self.n_t = torch.zeros((), dtype=torch.long, device=dev)
+        self.n_t.fill_(self.n_pairs)
+        if self._root_buf is None or self._root_buf.shape != self.root_hidden.shape:
+            self._root_buf = torch.empty_like(self.root_hidden)
+            self._versions[0] += 1
+        self.root_hidden = self._root_buf.copy_(self.root_hidden)  # written in place from now on
 
     def synced(self, count: int) -> None:
         """The host learnt the last commit's count: keep the host mirror and room for the next commit."""
@@ -403,14 +416,23 @@ class EagleDecoding(Drafter):
         self._reserve(self.n_pairs + 2 * getattr(self, "_width", 1) + 1)
 
     def _node_state(self, n: int) -> dict:
-        """Per-node hidden and k/v buffers for n nodes plus a scratch row (root rows of a frontier write there)."""
+        """Per-node hidden and k/v buffers for n nodes plus a scratch row (root rows of a frontier write there).
+        Sized for the whole tree from the first expansion on (`room` bounds a tree's nodes); a larger tree
+        grows them keeping the nodes computed so far."""
         if self.nodes is None or self.nodes["hidden"].shape[0] < n + 1:
             d, dev, dt = self.model.dims, self.model.fc.weight.device, self.model.param_dtype
-            cap = max(n + 1, 16)
+            cap = max(n + 1, 16, getattr(self, "room", 0) + 1)
             kv = (1, d.num_key_value_heads, cap, d.head_dim)
+            old = self.nodes
             self.nodes = {"hidden": torch.zeros(cap, d.hidden_size, dtype=dt, device=dev),
                           "k": [torch.zeros(kv, dtype=dt, device=dev) for _ in range(self.model.num_kv_layers)],
                           "v": [torch.zeros(kv, dtype=dt, device=dev) for _ in range(self.model.num_kv_layers)]}
+            if old is not None:
+                m = old["hidden"].shape[0]
+                self.nodes["hidden"][:m] = old["hidden"]
+                for new_t, old_t in zip(self.nodes["k"] + self.nodes["v"], old["k"] + old["v"]):
+                    new_t[:, :, :m] = old_t
+            self._versions[1] += 1
         return self.nodes
 
     @torch.no_grad()

@@ -252,16 +252,23 @@ class MedusaDecodeDrafter(Drafter):
     uses_features = True
     feature_source = "last_hidden"  # the decoder passes TargetOutput.last_hidden, not the EAGLE-3 taps
     fixed_shape = True  # commit_fixed updates the heads' logits in place (decoding/cycle.py)
+    keeps_programs = True  # and start writes into the same buffer
 
     def __init__(self, model: MedusaDrafter):
         self.model = model
         self.vocab_size = model.vocab_size
         self.max_depth = model.cfg.num_heads
-        self._logits: torch.Tensor | None = None  # [B, K, V] for the current root
+        self._logits: torch.Tensor | None = None  # [B, K, V] for the current root: one buffer, written in place
+        self.buffers_version = 0  # bumped when that buffer is re-allocated
 
     def _set_feature(self, feat: torch.Tensor) -> None:
         with torch.no_grad():
-            self._logits = torch.stack(self.model.head_logits(feat[:, -1]), dim=1).float()
+            logits = torch.stack(self.model.head_logits(feat[:, -1]), dim=1).float()
+        if self._logits is None or self._logits.shape != logits.shape:
+            self._logits = logits
+            self.buffers_version += 1
+        else:
+            self._logits.copy_(logits)
 
     def start(self, input_ids: torch.Tensor, features: torch.Tensor | None) -> None:
         if features is None or features.shape[1] == 0:

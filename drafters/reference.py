@@ -70,6 +70,7 @@ class NgramDrafter(Drafter):
         self.device = torch.device(device)
         self.lookup = lookup if lookup != "auto" else ("device" if self.device.type == "cuda" else "host")
         self.fixed_shape = self.lookup == "device"  # the decoder's fixed cycle needs the device lookup
+        self.keeps_programs = self.fixed_shape  # ctx and length are written in place; growth bumps the version
         self.room = 512
         self.ctx = torch.zeros(0, dtype=torch.long, device=self.device)  # committed tokens, then stale
         self.length = torch.zeros((), dtype=torch.long, device=self.device)  # committed tokens (device)
@@ -205,13 +206,15 @@ class OracleDrafter(Drafter):
     name = "oracle"
     uses_features = False
     fixed_shape = True
+    keeps_programs = True  # the future and the length are buffers written in place
     PROPOSAL_LOGIT = NgramDrafter.PROPOSAL_LOGIT
 
     def __init__(self, vocab_size: int, device: torch.device | str = "cpu"):
         self.vocab_size = int(vocab_size)
         self.device = torch.device(device)
-        self.future = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.future = torch.full((1,), -1, dtype=torch.long, device=self.device)  # -1: nothing known there
         self.length = torch.zeros((), dtype=torch.long, device=self.device)  # committed tokens, root included
+        self.buffers_version = 0  # bumped when `future` is re-allocated (a longer sequence)
 
     @classmethod
     def from_config(cls, cfg, target) -> OracleDrafter:
@@ -219,8 +222,12 @@ class OracleDrafter(Drafter):
 
     def set_future(self, ids) -> None:
         """The whole expected sequence, prompt first (host ints or a tensor)."""
-        ids = torch.as_tensor(ids, dtype=torch.long).flatten()
-        self.future = torch.cat([ids, ids.new_full((1,), -1)]).to(self.device)  # -1: nothing known past the end
+        ids = torch.as_tensor(ids, dtype=torch.long).flatten().to(self.device)
+        if self.future.shape[0] < ids.shape[0] + 1:  # at least one -1 past the end
+            self.future = torch.full((-(-(ids.shape[0] + 1) // 256) * 256,), -1, dtype=torch.long, device=self.device)
+            self.buffers_version += 1
+        self.future.fill_(-1)
+        self.future[:ids.shape[0]] = ids
 
     def replay_autoregressive(self, decoder, prompt_ids, max_new_tokens: int) -> None:
         """Learn the continuation from `decoder`'s own autoregressive baseline (greedy, no EOS stop), a tree's
