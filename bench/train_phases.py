@@ -18,10 +18,11 @@ kernels: torch 2.11's formula asserts equal query and key/value heads and so rai
 """
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 
 import torch
+
+from runtime.clock import DeviceClock
 
 
 # --------------------------------------------------------------------------------------------------
@@ -82,18 +83,12 @@ class PhaseClock:
     """Spans of named phases within training steps (see the module docstring); seconds per step by phase."""
 
     def __init__(self, device: torch.device):
-        self.cuda = torch.device(device).type == "cuda"
+        self.clock = DeviceClock(device)
+        self.cuda = self.clock.cuda
         self.spans: list[tuple[str, object, object]] = []
         self.steps: list[dict[str, float]] = []
         self.ttt = 0  # unrolled step index inside the current drafter forward
         self.in_forward = False
-
-    def _mark(self):
-        if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            return e
-        return time.perf_counter()
 
     def wrap(self, name, fn, when=None):
         """fn timed as phase `name` (a str, or a function of the clock giving one); `when()` False: untimed."""
@@ -101,11 +96,11 @@ class PhaseClock:
             if when is not None and not when():
                 return fn(*args, **kwargs)
             label = name if isinstance(name, str) else name(self)
-            start = self._mark()
+            start = self.clock.mark()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.spans.append((label, start, self._mark()))
+                self.spans.append((label, start, self.clock.mark()))
         return timed
 
     def attach(self, eng, drafter, target):
@@ -146,14 +141,14 @@ class PhaseClock:
         return undo
 
     def begin_step(self) -> None:
-        self.spans, self.t0 = [], self._mark()
+        self.spans, self.t0 = [], self.clock.mark()
 
     def end_step(self) -> None:
         """Close the step (call after the step's own synchronisation) and keep its seconds by phase."""
-        end = self._mark()
+        end = self.clock.mark()
         if self.cuda:
             torch.cuda.synchronize()
-        secs = (lambda a, b: a.elapsed_time(b) / 1000) if self.cuda else (lambda a, b: b - a)
+        secs = self.clock.span
         by = defaultdict(float)
         for name, a, b in self.spans:
             by[name] += secs(a, b)

@@ -28,7 +28,6 @@ tau = depth + 1.
 from __future__ import annotations
 
 import copy
-import time
 import weakref
 from dataclasses import asdict, dataclass, field
 
@@ -42,6 +41,7 @@ from decoding.opt_tree import OptCost, measure_counts, needs_cost
 from decoding.regions import decode_loop
 from decoding.tree import build_tree, check_tree_attention, static_plan, tree_nodes
 from decoding.verify import Accepted, SamplingRule, accept_paths, cycle_summary, tree_block
+from runtime.clock import DeviceClock
 
 
 @dataclass
@@ -112,31 +112,6 @@ def check_sampling(temperature: float, top_p: float, top_k: int, acceptance: str
         raise DraftsmithError(f"top_k={top_k} must be >= 0 (0 = off)")
     if acceptance not in ACCEPTANCE:
         raise DraftsmithError(f"acceptance={acceptance!r} is not a rule: use lossless, traversal or typical (lossy)")
-
-
-class _PhaseClock:
-    """Phase boundaries: perf_counter on the CPU; CUDA events on a GPU, read once at the end of the
-    generation (a synchronising clock would add a host sync per phase to the hot loop)."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.marks: list = []
-
-    def mark(self):
-        if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            return e
-        return time.perf_counter()
-
-    def span(self, a, b) -> float:
-        """Seconds between two marks (on CUDA only after a synchronize)."""
-        return a.elapsed_time(b) / 1000 if self.cuda else b - a
-
-    def wall(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
 
 
 _FLOAT32_TWINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -264,7 +239,7 @@ class SpeculativeDecoder:
         target, drafter, rule = self.target, self.drafter, self.rule
         ids = _prompt_tensor(prompt_ids, target.device)
         eos = _eos(target, eos_ids)
-        clock = _PhaseClock(ids.device)
+        clock = DeviceClock(ids.device)
         st = DecodeStats(prompt_tokens=ids.shape[1], acceptance=rule.acceptance, lossy=rule.lossy,
                          temperature=rule.temperature)
         if max_new_tokens <= 0:
@@ -342,7 +317,7 @@ class SpeculativeDecoder:
         counts = measure_counts(self.tree_cfg.total_tokens)
         ids = (torch.arange(context, device=dev) * 7 % V)[None]
         _prefill(run, ids, context + counts[-1] + 1)
-        clock, points = _PhaseClock(dev), []
+        clock, points = DeviceClock(dev), []
         for n in counts:
             block = (torch.arange(1 + n, device=dev) * 11 % V)[None]
             pos = torch.arange(1 + n, device=dev)[None]
@@ -397,7 +372,7 @@ def autoregressive_generate(target, prompt_ids, max_new_tokens: int, rule: Sampl
     eos = _eos(target, eos_ids)
     model = float32_target(target) if exact else target
     run = runner or target_runner(model, None, graphs=False)
-    clock = _PhaseClock(ids.device)
+    clock = DeviceClock(ids.device)
     st = DecodeStats(prompt_tokens=ids.shape[1], acceptance="autoregressive", temperature=rule.temperature)
     if max_new_tokens <= 0:
         return torch.zeros(0, dtype=torch.long), st
