@@ -212,7 +212,7 @@ class EagleDecoding(Drafter):
         self.nodes: dict | None = None
         self.n_t: torch.Tensor | None = None
         self._root_buf: torch.Tensor | None = None
-        self._versions = [0, 0]  # (kv, nodes) re-allocations
+        self._versions = [0, 0]  # re-allocations of (the committed k/v or the root buffer, the per-node state)
         self.close()
 
     # --- committed sequence -------------------------------------------------------------------------

@@ -191,6 +191,7 @@ def test_ngram_device_lookup_equals_the_walk_on_random_contexts():
         want = torch.zeros(16)
         walk = d.candidates(ctx[0])
         want[walk] = NgramDrafter.PROPOSAL_LOGIT - torch.arange(len(walk), dtype=torch.float)
+        # exact: the values are PROPOSAL_LOGIT - rank (small integers), placed by an integer ranking
         assert d.expand(DraftTree.empty(1), torch.tensor([[-1]]))[0, 0].tolist() == want.tolist(), (ctx, lo, hi)
 
 
@@ -209,6 +210,7 @@ def test_ngram_lookups_draft_the_same_trees():
             assert trees[0].tokens.tolist() == trees[1].tokens.tolist()
             assert trees[0].parents.tolist() == trees[1].parents.tolist()
             front = torch.arange(-1, trees[0].num_nodes)[None]
+            # exact on purpose: both write PROPOSAL_LOGIT - rank (small integers) by an integer ranking
             torch.testing.assert_close(dev.expand(trees[0], front), host.expand(trees[1], front), rtol=0, atol=0)
             new = torch.randint(3, 12, (1, 1 + step), generator=g)
             for d in (dev, host):
